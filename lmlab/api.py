@@ -1,0 +1,161 @@
+"""The Python API: ``lmlab.load(path)`` -> :class:`Model` with ``generate`` and ``stream``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from lmlab.checkpoint import load_weights, read_checkpoint, write_checkpoint
+from lmlab.errors import LmlabError
+from lmlab.generate import GenerationConfig, IncrementalDecoder, generate_tokens
+from lmlab.models import build_model
+from lmlab.models.base import LanguageModel
+
+_DTYPES = {
+    None: None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype) or dtype is None:
+        return dtype
+    if dtype not in _DTYPES:
+        raise LmlabError(f"unknown dtype {dtype!r} (use float32/fp32, bfloat16/bf16 or float16/fp16)")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LmlabError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LmlabError("--device mps was asked for but this machine has no MPS; use --device cpu")
+    return dev
+
+
+class Model:
+    """A language model with its tokenizer: what ``lmlab.load`` returns."""
+
+    def __init__(
+        self,
+        module: LanguageModel,
+        tokenizer: Tokenizer,
+        generation_config: dict[str, Any] | None = None,
+        source: str = "",
+    ) -> None:
+        self.module = module.eval()
+        self.tokenizer = tokenizer
+        self.generation_config = dict(generation_config or {})
+        self.source = source
+
+    @property
+    def config(self) -> Any:
+        return self.module.config
+
+    # --------------------------------------------------------------- tokens
+    def encode(self, text: str) -> list[int]:
+        """Token ids as the tokenizer's own post-processor makes them (BOS or not)."""
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            bos = self.generation_config.get("bos_token_id")
+            if bos is not None:
+                ids = [int(bos)]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _gen_config(self, **options: Any) -> GenerationConfig:
+        return GenerationConfig.from_dict(self.generation_config, **options)
+
+    # --------------------------------------------------------------- generation
+    def generate_ids(self, prompt: str, **options: Any) -> list[int]:
+        """The new token ids (the continuation only)."""
+        cfg = self._gen_config(**options)
+        return list(generate_tokens(self.module, self.encode(prompt), cfg))
+
+    def generate(self, prompt: str | list[str], **options: Any) -> str | list[str]:
+        """The continuation of ``prompt`` (str -> str, list[str] -> list[str]).
+
+        Options: max_new_tokens, temperature (0 = greedy), top_k, top_p, seed.
+        """
+        if isinstance(prompt, list):
+            return [self.generate(p, **options) for p in prompt]
+        if not isinstance(prompt, str):
+            raise LmlabError(f"prompt must be a str or a list of str, not {type(prompt).__name__}")
+        return self.decode(self.generate_ids(prompt, **options))
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``."""
+        cfg = self._gen_config(**options)
+        dec = IncrementalDecoder(self.tokenizer)
+        for tid in generate_tokens(self.module, self.encode(prompt), cfg):
+            delta = dec.push(tid)
+            if delta:
+                yield delta
+        tail = dec.finish()
+        if tail:
+            yield tail
+
+    # --------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Next-token logits at every position of ``ids`` (B, T, vocab)."""
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.tensor([ids])
+        logits, _ = self.module(ids.to(self.module.device))
+        return logits
+
+    def save(self, path: str | Path) -> Path:
+        return write_checkpoint(path, self.module, self.tokenizer, self.generation_config)
+
+    def __repr__(self) -> str:
+        n = self.module.num_parameters()
+        return f"Model({type(self.module).__name__}, {n / 1e6:.2f}M parameters, from {self.source!r})"
+
+
+def load(
+    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> Model:
+    """Load an lmlab checkpoint folder. dtype defaults to float32 on CPU."""
+    cfg, tensors, tok, gen = read_checkpoint(path)
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    dt = resolve_dtype(dtype) or torch.float32
+    with torch.device("meta"):
+        module = build_model(cfg)
+    module = module.to_empty(device="cpu")  # allocate, uninitialised: the weights come next
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()  # to_empty gives each parameter its own storage
+    _reinit_buffers(module)
+    load_weights(module, tensors, str(path))
+    module = module.to(device=dev, dtype=dt)
+    return Model(module, tok, gen, source=str(path))
+
+
+def _reinit_buffers(module: LanguageModel) -> None:
+    """Non-persistent buffers (RoPE and sinusoidal tables) are not in the checkpoint:
+    rebuild them by constructing the small table modules again on the CPU."""
+    from lmlab.nn.positional import RotaryEmbedding, SinusoidalPositions, sinusoidal_table
+
+    for m in module.modules():
+        if isinstance(m, RotaryEmbedding):
+            fresh = RotaryEmbedding(m.rotary_dim, m.cos.shape[0], m.base)
+            m.inv_freq, m.cos, m.sin = fresh.inv_freq, fresh.cos, fresh.sin
+        elif isinstance(m, SinusoidalPositions):
+            m.table = sinusoidal_table(*m.table.shape)

@@ -1,0 +1,55 @@
+"""The one protocol every lmlab language model follows.
+
+    logits, state = model(ids, state)
+
+``ids`` is a (B, T) tensor of token ids; ``logits`` is (B, T, vocab) — or (B, 1, vocab)
+with ``last_only=True`` — the scores of the *next* token after each position.
+``state`` is what the model carries forward: the key/value cache of a Transformer,
+the hidden (and cell) vectors of an RNN. Pass ``None`` to start fresh. Because every
+model speaks this protocol, one trainer, one decoding loop and one checkpoint format
+serve them all, and comparing an LSTM with a Transformer is a fair fight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class LanguageModel(nn.Module):
+    """Base class: subclasses implement ``forward`` and ``init_state``."""
+
+    config: Any
+    #: True if the model sees a bounded window (a Transformer's max_seq_len).
+    bounded_context: bool = True
+
+    def forward(  # pragma: no cover - abstract
+        self, ids: Tensor, state: Any = None, *, last_only: bool = False, **kw: Any
+    ) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, max_len: int) -> Any:  # pragma: no cover
+        """A fresh state for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen: set[int] = set()
+        n = 0
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if exclude_embeddings and ("emb" in name.split(".")[0]):
+                continue
+            n += p.numel()
+        return n

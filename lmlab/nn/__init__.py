@@ -1,0 +1,1 @@
+"""Building blocks written out by hand: attention, positional encodings, norms, MLPs."""

@@ -1,0 +1,69 @@
+"""Norms and feed-forward blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Zhang & Sennrich (2019): y = x / sqrt(mean(x²) + eps) · w — no mean, no bias.
+
+    Computed in float32 whatever the input dtype (as Llama does), then cast back.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    # LayerNorm: y = (x - mean(x)) / sqrt(var(x) + eps) · w + b
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
+
+
+_ACT = {
+    "gelu": lambda x: F.gelu(x),  # exact: x·Φ(x)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "silu": F.silu,  # x·σ(x), a.k.a. swish
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network.
+
+    plain:  down(act(up(x)))                       (GPT-2, 4× expansion)
+    gated:  down(act(gate(x)) ⊙ up(x))             (SwiGLU, Shazeer 2020; Llama)
+    The gated form keeps gate and up in one matrix (``gate_up``) so one matmul
+    computes both halves.
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str, gated: bool, bias: bool, dropout: float
+    ) -> None:
+        super().__init__()
+        self.gated = gated
+        self.act = _ACT[activation]
+        self.up = nn.Linear(d_model, (2 if gated else 1) * d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.down(h))

@@ -1,0 +1,142 @@
+"""Tokenizers: character-level and byte-level BPE, both as a ``tokenizers.Tokenizer``.
+
+Whatever its kind, a tokenizer is saved as one ``tokenizer.json`` that Hugging Face's
+``tokenizers`` and ``transformers`` load as they are, so a checkpoint stays usable
+outside lmlab.
+
+- char: one token per Unicode code point of the training text, plus ``<unk>`` for
+  characters never seen. Round-trips any text over its alphabet exactly.
+- bpe: byte-level BPE (GPT-2's scheme): text -> UTF-8 bytes -> merges learned from
+  the corpus. Every string round-trips exactly, Chinese and emoji included, because
+  the 256 byte symbols are always in the vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmlab.errors import LmlabError
+
+EOT = "<|endoftext|>"  # separates documents; the end-of-sequence token of our models
+UNK = "<unk>"
+
+
+def train_char_tokenizer(texts: Iterable[str]) -> Tokenizer:
+    """A vocabulary of every distinct character, sorted by code point (deterministic)."""
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    chars.discard("")
+    specials = [EOT, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(chars):
+        if ch not in vocab:
+            vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Each code point is its own "word": split on any single character.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # join tokens with nothing between them
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+    """Byte-level BPE trained with Hugging Face ``tokenizers`` (GPT-2's pre-tokenizer)."""
+    if vocab_size < 257 + 1:
+        raise LmlabError(
+            f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs the 256 byte "
+            "symbols plus the special token (use at least 258; 4096 is a good start)"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` file, or a directory holding one (a checkpoint or HF model)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            p = p / "tokenizer.json"
+        elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+            return _gpt2_files_tokenizer(p)
+        else:
+            raise LmlabError(
+                f"no tokenizer.json in {path} (a tokenizer is a tokenizer.json file, or a "
+                "directory holding one, or GPT-2's vocab.json + merges.txt)"
+            )
+    if not p.is_file():
+        raise LmlabError(f"tokenizer {path} not found (expected a tokenizer.json file or a directory)")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the Rust side raises plain Exceptions
+        raise LmlabError(f"{p} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def _gpt2_files_tokenizer(d: Path) -> Tokenizer:
+    tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    if EOT in vocab:
+        tok.add_special_tokens([EOT])
+    return tok
+
+
+def tokenizer_kind(tok: Tokenizer) -> str:
+    """'char', 'bpe', or the model type of a foreign tokenizer (for ``lmlab info``)."""
+    d = json.loads(tok.to_str())
+    model = d.get("model", {}).get("type", "?")
+    pre = json.dumps(d.get("pre_tokenizer"))
+    if model == "WordLevel" and "[\\\\s\\\\S]" in pre:
+        return "char"
+    if model == "BPE" and "ByteLevel" in pre:
+        return "bpe (byte-level)"
+    return model
+
+
+def eos_token_id(tok: Tokenizer) -> int | None:
+    """The end-of-text token if the tokenizer has a known one."""
+    for name in (EOT, "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+class UnknownCharWarner:
+    """Warns once when text contains characters a char tokenizer never saw."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.unk = tok.token_to_id(UNK) if tokenizer_kind(tok) == "char" else None
+        self.warned = False
+
+    def check(self, ids: list[int], text: str) -> None:
+        if self.unk is None or self.warned or self.unk not in ids:
+            return
+        self.warned = True
+        warnings.warn(
+            f"the text contains characters the tokenizer never saw; they become {UNK} "
+            "(train the tokenizer on text that includes them)",
+            stacklevel=3,
+        )
+
+
+def iter_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
+    """Large text in pieces, for tokenizer training without one huge string copy."""
+    for i in range(0, len(text), size):
+        yield text[i : i + size]

@@ -1,0 +1,577 @@
+"""The Trainer: one training loop for every lmlab model.
+
+Next-token prediction: minimise the cross-entropy
+    L = -(1/BT) Σ_b Σ_t log p(x_{b,t+1} | x_{b,≤t})
+with AdamW (weight decay on matrices only), linear warmup then cosine decay,
+gradient clipping, gradient accumulation and optional bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from lmlab.api import resolve_device
+from lmlab.checkpoint import RunDir, load_weights, read_checkpoint, read_json, unwrap, write_checkpoint
+from lmlab.config import TransformerConfig
+from lmlab.data import load_corpus, read_corpus, resolve_data, sample_starts, step_generator, windows
+from lmlab.errors import LmlabError
+from lmlab.models import build_model
+from lmlab.tokenizer import (
+    EOT,
+    iter_chunks,
+    load_tokenizer,
+    tokenizer_kind,
+    train_bpe_tokenizer,
+    train_char_tokenizer,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``lmlab train`` (the CLI flags are these names in kebab-case)."""
+
+    data: str = "builtin"
+    out: str | None = None
+    # tokenizer
+    tokenizer: str = "char"  # char | bpe | PATH to tokenizer.json or a folder
+    vocab_size: int = 4096  # for bpe
+    encoding_errors: str = "strict"
+    # model (the default: lmlab's recipe for small CPU runs, see README)
+    model: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    d_model: int = 128
+    max_seq_len: int = 64
+    pos: str = "rope"
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"  # swiglu | gelu
+    bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    # optimisation
+    steps: int | None = None  # default 2000 when neither steps nor time is given
+    time: str | None = None  # a budget such as "5m", "90s", "1h"
+    batch_size: int = 12  # the global batch, in sequences
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float | None = None  # default lr/10
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # bookkeeping
+    eval_every: int = 250
+    eval_batches: int = 20
+    save_every: int = 500
+    val_fraction: float = 0.1
+    precision: str = "fp32"
+    device: str = "auto"
+    resume: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise LmlabError(msg)
+
+        need(self.out is not None, "give --out DIR, the folder to write the checkpoint to")
+        need(self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16 (got {self.precision})")
+        need(self.mlp in ("swiglu", "gelu"), f"--mlp must be swiglu or gelu (got {self.mlp})")
+        need(self.model == "gpt", f"--model {self.model} is not available yet (use gpt)")
+        need(self.batch_size > 0, f"--batch-size must be positive (got {self.batch_size})")
+        need(self.grad_accum > 0, f"--grad-accum must be positive (got {self.grad_accum})")
+        need(
+            self.batch_size % self.grad_accum == 0,
+            f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}",
+        )
+        need(self.steps is None or self.steps > 0, f"--steps must be positive (got {self.steps})")
+        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        need(self.eval_every > 0 and self.save_every > 0, "--eval-every and --save-every must be positive")
+        need(
+            self.encoding_errors in ("strict", "replace", "ignore"),
+            "--encoding-errors must be strict, replace or ignore",
+        )
+        if self.time is not None:
+            parse_duration(self.time)
+
+    def model_config(self, vocab_size: int) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_size=vocab_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_kv_head=self.n_kv_head,
+            d_model=self.d_model,
+            max_seq_len=self.max_seq_len,
+            pos=self.pos,
+            norm=self.norm,
+            norm_bias=self.bias,
+            activation="silu" if self.mlp == "swiglu" else "gelu",
+            gated_mlp=self.mlp == "swiglu",
+            qkv_bias=self.bias,
+            proj_bias=self.bias,
+            mlp_bias=self.bias,
+            tie_embeddings=self.tie_embeddings,
+            dropout=self.dropout,
+        )
+
+
+def parse_duration(s: str | float | int) -> float:
+    """'90s', '5m', '1.5h', '300' -> seconds."""
+    if isinstance(s, int | float):
+        return float(s)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(s))
+    if not m:
+        raise LmlabError(f"--time {s!r} is not a duration; write e.g. 90s, 5m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warmup to lr over ``warmup`` steps, then cosine decay to min_lr at the end.
+
+    lr(t) = lr·(t+1)/(w+1)                                  for t < w
+    lr(t) = min_lr + ½(1 + cos(π·(t-w)/(T-w)))·(lr - min_lr)   for w ≤ t ≤ T
+    """
+    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+    warmup = min(cfg.warmup, max(1, max_steps // 10)) if max_steps else cfg.warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    if step >= max_steps:
+        return min_lr
+    ratio = (step - warmup) / max(1, max_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    val_loss: float | None
+    best_val_loss: float | None
+    tokens_per_s: float
+    loss_png: Path | None
+    stopped_early: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.stop_reason: str | None = None
+
+    # ----------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run = RunDir(cfg.out)
+        resuming = cfg.resume is not None
+        if not resuming and self.run.has_checkpoint():
+            if not cfg.overwrite:
+                raise LmlabError(
+                    f"{cfg.out} already holds a checkpoint; continue it with `lmlab train --resume "
+                    f"{cfg.out}` or start afresh with --overwrite"
+                )
+            self.run.clear()
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}
+        if resuming:
+            mcfg, tensors, self.tok, self.gen_cfg = read_checkpoint(cfg.resume)
+            self.state.update(read_json(Path(cfg.resume) / "trainer_state.json", "trainer state"))
+        else:
+            self.tok = self._make_tokenizer()
+            mcfg = cfg.model_config(self.tok.get_vocab_size())
+            self.gen_cfg = {
+                "eos_token_id": self.tok.token_to_id(EOT),
+                "bos_token_id": self.tok.token_to_id(EOT),
+            }
+        self.model = build_model(mcfg)
+        if resuming:
+            load_weights(self.model, tensors, cfg.resume)
+        self.model.to(self.device)
+
+        corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
+        self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, mcfg.max_seq_len)
+        log(
+            f"lmlab: corpus {corpus.name}: {len(corpus.ids):,} tokens; train {len(self.train_ids):,} "
+            f"(first {1 - cfg.val_fraction:.0%}), validation {len(self.val_ids):,} (last {cfg.val_fraction:.0%})"
+        )
+        log(
+            f"lmlab: model {mcfg.n_params_hint if hasattr(mcfg, 'n_params_hint') else ''} "
+            f"{self.model.num_parameters() / 1e6:.2f}M parameters, tokenizer "
+            f"{tokenizer_kind(self.tok)} ({self.tok.get_vocab_size()} tokens), device {self.device}"
+        )
+        self.optimizer = self._make_optimizer()
+        if resuming:
+            self._load_training_state(Path(cfg.resume))
+        self.max_steps = self.state.get("max_steps") or cfg.steps
+        if cfg.steps is not None and resuming:
+            self.max_steps = cfg.steps  # --steps given again extends (or shortens) the run
+        if self.max_steps is None and cfg.time is None:
+            self.max_steps = 2000
+        self.time_budget = parse_duration(cfg.time) if cfg.time is not None else None
+        self.val_starts = (
+            sample_starts(
+                len(self.val_ids),
+                mcfg.max_seq_len,
+                cfg.eval_batches * cfg.batch_size,
+                step_generator(cfg.seed, 0, stream=1),
+            )
+            if len(self.val_ids) > mcfg.max_seq_len
+            else None
+        )
+
+    def _make_tokenizer(self):
+        cfg = self.cfg
+        if cfg.tokenizer in ("char", "bpe"):
+            files = resolve_data(cfg.data)
+            text = read_corpus(files, cfg.encoding_errors, builtin=cfg.data == "builtin")
+            if cfg.tokenizer == "char":
+                return train_char_tokenizer([text.replace(EOT, "")])
+            return train_bpe_tokenizer(iter_chunks(text.replace(EOT, "\n")), cfg.vocab_size)
+        return load_tokenizer(cfg.tokenizer)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay only on matrices (embeddings, linear weights), not on
+        biases and norm gains, which decay would pull toward zero for no benefit."""
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for _, p in unwrap(self.model).named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+    # ----------------------------------------------------------------- state
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): n for n, p in unwrap(self.model).named_parameters()}
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimizer moments by parameter name, and the RNG state: safetensors, no pickle."""
+        names = self._param_names()
+        out: dict[str, torch.Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    out[f"optim.{names[id(p)]}.{k}"] = v.detach().to("cpu").contiguous().reshape(v.shape)
+        return out
+
+    def _load_training_state(self, folder: Path) -> None:
+        path = folder / "training_state.safetensors"
+        if not path.is_file():
+            raise LmlabError(
+                f"{folder} has no training_state.safetensors; it cannot be resumed "
+                "(start a new run from its weights instead)"
+            )
+        try:
+            t = load_file(str(path))
+        except Exception as e:
+            raise LmlabError(f"{path} is damaged ({e}); resume from another checkpoint") from None
+        names = self._param_names()
+        sd = self.optimizer.state_dict()
+        idx = 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = {}
+                for k in ("step", "exp_avg", "exp_avg_sq"):
+                    key = f"optim.{names[id(p)]}.{k}"
+                    if key in t:
+                        st[k] = t[key].to(self.device) if k != "step" else t[key]
+                if st:
+                    sd["state"][idx] = st
+                idx += 1
+        self.optimizer.load_state_dict(sd)
+        if "rng.torch_cpu" in t:
+            torch.set_rng_state(t["rng.torch_cpu"])
+
+    def save(self, best: bool = False) -> None:
+        step = self.state["step"]
+        meta = {**self.state, "max_steps": self.max_steps, "train_config": self._stored_config()}
+
+        def write(folder: Path) -> None:
+            write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, self._state_tensors())
+
+        self.run.save(step, write, best=best)
+
+    def _stored_config(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self.cfg)
+        for k in ("resume", "overwrite", "progress"):
+            d.pop(k, None)
+        return d
+
+    # ----------------------------------------------------------------- steps
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits, _ = self.model(x.to(self.device))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.to(self.device).reshape(-1))
+
+    def train_step(self, step: int) -> float:
+        cfg = self.cfg
+        T = self.model.config.max_seq_len
+        starts = sample_starts(len(self.train_ids), T, cfg.batch_size, step_generator(cfg.seed, step))
+        micro = starts.chunk(cfg.grad_accum)
+        total = 0.0
+        for m in micro:
+            x, y = windows(self.train_ids, m, T)
+            loss = self._loss(x, y) / cfg.grad_accum  # mean over the whole global batch
+            loss.backward()
+            total += loss.item()
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return total
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_starts is None:
+            return None
+        self.model.eval()
+        T = self.model.config.max_seq_len
+        losses = []
+        for chunk in self.val_starts.split(self.cfg.batch_size):
+            x, y = windows(self.val_ids, chunk, T)
+            losses.append(self._loss(x, y).item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # ----------------------------------------------------------------- loop
+    def run_loop(self) -> TrainResult:
+        cfg = self.cfg
+        metrics_path = self.run.root / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.state["step"])
+        mfile = open(metrics_path, "a", encoding="utf-8")
+        tokens_per_step = cfg.batch_size * self.model.config.max_seq_len
+        prev_handlers = _install_signal_handlers(self)
+        start_step = self.state["step"]
+        t_start = time.perf_counter()
+        elapsed0 = self.state.get("elapsed", 0.0)
+        bar_total = self.max_steps if self.max_steps else None
+        bar = tqdm(
+            total=bar_total,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        last_val = None
+        prev_eval: tuple[float, float] | None = None
+        warned_overfit = False
+        train_ema = None
+        tok_s = 0.0
+        self.model.train()
+        step = start_step
+        try:
+            while self.max_steps is None or step < self.max_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg, self.max_steps or 10**9)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                loss = self.train_step(step)
+                if not math.isfinite(loss):
+                    raise LmlabError(
+                        f"the loss became {loss} at step {step + 1}; training stopped and the last "
+                        f"good checkpoint (step {self.state.get('saved_step', 'none')}) in {cfg.out} is "
+                        "kept. Try a lower --lr, or --precision fp32"
+                    )
+                dt = time.perf_counter() - t0
+                step += 1
+                tok_s = tokens_per_step / dt if dt > 0 else 0.0
+                self.state["step"] = step
+                self.state["tokens"] = self.state.get("tokens", 0) + tokens_per_step
+                self.state["elapsed"] = elapsed0 + time.perf_counter() - t_start
+                train_ema = loss if train_ema is None else 0.9 * train_ema + 0.1 * loss
+                row: dict[str, Any] = {
+                    "step": step,
+                    "loss": round(loss, 6),
+                    "lr": lr,
+                    "tokens_per_s": round(tok_s, 1),
+                    "tokens": self.state["tokens"],
+                    "elapsed_s": round(self.state["elapsed"], 3),
+                }
+                if self.max_steps is None and self.time_budget is not None:
+                    self._fix_steps_from_time(step, start_step, time.perf_counter() - t_start)
+                    if self.max_steps is not None:
+                        bar.total = self.max_steps
+                        bar.refresh()
+                is_last = self.max_steps is not None and step >= self.max_steps
+                is_best = False
+                if step % cfg.eval_every == 0 or is_last:
+                    last_val = self.evaluate()
+                    if last_val is not None:
+                        row["val_loss"] = round(last_val, 6)
+                        best = self.state.get("best_val")
+                        is_best = best is None or last_val < best
+                        if is_best:
+                            self.state["best_val"] = last_val
+                        if (
+                            prev_eval
+                            and not warned_overfit
+                            and last_val > prev_eval[0]
+                            and train_ema < prev_eval[1]
+                        ):
+                            warned_overfit = True
+                            bar.write(
+                                "lmlab: warning: validation loss rose while training loss fell: the "
+                                "model may be overfitting (more data, --dropout, or fewer --steps help)",
+                                file=sys.stderr,
+                            )
+                        prev_eval = (last_val, train_ema)
+                mfile.write(json.dumps(row) + "\n")
+                mfile.flush()
+                post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
+                if last_val is not None:
+                    post["val"] = f"{last_val:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+                if step % cfg.save_every == 0 or is_last or is_best or self.stop_reason:
+                    self.save(best=is_best)
+                    self.state["saved_step"] = step
+                if self.stop_reason:
+                    bar.write(
+                        f"lmlab: {self.stop_reason}: saved the checkpoint at step {step}", file=sys.stderr
+                    )
+                    break
+        finally:
+            bar.close()
+            mfile.close()
+            _restore_signal_handlers(prev_handlers)
+        png = None
+        try:
+            from lmlab.plots import plot_loss_curve
+
+            png = plot_loss_curve(metrics_path, self.run.root / "loss.png", title=f"lmlab: {cfg.out}")
+        except Exception as e:  # a plot must never cost a training run
+            log(f"lmlab: warning: could not draw the loss curve ({e})")
+        return TrainResult(
+            out=self.run.root,
+            step=step,
+            val_loss=last_val,
+            best_val_loss=self.state.get("best_val"),
+            tokens_per_s=tok_s,
+            loss_png=png,
+            stopped_early=self.stop_reason is not None,
+        )
+
+    def _fix_steps_from_time(self, step: int, start_step: int, spent: float) -> None:
+        """With --time, measure the first steps, then fix the step count (so the LR
+        schedule knows where it ends), leaving ~8% of the budget for evaluation and saves."""
+        done = step - start_step
+        if done < 20 and spent < 0.1 * self.time_budget:
+            return
+        per_step = spent / done
+        remaining = self.time_budget - self.state["elapsed"]
+        self.max_steps = max(step + 1, step + int(0.92 * remaining / per_step))
+        log(
+            f"lmlab: --time {self.cfg.time}: {per_step * 1000:.0f} ms/step, training for {self.max_steps} steps"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint (a killed run wrote them)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+
+def _install_signal_handlers(trainer: Trainer) -> dict:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):  # noqa: ARG001
+        trainer.stop_reason = "interrupted" if signum == signal.SIGINT else "terminated"
+
+    prev = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        prev[s] = signal.signal(s, handler)
+    return prev
+
+
+def _restore_signal_handlers(prev: dict) -> None:
+    for s, h in prev.items():
+        signal.signal(s, h)
+
+
+def train(**options: Any) -> TrainResult:
+    """Train a model (the library form of ``lmlab train``); returns where it wrote what."""
+    resume = options.get("resume")
+    if resume is not None:
+        stored = _stored_train_config(resume)
+        given = {k: v for k, v in options.items() if v is not None}
+        allowed = {"steps", "time", "resume", "progress", "device", "out", "save_every", "eval_every"}
+        stored.update({k: v for k, v in given.items() if k in allowed})
+        stored["out"] = given.get("out") or resume
+        stored["resume"] = resume
+        options = stored
+    fields_ = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - fields_)
+    if unknown:
+        raise LmlabError(f"unknown training option(s): {', '.join(unknown)}")
+    cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None or k in ("steps", "time")})
+    cfg.validate()
+    if cfg.resume is not None and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
+        raise LmlabError("--resume continues in its own folder; leave out --out, or give the same folder")
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.run_loop()
+
+
+def _stored_train_config(folder: str) -> dict[str, Any]:
+    p = Path(folder)
+    if not (p / "trainer_state.json").exists():
+        if not p.exists():
+            raise LmlabError(f"--resume {folder}: the folder does not exist")
+        raise LmlabError(f"--resume {folder}: no training checkpoint there (no trainer_state.json)")
+    st = read_json(p / "trainer_state.json", "trainer state")
+    cfg = st.get("train_config")
+    if not isinstance(cfg, dict):
+        raise LmlabError(f"{p / 'trainer_state.json'} has no train_config; it cannot be resumed")
+    return dict(cfg)
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "lr_at", "parse_duration", "train"]
