@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.checkpoint import load_weights, read_checkpoint, write_checkpoint
+from lmlab.checkpoint import is_lmlab_checkpoint, load_weights, read_checkpoint, write_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, IncrementalDecoder, generate_tokens
 from lmlab.models import build_model
@@ -133,7 +133,17 @@ class Model:
 def load(
     path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
 ) -> Model:
-    """Load an lmlab checkpoint folder. dtype defaults to float32 on CPU."""
+    """Load an lmlab checkpoint folder. dtype defaults to float32 on CPU.
+
+    Anything that is not an lmlab checkpoint (a Hugging Face model folder, a Hub id)
+    goes to :func:`lmlab.hf.load_hf`.
+    """
+    if not is_lmlab_checkpoint(Path(path)) and _looks_foreign(path):
+        try:
+            from lmlab.hf import load_hf
+        except ImportError:
+            raise LmlabError(f"{path} is not an lmlab checkpoint (no lmlab config.json)") from None
+        return load_hf(str(path), dtype=dtype, device=device)
     cfg, tensors, tok, gen = read_checkpoint(path)
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype) or torch.float32
@@ -146,6 +156,14 @@ def load(
     load_weights(module, tensors, str(path))
     module = module.to(device=dev, dtype=dt)
     return Model(module, tok, gen, source=str(path))
+
+
+def _looks_foreign(path: str | Path) -> bool:
+    """A Hugging Face folder (config.json without lmlab's marker) or a Hub id like 'gpt2'."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "config.json").is_file()
+    return not p.exists() and not str(path).startswith((".", "/", "~")) and str(path).count("/") <= 1
 
 
 def _reinit_buffers(module: LanguageModel) -> None:
