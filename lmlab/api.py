@@ -14,6 +14,7 @@ from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, IncrementalDecoder, generate_tokens
 from lmlab.models import build_model
 from lmlab.models.base import LanguageModel
+from lmlab.tokenizer import UnknownCharWarner
 
 _DTYPES = {
     None: None,
@@ -63,6 +64,7 @@ class Model:
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.source = source
+        self._unk = UnknownCharWarner(tokenizer)
 
     @property
     def config(self) -> Any:
@@ -72,6 +74,7 @@ class Model:
     def encode(self, text: str) -> list[int]:
         """Token ids as the tokenizer's own post-processor makes them (BOS or not)."""
         ids = self.tokenizer.encode(text).ids
+        self._unk.check(ids, text)  # a char tokenizer warns once about unseen characters
         if not ids:
             bos = self.generation_config.get("bos_token_id")
             if bos is not None:
@@ -103,6 +106,11 @@ class Model:
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``."""
+        if not isinstance(prompt, str):
+            raise LmlabError(
+                f"stream takes one prompt (a str), not {type(prompt).__name__}; "
+                "for several prompts call generate with a list"
+            )
         cfg = self._gen_config(**options)
         dec = IncrementalDecoder(self.tokenizer)
         for tid in generate_tokens(self.module, self.encode(prompt), cfg):
@@ -131,19 +139,21 @@ class Model:
 
 
 def load(
-    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
 ) -> Model:
     """Load an lmlab checkpoint folder. dtype defaults to float32 on CPU.
 
     Anything that is not an lmlab checkpoint (a Hugging Face model folder, a Hub id)
-    goes to :func:`lmlab.hf.load_hf`.
+    goes to :func:`lmlab.hf.load_hf`; ``allow_pickle`` lets it read a pickle
+    ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``).
     """
     if not is_lmlab_checkpoint(Path(path)) and _looks_foreign(path):
-        try:
-            from lmlab.hf import load_hf
-        except ImportError:
-            raise LmlabError(f"{path} is not an lmlab checkpoint (no lmlab config.json)") from None
-        return load_hf(str(path), dtype=dtype, device=device)
+        from lmlab.hf import load_hf
+
+        return load_hf(str(path), dtype=dtype, device=device, allow_pickle=allow_pickle)
     cfg, tensors, tok, gen = read_checkpoint(path)
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype) or torch.float32

@@ -134,26 +134,28 @@ class RunDir:
         """``write(folder)`` fills a new folder; then it becomes ``latest`` atomically."""
         self.store.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}"
-        final = self.store / name
         tmp = self.store / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         write(tmp)
-        if final.exists():  # re-saving the same step (e.g. the end after a periodic save)
-            old = self.store / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            self._swap_link(self.store / "latest", name)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-            self._swap_link(self.store / "latest", name)
-        _fsync_dir(self.store)
-        for f in (*MODEL_FILES, *STATE_FILES):  # fixed links, made once
+        # Re-saving a step (e.g. a resumed run saving its first step again) takes a fresh
+        # name: moving the old folder aside first would leave `latest` (and `best`)
+        # pointing at nothing until the second rename. The old folder is pruned below.
+        k = 0
+        while (self.store / name).exists():
+            k += 1
+            name = f"step-{step:08d}.{k}"
+        final = self.store / name
+        os.replace(tmp, final)
+        # The fixed top-level links are made once, before the first `latest` exists:
+        # until then they dangle, so a kill in between leaves no half-made checkpoint.
+        for f in (*MODEL_FILES, *STATE_FILES):
             link = self.root / f
             if not link.is_symlink():
                 if link.exists():
                     link.unlink()
                 link.symlink_to(Path(".ckpt") / "latest" / f)
+        self._swap_link(self.store / "latest", name)
+        _fsync_dir(self.store)
         if best:
             self._swap_link(self.root / "best", Path(".ckpt") / name)
         self._prune()
@@ -258,6 +260,8 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy tensors into a model, naming any tensor that is missing, extra or misshapen."""
     model = unwrap(model)
+    if hasattr(model, "check_weights"):
+        model.check_weights(tensors, source)  # a model may name a mismatch better (RNN families)
     expected = model_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))

@@ -12,6 +12,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from lmlab.errors import LmlabError
 
@@ -33,18 +34,29 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--val-fraction", type=float, help="the last fraction of tokens kept for validation (0.1)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="gpt (the Transformer, default)")
+    g.add_argument("--model", help="gpt (the Transformer, default), rnn, gru or lstm (recurrent)")
     g.add_argument("--n-layer", type=int)
     g.add_argument("--n-head", type=int)
     g.add_argument("--n-kv-head", type=int, help="key/value heads (< n-head: grouped-query attention)")
     g.add_argument("--d-model", type=int)
-    g.add_argument("--max-seq-len", type=int, help="context length in tokens")
+    g.add_argument(
+        "--max-seq-len", type=int, help="context length in tokens (recurrent models: the BPTT window)"
+    )
     g.add_argument("--pos", choices=["sinusoidal", "learned", "rope"])
     g.add_argument("--norm", choices=["layernorm", "rmsnorm"])
     g.add_argument("--mlp", choices=["swiglu", "gelu"])
     _bool_flag(g, "bias", False, "biases in linear layers and LayerNorm")
     _bool_flag(g, "tie-embeddings", True, "share the input embedding and the output layer")
     g.add_argument("--dropout", type=float)
+    g.add_argument(
+        "--hidden-size", type=int, help="recurrent models: units per layer (512); --d-model is the embedding"
+    )
+    _bool_flag(
+        g,
+        "stateful",
+        False,
+        "recurrent models: carry the state across consecutive chunks of the text (default: random windows)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
     g.add_argument("--time", help="train for a time budget instead, e.g. 5m, 90s, 1h")
@@ -86,6 +98,8 @@ TRAIN_KEYS = [
     "bias",
     "tie_embeddings",
     "dropout",
+    "hidden_size",
+    "stateful",
     "steps",
     "time",
     "batch_size",
@@ -117,10 +131,27 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print at the end")
+    _pickle_flag(p)
+
+
+def _pickle_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a Hugging Face pytorch_model.bin (torch.load(weights_only=True)); only for trusted files",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other lmlab error (not the
+    usage block plus a message); subcommand parsers inherit this class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lmlab: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lmlab", description="Build, train and run language models.")
+    ap = _Parser(prog="lmlab", description="Build, train and run language models.")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -143,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="architecture, parameters, tokenizer and training state")
     p.add_argument("checkpoint")
+
+    p = sub.add_parser("export", help="write a model as a Hugging Face transformers folder")
+    p.add_argument("checkpoint", help="an lmlab checkpoint, a Hugging Face folder or a Hub id")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers (the only format)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model's own)")
+    _pickle_flag(p)
     return ap
 
 
@@ -172,7 +210,7 @@ def _report_train(res) -> None:
 def cmd_generate(a: argparse.Namespace) -> int:
     import lmlab
 
-    model = lmlab.load(a.checkpoint, dtype=a.dtype, device=a.device)
+    model = lmlab.load(a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle)
     opts = dict(
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
     )
@@ -232,7 +270,18 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from lmlab.hf import export_hf
+
+    out = export_hf(a.checkpoint, a.out, dtype=a.dtype, allow_pickle=a.allow_pickle)
+    kind = json.loads((out / "config.json").read_text(encoding="utf-8"))["model_type"]
+    print(f"lmlab: exported {a.checkpoint} as a Hugging Face {kind} model", file=sys.stderr)
+    print(f"lmlab: wrote {out}/ (config.json, model.safetensors, tokenizer.json, ...)", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
+    "export": cmd_export,
     "train": cmd_train,
     "generate": cmd_generate,
     "eval": cmd_eval,

@@ -122,6 +122,12 @@ class RNNConfig:
         for name in ("vocab_size", "d_model", "hidden_size", "n_layer", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise LmlabError(f"{name} must be positive (got {getattr(self, name)})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmlabError(f"dropout must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def n_params_hint(self) -> str:
+        return f"{self.cell.upper()} {self.n_layer}x{self.hidden_size} (embedding {self.d_model})"
 
 
 ModelConfig = TransformerConfig | RNNConfig

@@ -60,7 +60,12 @@ def resolve_data(spec: str | os.PathLike) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        # Skip hidden files and anything under a hidden folder (.git/, .venv/, ...).
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         texty = [f for f in files if f.suffix.lower() in TEXT_SUFFIXES or f.suffix == ""]
         if not texty:
             raise LmlabError(
@@ -90,16 +95,17 @@ def read_text(path: Path, encoding_errors: str = "strict") -> str:
 
 def read_corpus(files: list[Path], encoding_errors: str = "strict", builtin: bool = False) -> str:
     """Files joined by the end-of-text token; the built-in corpus capped at BUILTIN_CHARS."""
-    texts = []
-    total = 0
+    texts: list[str] = []
+    total = 0  # characters of the joined text so far, separators included
     for f in files:
+        sep = len(EOT) if texts else 0
+        if builtin and total + sep >= BUILTIN_CHARS:
+            break
         t = read_text(f, "replace" if builtin else encoding_errors)
         if builtin:
-            t = t[: BUILTIN_CHARS - total]
-            total += len(t)
+            t = t[: BUILTIN_CHARS - total - sep]  # len(EOT.join(texts)) <= BUILTIN_CHARS
+            total += sep + len(t)
         texts.append(t)
-        if builtin and total >= BUILTIN_CHARS:
-            break
     text = EOT.join(texts)
     if not text.strip():
         names = files[0] if len(files) == 1 else f"{len(files)} files"
@@ -125,6 +131,10 @@ def encode_text(tok: Tokenizer, text: str, chunk_chars: int = 1 << 18) -> np.nda
         if j < len(text):
             nl = text.rfind("\n", i, j)
             j = nl + 1 if nl > i else j
+            # Never cut through an end-of-text marker: it must stay one special token.
+            k = text.rfind(EOT, i, j + len(EOT) - 1)
+            if k != -1 and k < j < k + len(EOT):
+                j = k if k > i else k + len(EOT)
         chunks.append(text[i:j])
         i = j
     ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(chunks, add_special_tokens=False)]
@@ -174,6 +184,7 @@ def load_corpus(
     key = fingerprint(
         files,
         {
+            "cache_format": 2,  # bump when the corpus text or its encoding changes
             "tok": hashlib.sha256(tok.to_str().encode()).hexdigest(),
             "errors": encoding_errors,
             "builtin": BUILTIN_CHARS if builtin else 0,

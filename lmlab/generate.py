@@ -55,7 +55,7 @@ class GenerationConfig:
         """Defaults <- a checkpoint's generation_config.json <- explicit options."""
         names = {f.name for f in fields(cls)}
         merged = {k: v for k, v in d.items() if k in names and v is not None}
-        if d.get("do_sample") is False and "temperature" not in overrides:
+        if d.get("do_sample") is False and overrides.get("temperature") is None:
             merged["temperature"] = 0.0  # Hugging Face: do_sample=False means greedy
         merged.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**merged)
@@ -132,15 +132,20 @@ def generate_tokens(model: LanguageModel, prompt_ids: list[int], cfg: Generation
     gen = None
     if not cfg.greedy:
         gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
+        # No seed: draw one from torch's global generator (so torch.manual_seed makes a run
+        # reproducible, as in Hugging Face) without reseeding that generator from the OS.
+        seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 1 << 62, (1,)))
+        gen.manual_seed(seed)
     ctx = model.config.max_seq_len if model.bounded_context else None
     tokens = list(prompt_ids)
+    warned = False  # one warning per call: a truncated prompt implies the sliding window
     if ctx is not None and len(tokens) > ctx:
         _warn(
             f"the prompt has {len(tokens)} tokens, more than the model's context of {ctx}; "
-            f"using its last {ctx}"
+            f"using its last {ctx} (and a sliding window of the last {ctx} as it continues)"
         )
         tokens = tokens[-ctx:]
+        warned = True
     eos = set(cfg.eos_token_id)
     state = model.init_state(1, ctx) if ctx is not None else model.init_state(1, 0)
     ids = torch.tensor([tokens], device=device)
@@ -153,12 +158,12 @@ def generate_tokens(model: LanguageModel, prompt_ids: list[int], cfg: Generation
             return
         tokens.append(nxt)
         if ctx is not None and (sliding or state.length >= ctx):
-            if not sliding:
+            if not sliding and not warned:
                 _warn(
                     f"prompt + new tokens exceed the context of {ctx} tokens; "
                     f"continuing over a sliding window of the last {ctx}"
                 )
-                sliding = True
+            sliding = True
             logits, _ = model(torch.tensor([tokens[-ctx:]], device=device), None, last_only=True)
         else:
             logits, state = model(torch.tensor([[nxt]], device=device), state, last_only=True)

@@ -88,10 +88,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _gpt2_files_tokenizer(d: Path) -> Tokenizer:
-    tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+    try:
+        tok = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+        vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    except Exception as e:  # the Rust side raises plain Exceptions; json/UTF-8 errors too
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise LmlabError(
+            f"{d}/vocab.json + merges.txt are not a valid GPT-2 BPE tokenizer ({first}); "
+            "fix or replace these files"
+        ) from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
     if EOT in vocab:
         tok.add_special_tokens([EOT])
     return tok

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lmlab.api import resolve_device
 from lmlab.checkpoint import RunDir, load_weights, read_checkpoint, read_json, unwrap, write_checkpoint
-from lmlab.config import TransformerConfig
+from lmlab.config import RECURRENT, RNNConfig, TransformerConfig
 from lmlab.data import load_corpus, read_corpus, resolve_data, sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
 from lmlab.models import build_model
@@ -51,7 +51,7 @@ class TrainConfig:
     vocab_size: int = 4096  # for bpe
     encoding_errors: str = "strict"
     # model (the default: lmlab's recipe for small CPU runs, see README)
-    model: str = "gpt"
+    model: str = "gpt"  # gpt (the Transformer) | rnn | gru | lstm
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None
@@ -63,6 +63,8 @@ class TrainConfig:
     bias: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0
+    hidden_size: int = 512  # recurrent models: units per layer (d_model is the embedding size)
+    stateful: bool = False  # recurrent models: carry the state across consecutive chunks
     # optimisation
     steps: int | None = None  # default 2000 when neither steps nor time is given
     time: str | None = None  # a budget such as "5m", "90s", "1h"
@@ -96,7 +98,20 @@ class TrainConfig:
         need(self.out is not None, "give --out DIR, the folder to write the checkpoint to")
         need(self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16 (got {self.precision})")
         need(self.mlp in ("swiglu", "gelu"), f"--mlp must be swiglu or gelu (got {self.mlp})")
-        need(self.model == "gpt", f"--model {self.model} is not available yet (use gpt)")
+        need(
+            self.model in ("gpt", *RECURRENT),
+            f"--model must be gpt, {', '.join(RECURRENT)} (got {self.model!r})",
+        )
+        need(self.n_layer > 0, f"--n-layer must be positive (got {self.n_layer})")
+        need(
+            self.model not in RECURRENT or self.hidden_size > 0,
+            f"--hidden-size must be positive (got {self.hidden_size})",
+        )
+        need(
+            not self.stateful or self.model in RECURRENT,
+            f"--stateful needs a recurrent model (--model {', '.join(RECURRENT)}); "
+            f"--model {self.model} has no state to carry from one chunk to the next",
+        )
         need(self.batch_size > 0, f"--batch-size must be positive (got {self.batch_size})")
         need(self.grad_accum > 0, f"--grad-accum must be positive (got {self.grad_accum})")
         need(
@@ -114,7 +129,18 @@ class TrainConfig:
         if self.time is not None:
             parse_duration(self.time)
 
-    def model_config(self, vocab_size: int) -> TransformerConfig:
+    def model_config(self, vocab_size: int) -> TransformerConfig | RNNConfig:
+        if self.model in RECURRENT:
+            return RNNConfig(
+                cell=self.model,
+                vocab_size=vocab_size,
+                d_model=self.d_model,
+                hidden_size=self.hidden_size,
+                n_layer=self.n_layer,
+                dropout=self.dropout,
+                tie_embeddings=self.tie_embeddings,
+                max_seq_len=self.max_seq_len,
+            )
         return TransformerConfig(
             vocab_size=vocab_size,
             n_layer=self.n_layer,
@@ -180,6 +206,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.stop_reason: str | None = None
+        self.carry: dict[int, Any] = {}  # --stateful: each micro-batch's state, detached
 
     # ----------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -201,6 +228,7 @@ class Trainer:
         if resuming:
             mcfg, tensors, self.tok, self.gen_cfg = read_checkpoint(cfg.resume)
             self.state.update(read_json(Path(cfg.resume) / "trainer_state.json", "trainer state"))
+            self.state["saved_step"] = self.state["step"]  # the checkpoint resumed from
         else:
             self.tok = self._make_tokenizer()
             mcfg = cfg.model_config(self.tok.get_vocab_size())
@@ -215,6 +243,12 @@ class Trainer:
 
         corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
         self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, mcfg.max_seq_len)
+        if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < mcfg.max_seq_len:
+            raise LmlabError(
+                f"--stateful reads the {len(self.train_ids):,} training tokens as --batch-size "
+                f"{cfg.batch_size} parallel streams, each shorter than one window of --max-seq-len "
+                f"{mcfg.max_seq_len}; give more text, a smaller --batch-size or a smaller --max-seq-len"
+            )
         log(
             f"lmlab: corpus {corpus.name}: {len(corpus.ids):,} tokens; train {len(self.train_ids):,} "
             f"(first {1 - cfg.val_fraction:.0%}), validation {len(self.val_ids):,} (last {cfg.val_fraction:.0%})"
@@ -329,30 +363,65 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, carry: int | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy. With ``carry`` (--stateful), micro-batch
+        ``carry`` starts from the state the previous step left and leaves its own."""
+        state = self.carry.get(carry) if carry is not None else None
         with self._autocast():
-            logits, _ = self.model(x.to(self.device))
+            logits, state = self.model(x.to(self.device), state)
+        if carry is not None:
+            # Truncated BPTT: keep the values, cut the graph, so the next step's
+            # backward pass stops at this chunk's first token.
+            self.carry[carry] = (
+                tuple(t.detach() for t in state) if isinstance(state, tuple) else state.detach()
+            )
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.to(self.device).reshape(-1))
 
     def train_step(self, step: int) -> float:
         cfg = self.cfg
         T = self.model.config.max_seq_len
-        starts = sample_starts(len(self.train_ids), T, cfg.batch_size, step_generator(cfg.seed, step))
+        if cfg.stateful:
+            starts = self._stream_starts(step)
+        else:
+            starts = sample_starts(len(self.train_ids), T, cfg.batch_size, step_generator(cfg.seed, step))
         micro = starts.chunk(cfg.grad_accum)
         total = 0.0
-        for m in micro:
+        for i, m in enumerate(micro):
             x, y = windows(self.train_ids, m, T)
-            loss = self._loss(x, y) / cfg.grad_accum  # mean over the whole global batch
+            loss = self._loss(x, y, i if cfg.stateful else None) / cfg.grad_accum  # mean over the batch
             loss.backward()
             total += loss.item()
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return total
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # ‖g‖₂ over all parameters. A finite loss can still have an inf/NaN gradient
+        # (an overflow in the backward pass): stepping on it would write NaN weights
+        # into the next checkpoint, so it stops training like a NaN loss does.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        if cfg.grad_clip > 0:  # g ← g · min(1, clip / ‖g‖₂), as clip_grad_norm_ does
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _stream_starts(self, step: int) -> torch.Tensor:
+        """--stateful batches (char-rnn's, Zaremba et al.'s): the training tokens cut into
+        ``batch_size`` contiguous streams of L tokens; step k reads the k-th window of
+        each, so row b of one step continues row b of the step before, and the carried
+        state is the true summary of everything before the window. A pure function of
+        the step (resume needs nothing else); each pass over the streams starts from a
+        zero state. Resuming also restarts from zeros (the state is not checkpointed).
+        """
+        B, T = self.cfg.batch_size, self.model.config.max_seq_len
+        L = (len(self.train_ids) - 1) // B  # tokens per stream (+1 for the last target)
+        k = step % (L // T)  # the window within the stream
+        if k == 0:
+            self.carry.clear()
+        return torch.arange(B) * L + k * T  # (B,) stream b starts at b·L
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -405,9 +474,9 @@ class Trainer:
                 loss = self.train_step(step)
                 if not math.isfinite(loss):
                     raise LmlabError(
-                        f"the loss became {loss} at step {step + 1}; training stopped and the last "
-                        f"good checkpoint (step {self.state.get('saved_step', 'none')}) in {cfg.out} is "
-                        "kept. Try a lower --lr, or --precision fp32"
+                        f"the loss or its gradient became {loss} at step {step + 1}; training stopped and "
+                        f"the last good checkpoint (step {self.state.get('saved_step', 'none')}) in {cfg.out} "
+                        "is kept. Try a lower --lr, or --precision fp32"
                     )
                 dt = time.perf_counter() - t0
                 step += 1
@@ -543,6 +612,11 @@ def train(**options: Any) -> TrainResult:
     if resume is not None:
         stored = _stored_train_config(resume)
         given = {k: v for k, v in options.items() if v is not None}
+        if given.get("model", stored.get("model")) != stored.get("model"):
+            raise LmlabError(
+                f"--resume {resume}: that run trains --model {stored.get('model')}, it cannot continue "
+                f"as --model {given['model']}; start a new run with --out DIR"
+            )
         allowed = {"steps", "time", "resume", "progress", "device", "out", "save_every", "eval_every"}
         stored.update({k: v for k, v in given.items() if k in allowed})
         stored["out"] = given.get("out") or resume

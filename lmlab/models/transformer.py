@@ -75,7 +75,8 @@ class Transformer(LanguageModel):
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.reset_parameters()
+        if self.tok_emb.weight.device.type != "meta":  # on meta, weights come from a file
+            self.reset_parameters()
 
     def tie_weights(self) -> None:
         """Share the output layer with the input embedding (Press & Wolf 2017)."""

@@ -123,6 +123,12 @@ class CausalSelfAttention(nn.Module):
             k = cache.k[layer, :, :, : start + T]  # (B, nkv, S, hs)
             v = cache.v[layer, :, :, : start + T]
         causal = mask is None and T > 1
+        if causal and k.shape[-2] != T:
+            # SDPA's is_causal aligns the triangle top-left; a chunk after cached slots needs
+            # query i (slot S-T+i) to see keys 0..S-T+i: bottom-right, so spell the mask out
+            S = k.shape[-2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            causal = False
         p = self.dropout if self.training else 0.0
         if need_weights or not self.fast:
             y, w = attention_explicit(q, k, v, mask, causal, p)

@@ -1,0 +1,300 @@
+"""Hugging Face interop: run ``transformers`` checkpoints on lmlab's Transformer, and back.
+
+    load_hf("gpt2" | "./Qwen2.5-0.5B")  ->  lmlab.Model      (import)
+    export_hf(model or source, "out/")  ->  a folder AutoModelForCausalLM loads  (export)
+
+Supported ``model_type``: gpt2, llama, mistral, qwen2, gemma, gpt_neox. Each is a
+setting of the one :class:`~lmlab.models.transformer.Transformer` (see
+:mod:`lmlab.hf.families`); anything the Transformer cannot compute with parity is
+refused with the name of the setting, never silently ignored. ``transformers`` itself
+is not needed: lmlab reads and writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmlab.checkpoint import read_json
+from lmlab.config import TransformerConfig
+from lmlab.errors import LmlabError
+from lmlab.hf.families import FAMILIES, choose_family, family_for, same_architecture
+from lmlab.hf.weights import CheckpointWeights, export_tensors, fill_model
+
+__all__ = ["FAMILIES", "export_hf", "load_hf", "resolve_source"]
+
+# what a Hub download fetches (never the TF/Flax/ONNX copies many repositories also hold)
+_HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+]
+_HUB_PICKLE = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+# the generation settings written back to generation_config.json (transformers' names);
+# lmlab-only settings (a seed) stay behind
+_GEN_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "decoder_start_token_id",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "max_new_tokens",
+    "max_length",
+    "min_new_tokens",
+    "min_length",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "stop_strings",
+)
+
+
+# --------------------------------------------------------------------------- sources
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _not_available(repo: str, why: str) -> LmlabError:
+    name = repo.split("/")[-1]
+    files = "config.json generation_config.json 'model*.safetensors*' 'tokenizer*' vocab.json merges.txt"
+    return LmlabError(
+        f"{repo!r} is not a local folder and cannot be downloaded ({why}). On a machine with "
+        f"network access run `hf download {repo} --include {files} --local-dir {name}`, copy the "
+        f"folder {name}/ here and pass its path (e.g. `lmlab generate ./{name}`); or, with network "
+        "access, unset HF_HUB_OFFLINE and lmlab downloads it into the Hugging Face cache"
+    )
+
+
+def resolve_source(source: str, allow_pickle: bool = False) -> Path:
+    """A local Hugging Face folder as it is; a Hub id downloaded (or found in the cache)."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:  # pragma: no cover
+        raise LmlabError(
+            f"{source} is not a folder, and huggingface_hub is not installed to download it"
+        ) from None
+    offline = _offline()
+    try:
+        path = Path(snapshot_download(source, allow_patterns=_HUB_FILES, local_files_only=offline))
+        if not any(path.glob("model*.safetensors")) and allow_pickle:
+            path = Path(snapshot_download(source, allow_patterns=_HUB_PICKLE, local_files_only=offline))
+    except GatedRepoError:
+        raise LmlabError(
+            f"{source} is gated on the Hugging Face Hub: accept its licence on huggingface.co, "
+            "then log in with `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise LmlabError(
+            f"{source} is neither a local folder nor a model on the Hugging Face Hub "
+            "(check the spelling; a private model needs `hf auth login`)"
+        ) from None
+    except RevisionNotFoundError as e:  # pragma: no cover - we never pass a revision
+        raise LmlabError(f"{source}: {e}") from None
+    except Exception as e:  # offline, no network, a cache miss: all say "cannot get it"
+        why = (
+            "offline mode (HF_HUB_OFFLINE=1), and it is not in the cache"
+            if offline
+            else str(e).splitlines()[0]
+        )
+        raise _not_available(source, why) from None
+    if not (path / "config.json").is_file():
+        raise LmlabError(
+            f"{source} on the Hugging Face Hub has no config.json: it is not a transformers model"
+        )
+    return path
+
+
+def _generation_config(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """Token ids from config.json, then everything generation_config.json says (it wins,
+    as in transformers). Keys lmlab does not use are kept for export."""
+    gen = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+    f = folder / "generation_config.json"
+    if f.is_file():
+        extra = read_json(f, "generation config")
+        gen.update({k: v for k, v in extra.items() if not k.startswith("_") and k != "transformers_version"})
+    return gen
+
+
+def _read_optional_json(path: Path) -> dict[str, Any] | None:
+    return read_json(path, "tokenizer config") if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- import
+def load_hf(
+    source: str,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+):
+    """A Hugging Face model (folder or Hub id) as an :class:`lmlab.Model`.
+
+    The Transformer is built on the ``meta`` device and its tensors are filled straight
+    from the memory-mapped safetensors in ``dtype`` (default float32), so loading needs
+    about the weights' size in memory, once.
+    """
+    from lmlab.api import Model, _reinit_buffers, resolve_device, resolve_dtype
+    from lmlab.models.transformer import Transformer
+    from lmlab.tokenizer import load_tokenizer
+
+    folder = resolve_source(source, allow_pickle)
+    if not (folder / "config.json").is_file():
+        raise LmlabError(f"{folder} has no config.json; a Hugging Face model folder needs one")
+    raw = read_json(folder / "config.json", "config")
+    family = family_for(raw, source)
+    cfg = family.to_lmlab(raw)
+    dt = resolve_dtype(dtype) or torch.float32
+    tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+    weights = CheckpointWeights(folder, allow_pickle)
+    try:
+        with torch.device("meta"):
+            module = Transformer(cfg)
+        fill_model(module, family, weights, dt, source)
+    finally:
+        weights.close()
+    _reinit_buffers(module)  # RoPE tables are not weights: compute them
+    module.hf_origin = {  # what export needs to write this family back as it was
+        "model_type": family.model_type,
+        "config": raw,
+        "tokenizer_config": _read_optional_json(folder / "tokenizer_config.json"),
+        "special_tokens_map": _read_optional_json(folder / "special_tokens_map.json"),
+    }
+    if device is not None:
+        module = module.to(resolve_device(device))
+    return Model(module, tok, _generation_config(folder, raw), source=str(source))
+
+
+# --------------------------------------------------------------------------- export
+def _hf_generation_config(gen: dict[str, Any]) -> dict[str, Any]:
+    """lmlab generation settings in transformers' names (temperature 0 -> greedy)."""
+    out = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
+    t = out.get("temperature")
+    if "do_sample" not in out and t is not None:
+        out["do_sample"] = t > 0
+    if t is not None and t <= 0:
+        del out["temperature"]
+    return out
+
+
+def _tokenizer_config(model: Any, origin: dict[str, Any] | None, max_len: int) -> dict[str, Any]:
+    """The original tokenizer_config.json, or a minimal one that makes AutoTokenizer read
+    tokenizer.json as it is (so encoding matches lmlab's, special tokens included)."""
+    if origin and origin.get("tokenizer_config"):
+        return origin["tokenizer_config"]
+    tok = model.tokenizer
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        i = model.generation_config.get(key)
+        if isinstance(i, list):
+            i = i[0] if i else None
+        if isinstance(i, int) and tok.id_to_token(i) is not None:
+            cfg[key[: -len("_id")]] = tok.id_to_token(i)
+    cfg["clean_up_tokenization_spaces"] = False
+    return cfg
+
+
+def export_hf(
+    model_or_source: Any,
+    out_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Write ``model_or_source`` (an lmlab.Model, an lmlab checkpoint, or anything
+    :func:`load_hf` reads) as a Hugging Face folder: config.json, model.safetensors,
+    tokenizer.json + tokenizer_config.json, generation_config.json.
+
+    An imported model goes back to its own family; an lmlab-trained one to the family
+    that computes exactly the same function (GPT-2, Llama, GPT-NeoX, Gemma), or an
+    LmlabError names the setting no family has.
+    """
+    from lmlab.api import Model, load, resolve_dtype
+
+    model = model_or_source
+    if not isinstance(model, Model):
+        model = load(str(model_or_source), dtype=dtype, allow_pickle=allow_pickle)
+    module = model.module
+    cfg = module.config
+    if not isinstance(cfg, TransformerConfig):
+        raise LmlabError(
+            f"only Transformers export to Hugging Face; this is a {cfg.model_type} model "
+            "(transformers has no matching recurrent architecture)"
+        )
+    origin = getattr(module, "hf_origin", None)
+    family = choose_family(cfg, origin["model_type"] if origin else None)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmlabError(f"{out} already exists and is not empty; choose a new --out folder or remove it")
+    ecfg = family.export_config(cfg)
+    hf_cfg = family.to_hf(ecfg)
+    if origin and origin["model_type"] == family.model_type:
+        base = dict(origin["config"])
+        if not same_architecture(family.to_lmlab(base), cfg):
+            base.update(hf_cfg)  # the model was changed since import: its settings win
+        hf_cfg = base
+    want = resolve_dtype(dtype) or module.dtype
+    tensors = export_tensors(module, family, ecfg, want)
+    gen = _hf_generation_config(model.generation_config)
+    ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen}
+    hf_cfg = {
+        **ids,  # an lmlab model's token ids; an imported config keeps its own
+        **hf_cfg,
+        "model_type": family.model_type,
+        "architectures": [family.architecture],
+        "dtype": str(want).removeprefix("torch."),
+    }
+    hf_cfg.pop("torch_dtype", None)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.safetensors.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    model.tokenizer.save(str(out / "tokenizer.json"))
+    tcfg = _tokenizer_config(model, origin, cfg.max_seq_len)
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
+    if origin and origin.get("special_tokens_map"):
+        stm = json.dumps(origin["special_tokens_map"], indent=2)
+        (out / "special_tokens_map.json").write_text(stm + "\n", encoding="utf-8")
+    src = Path(str(model.source))
+    for extra in ("chat_template.jinja",):  # carried along when the source folder has it
+        if src.is_dir() and (src / extra).is_file():
+            shutil.copy(src / extra, out / extra)
+    return out

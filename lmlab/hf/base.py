@@ -1,0 +1,141 @@
+"""What a Hugging Face family is, for lmlab: a config mapping and a tensor layout.
+
+A family says three things, nothing more:
+  - how its ``config.json`` maps to a :class:`TransformerConfig` (``to_lmlab``) and back
+    (``to_hf``), refusing anything the Transformer cannot compute with parity;
+  - where each of its tensors goes in lmlab's state dict, and how it is laid out
+    (``rules``: one :class:`Rule` per lmlab tensor, read in both directions);
+  - whether an lmlab config has an exact equivalent in it (``misfit``), for export.
+There is no model file per family: the differences are fields of the one config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmlab.config import TransformerConfig
+from lmlab.errors import LmlabError
+
+# Hugging Face ``hidden_act`` / ``activation_function`` -> lmlab activation, and back.
+# gelu_new and gelu_pytorch_tanh are the same tanh approximation (Hendrycks & Gimpel 2016):
+#   0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)));  "gelu" is the exact x·Φ(x).
+ACT_IN = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
+ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One lmlab tensor ``lm`` made of the Hugging Face tensors ``hf``.
+
+    op  copy   lm = hf
+        t      lm = hfᵀ                     GPT-2's Conv1D stores (in, out), nn.Linear (out, in)
+        cat    lm = [hf₀; hf₁; ...] (dim 0)  q|k|v -> fused qkv, gate|up -> mlp.up
+        heads  lm = [Q | K | V]              from GPT-NeoX's per-head [q_h k_h v_h] layout
+        plus1  lm = 1 + hf                   Gemma's RMSNorm computes x̂·(1 + w) and stores w
+    ``sizes`` are the dim-0 sizes of the ``cat`` parts (to split them again on export).
+    """
+
+    lm: str
+    hf: tuple[str, ...]
+    op: str = "copy"
+    sizes: tuple[int, ...] = ()
+
+
+def need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise LmlabError(msg)
+
+
+def act_in(mt: str, name: str | None) -> str:
+    act = ACT_IN.get(str(name))
+    need(
+        act is not None,
+        f"{mt} checkpoint uses activation {name!r}, which lmlab does not implement "
+        f"(supported: {', '.join(ACT_IN)})",
+    )
+    return act
+
+
+def rope_from(mt: str, d: dict[str, Any], default_partial: float = 1.0) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) from the transformers 5.x ``rope_parameters``
+    or the older top-level ``rope_theta`` / ``rope_scaling`` / ``rotary_pct`` keys."""
+    rp = d.get("rope_parameters") or {}
+    need(
+        not (rp and all(isinstance(v, dict) for v in rp.values())),
+        f"{mt} checkpoint has per-layer rope_parameters ({', '.join(rp)}); lmlab uses one RoPE for all layers",
+    )
+    rs = d.get("rope_scaling") or {}
+    kind = rp.get("rope_type") or rp.get("type") or rs.get("rope_type") or rs.get("type") or "default"
+    need(
+        kind == "default",
+        f"{mt} checkpoint uses rope_type={kind!r} (RoPE scaling); lmlab implements only the default "
+        "RoPE, so its logits would differ — this checkpoint is not supported",
+    )
+    theta = rp.get("rope_theta") or d.get("rope_theta") or d.get("rotary_emb_base") or 10000.0
+    partial = rp.get("partial_rotary_factor", d.get("partial_rotary_factor", d.get("rotary_pct")))
+    return float(theta), float(default_partial if partial is None else partial)
+
+
+def rope_keys(cfg: TransformerConfig, **extra: Any) -> dict[str, Any]:
+    """RoPE keys in both forms, so transformers 4.x and 5.x read the same thing."""
+    return {
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **extra},
+    }
+
+
+def act_misfit(cfg: TransformerConfig) -> str | None:
+    return None if cfg.activation in ACT_OUT else f"activation={cfg.activation!r}"
+
+
+class Family:
+    """A Hugging Face architecture; subclasses fill in the mapping."""
+
+    model_type: str = ""
+    architecture: str = ""
+    prefix: str = ""  # where the body's tensors live ("model.", "transformer.")
+    head: str = "lm_head.weight"  # the untied output layer
+    ignore: tuple[str, ...] = ()  # checkpoint tensors that are not weights (old mask buffers)
+
+    def to_lmlab(self, d: dict[str, Any]) -> TransformerConfig:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_hf(self, cfg: TransformerConfig) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def misfit(self, cfg: TransformerConfig) -> str | None:  # pragma: no cover - abstract
+        """None when ``cfg`` has an exact equivalent in this family, else the setting that has not."""
+        raise NotImplementedError
+
+    def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
+        """``cfg`` with the tensors this family always has (absent biases are written as zeros,
+        which computes the same function)."""
+        return cfg
+
+    def body_rules(self, cfg: TransformerConfig) -> list[Rule]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rules(self, cfg: TransformerConfig) -> list[Rule]:
+        out = self.body_rules(cfg)
+        if not cfg.tie_embeddings:
+            out.append(Rule("lm_head.weight", (self.head,)))
+        return out
+
+    def _layer_rules(self, cfg: TransformerConfig, names: list[tuple[str, str, str]]) -> list[Rule]:
+        """Rules for every layer from (lmlab suffix, hf suffix, op) triples; biases follow cfg."""
+        out = []
+        for i in range(cfg.n_layer):
+            for lm, hf, op in names:
+                out.append(Rule(f"blocks.{i}.{lm}", (f"{self.layer_prefix(i)}{hf}",), op))
+        return out
+
+    def layer_prefix(self, i: int) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,226 @@
+"""GPT-2 and GPT-NeoX (Pythia): LayerNorm with bias, plain GELU MLP, fused q/k/v."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lmlab.config import TransformerConfig
+from lmlab.hf.base import ACT_OUT, Family, Rule, act_in, act_misfit, need, rope_from, rope_keys
+
+
+# --------------------------------------------------------------------------- GPT-2
+class GPT2(Family):
+    """Radford et al. 2019: learned positions, LayerNorm, GELU MLP, biases everywhere."""
+
+    model_type = "gpt2"
+    architecture = "GPT2LMHeadModel"
+    prefix = "transformer."
+    ignore = (".attn.bias", ".attn.masked_bias")
+
+    def to_lmlab(self, d: dict[str, Any]) -> TransformerConfig:
+        need(not d.get("add_cross_attention"), "gpt2 checkpoint has cross-attention (add_cross_attention)")
+        need(
+            not d.get("scale_attn_by_inverse_layer_idx"),
+            "gpt2 checkpoint sets scale_attn_by_inverse_layer_idx, which lmlab does not implement",
+        )
+        need(
+            d.get("scale_attn_weights", True),
+            "gpt2 checkpoint sets scale_attn_weights=false (no 1/√d scaling), which lmlab does not implement",
+        )
+        c = d.get("n_embd", 768)
+        return TransformerConfig(
+            vocab_size=d["vocab_size"],
+            n_layer=d.get("n_layer", 12),
+            n_head=d.get("n_head", 12),
+            d_model=c,
+            d_ff=d.get("n_inner") or 4 * c,
+            max_seq_len=d.get("n_positions") or d.get("n_ctx") or 1024,
+            pos="learned",
+            norm="layernorm",
+            norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            norm_bias=True,
+            activation=act_in("gpt2", d.get("activation_function", "gelu_new")),
+            gated_mlp=False,
+            qkv_bias=True,
+            proj_bias=True,
+            mlp_bias=True,
+            tie_embeddings=d.get("tie_word_embeddings", True),
+        )
+
+    def to_hf(self, cfg: TransformerConfig) -> dict[str, Any]:
+        return {
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.max_seq_len,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.d_ff,
+            "activation_function": ACT_OUT[cfg.activation],
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": cfg.tie_embeddings,
+        }
+
+    def misfit(self, cfg: TransformerConfig) -> str | None:
+        checks = [
+            (cfg.pos in ("learned", "sinusoidal"), f"pos={cfg.pos!r} (GPT-2 has learned absolute positions)"),
+            (cfg.norm == "layernorm", f"norm={cfg.norm!r} (GPT-2 uses LayerNorm)"),
+            (not cfg.gated_mlp, "gated_mlp=True (GPT-2's MLP is not gated)"),
+            (cfg.n_kv_head == cfg.n_head, f"n_kv_head={cfg.n_kv_head} < n_head (GPT-2 has no grouped-query)"),
+            (cfg.head_dim * cfg.n_head == cfg.d_model, f"head_dim={cfg.head_dim} ≠ d_model/n_head"),
+            (not cfg.parallel_residual, "parallel_residual=True"),
+            (cfg.embed_scale == 1.0, f"embed_scale={cfg.embed_scale}"),
+        ]
+        return next((why for ok, why in checks if not ok), None) or act_misfit(cfg)
+
+    def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
+        return dataclasses.replace(
+            cfg, pos="learned", norm_bias=True, qkv_bias=True, proj_bias=True, mlp_bias=True
+        )
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.prefix}h.{i}."
+
+    def body_rules(self, cfg: TransformerConfig) -> list[Rule]:
+        p = self.prefix
+        out = [Rule("tok_emb.weight", (p + "wte.weight",)), Rule("pos_emb.weight", (p + "wpe.weight",))]
+        out += self._layer_rules(
+            cfg,
+            [
+                ("norm1.weight", "ln_1.weight", "copy"),
+                ("norm1.bias", "ln_1.bias", "copy"),
+                ("attn.qkv.weight", "attn.c_attn.weight", "t"),
+                ("attn.qkv.bias", "attn.c_attn.bias", "copy"),
+                ("attn.proj.weight", "attn.c_proj.weight", "t"),
+                ("attn.proj.bias", "attn.c_proj.bias", "copy"),
+                ("norm2.weight", "ln_2.weight", "copy"),
+                ("norm2.bias", "ln_2.bias", "copy"),
+                ("mlp.up.weight", "mlp.c_fc.weight", "t"),
+                ("mlp.up.bias", "mlp.c_fc.bias", "copy"),
+                ("mlp.down.weight", "mlp.c_proj.weight", "t"),
+                ("mlp.down.bias", "mlp.c_proj.bias", "copy"),
+            ],
+        )
+        return out + [Rule("norm_f.weight", (p + "ln_f.weight",)), Rule("norm_f.bias", (p + "ln_f.bias",))]
+
+
+# --------------------------------------------------------------------------- GPT-NeoX / Pythia
+class GPTNeoX(Family):
+    """Black et al. 2022 (Pythia): parallel residual, partial rotary, LayerNorm with bias,
+    q/k/v fused per head."""
+
+    model_type = "gpt_neox"
+    architecture = "GPTNeoXForCausalLM"
+    prefix = "gpt_neox."
+    head = "embed_out.weight"
+    ignore = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.prefix}layers.{i}."
+
+    def to_lmlab(self, d: dict[str, Any]) -> TransformerConfig:
+        theta, partial = rope_from("gpt_neox", d, default_partial=0.25)
+        n_head, hidden = d["num_attention_heads"], d["hidden_size"]
+        head_dim = hidden // n_head
+        rotary = int(head_dim * partial)  # as transformers computes it
+        need(
+            rotary > 0 and rotary % 2 == 0,
+            f"gpt_neox checkpoint rotates {rotary} of {head_dim} channels per head "
+            "(partial_rotary_factor); lmlab needs an even, positive number",
+        )
+        attn_bias = bool(d.get("attention_bias", True))
+        return TransformerConfig(
+            vocab_size=d["vocab_size"],
+            n_layer=d["num_hidden_layers"],
+            n_head=n_head,
+            d_model=hidden,
+            d_ff=d["intermediate_size"],
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            pos="rope",
+            rope_theta=theta,
+            rotary_dim=rotary,
+            norm="layernorm",
+            norm_eps=d.get("layer_norm_eps", 1e-5),
+            norm_bias=True,
+            activation=act_in("gpt_neox", d.get("hidden_act", "gelu")),
+            gated_mlp=False,
+            qkv_bias=attn_bias,
+            proj_bias=attn_bias,
+            mlp_bias=True,
+            parallel_residual=d.get("use_parallel_residual", True),
+            tie_embeddings=d.get("tie_word_embeddings", False),
+        )
+
+    def to_hf(self, cfg: TransformerConfig) -> dict[str, Any]:
+        partial = cfg.rotary_dim / cfg.head_dim
+        return {
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.d_ff,
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "hidden_act": ACT_OUT[cfg.activation],
+            "max_position_embeddings": cfg.max_seq_len,
+            "layer_norm_eps": cfg.norm_eps,
+            "use_parallel_residual": cfg.parallel_residual,
+            "attention_bias": cfg.qkv_bias or cfg.proj_bias,
+            "hidden_dropout": cfg.dropout,
+            "attention_dropout": cfg.dropout,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "rotary_pct": partial,
+            "rotary_emb_base": cfg.rope_theta,
+            **rope_keys(cfg, partial_rotary_factor=partial),
+        }
+
+    def misfit(self, cfg: TransformerConfig) -> str | None:
+        checks = [
+            (cfg.pos == "rope", f"pos={cfg.pos!r} (GPT-NeoX uses RoPE)"),
+            (cfg.norm == "layernorm", f"norm={cfg.norm!r} (GPT-NeoX uses LayerNorm)"),
+            (not cfg.gated_mlp, "gated_mlp=True (GPT-NeoX's MLP is not gated)"),
+            (
+                cfg.n_kv_head == cfg.n_head,
+                f"n_kv_head={cfg.n_kv_head} < n_head (GPT-NeoX has no grouped-query)",
+            ),
+            (cfg.head_dim * cfg.n_head == cfg.d_model, f"head_dim={cfg.head_dim} ≠ d_model/n_head"),
+            (cfg.embed_scale == 1.0, f"embed_scale={cfg.embed_scale}"),
+            (
+                int(cfg.head_dim * (cfg.rotary_dim / cfg.head_dim)) == cfg.rotary_dim,
+                f"rotary_dim={cfg.rotary_dim} is not expressible as a fraction of head_dim={cfg.head_dim}",
+            ),
+        ]
+        return next((why for ok, why in checks if not ok), None) or act_misfit(cfg)
+
+    def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
+        attn = cfg.qkv_bias or cfg.proj_bias
+        return dataclasses.replace(cfg, qkv_bias=attn, proj_bias=attn, mlp_bias=True, norm_bias=True)
+
+    def body_rules(self, cfg: TransformerConfig) -> list[Rule]:
+        names = [
+            ("norm1.weight", "input_layernorm.weight", "copy"),
+            ("norm1.bias", "input_layernorm.bias", "copy"),
+            ("attn.qkv.weight", "attention.query_key_value.weight", "heads"),
+            ("attn.proj.weight", "attention.dense.weight", "copy"),
+            ("norm2.weight", "post_attention_layernorm.weight", "copy"),
+            ("norm2.bias", "post_attention_layernorm.bias", "copy"),
+            ("mlp.up.weight", "mlp.dense_h_to_4h.weight", "copy"),
+            ("mlp.up.bias", "mlp.dense_h_to_4h.bias", "copy"),
+            ("mlp.down.weight", "mlp.dense_4h_to_h.weight", "copy"),
+            ("mlp.down.bias", "mlp.dense_4h_to_h.bias", "copy"),
+        ]
+        if cfg.qkv_bias:
+            names.append(("attn.qkv.bias", "attention.query_key_value.bias", "heads"))
+        if cfg.proj_bias:
+            names.append(("attn.proj.bias", "attention.dense.bias", "copy"))
+        p = self.prefix
+        return [
+            Rule("tok_emb.weight", (p + "embed_in.weight",)),
+            *self._layer_rules(cfg, names),
+            Rule("norm_f.weight", (p + "final_layer_norm.weight",)),
+            Rule("norm_f.bias", (p + "final_layer_norm.bias",)),
+        ]

@@ -1,0 +1,177 @@
+"""Recurrent language models: Elman RNN, GRU and LSTM over token embeddings.
+
+    x_t      = E[id_t]                                  token embedding (d_model)
+    h_t, s_t = Cell(x_t, s_{t-1})                       n_layer stacked cells (hidden_size)
+    logits_t = W_out · (P h_t) + b                      P: hidden -> d_model, only when tied
+
+The cells run in PyTorch's fused ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (oneDNN / cuDNN
+kernels); :mod:`lmlab.nn.cells` writes out what they compute. The state s is the
+hidden vector h (RNN, GRU) or the pair (h, c) (LSTM), each (n_layer, B, hidden_size):
+it is the whole memory of the past, so generating N tokens costs N single-step
+updates whatever the length of the prefix, and there is no context limit —
+``max_seq_len`` is only the window of truncated backpropagation through time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.config import RNNConfig
+from lmlab.errors import LmlabError
+from lmlab.models.base import LanguageModel
+from lmlab.nn.cells import GATES
+
+_FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+_NAMES = {"rnn": "an Elman RNN", "gru": "a GRU", "lstm": "an LSTM"}
+
+#: An RNN's or GRU's state is h; an LSTM's is (h, c); each (n_layer, B, hidden_size).
+RNNState = Tensor | tuple[Tensor, Tensor]
+
+
+class RNNLanguageModel(LanguageModel):
+    """An autoregressive language model over a stack of recurrent layers."""
+
+    #: The state summarises the whole past: generation never crops the context.
+    bounded_context = False
+
+    def __init__(self, config: RNNConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Dropout on the non-recurrent connections only (Zaremba et al. 2014): the
+        # embeddings, between layers (inside the fused layer) and before the output.
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.rnn = _FUSED[cfg.cell](
+            cfg.d_model,
+            cfg.hidden_size,
+            num_layers=cfg.n_layer,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+        )
+        # Tying the output layer to the embedding (Press & Wolf 2017) needs outputs of
+        # size d_model: project h when the hidden size differs.
+        tied_proj = cfg.tie_embeddings and cfg.hidden_size != cfg.d_model
+        self.proj = nn.Linear(cfg.hidden_size, cfg.d_model, bias=False) if tied_proj else None
+        self.lm_head = nn.Linear(cfg.d_model if tied_proj else cfg.hidden_size, cfg.vocab_size)
+        self.tie_weights()
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the output layer's weight with the input embedding (when configured)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def reset_parameters(self) -> None:
+        """PyTorch's own inits — embedding ~ N(0, 1) (unit-scale inputs, like char-rnn's
+        one-hot vectors), linear layers ~ U(-1/√fan_in, 1/√fan_in), recurrent weights
+        ~ U(-1/√H, 1/√H) — with a zero output bias and an LSTM forget-gate bias of 1
+        (Jozefowicz et al. 2015), so that at the start the cell keeps its memory rather
+        than halving it each step. (Smaller embeddings, U(-0.1, 0.1), left a small char
+        model stuck at the unigram loss for a hundred steps longer.)"""
+        self.tok_emb.reset_parameters()
+        if not self.config.tie_embeddings:
+            self.lm_head.reset_parameters()
+        nn.init.zeros_(self.lm_head.bias)
+        if self.proj is not None:
+            self.proj.reset_parameters()
+        self.rnn.reset_parameters()
+        if self.config.cell == "lstm":
+            H = self.config.hidden_size
+            with torch.no_grad():
+                for k in range(self.config.n_layer):
+                    # b_f = b_if + b_hf = 1 (rows H:2H are the forget gate's, order i, f, g, o)
+                    getattr(self.rnn, f"bias_ih_l{k}")[H : 2 * H].fill_(1.0)
+                    getattr(self.rnn, f"bias_hh_l{k}")[H : 2 * H].zero_()
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, max_len: int | None = None) -> RNNState:
+        """Zeros, (n_layer, B, hidden) — or a pair of them for the LSTM. ``max_len`` is
+        accepted for the protocol and ignored: the state's size does not grow."""
+        cfg = self.config
+        h = torch.zeros(cfg.n_layer, batch_size, cfg.hidden_size, device=self.device, dtype=self.dtype)
+        return (h, h.clone()) if cfg.cell == "lstm" else h
+
+    def _check_state(self, state: Any, batch_size: int) -> RNNState | None:
+        """The state as the fused layer wants it, or a one-line error saying what is wrong."""
+        if state is None:
+            return None
+        cfg = self.config
+        want = (cfg.n_layer, batch_size, cfg.hidden_size)
+        what = "(h, c)" if cfg.cell == "lstm" else "h"
+        hint = f"use model.init_state({batch_size}) or the state the model returned"
+        if cfg.cell == "lstm":
+            if not (isinstance(state, tuple | list) and len(state) == 2):
+                raise LmlabError(f"an LSTM's state is a pair (h, c) of tensors {want}; {hint}")
+            parts = tuple(state)
+        else:
+            if not isinstance(state, Tensor):
+                raise LmlabError(f"{_NAMES[cfg.cell]}'s state is one tensor h of shape {want}; {hint}")
+            parts = (state,)
+        for t in parts:
+            if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise LmlabError(
+                    f"state {what} must be (n_layer, batch, hidden_size) = {want}, got {got}; {hint}"
+                )
+        return (parts[0], parts[1]) if cfg.cell == "lstm" else parts[0]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        ids: Tensor,
+        state: RNNState | None = None,
+        *,
+        last_only: bool = False,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,  # noqa: ARG002 - the protocol's; an RNN has no positions
+    ) -> tuple[Tensor, RNNState]:
+        """ids: (B, T) continuing the sequence ``state`` summarises (None = start fresh).
+
+        Returns logits (B, T, vocab) — (B, 1, vocab) with ``last_only`` — and the state
+        after the last token. Padded batches are refused: a pad token would flow into
+        the state (an RNN has no mask to skip it).
+        """
+        if ids.dim() != 2:
+            raise LmlabError(f"token ids must have shape (batch, time), got {tuple(ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise LmlabError(
+                f"{_NAMES[self.config.cell]} cannot skip padding tokens; "
+                "give sequences one at a time (or of equal length) without an attention mask"
+            )
+        state = self._check_state(state, ids.shape[0])
+        x = self.drop(self.tok_emb(ids))  # (B, T) -> (B, T, d_model)
+        out, state = self.rnn(x, state)  # (B, T, d_model) -> (B, T, hidden)
+        if last_only:
+            out = out[:, -1:]
+        out = self.drop(out)
+        if self.proj is not None:
+            out = self.proj(out)  # (B, T, hidden) -> (B, T, d_model)
+        return self.lm_head(out), state  # (B, T, vocab)
+
+    # ------------------------------------------------------------------ loading
+    def check_weights(self, tensors: dict[str, Tensor], source: str) -> None:
+        """Name the family when a checkpoint's recurrent weights are another cell's
+        (say an LSTM's weights under a config that says gru): clearer than a shape list."""
+        w_ih, w_hh = tensors.get("rnn.weight_ih_l0"), tensors.get("rnn.weight_hh_l0")
+        if w_ih is None or w_hh is None:
+            if any(k.startswith("blocks.") for k in tensors):
+                raise LmlabError(
+                    f"the weights in {source} are a Transformer's but its config.json describes "
+                    f"{_NAMES[self.config.cell]} ({self.config.model_type}); the config was changed "
+                    "or belongs to another checkpoint"
+                )
+            return  # load_weights lists what is missing
+        H = w_hh.shape[1]
+        found = next((c for c, g in GATES.items() if w_ih.shape[0] == g * H), None)
+        if found is not None and found != self.config.cell:
+            raise LmlabError(
+                f"the weights in {source} are {_NAMES[found]}'s but its config.json says "
+                f"cell={self.config.cell!r}; load it with cell={found!r} (the config was changed "
+                "or belongs to another checkpoint)"
+            )
+
+
+__all__ = ["RNNLanguageModel", "RNNState"]

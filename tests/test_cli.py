@@ -1,0 +1,211 @@
+"""The command line, run as a user runs it (``python -m lmlab ...`` in a subprocess),
+and the ``lmlab.train`` / ``lmlab.load`` Python API.
+
+References: the library's own greedy and seeded generation in this process (the CLI
+must be a thin layer over it), a cross-entropy computed here with torch over the
+same windows, and the parameter count of the model as PyTorch counts it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOKENIZER_TEXT, tiny_checkpoint, tiny_model
+from safetensors.torch import load_file
+
+import lmlab
+from lmlab.checkpoint import read_checkpoint
+
+CTX = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
+    two OpenMP threads make each forward ~100x slower; restore the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "default",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli") / "model", "char", pos="rope", max_seq_len=CTX)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmlab: error: "), proc.stderr
+    assert proc.stdout == ""
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- generate
+def test_generate_greedy_prints_the_continuation_only(ckpt):
+    """40 new tokens from a 5-token prompt go beyond the 16-token context: the sliding
+    window's warning goes to stderr; stdout is the continuation and a newline."""
+    model = lmlab.load(ckpt)
+    expected = model.generate("To be", max_new_tokens=40, temperature=0)
+    assert len(expected) > 20
+    proc = run_cli("generate", str(ckpt), "--prompt", "To be", "--max-new-tokens", "40", "--temperature", "0")
+    assert proc.stdout == expected + "\n"
+    assert "warning" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(
+        "generate",
+        str(ckpt),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "40",
+        "--temperature",
+        "0",
+        "--no-stream",
+    )
+    assert proc.stdout == expected + "\n"
+
+
+def test_generate_seed_is_reproducible(ckpt):
+    """The same seed gives, in a new process, the text the library gives in this one."""
+    model = lmlab.load(ckpt)
+    args = ("generate", str(ckpt), "--prompt", "The", "--max-new-tokens", "12", "--top-k", "20")
+    outs = []
+    for seed in (11, 12):
+        expected = model.generate("The", max_new_tokens=12, temperature=1.0, top_k=20, seed=seed)
+        outs.append(run_cli(*args, "--temperature", "1.0", "--seed", str(seed)).stdout)
+        assert outs[-1] == expected + "\n"
+    assert outs[0] != outs[1]
+
+
+# --------------------------------------------------------------------------- eval and info
+def test_eval_matches_cross_entropy_by_hand(ckpt, tmp_path):
+    """Every token after the first predicted once, in consecutive windows of the
+    context; each window starts from a fresh context."""
+    text = TOKENIZER_TEXT[:150]
+    data = tmp_path / "eval.txt"
+    data.write_text(text, encoding="utf-8")
+    cfg, tensors, tok, _ = read_checkpoint(ckpt)
+    model = lmlab.load(ckpt).module
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert len(ids) == 150 and len(ids) % CTX != 1  # a short last window too
+    nll = []
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, CTX):
+            x = torch.tensor([ids[s : s + CTX]])
+            y = torch.tensor(ids[s + 1 : s + 1 + CTX])
+            logits, _ = model(x[:, : len(y)])
+            # -log p(y_t | x_≤t) = logsumexp(z) - z_y
+            nll.append(F.cross_entropy(logits[0], y, reduction="none"))
+    loss = float(torch.cat(nll).mean())
+    proc = run_cli("eval", str(ckpt), "--data", str(data))
+    m = re.search(r"loss ([\d.]+)\s+perplexity ([\d.]+)\s+over ([\d,]+) tokens", proc.stdout)
+    assert m, proc.stdout
+    assert float(m.group(1)) == pytest.approx(loss, abs=1e-4)
+    assert float(m.group(2)) == pytest.approx(math.exp(loss), rel=1e-3)
+    assert int(m.group(3).replace(",", "")) == len(ids) - 1
+    assert math.exp(loss) > 1.0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_info_counts_parameters_once(tmp_path, tied):
+    folder = tiny_checkpoint(tmp_path / "m", "char", max_seq_len=CTX, tie_embeddings=tied)
+    vocab = lmlab.load(folder).tokenizer.get_vocab_size()
+    expected = sum(p.numel() for p in tiny_model(vocab, max_seq_len=CTX, tie_embeddings=tied).parameters())
+    stored = sum(t.numel() for t in load_file(str(folder / "model.safetensors")).values())
+    assert stored == expected  # tied weights are stored once, counted once
+    proc = run_cli("info", str(folder))
+    m = re.search(r"parameters\s+([\d,]+)", proc.stdout)
+    assert m, proc.stdout
+    assert int(m.group(1).replace(",", "")) == expected
+    assert "char" in proc.stdout and f"tie_embeddings={tied}" in proc.stdout
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("generate", "{missing}", "--prompt", "x"), "does not exist"),
+        (("generate", "{ckpt}", "--top-p", "2"), "top_p"),
+        (("generate", "{ckpt}", "--bogus"), "--bogus"),
+        (("generate", "{ckpt}", "--max-new-tokens", "ten"), "--max-new-tokens"),
+        (("eval", "{ckpt}", "--data", "{missing}"), "does not exist"),
+        (("info", "{ckpt}/config.json"), "folder"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(ckpt, tmp_path, args, needle):
+    subst = {"ckpt": str(ckpt), "missing": str(tmp_path / "nowhere")}
+    proc = run_cli(*(a.format(**subst) for a in args), check_rc=None)
+    assert needle in _one_error_line(proc)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run_cli("--debug", "generate", str(tmp_path / "nowhere"), check_rc=None)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "LmlabError" in proc.stderr
+
+
+# --------------------------------------------------------------------------- Python API: train, load
+def test_train_api_then_load_and_generate(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    res = lmlab.train(
+        data=str(corpus_file),
+        out=str(out),
+        steps=5,
+        n_layer=1,
+        n_head=2,
+        d_model=32,
+        max_seq_len=32,
+        batch_size=4,
+        warmup=1,
+        eval_every=5,
+        eval_batches=2,
+        save_every=5,
+        device="cpu",
+        progress=False,
+    )
+    assert res.step == 5 and Path(res.out) == out
+    assert res.val_loss is not None and math.isfinite(res.val_loss)
+    model = lmlab.load(out)
+    assert (model.config.n_layer, model.config.d_model, model.config.max_seq_len) == (1, 32, 32)
+    eos = model.generation_config["eos_token_id"]
+    ids = model.encode("First")
+    expected = []
+    with torch.no_grad():
+        for _ in range(10):  # greedy by hand, stopping after the end-of-text token
+            logits, _ = model.module(torch.tensor([ids]))
+            nxt = int(logits[0, -1].argmax())
+            expected.append(nxt)
+            ids.append(nxt)
+            if nxt == eos:
+                break
+    text = model.generate("First", max_new_tokens=10, temperature=0)
+    assert text == model.tokenizer.decode(expected, skip_special_tokens=True)
+    assert isinstance(model.generate(["First", "All"], max_new_tokens=3), list)
+    info = run_cli("info", str(out)).stdout
+    assert re.search(r"training\s+step 5 of 5", info), info

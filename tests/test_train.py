@@ -1,0 +1,425 @@
+"""The Trainer: what a run writes, exact resume after a real SIGKILL, SIGTERM, NaN
+stops, gradient accumulation, the learning-rate schedule, time budgets, and the
+overfitting warning. Every run is a tiny model on a small corpus written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lmlab
+from lmlab.data import sample_starts, step_generator, windows
+from lmlab.errors import LmlabError
+from lmlab.train import TrainConfig, Trainer, lr_at, parse_duration
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 40
+# Small explicit sizes, so a change of TrainConfig's defaults never slows these tests.
+SMALL = dict(
+    n_layer=2,
+    n_head=2,
+    d_model=32,
+    max_seq_len=32,
+    batch_size=4,
+    seed=7,
+    warmup=4,
+    lr=3e-3,
+    dropout=0.0,
+    precision="fp32",
+    device="cpu",
+    progress=False,
+)
+SMALL_ARGS = [
+    "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--max-seq-len", "32", "--batch-size", "4",
+    "--seed", "5", "--warmup", "20", "--lr", "3e-3", "--precision", "fp32", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy shared machine OpenMP's
+    spin-waiting worker threads make each training step up to ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def corpus_path(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus: Path) -> Path:
+    """One finished 40-step run, shared by the layout and metrics tests."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "lmlab-cache"))
+        lmlab.train(data=str(corpus), out=str(out), steps=40, eval_every=15, save_every=10, **SMALL)
+    return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_step(out: Path) -> int:
+    """The step of the last complete line of a running job's metrics.jsonl (0 if none)."""
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(text.splitlines()):
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return 0
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lmlab",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *SMALL_ARGS,
+        *extra,
+    ]
+
+
+def popen(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err
+    return out, err
+
+
+# --------------------------------------------------------------------------- what a run writes
+def test_checkpoint_folder_layout(trained: Path) -> None:
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "trainer_state.json",
+        "training_state.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    ):
+        assert (trained / f).is_file(), f
+    # loss.png is a real PNG: signature, then an IHDR chunk with a non-empty image
+    png = (trained / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 100 and height > 100
+
+    # No pickle anywhere, hidden folders included.
+    everything = [Path(d) / f for d, _, files in os.walk(trained) for f in files]
+    assert not [p for p in everything if p.suffix in PICKLE_SUFFIXES]
+    with safe_open(str(trained / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not [n for n in names if n.startswith(("module.", "_orig_mod."))]
+
+    state = json.loads((trained / "trainer_state.json").read_text())
+    assert state["step"] == 40
+    model = lmlab.load(trained)
+    saved = load_file(str(trained / "model.safetensors"))
+    for name, t in saved.items():
+        assert torch.equal(model.module.state_dict()[name], t)
+    # The optimizer moments are stored by parameter name, in safetensors.
+    moments = load_file(str(trained / "training_state.safetensors"))
+    assert any(k.endswith(".exp_avg_sq") for k in moments)
+
+    # best/ is a complete model: the one with the lowest validation loss.
+    rows = read_metrics(trained)
+    evals = [(r["val_loss"], r["step"]) for r in rows if "val_loss" in r]
+    best_step = min(evals)[1]
+    best = trained / "best"
+    assert json.loads((best / "trainer_state.json").read_text())["step"] == best_step
+    best_model = lmlab.load(best)
+    assert isinstance(best_model.generate("All", max_new_tokens=5, temperature=0), str)
+
+
+def test_metrics_jsonl_has_one_line_per_step(trained: Path) -> None:
+    rows = read_metrics(trained)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    # validation on every 15th step and at the end
+    assert [r["step"] for r in rows if "val_loss" in r] == [15, 30, 40]
+    # lr by hand: warmup w = min(4, 40 // 10) = 4, lr(t) = 3e-3·(t+1)/(w+1) for t < w
+    assert rows[0]["lr"] == pytest.approx(3e-3 * 1 / 5)
+    assert rows[3]["lr"] == pytest.approx(3e-3 * 4 / 5)
+    assert rows[4]["lr"] == pytest.approx(3e-3)  # the peak, t = w
+    # a character model starts near ln(vocab) and learns this repetitive text quickly
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+
+
+def test_refuses_a_folder_with_a_checkpoint_unless_overwrite(tmp_path: Path, corpus_path: Path) -> None:
+    out = tmp_path / "run"
+    lmlab.train(data=str(corpus_path), out=str(out), steps=3, **SMALL)
+    with pytest.raises(LmlabError, match=r"already holds a checkpoint.*--resume.*--overwrite"):
+        lmlab.train(data=str(corpus_path), out=str(out), steps=3, **SMALL)
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3  # untouched
+
+    lmlab.train(data=str(corpus_path), out=str(out), steps=2, overwrite=True, **SMALL)
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # the old run's log is gone
+
+
+# --------------------------------------------------------------------------- exact resume
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, corpus_path: Path) -> None:
+    """Run A trains 2N steps straight. Run B is the same command with frequent saves,
+    SIGKILLed mid-run, then resumed: its final weights, optimizer state and every logged
+    loss must equal A's exactly. Once with dropout 0, once with dropout (RNG state)."""
+    steps = 160
+    variants = {"nodrop": [], "dropout": ["--dropout", "0.2"]}
+    runs: dict[str, subprocess.Popen] = {}
+    for name, extra in variants.items():
+        common = ["--steps", str(steps), "--eval-every", "40", *extra]
+        runs[f"A-{name}"] = popen(train_cmd(corpus_path, tmp_path / f"A-{name}", *common))
+        runs[f"B-{name}"] = popen(
+            train_cmd(corpus_path, tmp_path / f"B-{name}", *common, "--save-every", "20")
+        )
+
+    killed_at = {}
+    deadline = time.monotonic() + 180
+    pending = {f"B-{n}" for n in variants}
+    while pending and time.monotonic() < deadline:
+        for key in sorted(pending):
+            p = runs[key]
+            step = last_step(tmp_path / key)
+            if p.poll() is not None:
+                pytest.fail(f"{key} ended (rc {p.returncode}) before the kill; {p.stderr.read()[-2000:]}")
+            if step >= 45:  # past the checkpoints at 20 and 40, far from the end
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+                killed_at[key] = step
+                pending.discard(key)
+        time.sleep(0.005)
+    assert not pending, "run B never got past step 45"
+    for key in killed_at:
+        assert runs[key].returncode == -signal.SIGKILL
+        saved = json.loads((tmp_path / key / "trainer_state.json").read_text())["step"]
+        assert 20 <= saved < steps, (key, saved)
+
+    resumed = {
+        key: popen([sys.executable, "-m", "lmlab", "train", "--resume", str(tmp_path / key)])
+        for key in killed_at
+    }
+    for p in [*(v for k, v in runs.items() if k.startswith("A-")), *resumed.values()]:
+        finish(p)
+
+    for name in variants:
+        a, b = tmp_path / f"A-{name}", tmp_path / f"B-{name}"
+        wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not diff, f"{name}: weights differ after resume: {diff[:5]}"
+        sa = load_file(str(a / "training_state.safetensors"))
+        sb = load_file(str(b / "training_state.safetensors"))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        ra, rb = read_metrics(a), read_metrics(b)
+        assert [r["step"] for r in rb] == list(range(1, steps + 1))  # replayed steps logged once
+        assert [r["loss"] for r in rb] == [r["loss"] for r in ra]
+        assert [r.get("val_loss") for r in rb] == [r.get("val_loss") for r in ra]
+    # dropout really was on: the two variants trained differently
+    assert not torch.equal(
+        load_file(str(tmp_path / "A-nodrop" / "model.safetensors"))["tok_emb.weight"],
+        load_file(str(tmp_path / "A-dropout" / "model.safetensors"))["tok_emb.weight"],
+    )
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path: Path, corpus_path: Path) -> None:
+    out = tmp_path / "run"
+    p = popen(train_cmd(corpus_path, out, "--steps", "100000", "--save-every", "100000", "--eval-every", "7"))
+    deadline = time.monotonic() + 120
+    while last_step(out) < 10:
+        assert p.poll() is None, p.stderr.read()
+        assert time.monotonic() < deadline, "training never reached step 10"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = finish(p, timeout=60)
+    state = json.loads((out / "trainer_state.json").read_text())
+    n = state["step"]
+    assert 10 <= n < 100000
+    assert f"terminated: saved the checkpoint at step {n}" in err
+    assert last_step(out) == n  # the checkpoint is the step the log ended on
+    lmlab.load(out)  # a complete model
+
+    finish(popen([sys.executable, "-m", "lmlab", "train", "--resume", str(out), "--steps", str(n + 15)]))
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == n + 15
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, n + 16))
+
+
+# --------------------------------------------------------------------------- NaN
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, corpus_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    real_loss = Trainer._loss
+    poison_at = [7]
+
+    def poisoned(self, x, y, *args):  # the model's loss turns NaN during the 8th step
+        loss = real_loss(self, x, y, *args)
+        return loss * float("nan") if self.state["step"] == poison_at[0] else loss
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    with pytest.raises(
+        LmlabError, match=r"loss or its gradient became nan at step 8.*last good checkpoint \(step 6\)"
+    ):
+        lmlab.train(data=str(corpus_path), out=str(out), steps=20, save_every=3, eval_every=100, **SMALL)
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 6
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert lmlab.load(out).generate("All", max_new_tokens=3, temperature=0) is not None
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 8))
+
+    # After a resume, the checkpoint resumed from is the last good one until the next save.
+    poison_at[0] = 8
+    with pytest.raises(LmlabError, match=r"at step 9; .*last good checkpoint \(step 6\)"):
+        lmlab.train(resume=str(out), steps=20, save_every=5)
+
+
+def test_absurd_learning_rate_stops_with_a_clear_error(tmp_path: Path, corpus_path: Path) -> None:
+    """No patching: lr 1e30 without clipping really overflows the weights."""
+    opts = {**SMALL, "lr": 1e30, "grad_clip": 0.0, "warmup": 0}
+    with pytest.raises(LmlabError, match=r"the loss or its gradient became (nan|inf)") as e:
+        lmlab.train(data=str(corpus_path), out=str(tmp_path / "run"), steps=30, save_every=1, **opts)
+    assert "--lr" in str(e.value)
+    lmlab.load(tmp_path / "run")  # the last checkpoint before the blow-up is whole
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+# --------------------------------------------------------------------------- one step
+def test_gradient_accumulation_equals_the_full_batch(tmp_path: Path, corpus_path: Path) -> None:
+    """4 micro-batches of 2 must give the gradient of the mean loss over all 8 sequences:
+    ∇(1/4 Σ_k L_k) where each L_k is a mean over its 2·T tokens = ∇ of the mean over 8·T."""
+    opts = {**SMALL, "batch_size": 8, "grad_accum": 4, "grad_clip": 0.0}
+    cfg = TrainConfig(data=str(corpus_path), out=str(tmp_path / "run"), steps=5, **opts)
+    cfg.validate()
+    tr = Trainer(cfg)
+    tr.setup()
+    model = tr.model
+    grads: dict[str, torch.Tensor] = {}
+    tr.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    accum_loss = tr.train_step(3)
+    assert grads and all(p.grad is None for p in model.parameters())
+
+    # The reference: the same 8 windows as one batch, loss computed here from the logits.
+    T = cfg.max_seq_len
+    x, y = windows(tr.train_ids, sample_starts(len(tr.train_ids), T, 8, step_generator(cfg.seed, 3)), T)
+    logits, _ = model(x)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    ref.backward()
+    assert accum_loss == pytest.approx(ref.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)
+
+
+def test_lr_schedule_by_hand() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=100)
+    T = 2000  # warmup = min(100, T // 10) = 100
+    assert lr_at(0, cfg, T) == pytest.approx(1e-3 * 1 / 101)  # lr·(t+1)/(w+1)
+    assert lr_at(49, cfg, T) == pytest.approx(1e-3 * 50 / 101)
+    assert lr_at(99, cfg, T) == pytest.approx(1e-3 * 100 / 101)
+    assert lr_at(100, cfg, T) == pytest.approx(1e-3)  # cos(0) = 1: the peak
+    assert lr_at(1050, cfg, T) == pytest.approx(5.5e-4)  # halfway: min + ½(lr - min)
+    # min + ½(1 + cos(π·1899/1900))(lr - min), one step before the end
+    assert lr_at(1999, cfg, T) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 1899 / 1900)) * 9e-4)
+    assert lr_at(2000, cfg, T) == pytest.approx(1e-4)
+    assert lr_at(5000, cfg, T) == pytest.approx(1e-4)
+    after = [lr_at(t, cfg, T) for t in range(100, 2001)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    # min_lr defaults to lr/10; a short run caps the warmup at a tenth of its steps
+    short = TrainConfig(lr=2e-3, warmup=100)
+    assert lr_at(50, short, 50) == pytest.approx(2e-4)
+    assert lr_at(0, short, 50) == pytest.approx(2e-3 / 6)  # w = 50 // 10 = 5
+    assert lr_at(5, short, 50) == pytest.approx(2e-3)
+
+
+# --------------------------------------------------------------------------- time budgets
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("5m", 300), ("1.5h", 5400), ("300", 300), (" 2m ", 120), (45, 45)]
+)
+def test_parse_duration(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5 minutes", "soon", "", "-5s", "1d", "m"])
+def test_parse_duration_rejects_nonsense(text) -> None:
+    with pytest.raises(LmlabError, match="is not a duration"):
+        parse_duration(text)
+    with pytest.raises(LmlabError, match="is not a duration"):
+        TrainConfig(out="x", time=text).validate()
+
+
+def test_time_budget_run_stops_near_the_budget(tmp_path: Path, corpus_path: Path) -> None:
+    out = tmp_path / "run"
+    res = lmlab.train(data=str(corpus_path), out=str(out), time="2s", eval_every=1000, **SMALL)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["step"] == res.step == state["max_steps"]  # the step count was fixed mid-run
+    assert len(read_metrics(out)) == res.step
+    assert 0.5 < state["elapsed"] < 20  # loosely: it neither stopped at once nor ran away
+
+
+# --------------------------------------------------------------------------- overfitting
+def _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, values: list[float]) -> str:
+    seq = iter(values)
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(seq))
+    lmlab.train(data=str(corpus_path), out=str(tmp_path / "run"), steps=30, eval_every=10, **SMALL)
+    return capsys.readouterr().err
+
+
+def test_overfitting_warning_when_val_rises_and_train_falls(
+    tmp_path, corpus_path, monkeypatch, capsys
+) -> None:
+    err = _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, [2.0, 2.5, 3.0])
+    assert err.count("validation loss rose while training loss fell") == 1  # once, not every eval
+    rows = read_metrics(tmp_path / "run")
+    assert rows[19]["loss"] < rows[9]["loss"]  # the premise: training loss did fall
+
+
+def test_no_overfitting_warning_when_val_falls(tmp_path, corpus_path, monkeypatch, capsys) -> None:
+    err = _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, [3.0, 2.5, 2.0])
+    assert "validation loss rose" not in err
