@@ -7,7 +7,7 @@ The shape of char-rnn's Shakespeare model: 2 LSTM layers of 512 units, sequences
 cross-entropy, backward, gradient-norm check and clipping, AdamW. The plain side is
 what one writes by hand: ``nn.Embedding`` -> ``nn.LSTM`` -> ``nn.Linear`` with the same
 sizes and weights, the same AdamW (``foreach=True``), the same clipping. Both run in
-one process, alternating rounds so that machine drift hits both alike.
+one process, alternating rounds (ABBA) so that machine drift hits both alike.
 
     .venv/bin/python benchmarks/rnn_throughput.py                 # 8 rounds of 2 steps, 2 threads
     .venv/bin/python benchmarks/rnn_throughput.py --rounds 20 --steps 1 --threads 1
@@ -133,7 +133,8 @@ def main() -> int:
         fn()
         fn()
     for r in range(a.rounds):
-        for k, fn in sides.items():
+        order = list(sides.items()) if r % 2 == 0 else list(sides.items())[::-1]  # ABBA: no side always first
+        for k, fn in order:
             for _ in range(a.steps):
                 t0 = time.perf_counter()
                 losses[k].append(fn())

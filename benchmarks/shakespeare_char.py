@@ -25,9 +25,25 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinysha
 # --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000
 # --lr_decay_iters=2000 --dropout=0.0 (learning_rate 1e-3, min_lr 1e-4, beta2 0.99, warmup 100)
 NANOGPT = dict(
-    n_layer=4, n_head=4, d_model=128, max_seq_len=64, pos="learned", norm="layernorm", mlp="gelu",
-    bias=False, tie_embeddings=True, dropout=0.0, batch_size=12, steps=2000, lr=1e-3, min_lr=1e-4,
-    warmup=100, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    n_layer=4,
+    n_head=4,
+    d_model=128,
+    max_seq_len=64,
+    pos="learned",
+    norm="layernorm",
+    mlp="gelu",
+    bias=False,
+    tie_embeddings=True,
+    dropout=0.0,
+    batch_size=12,
+    steps=2000,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup=100,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,
 )
 # lmlab's default recipe for this budget (what `lmlab train` uses; see README).
 LMLAB = dict(batch_size=12, steps=2000, max_seq_len=64)
@@ -37,8 +53,16 @@ def run(name: str, recipe: dict, seed: int, out_root: Path) -> dict:
     out = out_root / name
     t0 = time.perf_counter()
     res = lmlab.train(
-        data=str(DATA), out=str(out), tokenizer="char", seed=seed, eval_every=10**9, eval_batches=200,
-        save_every=10**9, progress=False, overwrite=True, **recipe,
+        data=str(DATA),
+        out=str(out),
+        tokenizer="char",
+        seed=seed,
+        eval_every=10**9,
+        eval_batches=200,
+        save_every=10**9,
+        progress=False,
+        overwrite=True,
+        **recipe,
     )
     wall = time.perf_counter() - t0
     return {"recipe": name, "val_loss": res.val_loss, "wall_s": wall, "settings": recipe}
@@ -60,8 +84,9 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if a.recipe in ("both", "nanogpt"):
-            results.append(run("nanogpt", {**NANOGPT, **(overrides if a.recipe == "nanogpt" else {})},
-                               a.seed, Path(tmp)))
+            results.append(
+                run("nanogpt", {**NANOGPT, **(overrides if a.recipe == "nanogpt" else {})}, a.seed, Path(tmp))
+            )
             print(json.dumps(results[-1]), flush=True)
         if a.recipe in ("both", "lmlab"):
             results.append(run("lmlab", {**LMLAB, **overrides}, a.seed, Path(tmp)))

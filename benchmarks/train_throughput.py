@@ -31,10 +31,21 @@ SHAPES = {
 
 def lmlab_model(s: dict) -> Transformer:
     cfg = TransformerConfig(
-        vocab_size=s["vocab"], n_layer=s["n_layer"], n_head=s["n_head"], d_model=s["d_model"],
-        max_seq_len=max(s["ctx"], 1024 if s["vocab"] > 1000 else s["ctx"]), pos="learned",
-        norm="layernorm", norm_bias=True, activation="gelu_tanh", gated_mlp=False, qkv_bias=True,
-        proj_bias=True, mlp_bias=True, tie_embeddings=True, dropout=0.0,
+        vocab_size=s["vocab"],
+        n_layer=s["n_layer"],
+        n_head=s["n_head"],
+        d_model=s["d_model"],
+        max_seq_len=max(s["ctx"], 1024 if s["vocab"] > 1000 else s["ctx"]),
+        pos="learned",
+        norm="layernorm",
+        norm_bias=True,
+        activation="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        proj_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        dropout=0.0,
     )
     return Transformer(cfg)
 
@@ -43,9 +54,15 @@ def hf_model(s: dict):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=s["vocab"], n_positions=max(s["ctx"], 1024 if s["vocab"] > 1000 else s["ctx"]),
-        n_embd=s["d_model"], n_layer=s["n_layer"], n_head=s["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, use_cache=False,
+        vocab_size=s["vocab"],
+        n_positions=max(s["ctx"], 1024 if s["vocab"] > 1000 else s["ctx"]),
+        n_embd=s["d_model"],
+        n_layer=s["n_layer"],
+        n_head=s["n_head"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
     )
     m = GPT2LMHeadModel(cfg)
     m.config._attn_implementation = "sdpa"
@@ -55,8 +72,9 @@ def hf_model(s: dict):
 class Side:
     def __init__(self, name: str, model: torch.nn.Module, hf: bool, precision: str = "fp32") -> None:
         self.name, self.model, self.hf, self.precision = name, model.train(), hf, precision
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1,
-                                     foreach=True)
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1, foreach=True
+        )
         self.time = 0.0
         self.tokens = 0
         self.losses: list[float] = []
@@ -93,7 +111,9 @@ def compare(shape: str, rounds: int, sides: list[Side], s: dict) -> None:
     base = sides[0]
     print(f"\n[{shape}] {s}")
     for side in sides:
-        print(f"  {side.name:22s} {side.tok_s:10,.0f} tokens/s   ratio vs {base.name}: {side.tok_s / base.tok_s:.2f}x")
+        print(
+            f"  {side.name:22s} {side.tok_s:10,.0f} tokens/s   ratio vs {base.name}: {side.tok_s / base.tok_s:.2f}x"
+        )
 
 
 def main() -> int:
@@ -123,8 +143,10 @@ def main() -> int:
         if name == "gpt2":
             fp32, bf16 = sides[1].losses, sides[2].losses
             diff = max(abs(p - q) for p, q in zip(fp32, bf16))
-            print(f"  bf16 vs fp32 loss curve ({len(fp32)} steps, same init and batches): "
-                  f"max |difference| {diff:.4f} (fp32 from {fp32[0]:.3f} to {fp32[-1]:.3f})")
+            print(
+                f"  bf16 vs fp32 loss curve ({len(fp32)} steps, same init and batches): "
+                f"max |difference| {diff:.4f} (fp32 from {fp32[0]:.3f} to {fp32[-1]:.3f})"
+            )
     return 0
 
 

@@ -75,50 +75,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (20)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (500)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings")
+    g.add_argument(
+        "--init",
+        metavar="SOURCE",
+        help="fine-tune: start from an lmlab checkpoint, a Hugging Face folder or a Hub id (and its tokenizer)",
+    )
+    _pickle_flag(g)
     g.add_argument("--overwrite", action="store_true", default=None, help="replace a checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
-TRAIN_KEYS = [
-    "data",
-    "out",
-    "tokenizer",
-    "vocab_size",
-    "encoding_errors",
-    "val_fraction",
-    "model",
-    "n_layer",
-    "n_head",
-    "n_kv_head",
-    "d_model",
-    "max_seq_len",
-    "pos",
-    "norm",
-    "mlp",
-    "bias",
-    "tie_embeddings",
-    "dropout",
-    "hidden_size",
-    "stateful",
-    "steps",
-    "time",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "min_lr",
-    "warmup",
-    "weight_decay",
-    "grad_clip",
-    "seed",
-    "precision",
-    "device",
-    "eval_every",
-    "eval_batches",
-    "save_every",
-    "resume",
-    "overwrite",
-    "progress",
-]
+def _train_keys() -> list[str]:
+    """Every TrainConfig field is a flag of `lmlab train` (in kebab-case)."""
+    import dataclasses
+
+    from lmlab.train import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> int:
     from lmlab.train import train
 
-    opts = {k: getattr(a, k) for k in TRAIN_KEYS if getattr(a, k, None) is not None}
+    opts = {k: getattr(a, k) for k in _train_keys() if getattr(a, k, None) is not None}
     if "out" not in opts and "resume" not in opts:
         raise LmlabError("give --out DIR (where to write the model), or --resume DIR")
     res = train(**opts)

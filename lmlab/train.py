@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +86,10 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     resume: str | None = None
+    init: str | None = None  # fine-tune from an lmlab checkpoint, a HF folder or a Hub id
+    allow_pickle: bool = False  # with --init: accept a pickle .bin checkpoint (weights_only)
     overwrite: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -229,6 +230,12 @@ class Trainer:
             mcfg, tensors, self.tok, self.gen_cfg = read_checkpoint(cfg.resume)
             self.state.update(read_json(Path(cfg.resume) / "trainer_state.json", "trainer state"))
             self.state["saved_step"] = self.state["step"]  # the checkpoint resumed from
+        elif cfg.init is not None:  # fine-tune: an lmlab checkpoint, a HF folder or Hub id
+            from lmlab.api import load
+
+            source = load(cfg.init, dtype="float32", allow_pickle=cfg.allow_pickle)
+            self.tok, mcfg, self.gen_cfg = source.tokenizer, source.config, dict(source.generation_config)
+            log(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
         else:
             self.tok = self._make_tokenizer()
             mcfg = cfg.model_config(self.tok.get_vocab_size())
@@ -236,14 +243,20 @@ class Trainer:
                 "eos_token_id": self.tok.token_to_id(EOT),
                 "bos_token_id": self.tok.token_to_id(EOT),
             }
-        self.model = build_model(mcfg)
+        if cfg.init is not None and not resuming:
+            self.model = source.module.train()
+        else:
+            self.model = build_model(mcfg)
         if resuming:
             load_weights(self.model, tensors, cfg.resume)
         self.model.to(self.device)
+        # The training window: the model's context, or with --init the shorter of
+        # --max-seq-len and the imported model's context (a 1024-token window is slow on a CPU).
+        self.seq_len = min(cfg.max_seq_len, mcfg.max_seq_len) if cfg.init else mcfg.max_seq_len
 
         corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
-        self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, mcfg.max_seq_len)
-        if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < mcfg.max_seq_len:
+        self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, self.seq_len)
+        if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < self.seq_len:
             raise LmlabError(
                 f"--stateful reads the {len(self.train_ids):,} training tokens as --batch-size "
                 f"{cfg.batch_size} parallel streams, each shorter than one window of --max-seq-len "
@@ -270,11 +283,11 @@ class Trainer:
         self.val_starts = (
             sample_starts(
                 len(self.val_ids),
-                mcfg.max_seq_len,
+                self.seq_len,
                 cfg.eval_batches * cfg.batch_size,
                 step_generator(cfg.seed, 0, stream=1),
             )
-            if len(self.val_ids) > mcfg.max_seq_len
+            if len(self.val_ids) > self.seq_len
             else None
         )
 
@@ -379,7 +392,7 @@ class Trainer:
 
     def train_step(self, step: int) -> float:
         cfg = self.cfg
-        T = self.model.config.max_seq_len
+        T = self.seq_len
         if cfg.stateful:
             starts = self._stream_starts(step)
         else:
@@ -416,7 +429,7 @@ class Trainer:
         the step (resume needs nothing else); each pass over the streams starts from a
         zero state. Resuming also restarts from zeros (the state is not checkpointed).
         """
-        B, T = self.cfg.batch_size, self.model.config.max_seq_len
+        B, T = self.cfg.batch_size, self.seq_len
         L = (len(self.train_ids) - 1) // B  # tokens per stream (+1 for the last target)
         k = step % (L // T)  # the window within the stream
         if k == 0:
@@ -428,7 +441,7 @@ class Trainer:
         if self.val_starts is None:
             return None
         self.model.eval()
-        T = self.model.config.max_seq_len
+        T = self.seq_len
         losses = []
         for chunk in self.val_starts.split(self.cfg.batch_size):
             x, y = windows(self.val_ids, chunk, T)
@@ -442,7 +455,7 @@ class Trainer:
         metrics_path = self.run.root / "metrics.jsonl"
         _truncate_metrics(metrics_path, self.state["step"])
         mfile = open(metrics_path, "a", encoding="utf-8")
-        tokens_per_step = cfg.batch_size * self.model.config.max_seq_len
+        tokens_per_step = cfg.batch_size * self.seq_len
         prev_handlers = _install_signal_handlers(self)
         start_step = self.state["step"]
         t_start = time.perf_counter()

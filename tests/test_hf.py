@@ -440,3 +440,35 @@ def test_imported_model_saved_by_lmlab_exports_to_its_family(hf_model, tmp_path)
     ids = torch.randint(0, ref_model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(_hf_logits(back, ids), _hf_logits(ref_model, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fine_tune_with_init_lowers_the_loss_and_resumes(name, hf_model, tmp_path):
+    """`lmlab train --init HF_DIR`: the imported model and its tokenizer, the usual Trainer."""
+    from lmlab.evaluate import evaluate_corpus
+
+    folder, _ = hf_model(name)
+    data = tmp_path / "fine_tune.txt"
+    data.write_text(TEXT * 4, encoding="utf-8")
+    before = evaluate_corpus(lmlab.load(folder), data)["loss"]
+    out = tmp_path / "ft"
+    opts = dict(
+        data=str(data),
+        out=str(out),
+        batch_size=4,
+        max_seq_len=32,
+        lr=3e-3,
+        warmup=5,
+        eval_every=10,
+        save_every=10,
+        progress=False,
+    )
+    lmlab.train(init=str(folder), steps=30, **opts)
+    after = evaluate_corpus(lmlab.load(out), data)["loss"]
+    assert after < before - 0.5, (before, after)
+    # The checkpoint keeps the imported tokenizer and resumes like any other.
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads(
+        (folder / "tokenizer.json").read_text()
+    )
+    res = lmlab.train(resume=str(out), steps=40, progress=False)
+    assert res.step == 40

@@ -1,0 +1,147 @@
+"""The decoding options, their defaults and their checks (names follow Hugging Face ``generate``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+
+@dataclass
+class GenerationConfig:
+    """Every option of :func:`lmlab.generate.generate`; ``None`` or the neutral value turns one off."""
+
+    max_new_tokens: int = 200
+    min_new_tokens: int = 0  # EOS is forbidden before this many new tokens (stop strings still apply)
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float = 1.0  # Hugging Face: divide positive logits, multiply negative ones
+    presence_penalty: float = 0.0  # OpenAI: z_j - presence·[c_j > 0] - frequency·c_j
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    bad_words: list[str] = field(default_factory=list)  # strings, tokenized with the model's tokenizer
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token id sequences (Hugging Face)
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never" (Hugging Face)
+    num_return_sequences: int = 1
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; n: the chosen token's and the n best alternatives'
+    seed: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        elif self.eos_token_id is None:
+            self.eos_token_id = []
+        for name in ("stop", "bad_words"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+            elif getattr(self, name) is None:
+                setattr(self, name, [])
+        self.eos_token_id = [int(i) for i in self.eos_token_id]
+        self.stop, self.bad_words = list(self.stop), list(self.bad_words)
+        self.bad_words_ids = [list(map(int, seq)) for seq in (self.bad_words_ids or [])]
+        if isinstance(self.early_stopping, str) and self.early_stopping.lower() in ("true", "false"):
+            self.early_stopping = self.early_stopping.lower() == "true"
+        self.validate()
+
+    def validate(self) -> None:
+        """One line per mistake, naming the option and its allowed range."""
+        if self.max_new_tokens is None or self.max_new_tokens < 0:
+            raise LmlabError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
+        if self.min_new_tokens is None or self.min_new_tokens < 0:
+            raise LmlabError(f"min_new_tokens must be >= 0 (got {self.min_new_tokens})")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise LmlabError(
+                f"min_new_tokens ({self.min_new_tokens}) is larger than max_new_tokens "
+                f"({self.max_new_tokens}); lower it or raise max_new_tokens"
+            )
+        if self.temperature is None or not self.temperature >= 0:
+            raise LmlabError(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy")
+        if self.top_k is not None and self.top_k < 0:
+            raise LmlabError(f"top_k must be >= 0 (got {self.top_k}); 0 turns it off")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise LmlabError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.min_p is not None and not (0.0 <= self.min_p <= 1.0):
+            raise LmlabError(f"min_p must be in [0, 1] (got {self.min_p})")
+        if self.typical_p is not None and not (0.0 < self.typical_p <= 1.0):
+            raise LmlabError(f"typical_p must be in (0, 1] (got {self.typical_p}); 1 turns it off")
+        if not self.repetition_penalty > 0:
+            raise LmlabError(
+                f"repetition_penalty must be > 0 (got {self.repetition_penalty}); 1 turns it off"
+            )
+        for name in ("presence_penalty", "frequency_penalty", "length_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise LmlabError(f"{name} must be a finite number (got {getattr(self, name)})")
+        if self.no_repeat_ngram_size < 0:
+            raise LmlabError(
+                f"no_repeat_ngram_size must be >= 0 (got {self.no_repeat_ngram_size}); 0 turns it off"
+            )
+        if self.num_beams is None or self.num_beams < 1:
+            raise LmlabError(f"num_beams must be >= 1 (got {self.num_beams}); 1 means no beam search")
+        if self.early_stopping not in (True, False, "never"):
+            raise LmlabError(f"early_stopping must be true, false or 'never' (got {self.early_stopping!r})")
+        n = self.num_return_sequences
+        if n is None or n < 1:
+            raise LmlabError(f"num_return_sequences must be >= 1 (got {n})")
+        if self.num_beams > 1 and n > self.num_beams:
+            raise LmlabError(f"num_return_sequences ({n}) must be <= num_beams ({self.num_beams})")
+        if self.num_beams == 1 and n > 1 and self.greedy:
+            raise LmlabError(
+                f"num_return_sequences={n} with greedy decoding would return {n} copies of one text; "
+                "sample (temperature > 0) or use num_beams >= num_return_sequences"
+            )
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise LmlabError("a stop string is empty (or not a string); give non-empty strings to stop at")
+        if any(not isinstance(w, str) or w == "" for w in self.bad_words):
+            raise LmlabError("a bad word is empty (or not a string); give the non-empty strings to forbid")
+        if any(len(seq) == 0 or min(seq) < 0 for seq in self.bad_words_ids):
+            raise LmlabError("bad_words_ids must be non-empty lists of token ids >= 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise LmlabError(
+                f"logprobs must be >= 0 (got {self.logprobs}): the number of alternatives per token"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def beam_search(self) -> bool:
+        return self.num_beams > 1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> GenerationConfig:
+        """Defaults <- a checkpoint's generation_config.json <- explicit options.
+
+        Hugging Face names that differ from ours are mapped (``stop_strings`` -> ``stop``);
+        ``do_sample=False`` (stored or given) means greedy unless a temperature is given.
+        """
+        names = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "stop_strings" in d and "stop" not in d:
+            d["stop"] = d["stop_strings"]
+        overrides = dict(overrides)
+        do_sample = overrides.pop("do_sample", None)
+        if do_sample is None:
+            do_sample = d.get("do_sample")
+        merged = {k: v for k, v in d.items() if k in names and v is not None}
+        if do_sample is False and overrides.get("temperature") is None:
+            merged["temperature"] = 0.0  # Hugging Face: do_sample=False means greedy
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise LmlabError(
+                f"unknown generation option {unknown[0]!r}; the options are: {', '.join(sorted(names))}"
+            )
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
