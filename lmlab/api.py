@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from lmlab.checkpoint import is_lmlab_checkpoint, load_weights, read_checkpoint, write_checkpoint
 from lmlab.errors import LmlabError
-from lmlab.generate import GenerationConfig, IncrementalDecoder, generate_tokens
+from lmlab.generate import GenerationConfig, GenerationResult, generate_stream
 from lmlab.models import build_model
 from lmlab.models.base import LanguageModel
 from lmlab.tokenizer import UnknownCharWarner
@@ -89,37 +89,56 @@ class Model:
 
     # --------------------------------------------------------------- generation
     def generate_ids(self, prompt: str, **options: Any) -> list[int]:
-        """The new token ids (the continuation only)."""
-        cfg = self._gen_config(**options)
-        return list(generate_tokens(self.module, self.encode(prompt), cfg))
+        """The new token ids (the continuation only; the first sequence)."""
+        result = self.generate(prompt, return_details=True, **options)
+        return (result[0] if isinstance(result, list) else result).token_ids
 
-    def generate(self, prompt: str | list[str], **options: Any) -> str | list[str]:
-        """The continuation of ``prompt`` (str -> str, list[str] -> list[str]).
+    def generate(
+        self, prompt: str | list[str], *, return_details: bool = False, **options: Any
+    ) -> str | list[str] | GenerationResult | list[Any]:
+        """The continuation of ``prompt``: str -> str, list[str] -> list[str] (a batch, left-padded;
+        each row as if alone). With ``num_return_sequences`` > 1, a list per prompt; with
+        ``return_details=True``, :class:`~lmlab.generate.GenerationResult` objects (token ids,
+        text, finish_reason, logprobs) instead of strings.
 
-        Options: max_new_tokens, temperature (0 = greedy), top_k, top_p, seed.
+        Options (Hugging Face names): max_new_tokens, min_new_tokens, temperature (0 = greedy),
+        top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
+        no_repeat_ngram_size, bad_words, num_beams, length_penalty, early_stopping,
+        num_return_sequences, stop, logprobs, seed, eos_token_id.
         """
-        if isinstance(prompt, list):
-            return [self.generate(p, **options) for p in prompt]
-        if not isinstance(prompt, str):
+        single = isinstance(prompt, str)
+        if not single and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
             raise LmlabError(f"prompt must be a str or a list of str, not {type(prompt).__name__}")
-        return self.decode(self.generate_ids(prompt, **options))
+        prompts = [prompt] if single else prompt
+        cfg = self._gen_config(**options)
+        if not prompts:
+            return []
+        n = cfg.num_return_sequences
+        results: list[Any] = [None] * (len(prompts) * n)
+        for i, _, res in generate_stream(self.module, self.tokenizer, [self.encode(p) for p in prompts], cfg):
+            if res is not None:
+                results[i] = res
+        out = results if return_details else [r.text for r in results]
+        per_prompt = [out[i * n : (i + 1) * n] for i in range(len(prompts))] if n > 1 else out
+        return per_prompt[0] if single else per_prompt
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``."""
+        """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``.
+
+        A delta never shows an incomplete UTF-8 character or text a stop string later takes
+        back. Beam search yields its best sequence whole, at the end.
+        """
         if not isinstance(prompt, str):
             raise LmlabError(
                 f"stream takes one prompt (a str), not {type(prompt).__name__}; "
                 "for several prompts call generate with a list"
             )
         cfg = self._gen_config(**options)
-        dec = IncrementalDecoder(self.tokenizer)
-        for tid in generate_tokens(self.module, self.encode(prompt), cfg):
-            delta = dec.push(tid)
+        if cfg.num_return_sequences > 1:
+            raise LmlabError("stream gives one sequence; for num_return_sequences > 1 call generate")
+        for _, delta, _ in generate_stream(self.module, self.tokenizer, [self.encode(prompt)], cfg):
             if delta:
                 yield delta
-        tail = dec.finish()
-        if tail:
-            yield tail
 
     # --------------------------------------------------------------- scoring
     @torch.inference_mode()

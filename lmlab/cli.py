@@ -83,6 +83,42 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _pickle_flag(g)
     g.add_argument("--overwrite", action="store_true", default=None, help="replace a checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    g = p.add_argument_group("several processes")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N local processes with PyTorch DDP: runs `torchrun --standalone "
+        "--nproc-per-node N -m lmlab train ...` (for several machines, call torchrun yourself)",
+    )
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a text file, a folder, a glob, or 'builtin'")
+    p.add_argument("--out", required=True, help="folder for one run per model, report.md and its charts")
+    p.add_argument("--models", default="rnn,gru,lstm,gpt", help="comma-separated (default rnn,gru,lstm,gpt)")
+    p.add_argument("--time", help="training time per model, e.g. 5m (default 5m)")
+    p.add_argument("--tokens", type=int, help="or a budget of training tokens per model (steps x batch x window)")
+    p.add_argument("--tokenizer", default="char", help="char (default), bpe, or a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (4096)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--params", type=int, help="target parameter count (default: the default gpt's)")
+    p.add_argument(
+        "--model-args",
+        action="append",
+        metavar="MODEL:K=V,...",
+        help="one model's settings, e.g. lstm:hidden_size=512,n_layer=2 (repeatable)",
+    )
+    p.add_argument("--max-seq-len", type=int, default=64, help="the window, for every model (64)")
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per step, for every model (12)")
+    p.add_argument("--eval-every", type=int, help="steps between validation evaluations")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation (20)")
+    p.add_argument("--encoding-errors", choices=["strict", "replace", "ignore"], default="strict")
+    p.add_argument("--prompt", help="the prompt of the samples (default: the corpus's first line)")
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens per sample and speed test (200)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _train_keys() -> list[str]:
@@ -98,13 +134,74 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (200)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many tokens (0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus: the smallest set with this mass, in (0, 1]"
+    )
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    p.add_argument("--typical-p", type=float, default=None, help="locally typical sampling mass, in (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages seen tokens (1)")
+    p.add_argument(
+        "--presence-penalty", type=float, default=None, help="OpenAI: minus this once a token appeared"
+    )
+    p.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI: minus this per occurrence")
+    p.add_argument(
+        "--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size"
+    )
+    p.add_argument("--bad-words", nargs="+", default=None, metavar="TEXT", help="strings never to generate")
+    p.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (1: none)")
+    p.add_argument(
+        "--length-penalty", type=float, default=None, help="beam score = sum log p / length^this (1)"
+    )
+    p.add_argument(
+        "--early-stopping",
+        choices=["true", "false", "never"],
+        default=None,
+        help="beam search: stop when num-beams have finished (true), by heuristic (false), or never",
+    )
+    p.add_argument("--num-return-sequences", type=int, default=None, help="sequences per prompt (1)")
+    p.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)"
+    )
+    p.add_argument(
+        "--eos-token-id", type=int, nargs="+", default=None, help="token id(s) that end a sequence"
+    )
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument(
+        "--logprobs", type=int, default=None, metavar="N", help="with --json: log-probs and N alternatives"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per sequence (text, tokens, finish reason)"
+    )
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print at the end")
     _pickle_flag(p)
+
+
+GENERATION_KEYS = [
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "no_repeat_ngram_size",
+    "bad_words",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "num_return_sequences",
+    "stop",
+    "eos_token_id",
+    "seed",
+    "logprobs",
+]
 
 
 def _pickle_flag(p: argparse.ArgumentParser) -> None:
@@ -148,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, parameters, tokenizer and training state")
     p.add_argument("checkpoint")
 
+    p = sub.add_parser("compare", help="train several models on the same text and budget; write a report")
+    add_compare_args(p)
+
     p = sub.add_parser("export", help="write a model as a Hugging Face transformers folder")
     p.add_argument("checkpoint", help="an lmlab checkpoint, a Hugging Face folder or a Hub id")
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: transformers (the only format)")
@@ -164,8 +264,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     opts = {k: getattr(a, k) for k in _train_keys() if getattr(a, k, None) is not None}
     if "out" not in opts and "resume" not in opts:
         raise LmlabError("give --out DIR (where to write the model), or --resume DIR")
+    if getattr(a, "nproc", None) is not None:  # relaunch this command under torchrun
+        from lmlab.distributed import launch, train_argv
+
+        sub = next(x for x in build_parser()._actions if isinstance(x, argparse._SubParsersAction))
+        rc = launch(train_argv(opts, sub.choices["train"]), a.nproc, debug=a.debug)
+        if rc >= 128:  # stopped by a signal we passed on: the workers saved and said so
+            return rc
+        if rc != 0:
+            out = opts.get("out") or opts["resume"]
+            raise LmlabError(
+                f"the {a.nproc}-process run failed (torchrun exit status {rc}; the reason is above); "
+                f"a checkpoint in {out}, if any, is whole: continue with `lmlab train --resume {out} "
+                f"--nproc {a.nproc}`"
+            )
+        return 0
     res = train(**opts)
-    _report_train(res)
+    from lmlab import distributed
+
+    if distributed.is_main():  # under torchrun, rank 0 reports for the job
+        _report_train(res)
     return 0
 
 
@@ -184,10 +302,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import lmlab
 
     model = lmlab.load(a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle)
-    opts = dict(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
-    )
+    opts = {k: getattr(a, k) for k in GENERATION_KEYS if getattr(a, k, None) is not None}
+    if "early_stopping" in opts and opts["early_stopping"] != "never":
+        opts["early_stopping"] = opts["early_stopping"] == "true"
     out = sys.stdout
+    if a.json or a.logprobs is not None or (a.num_return_sequences or 1) > 1:
+        return _print_results(model.generate(a.prompt, return_details=True, **opts), as_json=a.json)
     if a.stream:
         for delta in model.stream(a.prompt, **opts):
             out.write(delta)
@@ -196,6 +316,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
         out.write(model.generate(a.prompt, **opts))
     out.write("\n")
     out.flush()
+    return 0
+
+
+def _print_results(results, as_json: bool) -> int:
+    """Several sequences, or details: one JSON object per line with --json, else each text
+    after a ``--- i/n ---`` line."""
+    import dataclasses
+
+    results = results if isinstance(results, list) else [results]
+    for i, r in enumerate(results, 1):
+        if as_json:
+            print(json.dumps(dataclasses.asdict(r), ensure_ascii=False))
+        else:
+            if len(results) > 1:
+                print(f"--- {i}/{len(results)} ---")
+            print(r.text)
+    sys.stdout.flush()
     return 0
 
 
@@ -243,6 +380,17 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from lmlab.compare import compare
+
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "debug")}
+    res = compare(**opts)
+    print(f"lmlab: compared {', '.join(r.name for r in res.runs)}", file=sys.stderr)
+    print(f"lmlab: report: {res.report}  (charts: {', '.join(c.name for c in res.charts)})", file=sys.stderr)
+    print(f"lmlab: runs:   {', '.join(r.folder + '/' for r in res.runs)}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from lmlab.hf import export_hf
 
@@ -254,6 +402,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "compare": cmd_compare,
     "export": cmd_export,
     "train": cmd_train,
     "generate": cmd_generate,
@@ -261,6 +410,18 @@ COMMANDS = {
     "info": cmd_info,
     "quickstart": cmd_quickstart,
 }
+
+
+def _rank_tag(e: LmlabError) -> str | None:
+    """Under torchrun, ranks > 0 tag their errors ("[rank 1] ") and stay silent about
+    the ones rank 0 passed on to them (it prints those itself); None: print nothing."""
+    if "torch" not in sys.modules:
+        return ""
+    from lmlab import distributed
+
+    if distributed.is_main():
+        return ""
+    return None if isinstance(e, distributed.PeerError) else f"[rank {distributed.rank()}] "
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmlabError as e:
         if a.debug:
             raise
-        print(f"lmlab: error: {e}", file=sys.stderr)
+        tag = _rank_tag(e)
+        if tag is not None:
+            print(f"lmlab: error: {tag}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)

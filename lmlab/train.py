@@ -9,12 +9,14 @@ gradient clipping, gradient accumulation and optional bf16 autocast.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from lmlab import distributed
 from lmlab.api import resolve_device
 from lmlab.checkpoint import RunDir, load_weights, read_checkpoint, read_json, unwrap, write_checkpoint
 from lmlab.config import RECURRENT, RNNConfig, TransformerConfig
@@ -119,6 +123,12 @@ class TrainConfig:
             self.batch_size % self.grad_accum == 0,
             f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}",
         )
+        world = distributed.env_world_size()  # under torchrun, each process takes an equal share
+        need(
+            self.batch_size % (world * self.grad_accum) == 0,
+            f"--batch-size {self.batch_size} (the global batch) is not divisible by {world} processes "
+            f"× --grad-accum {self.grad_accum}; give a multiple of {world * self.grad_accum}",
+        )
         need(self.steps is None or self.steps > 0, f"--steps must be positive (got {self.steps})")
         need(self.lr > 0, f"--lr must be positive (got {self.lr})")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
@@ -188,8 +198,14 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
 
 
+def _bar_log(bar: tqdm, msg: str) -> None:
+    if distributed.is_main():
+        bar.write(msg, file=sys.stderr)
+
+
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if distributed.is_main():  # under torchrun, rank 0 speaks for the job
+        print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -214,15 +230,35 @@ class Trainer:
         cfg = self.cfg
         self.run = RunDir(cfg.out)
         resuming = cfg.resume is not None
-        if not resuming and self.run.has_checkpoint():
+        # Under torchrun: join the process group (gloo on CPU, nccl on CUDA). Rank 0
+        # prepares the run first (--out, the tokenizer, the token cache, a download) while
+        # the others wait; then they do the same from its tokenizer and caches.
+        self.dist = distributed.setup(resolve_device(cfg.device))
+        self.device = self.dist.device
+        shared = {} if self.dist.is_main else self.dist.wait_for_main()
+        try:
+            mcfg, corpus = self._prepare(resuming, shared.get("tokenizer"))
+        except BaseException as e:
+            self.dist.release(error=str(e) if isinstance(e, LmlabError) else f"rank 0 failed: {e!r}")
+            raise
+        if self.dist.active:
+            self.dist.release(tokenizer=self.tok.to_str())
+        if self.dist.rank > 0:  # dropout: each rank its own stream (rank 0 keeps one process's)
+            torch.manual_seed(_rank_seed(cfg.seed, self.dist.rank))
+        self._setup_rest(mcfg, corpus, resuming)
+
+    def _prepare(self, resuming: bool, tokenizer: str | None) -> tuple[Any, Any]:
+        """Check --out; make or read the tokenizer and the model; tokenize the corpus."""
+        cfg = self.cfg
+        if self.dist.is_main and not resuming and self.run.has_checkpoint():
             if not cfg.overwrite:
                 raise LmlabError(
                     f"{cfg.out} already holds a checkpoint; continue it with `lmlab train --resume "
                     f"{cfg.out}` or start afresh with --overwrite"
                 )
             self.run.clear()
-        self.run.root.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(cfg.device)
+        if self.dist.is_main:
+            self.run.root.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
 
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}
@@ -237,7 +273,7 @@ class Trainer:
             self.tok, mcfg, self.gen_cfg = source.tokenizer, source.config, dict(source.generation_config)
             log(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
         else:
-            self.tok = self._make_tokenizer()
+            self.tok = Tokenizer.from_str(tokenizer) if tokenizer else self._make_tokenizer()
             mcfg = cfg.model_config(self.tok.get_vocab_size())
             self.gen_cfg = {
                 "eos_token_id": self.tok.token_to_id(EOT),
@@ -255,6 +291,10 @@ class Trainer:
         self.seq_len = min(cfg.max_seq_len, mcfg.max_seq_len) if cfg.init else mcfg.max_seq_len
 
         corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
+        return mcfg, corpus
+
+    def _setup_rest(self, mcfg: Any, corpus: Any, resuming: bool) -> None:
+        cfg = self.cfg
         self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, self.seq_len)
         if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < self.seq_len:
             raise LmlabError(
@@ -290,6 +330,42 @@ class Trainer:
             if len(self.val_ids) > self.seq_len
             else None
         )
+        self._setup_ddp()
+
+    def _setup_ddp(self) -> None:
+        """Say how the global batch is split; under torchrun, wrap the model in DDP."""
+        cfg = self.cfg
+        W, k = self.dist.world_size, cfg.grad_accum
+        if cfg.batch_size % (W * k):
+            raise LmlabError(
+                f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {W} processes "
+                f"× --grad-accum {k}; give a multiple of {W * k}"
+            )
+        if W > 1 or k > 1:  # B = W processes × k micro-steps × b sequences
+            log(
+                f"lmlab: batch {cfg.batch_size} sequences per step = {W} process{'es' if W > 1 else ''} "
+                f"× {k} micro-step{'s' if k > 1 else ''} × {cfg.batch_size // (W * k)} sequences"
+                + (f" (DDP, {self.dist.backend})" if self.dist.active else "")
+            )
+        if self.dist.active:
+            # DDP broadcasts rank 0's weights now and averages the gradients in backward.
+            # Buffers (RoPE tables) are computed, not learned: no need to sync them each step.
+            DDP = torch.nn.parallel.DistributedDataParallel
+            no_sync_buffers = (
+                {"forward_sync_buffers": False}  # torch >= 2.13's name
+                if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.model = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **no_sync_buffers,
+            )
+
+    def close(self) -> None:
+        """Leave the process group this Trainer joined (nothing outside torchrun)."""
+        if getattr(self, "dist", None) is not None:
+            self.dist.close()
 
     def _make_tokenizer(self):
         cfg = self.cfg
@@ -319,10 +395,14 @@ class Trainer:
     def _param_names(self) -> dict[int, str]:
         return {id(p): n for n, p in unwrap(self.model).named_parameters()}
 
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        """Optimizer moments by parameter name, and the RNG state: safetensors, no pickle."""
+    def _state_tensors(self, rank_rngs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Optimizer moments by parameter name, and the RNG state: safetensors, no pickle.
+        Under torchrun, ranks r > 0 store theirs as ``rng.torch_cpu.rank{r}``."""
         names = self._param_names()
         out: dict[str, torch.Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
+        for r, rng in enumerate(rank_rngs or []):
+            if r > 0:
+                out[f"rng.torch_cpu.rank{r}"] = rng
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 for k, v in self.optimizer.state.get(p, {}).items():
@@ -354,15 +434,26 @@ class Trainer:
                     sd["state"][idx] = st
                 idx += 1
         self.optimizer.load_state_dict(sd)
-        if "rng.torch_cpu" in t:
-            torch.set_rng_state(t["rng.torch_cpu"])
+        # Each rank its own RNG stream: the one it saved when the run had as many ranks
+        # (bit-identical resume), else a fresh one drawn from (seed, step, rank).
+        rank = self.dist.rank
+        key = "rng.torch_cpu" if rank == 0 else f"rng.torch_cpu.rank{rank}"
+        if key in t:
+            torch.set_rng_state(t[key])
+        elif rank > 0:
+            torch.manual_seed(_rank_seed(self.cfg.seed, rank, self.state["step"]))
 
     def save(self, best: bool = False) -> None:
+        """Every rank calls this (it gathers the RNG states); rank 0 alone writes."""
+        rank_rngs = self.dist.gather(torch.get_rng_state()) if self.dist.world_size > 1 else None
+        if not self.dist.is_main:
+            return
         step = self.state["step"]
         meta = {**self.state, "max_steps": self.max_steps, "train_config": self._stored_config()}
 
         def write(folder: Path) -> None:
-            write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, self._state_tensors())
+            tensors = self._state_tensors(rank_rngs)
+            write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, tensors)
 
         self.run.save(step, write, best=best)
 
@@ -398,12 +489,20 @@ class Trainer:
         else:
             starts = sample_starts(len(self.train_ids), T, cfg.batch_size, step_generator(cfg.seed, step))
         micro = starts.chunk(cfg.grad_accum)
+        W, rank = self.dist.world_size, self.dist.rank
         total = 0.0
         for i, m in enumerate(micro):
-            x, y = windows(self.train_ids, m, T)
-            loss = self._loss(x, y, i if cfg.stateful else None) / cfg.grad_accum  # mean over the batch
-            loss.backward()
+            # This rank's share of the micro-batch: rows [r·b, (r+1)·b) of its W·b windows.
+            x, y = windows(self.train_ids, m.view(W, -1)[rank], T)
+            # DDP averages the gradients over the ranks on the last micro-step only; before
+            # it, no_sync() lets each rank accumulate its own (one all-reduce per step).
+            last = i == len(micro) - 1
+            with nullcontext() if last or not self.dist.active else self.model.no_sync():
+                # L = (1/k) Σ_i mean(share i): k micro-batches of b = one batch of k·b
+                loss = self._loss(x, y, i if cfg.stateful else None) / cfg.grad_accum
+                loss.backward()
             total += loss.item()
+        total = self.dist.mean(total)  # the global batch's loss: (1/W) Σ_r L_r, the same on every rank
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return total
@@ -442,19 +541,23 @@ class Trainer:
             return None
         self.model.eval()
         T = self.seq_len
+        W, rank = self.dist.world_size, self.dist.rank
         losses = []
         for chunk in self.val_starts.split(self.cfg.batch_size):
-            x, y = windows(self.val_ids, chunk, T)
+            x, y = windows(self.val_ids, chunk.view(W, -1)[rank], T)  # this rank's share
             losses.append(self._loss(x, y).item())
         self.model.train()
-        return sum(losses) / len(losses)
+        # All-reduced over equal shares, the mean of the ranks' means is one process's value.
+        return self.dist.mean(sum(losses) / len(losses))
 
     # ----------------------------------------------------------------- loop
     def run_loop(self) -> TrainResult:
         cfg = self.cfg
         metrics_path = self.run.root / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.state["step"])
-        mfile = open(metrics_path, "a", encoding="utf-8")
+        main = self.dist.is_main  # rank 0 alone writes metrics.jsonl and draws the bar
+        if main:
+            _truncate_metrics(metrics_path, self.state["step"])
+        mfile = open(metrics_path, "a", encoding="utf-8") if main else None
         tokens_per_step = cfg.batch_size * self.seq_len
         prev_handlers = _install_signal_handlers(self)
         start_step = self.state["step"]
@@ -467,7 +570,7 @@ class Trainer:
             desc="train",
             unit="step",
             file=sys.stderr,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and main),
             dynamic_ncols=True,
             mininterval=0.5,
         )
@@ -491,6 +594,9 @@ class Trainer:
                         f"the last good checkpoint (step {self.state.get('saved_step', 'none')}) in {cfg.out} "
                         "is kept. Try a lower --lr, or --precision fp32"
                     )
+                if self.dist.active:  # a signal on any rank stops every rank after this step
+                    code = self.dist.max_int(_STOP_CODES.index(self.stop_reason))
+                    self.stop_reason = self.stop_reason or _STOP_CODES[code]
                 dt = time.perf_counter() - t0
                 step += 1
                 tok_s = tokens_per_step / dt if dt > 0 else 0.0
@@ -508,6 +614,8 @@ class Trainer:
                 }
                 if self.max_steps is None and self.time_budget is not None:
                     self._fix_steps_from_time(step, start_step, time.perf_counter() - t_start)
+                    if self.dist.active:  # rank 0's clock decides for all, or the ranks part ways
+                        self.max_steps = self.dist.broadcast(self.max_steps)
                     if self.max_steps is not None:
                         bar.total = self.max_steps
                         bar.refresh()
@@ -528,14 +636,15 @@ class Trainer:
                             and train_ema < prev_eval[1]
                         ):
                             warned_overfit = True
-                            bar.write(
+                            _bar_log(
+                                bar,
                                 "lmlab: warning: validation loss rose while training loss fell: the "
                                 "model may be overfitting (more data, --dropout, or fewer --steps help)",
-                                file=sys.stderr,
                             )
                         prev_eval = (last_val, train_ema)
-                mfile.write(json.dumps(row) + "\n")
-                mfile.flush()
+                if mfile is not None:
+                    mfile.write(json.dumps(row) + "\n")
+                    mfile.flush()
                 post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
                 if last_val is not None:
                     post["val"] = f"{last_val:.4f}"
@@ -545,21 +654,30 @@ class Trainer:
                     self.save(best=is_best)
                     self.state["saved_step"] = step
                 if self.stop_reason:
-                    bar.write(
-                        f"lmlab: {self.stop_reason}: saved the checkpoint at step {step}", file=sys.stderr
-                    )
+                    if main:
+                        bar.write(
+                            f"lmlab: {self.stop_reason}: saved the checkpoint at step {step}", file=sys.stderr
+                        )
                     break
+        except BaseException:
+            # A failing job under torchrun: its agent's SIGTERM must not cut the error
+            # message short, so the stop handler stays (the process ends right after).
+            if self.dist.active:
+                prev_handlers = {}
+            raise
         finally:
             bar.close()
-            mfile.close()
+            if mfile is not None:
+                mfile.close()
             _restore_signal_handlers(prev_handlers)
         png = None
-        try:
-            from lmlab.plots import plot_loss_curve
+        if main:
+            try:
+                from lmlab.plots import plot_loss_curve
 
-            png = plot_loss_curve(metrics_path, self.run.root / "loss.png", title=f"lmlab: {cfg.out}")
-        except Exception as e:  # a plot must never cost a training run
-            log(f"lmlab: warning: could not draw the loss curve ({e})")
+                png = plot_loss_curve(metrics_path, self.run.root / "loss.png", title=f"lmlab: {cfg.out}")
+            except Exception as e:  # a plot must never cost a training run
+                log(f"lmlab: warning: could not draw the loss curve ({e})")
         return TrainResult(
             out=self.run.root,
             step=step,
@@ -584,6 +702,11 @@ class Trainer:
         )
 
 
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed for rank r's own RNG stream (dropout), distinct per (seed, rank, step)."""
+    return (seed * 0x9E3779B1 + rank * 0x632BE5AB + step * 0x85EBCA77) % (1 << 62)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint (a killed run wrote them)."""
     if not path.exists():
@@ -597,6 +720,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
     path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+
+#: Why a run stops early, as a number all-reduced (max) so that every rank stops alike.
+_STOP_CODES = (None, "interrupted", "terminated")
 
 
 def _install_signal_handlers(trainer: Trainer) -> dict:
@@ -644,8 +771,19 @@ def train(**options: Any) -> TrainResult:
     if cfg.resume is not None and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
         raise LmlabError("--resume continues in its own folder; leave out --out, or give the same folder")
     trainer = Trainer(cfg)
-    trainer.setup()
-    return trainer.run_loop()
+    try:
+        trainer.setup()
+        return trainer.run_loop()
+    except Exception as e:
+        if isinstance(e, LmlabError) or not distributed.is_peer_failure(e):
+            raise
+        raise LmlabError(
+            f"another training process stopped or cannot be reached ({distributed.describe_failure(e)}); "
+            f"the whole job stops. The last checkpoint in {cfg.out} is whole: continue with "
+            f"`lmlab train --resume {cfg.out}` under torchrun or with --nproc N (any N)"
+        ) from None
+    finally:
+        trainer.close()
 
 
 def _stored_train_config(folder: str) -> dict[str, Any]:

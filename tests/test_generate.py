@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 import lmlab
 from lmlab.errors import LmlabError
 from lmlab.generate import (
+    Choice,
     GenerationConfig,
     IncrementalDecoder,
     apply_temperature,
@@ -310,10 +311,11 @@ def test_stream_of_split_chinese_characters(ckpt, monkeypatch):
         + _byte_tokens(tok, "乐".encode())[:2]
     )
 
-    def scripted(module, prompt_ids, cfg):
-        yield from script
+    def scripted(module, rows, cfg, seeds, penalties=None, should_stop=None):
+        for i, t in enumerate(script):
+            yield [Choice(0, t, "length" if i == len(script) - 1 else None)]
 
-    monkeypatch.setattr("lmlab.api.generate_tokens", scripted)
+    monkeypatch.setattr("lmlab.generate.text.sample", scripted)
     deltas = list(model.stream("x"))
     final = tok.decode(script, skip_special_tokens=True)
     assert final == "To 中学而时习之\ufffd"

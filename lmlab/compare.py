@@ -1,0 +1,684 @@
+"""``lmlab compare``: several model families trained on the same text, the same tokenizer,
+the same split and the same budget, then one report (``report.md`` with PNG charts).
+
+The question it answers on the user's own text is the seed's: what does self-attention
+buy over recurrence? To make the fight fair every run shares the data, the tokenizer
+(trained once, saved as ``DIR/tokenizer.json``), the train/validation split, the batch,
+the window, the seed, the optimiser settings and the validation windows, and the models
+are sized to about the same number of parameters. Each model is trained by the one
+Trainer, in its own ``lmlab train`` child process, so the kernel can report the peak
+memory of that training alone (``wait4``'s ``ru_maxrss``), and the exact command of each
+run is written into the report.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time as _time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import RECURRENT
+from lmlab.errors import LmlabError
+from lmlab.plots import read_metrics
+from lmlab.train import TrainConfig, parse_duration
+
+MODELS = ("gpt", *RECURRENT)
+DEFAULT_MODELS = ("rnn", "gru", "lstm", "gpt")
+#: Each auto-sized model lands within this fraction of the target, so any two are
+#: within 1.045/0.955 - 1 < 10% of each other.
+TOLERANCE = 0.045
+RNN_LAYERS = 2  # recurrent models: 2 layers (char-rnn's setting) unless the user says otherwise
+#: What ``--model-args`` may set per model, with the type each value is read as.
+MODEL_ARGS: dict[str, type] = {
+    "n_layer": int,
+    "n_head": int,
+    "n_kv_head": int,
+    "d_model": int,
+    "hidden_size": int,
+    "pos": str,
+    "norm": str,
+    "mlp": str,
+    "bias": bool,
+    "tie_embeddings": bool,
+    "dropout": float,
+    "stateful": bool,
+    "lr": float,
+    "min_lr": float,
+    "warmup": int,
+    "weight_decay": float,
+    "grad_clip": float,
+}
+
+
+def log(msg: str) -> None:
+    print(f"lmlab: compare: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- inputs
+def parse_models(spec: str | Iterable[str]) -> list[str]:
+    """'rnn,gru,lstm,gpt' (or a list) -> the names, checked and without repeats."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if not names:
+        raise LmlabError(f"--models is empty; give a comma-separated list such as {','.join(DEFAULT_MODELS)}")
+    for n in names:
+        if n not in MODELS:
+            raise LmlabError(f"--models: unknown model {n!r}; choose from {', '.join(MODELS)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LmlabError(f"--models names {', '.join(dup)} twice; each model is trained once")
+    return names
+
+
+def _parse_value(key: str, text: str) -> Any:
+    kind = MODEL_ARGS[key]
+    t = text.strip()
+    try:
+        if kind is bool:
+            if t.lower() in ("1", "true", "yes", "on"):
+                return True
+            if t.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(t)
+    except ValueError:
+        raise LmlabError(f"--model-args: {key}={text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_model_args(items: Iterable[str] | dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """['lstm:hidden_size=512,n_layer=2', 'gpt:d_model=96'] -> {'lstm': {...}, 'gpt': {...}}."""
+    if not items:
+        return {}
+    pairs: list[tuple[str, str, Any]] = []
+    if isinstance(items, dict):
+        for name, kv in items.items():
+            pairs += [(name, k, v) for k, v in kv.items()]
+    else:
+        for item in items:
+            name, sep, rest = item.partition(":")
+            if not sep or "=" not in rest:
+                raise LmlabError(
+                    f"--model-args wants MODEL:KEY=VALUE[,KEY=VALUE...], e.g. lstm:hidden_size=512,n_layer=2 "
+                    f"(got {item!r})"
+                )
+            for kv in rest.split(","):
+                k, eq, v = kv.partition("=")
+                if not eq:
+                    raise LmlabError(f"--model-args: {kv!r} in {item!r} is not KEY=VALUE")
+                pairs.append((name.strip(), k.strip().replace("-", "_"), v))
+    out: dict[str, dict[str, Any]] = {}
+    for name, k, v in pairs:
+        if name not in MODELS:
+            raise LmlabError(f"--model-args: unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if k not in MODEL_ARGS:
+            raise LmlabError(f"--model-args: {name} has no setting {k!r}; settable: {', '.join(MODEL_ARGS)}")
+        out.setdefault(name, {})[k] = _parse_value(k, v) if isinstance(v, str) else v
+    return out
+
+
+# --------------------------------------------------------------------------- sizes
+def count_parameters(options: dict[str, Any], vocab_size: int) -> int:
+    """Parameters of the model ``lmlab train`` would build with these options, counted on
+    the meta device (shapes only, no memory, no initialisation cost)."""
+    from lmlab.models import build_model
+
+    cfg = TrainConfig(**options).model_config(vocab_size)
+    with torch.device("meta"):
+        return build_model(cfg).num_parameters()
+
+
+def _nearest(count: Callable[[int], int], step: int, target: int) -> int:
+    """The multiple of ``step`` whose count is nearest ``target``; ``count`` must grow with
+    its argument (it does for d_model and hidden_size). Doubling, then bisection."""
+    hi = 1
+    while count(hi * step) < target and hi < 1 << 20:
+        hi *= 2
+    lo = 1
+    while lo < hi:  # the smallest k with count(k·step) ≥ target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid * step) < target else (lo, mid)
+    best = [k for k in (lo - 1, lo) if k >= 1]
+    return step * min(best, key=lambda k: abs(count(k * step) - target))
+
+
+def _miss(n: int, target: int) -> float:
+    return abs(n - target) / target  # |n - target| / target
+
+
+@dataclass
+class Plan:
+    """One model's run: its options for the Trainer and its parameter count."""
+
+    name: str
+    options: dict[str, Any]
+    n_params: int
+    sized: bool  # True: lmlab chose the size; False: the user gave it
+
+
+def default_target(vocab_size: int, base: dict[str, Any]) -> int:
+    """The parameter count of ``lmlab train``'s default Transformer for this vocabulary."""
+    return count_parameters({**base, "model": "gpt"}, vocab_size)
+
+
+def size_models(
+    models: list[str],
+    vocab_size: int,
+    base: dict[str, Any] | None = None,
+    params: int | None = None,
+    model_args: dict[str, dict[str, Any]] | None = None,
+) -> tuple[list[Plan], int]:
+    """Each model's options and count, and the target count.
+
+    Rule: the target is ``params`` or the default Transformer's count. A recurrent model
+    keeps d_model (the embedding) and 2 layers, and takes the hidden size, a multiple of 8
+    (any integer if no multiple of 8 is close enough), whose count is nearest the target.
+    The Transformer keeps 4 layers and 4 heads and takes the d_model, a multiple of 8,
+    nearest the target (n_layer 1-8 if 4 layers cannot get close). Each lands within
+    ``TOLERANCE`` (4.5%) of the target, so any two within 10% of each other. A size the
+    user gives (hidden_size for a recurrent model, d_model for the Transformer) is kept.
+    """
+    base = dict(base or {})
+    model_args = model_args or {}
+    if params is not None and params <= 0:
+        raise LmlabError(f"--params must be positive (got {params})")
+    target = params if params is not None else default_target(vocab_size, base)
+    plans = []
+    for name in models:
+        user = dict(model_args.get(name, {}))
+        opts = {**base, "model": name, **({"n_layer": RNN_LAYERS} if name in RECURRENT else {}), **user}
+        fixed = "hidden_size" in user if name in RECURRENT else "d_model" in user
+        if not fixed:
+            opts = _size_one(name, opts, vocab_size, target, "n_layer" in user)
+        plans.append(Plan(name, opts, count_parameters(opts, vocab_size), sized=not fixed))
+    return plans, target
+
+
+def _size_one(name: str, opts: dict[str, Any], vocab: int, target: int, layers_given: bool) -> dict[str, Any]:
+    key = "hidden_size" if name in RECURRENT else "d_model"
+
+    def count_with(**kw: Any) -> Callable[[int], int]:
+        return lambda v: count_parameters({**opts, **kw, key: v}, vocab)
+
+    if name in RECURRENT:
+        for step in (8, 1):  # a multiple of 8 suits the kernels; any integer if none is close
+            value = _nearest(count_with(), step, target)
+            if _miss(count_with()(value), target) <= TOLERANCE:
+                return {**opts, key: value}
+        what = f"d_model {opts.get('d_model', TrainConfig.d_model)}, {opts['n_layer']} layers"
+    else:
+        # d_model must split into n_head heads of even size (rotary pairs): a multiple of 2·n_head
+        step = 2 * opts.get("n_head", TrainConfig.n_head)
+        depth = opts.get("n_layer", TrainConfig.n_layer)
+        # the given depth; else 4 layers first, then the depths 1-8 nearest to 4
+        layer_choices = [depth] if layers_given else sorted(range(1, 9), key=lambda n: (abs(n - depth), n))
+        for n_layer in layer_choices:
+            value = _nearest(count_with(n_layer=n_layer), step, target)
+            if _miss(count_with(n_layer=n_layer)(value), target) <= TOLERANCE:
+                return {**opts, "n_layer": n_layer, key: value}
+        what = f"{opts.get('n_head', TrainConfig.n_head)} heads"
+    raise LmlabError(
+        f"cannot size {name} to within {TOLERANCE:.1%} of {target:,} parameters ({what}); "
+        f"give another --params, or its size with --model-args {name}:{key}=N"
+    )
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class RunResult:
+    """One model's figures, as the report's table shows them."""
+
+    name: str
+    folder: str
+    config: str
+    n_params: int
+    sized: bool
+    steps: int
+    tokens: int
+    elapsed_s: float
+    val_loss: float | None
+    train_tokens_per_s: float
+    generate_tokens_per_s: float
+    peak_rss_bytes: int | None
+    sample: str
+    command: list[str]
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens, seconds, val loss)
+
+    @property
+    def perplexity(self) -> float | None:
+        return math.exp(self.val_loss) if self.val_loss is not None else None
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    report: Path
+    charts: list[Path]
+    runs: list[RunResult]
+    target_params: int
+
+
+def train_command(options: dict[str, Any]) -> list[str]:
+    """The ``lmlab train`` command line for these TrainConfig options."""
+    cmd = [sys.executable, "-m", "lmlab", "train"]
+    for k, v in options.items():
+        if v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k == "progress":
+            cmd += [] if v else ["--no-progress"]
+        elif k == "overwrite":
+            cmd += [flag] if v else []
+        elif isinstance(v, bool):
+            cmd.append(flag if v else f"--no-{k.replace('_', '-')}")
+        else:
+            cmd += [flag, str(v)]
+    return cmd
+
+
+def _run_child(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, int | None]:
+    """Run ``cmd``, copying its output to ``log_path`` (and to stderr when ``echo``);
+    return its exit code and peak resident set size in bytes (None where unknown)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    usage = None
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                logf.write(chunk)
+                if echo:
+                    sys.stderr.write(decoder.decode(chunk))
+                    sys.stderr.flush()
+        finally:
+            proc.stdout.close()
+            if hasattr(os, "wait4"):  # the child's own rusage, not that of every child so far
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            else:  # pragma: no cover - Windows
+                proc.wait()
+    if usage is None:  # pragma: no cover
+        return proc.returncode, None
+    # ru_maxrss is in kibibytes on Linux, in bytes on macOS
+    return proc.returncode, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _error_line(log_path: Path) -> str:
+    lines = log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
+    errors = [ln.split("error:", 1)[1].strip() for ln in lines if ln.startswith("lmlab: error:")]
+    return errors[-1] if errors else (lines[-1].strip() if lines else "no output")
+
+
+def _measure(folder: Path, prompt: str, n_tokens: int, seed: int, device: str) -> tuple[float, str, int]:
+    """Generation speed (tokens/s, greedy, batch 1, after a short warm-up), a seeded
+    sample, and the model's parameter count as loaded from its checkpoint."""
+    from lmlab.api import load
+
+    model = load(folder, device=device)  # where it trained
+    # The end-of-text token is held back so every model generates exactly n_tokens.
+    timed = {"temperature": 0, "max_new_tokens": n_tokens, "min_new_tokens": n_tokens}
+    with contextlib.redirect_stderr(io.StringIO()):  # the sliding-window notice, said in the report
+        model.generate_ids(prompt, **{**timed, "max_new_tokens": 8, "min_new_tokens": 8})
+        t0 = _time.perf_counter()
+        ids = model.generate_ids(prompt, **timed)
+        dt = _time.perf_counter() - t0
+        res = model.generate(prompt, max_new_tokens=n_tokens, temperature=0.8, seed=seed, return_details=True)
+    assert not isinstance(res, list)
+    # A sample that drew the end-of-text token stops there; the report says so.
+    sample = res.text + ("\n[end of text]" if res.finish_reason == "eos" else "")
+    return len(ids) / dt, sample, model.module.num_parameters()
+
+
+def _collect(plan: Plan, folder: Path, cmd: list[str], rss: int | None, measured: tuple) -> RunResult:
+    """The figures of one finished run, read back from its metrics.jsonl."""
+    rows = read_metrics(folder / "metrics.jsonl")
+    if not rows:
+        raise LmlabError(f"{folder}/metrics.jsonl is empty: the {plan.name} run trained no step")
+    curve = [(r["tokens"], r["elapsed_s"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    gen_tok_s, sample, n_loaded = measured
+    return RunResult(
+        name=plan.name,
+        folder=str(folder),
+        config=TrainConfig(**plan.options).model_config(1).n_params_hint,
+        n_params=n_loaded,
+        sized=plan.sized,
+        steps=rows[-1]["step"],
+        tokens=rows[-1]["tokens"],
+        elapsed_s=rows[-1]["elapsed_s"],
+        val_loss=curve[-1][2] if curve else None,
+        # median over steps of (batch × window) / step time: evaluation and saves excluded
+        train_tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows),
+        generate_tokens_per_s=gen_tok_s,
+        peak_rss_bytes=rss,
+        sample=sample,
+        command=cmd,
+        curve=curve,
+    )
+
+
+def _make_tokenizer(data: str, tokenizer: str, vocab_size: int, encoding_errors: str, out: Path):
+    """Train the tokenizer once (as ``lmlab train`` would) and save it for every run."""
+    from lmlab.tokenizer import load_tokenizer
+    from lmlab.train import Trainer
+
+    if tokenizer not in ("char", "bpe"):
+        return load_tokenizer(tokenizer), tokenizer
+    cfg = TrainConfig(data=data, tokenizer=tokenizer, vocab_size=vocab_size, encoding_errors=encoding_errors)
+    tok = Trainer(cfg)._make_tokenizer()
+    path = out / "tokenizer.json"
+    tok.save(str(path))
+    return tok, str(path)
+
+
+def _default_prompt(data: str, encoding_errors: str) -> str:
+    """The corpus's first line (at most 40 characters), with its newline."""
+    from lmlab.data import read_corpus, resolve_data
+
+    text = read_corpus(resolve_data(data), encoding_errors, builtin=data == "builtin")
+    first = text.lstrip("\n").split("\n", 1)[0][:40]
+    return first + "\n" if first else ""
+
+
+def compare(
+    data: str,
+    out: str | Path,
+    models: str | Iterable[str] = DEFAULT_MODELS,
+    time: str | None = None,
+    tokens: int | None = None,
+    tokenizer: str = "char",
+    vocab_size: int = 4096,
+    seed: int = 1337,
+    params: int | None = None,
+    model_args: Iterable[str] | dict[str, dict[str, Any]] | None = None,
+    max_seq_len: int = 64,
+    batch_size: int = 12,
+    eval_every: int | None = None,
+    eval_batches: int = 20,
+    encoding_errors: str = "strict",
+    prompt: str | None = None,
+    sample_tokens: int = 200,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CompareResult:
+    """Train each model on the same data under the same budget into ``out/<model>/``, then
+    write ``out/report.md`` (with ``val_loss_tokens.png``, ``val_loss_time.png`` and
+    ``results.json`` beside it). The library form of ``lmlab compare``."""
+    names = parse_models(models)
+    margs = parse_model_args(model_args)
+    stray = sorted(set(margs) - set(names))
+    if stray:
+        raise LmlabError(f"--model-args for {', '.join(stray)}, which --models does not list")
+    if time is not None and tokens is not None:
+        raise LmlabError("give one budget, --time or --tokens, not both")
+    if time is None and tokens is None:
+        time = "5m"
+    if time is not None and parse_duration(time) <= 0:
+        raise LmlabError(f"--time must be positive (got {time})")
+    if batch_size <= 0 or max_seq_len <= 0:
+        raise LmlabError("--batch-size and --max-seq-len must be positive")
+    if sample_tokens <= 0:
+        raise LmlabError(f"--sample-tokens must be positive (got {sample_tokens})")
+    tokens_per_step = batch_size * max_seq_len
+    steps = None
+    if tokens is not None:
+        if tokens < tokens_per_step:
+            raise LmlabError(
+                f"--tokens {tokens} is less than one step ({batch_size} sequences × {max_seq_len} tokens "
+                f"= {tokens_per_step}); give at least that many"
+            )
+        steps = math.ceil(tokens / tokens_per_step)  # steps = ⌈tokens / (B·T)⌉
+    if eval_every is None:
+        eval_every = max(1, steps // 20) if steps else 100
+    root = Path(out)
+    from lmlab.checkpoint import RunDir
+
+    taken = [n for n in names if RunDir(root / n).has_checkpoint()]
+    if taken and not overwrite:
+        raise LmlabError(
+            f"{root} already holds runs of {', '.join(taken)}; give another --out or --overwrite"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    tok, tok_arg = _make_tokenizer(data, tokenizer, vocab_size, encoding_errors, root)
+    vocab = tok.get_vocab_size()
+    base = {
+        "data": data,
+        "tokenizer": tok_arg,
+        "encoding_errors": encoding_errors,
+        "max_seq_len": max_seq_len,
+        "batch_size": batch_size,
+        "seed": seed,
+        "steps": steps,
+        "time": time,
+        "eval_every": eval_every,
+        "eval_batches": eval_batches,
+        "device": device,
+    }
+    from lmlab.api import resolve_device
+    from lmlab.data import load_corpus
+    from lmlab.tokenizer import tokenizer_kind
+
+    # Tokenized (and cached for the runs) here, so a corpus too short fails before any training.
+    corpus = load_corpus(data, tok, encoding_errors)
+    train_ids, val_ids = corpus.split(TrainConfig.val_fraction, max_seq_len)
+    plans, target = size_models(names, vocab, {"max_seq_len": max_seq_len}, params, margs)
+    for p in plans:  # every setting checked before the first run starts
+        TrainConfig(**{**base, **p.options, "out": str(root / p.name)}).validate()
+    if prompt is None:
+        prompt = _default_prompt(data, encoding_errors)
+    budget = f"{time} each" if time else f"{steps} steps × {tokens_per_step:,} tokens each"
+    log(f"{len(plans)} models ({', '.join(f'{p.name} {p.n_params:,}' for p in plans)}), {budget}")
+
+    runs = []
+    for i, p in enumerate(plans, 1):
+        folder = root / p.name
+        folder.mkdir(parents=True, exist_ok=True)
+        opts = {**base, **p.options, "out": str(folder), "overwrite": overwrite or None, "progress": progress}
+        cmd = train_command(opts)
+        log(f"[{i}/{len(plans)}] training {p.name} ({p.n_params:,} parameters) into {folder}/")
+        rc, rss = _run_child(cmd, folder / "train.log", echo=progress)
+        if rc != 0:
+            raise LmlabError(f"training {p.name} failed: {_error_line(folder / 'train.log')}")
+        measured = _measure(folder, prompt, sample_tokens, seed, device)
+        runs.append(_collect(p, folder, cmd, rss, measured))
+    facts = {
+        "data": data,
+        "n_tokens": len(corpus.ids),
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "tokenizer": tokenizer_kind(tok),
+        "tokenizer_path": tok_arg,
+        "vocab": vocab,
+        "time": time,
+        "steps": steps,
+        "tokens": (steps or 0) * tokens_per_step,
+        "params": params,
+        "prompt": prompt,
+        "sample_tokens": sample_tokens,
+        **{k: base[k] for k in ("batch_size", "max_seq_len", "seed", "eval_batches")},
+        "device": str(resolve_device(device)),
+    }
+    report, charts = write_report(root, runs, facts | {"target": target})
+    return CompareResult(out=root, report=report, charts=charts, runs=runs, target_params=target)
+
+
+# --------------------------------------------------------------------------- report
+def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:
+    """Validation loss of every model on one chart, against tokens seen and against time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x, name, label in ((0, "val_loss_tokens.png", "tokens seen"), (1, "val_loss_time.png", "seconds")):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        for r in runs:
+            if r.curve:
+                xs, ys = [c[x] for c in r.curve], [c[2] for c in r.curve]
+                ax.plot(xs, ys, "o-", lw=1.6, ms=3, label=f"{r.name} ({_short(r.n_params)})")
+        ax.set_xlabel(f"training {label}")
+        ax.set_ylabel("validation loss (nats / token)")
+        ax.set_title(f"validation loss against {label}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(root / name)
+        plt.close(fig)
+        paths.append(root / name)
+    return paths
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text``."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(runs: list[RunResult]) -> list[str]:
+    """The results table, one row per model (markdown)."""
+    lines = [
+        "| model | configuration | parameters | steps | tokens seen | final val loss | perplexity "
+        "| train tokens/s | generate tokens/s | peak memory |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in runs:
+        mib = r.peak_rss_bytes / 2**20 if r.peak_rss_bytes is not None else None
+        lines.append(
+            f"| {r.name} | {r.config} | {r.n_params:,} | {r.steps:,} | {r.tokens:,} | {_fmt(r.val_loss, '.4f')} "
+            f"| {_fmt(r.perplexity, '.2f')} | {r.train_tokens_per_s:,.0f} | {r.generate_tokens_per_s:,.0f} "
+            f"| {_fmt(mib, ',.0f')} MiB |"
+        )
+    return lines
+
+
+def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[Path, list[Path]]:
+    """``report.md`` (the table, the sizing rule, the charts, samples, commands) and
+    ``results.json`` (the same figures for programs)."""
+    charts = plot_curves(runs, root)
+    threads = torch.get_num_threads()
+    target = f["target"]
+    counts = [r.n_params for r in runs]
+    spread = max(counts) / min(counts) - 1  # largest / smallest - 1
+    scored = [r for r in runs if r.val_loss is not None]
+    budget = (
+        f"{f['time']} of training per model (each run measures its first steps, then fixes its step count)"
+        if f["time"]
+        else f"{f['tokens']:,} training tokens per model ({f['steps']} steps × {f['batch_size']} sequences "
+        f"× {f['max_seq_len']} tokens)"
+    )
+    md = [
+        "# lmlab compare",
+        "",
+        f"Data: `{f['data']}`: {f['n_tokens']:,} tokens with the {f['tokenizer']} tokenizer "
+        f"({f['vocab']:,} tokens, `{f['tokenizer_path']}`, shared by every run); training on the first "
+        f"{f['n_train']:,}, validation on the last {f['n_val']:,} (10%).",
+        "",
+        f"Budget: {budget}. Every run: batch {f['batch_size']}, window {f['max_seq_len']} tokens, "
+        f"seed {f['seed']}, lmlab's default optimiser (AdamW, warmup then cosine decay), the same "
+        f"{f['eval_batches'] * f['batch_size']} validation windows, device {f['device']}.",
+        "",
+        "## Results",
+        "",
+        *table(runs),
+        "",
+    ]
+    if scored:
+        best = min(scored, key=lambda r: r.val_loss)
+        md += [f"Lowest final validation loss: **{best.name}** ({best.val_loss:.4f}).", ""]
+    md += [
+        "- *final val loss*: the validation loss at the last step, as written in `<model>/metrics.jsonl` "
+        "(mean next-token cross-entropy in nats over the validation windows; a recurrent model starts "
+        "each window from a zero state). *perplexity* = exp(loss).",
+        "- *train tokens/s*: the median over steps of (batch × window) / step time, evaluation and "
+        "checkpoint saves left out.",
+        f"- *generate tokens/s*: {f['sample_tokens']} tokens, greedy, batch 1, from the prompt below, "
+        f"in this process ({threads} thread{'s' if threads != 1 else ''}), after an 8-token warm-up; "
+        "end-of-text "
+        "held back. A Transformer past its context of "
+        f"{f['max_seq_len']} tokens re-reads a sliding window of {f['max_seq_len']} tokens for each new one; "
+        "a recurrent model's cost per token stays the same.",
+        "- *peak memory*: the peak resident set size of the `lmlab train` child process that trained the "
+        "model (`ru_maxrss` from `wait4`): Python, PyTorch, the model, optimiser state, activations and "
+        "the token arrays together. Every process pays the same few hundred MiB for Python and PyTorch, "
+        "so the differences between rows are what the models cost.",
+        "",
+        "## Sizes",
+        "",
+        f"Target: {target:,} parameters ("
+        + ("given with --params" if f["params"] is not None else "the default `lmlab train` Transformer's")
+        + "). Rule: a recurrent model keeps the embedding size (d_model) and 2 layers and takes the "
+        "hidden size (a multiple of 8 when one is close enough) whose count is nearest the target; the "
+        "Transformer keeps 4 heads and 4 layers (other depths only if 4 cannot get close) and takes the "
+        f"d_model, a multiple of 8, nearest the target. Each lands within {TOLERANCE:.1%} of the target, "
+        "so any two within 10% of each other; a size given with --model-args is kept as given.",
+        "",
+        "| model | configuration | parameters | vs target | sized by |",
+        "|---|---|--:|--:|---|",
+        *(
+            f"| {r.name} | {r.config} | {r.n_params:,} | {(r.n_params / target - 1):+.1%} "
+            f"| {'the rule' if r.sized else 'you (--model-args)'} |"
+            for r in runs
+        ),
+        "",
+        f"Largest / smallest count: {spread:+.1%}.",
+        "",
+        "## Validation loss",
+        "",
+        "![validation loss against tokens seen](val_loss_tokens.png)",
+        "",
+        "![validation loss against training time](val_loss_time.png)",
+        "",
+        "## Samples",
+        "",
+        f"Each model continues the prompt {json.dumps(f['prompt'], ensure_ascii=False)} with "
+        f"{f['sample_tokens']} tokens, temperature 0.8, seed {f['seed']}.",
+        "",
+    ]
+    for r in runs:
+        text = f["prompt"] + r.sample
+        fence = _fence(text)
+        md += [f"### {r.name}", "", f"{fence}text", text, fence, ""]
+    md += ["## Commands", "", "Each model was trained by:", "", "```bash"]
+    md += [" ".join(_quote(a) for a in ["lmlab", *r.command[3:]]) for r in runs]
+    md += ["```", ""]
+    report = root / "report.md"
+    report.write_text("\n".join(md), encoding="utf-8")
+    results = [{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"} for r in runs]
+    (root / "results.json").write_text(
+        json.dumps({"target_params": target, "runs": results}, indent=1), encoding="utf-8"
+    )
+    return report, charts
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+__all__ = ["CompareResult", "RunResult", "compare", "count_parameters", "parse_models", "size_models"]

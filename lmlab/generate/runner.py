@@ -1,0 +1,179 @@
+"""Feeding a batch of token sequences to a model one step at a time, whatever its state.
+
+    logits = runner.prefill(prompts)       # (N, V): the next-token scores after each prompt
+    runner.select(index)                   # keep / repeat / reorder rows (finished rows, beams)
+    logits = runner.step(tokens, seqs)     # (N, V) after appending tokens (N,)
+
+A Transformer's prompts of different lengths are left-padded into one batch, with an
+attention mask and per-row position ids (Hugging Face's ``cumsum(mask) - 1``), so each row
+sees exactly what it would see alone. A recurrent model runs each prompt on its own (its
+state has no mask to skip padding), then decodes the rows together: the states are stacked
+along their batch dimension (dim 1 of the (n_layer, B, H) tensors).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmlab.errors import LmlabError
+from lmlab.models.base import LanguageModel
+
+
+def warn(msg: str) -> None:
+    print(f"lmlab: warning: {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- states
+def select_state(state: Any, index: Tensor) -> Any:
+    """Rows ``index`` of a state: a KV cache reorders itself; tensors (n_layer, B, H) and
+    tuples of them (an LSTM's (h, c)) are indexed on their batch dimension, dim 1."""
+    if state is None:
+        return None
+    if hasattr(state, "reorder"):
+        state.reorder(index)
+        return state
+    if isinstance(state, Tensor):
+        return state.index_select(1, index.to(state.device))
+    if isinstance(state, tuple | list):
+        return type(state)(select_state(s, index) for s in state)
+    raise LmlabError(f"cannot select rows of a model state of type {type(state).__name__}")
+
+
+def cat_states(states: Sequence[Any]) -> Any:
+    """Stack per-row states of a recurrent model along the batch dimension (dim 1)."""
+    first = states[0]
+    if isinstance(first, Tensor):
+        return torch.cat(list(states), dim=1)
+    if isinstance(first, tuple | list):
+        return type(first)(cat_states([s[i] for s in states]) for i in range(len(first)))
+    raise LmlabError(f"cannot batch model states of type {type(first).__name__}")
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """ids, attention mask and position ids of left-padded rows.
+
+    mask_bt = 1 for real tokens; position_bt = max(cumsum_t(mask_b) - 1, 0), so each row's
+    first real token has position 0 whatever its padding (as Hugging Face)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[b, T - len(s) :] = 1
+    pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+class Runner:
+    """The model side of decoding: prefill, one-token steps, row selection, the sliding window."""
+
+    def __init__(self, model: LanguageModel, max_new_tokens: int) -> None:
+        self.model = model
+        self.device = model.device
+        self.max_new_tokens = max_new_tokens
+        self.ctx: int | None = model.config.max_seq_len if model.bounded_context else None
+        self.state: Any = None
+        self.padded = False
+        self.next_pos: Tensor | None = None  # (N,) the position of each row's next token
+        self.sliding = False
+        self.warned = False
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+        """(N, V) float logits of the token after each prompt."""
+        if any(len(p) == 0 for p in prompts):
+            raise LmlabError(
+                "the prompt is empty and the model has no BOS token to start from; give a prompt"
+            )
+        if self.ctx is None:
+            return self._prefill_recurrent(prompts)
+        ctx = self.ctx
+        longest = max(len(p) for p in prompts)
+        if longest > ctx:
+            self._warn(
+                f"the prompt has {longest} tokens, more than the model's context of {ctx}; "
+                f"using its last {ctx} (and a sliding window of the last {ctx} as it continues)"
+            )
+            prompts = [p[-ctx:] for p in prompts]
+        lengths = [len(p) for p in prompts]
+        P = max(lengths)
+        # the last new token is never fed back: P + max_new_tokens - 1 slots at most, within ctx
+        self.state = self.model.init_state(len(prompts), max(P, min(P + self.max_new_tokens - 1, ctx)))
+        self.padded = min(lengths) != P
+        if self.padded:
+            ids, mask, pos = _left_pad(prompts, self.device)
+            logits, self.state = self.model(
+                ids, self.state, attention_mask=mask, position_ids=pos, last_only=True
+            )
+        else:
+            ids = torch.tensor([list(p) for p in prompts], device=self.device)
+            logits, self.state = self.model(ids, self.state, last_only=True)
+        self.next_pos = torch.tensor(lengths, device=self.device)
+        return logits[:, -1].float()
+
+    def _prefill_recurrent(self, prompts: Sequence[Sequence[int]]) -> Tensor:
+        if len({len(p) for p in prompts}) == 1:  # equal lengths: one batched call
+            ids = torch.tensor([list(p) for p in prompts], device=self.device)
+            logits, self.state = self.model(ids, None, last_only=True)
+            return logits[:, -1].float()
+        rows, states = [], []
+        for p in prompts:  # each prompt alone: an RNN cannot skip padding
+            logits, state = self.model(torch.tensor([list(p)], device=self.device), None, last_only=True)
+            rows.append(logits[:, -1])
+            states.append(state)
+        self.state = cat_states(states)
+        return torch.cat(rows).float()
+
+    # ------------------------------------------------------------------ rows
+    def select(self, index: Tensor) -> None:
+        """Keep rows ``index`` (a LongTensor, may repeat rows: beams, samples of one prompt)."""
+        index = index.to(self.device)
+        if not self.sliding:
+            self.state = select_state(self.state, index)
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.index_select(0, index)
+
+    # ------------------------------------------------------------------ steps
+    def step(self, tokens: Tensor, seqs: Sequence[Sequence[int]]) -> Tensor:
+        """(N, V) logits after appending ``tokens`` (N,); ``seqs`` are the rows' full histories
+        (ending with ``tokens``), needed only once the window slides."""
+        tokens = tokens.to(self.device)
+        if self.ctx is None:
+            logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
+            return logits[:, -1].float()
+        if not self.sliding and self.state.length < self.state.max_len:
+            pos = self.next_pos[:, None] if self.padded else None
+            logits, self.state = self.model(tokens[:, None], self.state, position_ids=pos, last_only=True)
+            self.next_pos = self.next_pos + 1
+            return logits[:, -1].float()
+        return self._window(seqs)
+
+    def _window(self, seqs: Sequence[Sequence[int]]) -> Tensor:
+        """Beyond the cache: recompute each row's last ``ctx`` tokens without a cache, as nanoGPT
+        crops (absolute positions shift, so the cache cannot be reused)."""
+        ctx = self.ctx
+        if any(len(s) > ctx for s in seqs):
+            self._warn(
+                f"prompt + new tokens exceed the context of {ctx} tokens; "
+                f"continuing over a sliding window of the last {ctx}"
+            )
+        self.sliding, self.state = True, None
+        windows = [s[-ctx:] for s in seqs]
+        if len({len(w) for w in windows}) == 1:
+            logits, _ = self.model(torch.tensor(windows, device=self.device), None, last_only=True)
+        else:
+            ids, mask, pos = _left_pad(windows, self.device)
+            logits, _ = self.model(ids, None, attention_mask=mask, position_ids=pos, last_only=True)
+        return logits[:, -1].float()
+
+    def _warn(self, msg: str) -> None:
+        """One warning per call: a truncated prompt already implies the sliding window."""
+        if not self.warned:
+            warn(msg)
+            self.warned = True
