@@ -289,31 +289,58 @@ def train_command(options: dict[str, Any]) -> list[str]:
     return cmd
 
 
+#: Runs ``argv[2:]`` as its own child and writes that child's peak resident set size to
+#: ``argv[1]``. Why a launcher: Linux counts in a process's ``ru_maxrss`` the memory of the
+#: process it was forked from (kept across exec), so a trainer forked from this process,
+#: which holds PyTorch and the models measured so far, would report our size, not its own.
+#: The launcher imports nothing heavy, so what it adds is a few MiB.
+_LAUNCHER = r"""
+import json, os, signal, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(cmd[0], cmd)
+    finally:
+        os._exit(127)
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the trainer saves, then exits; wait for it
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as f:
+    json.dump({"ru_maxrss": usage.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run_child(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, int | None]:
     """Run ``cmd``, copying its output to ``log_path`` (and to stderr when ``echo``);
     return its exit code and peak resident set size in bytes (None where unknown)."""
+    import tempfile
+
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    usage = None
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
+    fd, usage_path = tempfile.mkstemp(prefix="lmlab-compare-", suffix=".json")
+    os.close(fd)
+    launch = [sys.executable, "-c", _LAUNCHER, usage_path] if hasattr(os, "fork") else []
+    try:
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen([*launch, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             assert proc.stdout is not None
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                logf.write(chunk)
-                if echo:
-                    sys.stderr.write(decoder.decode(chunk))
-                    sys.stderr.flush()
-        finally:
-            proc.stdout.close()
-            if hasattr(os, "wait4"):  # the child's own rusage, not that of every child so far
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-            else:  # pragma: no cover - Windows
+            try:
+                while chunk := os.read(proc.stdout.fileno(), 65536):
+                    logf.write(chunk)
+                    if echo:
+                        sys.stderr.write(decoder.decode(chunk))
+                        sys.stderr.flush()
+            finally:
+                proc.stdout.close()
                 proc.wait()
-    if usage is None:  # pragma: no cover
-        return proc.returncode, None
+        try:
+            maxrss = json.loads(Path(usage_path).read_text())["ru_maxrss"]
+        except (OSError, ValueError, KeyError):
+            return proc.returncode, None
+    finally:
+        os.unlink(usage_path)
     # ru_maxrss is in kibibytes on Linux, in bytes on macOS
-    return proc.returncode, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return proc.returncode, maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _error_line(log_path: Path) -> str:
@@ -392,6 +419,23 @@ def _default_prompt(data: str, encoding_errors: str) -> str:
     return first + "\n" if first else ""
 
 
+def _budget(time: str | None, tokens: int | None, tokens_per_step: int) -> tuple[str | None, int | None]:
+    """(--time, --steps) for each run: a time budget, or the steps that read ``tokens``."""
+    if time is not None and tokens is not None:
+        raise LmlabError("give one budget, --time or --tokens, not both")
+    if tokens is None:
+        time = time or "5m"
+        if parse_duration(time) <= 0:
+            raise LmlabError(f"--time must be positive (got {time})")
+        return time, None
+    if tokens < tokens_per_step:
+        raise LmlabError(
+            f"--tokens {tokens} is less than one step (--batch-size × --max-seq-len = {tokens_per_step} "
+            "tokens); give at least that many"
+        )
+    return None, math.ceil(tokens / tokens_per_step)  # steps = ⌈tokens / (B·T)⌉
+
+
 def compare(
     data: str,
     out: str | Path,
@@ -422,25 +466,13 @@ def compare(
     stray = sorted(set(margs) - set(names))
     if stray:
         raise LmlabError(f"--model-args for {', '.join(stray)}, which --models does not list")
-    if time is not None and tokens is not None:
-        raise LmlabError("give one budget, --time or --tokens, not both")
-    if time is None and tokens is None:
-        time = "5m"
-    if time is not None and parse_duration(time) <= 0:
-        raise LmlabError(f"--time must be positive (got {time})")
-    if batch_size <= 0 or max_seq_len <= 0:
-        raise LmlabError("--batch-size and --max-seq-len must be positive")
+    for flag, v in (("batch-size", batch_size), ("max-seq-len", max_seq_len), ("eval-batches", eval_batches)):
+        if v <= 0:
+            raise LmlabError(f"--{flag} must be positive (got {v})")
     if sample_tokens <= 0:
         raise LmlabError(f"--sample-tokens must be positive (got {sample_tokens})")
     tokens_per_step = batch_size * max_seq_len
-    steps = None
-    if tokens is not None:
-        if tokens < tokens_per_step:
-            raise LmlabError(
-                f"--tokens {tokens} is less than one step ({batch_size} sequences × {max_seq_len} tokens "
-                f"= {tokens_per_step}); give at least that many"
-            )
-        steps = math.ceil(tokens / tokens_per_step)  # steps = ⌈tokens / (B·T)⌉
+    time, steps = _budget(time, tokens, tokens_per_step)
     if eval_every is None:
         eval_every = max(1, steps // 20) if steps else 100
     root = Path(out)
@@ -524,7 +556,11 @@ def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for x, name, label in ((0, "val_loss_tokens.png", "tokens seen"), (1, "val_loss_time.png", "seconds")):
+    axes = (
+        (0, "val_loss_tokens.png", "tokens seen", "tokens seen"),
+        (1, "val_loss_time.png", "time", "time (s)"),
+    )
+    for x, name, what, label in axes:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         for r in runs:
             if r.curve:
@@ -532,7 +568,7 @@ def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:
                 ax.plot(xs, ys, "o-", lw=1.6, ms=3, label=f"{r.name} ({_short(r.n_params)})")
         ax.set_xlabel(f"training {label}")
         ax.set_ylabel("validation loss (nats / token)")
-        ax.set_title(f"validation loss against {label}")
+        ax.set_title(f"validation loss against training {what}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -623,7 +659,8 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         f"{f['max_seq_len']} tokens re-reads a sliding window of {f['max_seq_len']} tokens for each new one; "
         "a recurrent model's cost per token stays the same.",
         "- *peak memory*: the peak resident set size of the `lmlab train` child process that trained the "
-        "model (`ru_maxrss` from `wait4`): Python, PyTorch, the model, optimiser state, activations and "
+        "model (`ru_maxrss` from `wait4`, the process started by a small launcher so that it does not "
+        "count this process's memory): Python, PyTorch, the model, optimiser state, activations and "
         "the token arrays together. Every process pays the same few hundred MiB for Python and PyTorch, "
         "so the differences between rows are what the models cost.",
         "",

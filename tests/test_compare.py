@@ -116,25 +116,33 @@ def _section(md: str, title: str) -> str:
     return md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_compare_end_to_end(corpus, tmp_path):
-    out = tmp_path / "cmp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = (
-        "--models lstm,gpt --tokens 3000 --params 30000 --eval-batches 2 --sample-tokens 40 --seed 7".split()
-    )
-    args += ["--data", str(corpus), "--out", str(out), "--no-progress"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab", "compare", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+B, T, TOKENS = 12, 64, 3000
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One tiny compare of an LSTM and a Transformer, run while this process holds 400 MiB
+    of ballast (see test_peak_memory_is_the_trainers_own); returns (result, our peak RSS)."""
+    import resource
+
+    tmp = tmp_path_factory.mktemp("compare")
+    (tmp / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    ballast = bytearray(b"\x01") * (400 * 2**20)  # written, so resident
+    res = compare(
+        data=str(tmp / "corpus.txt"), out=tmp / "cmp", models="lstm,gpt", tokens=TOKENS, params=30_000,
+        eval_batches=2, sample_tokens=40, seed=7, progress=False,
+    )  # fmt: skip
+    assert len(ballast)
+    return res, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def test_report_matches_the_runs(compared):
+    res, _ = compared
+    out = res.out
     md = (out / "report.md").read_text(encoding="utf-8")
+    assert res.report == out / "report.md"
     results = _section(md, "Results")
-    B, T = 12, 64
-    steps = math.ceil(3000 / (B * T))
+    steps = math.ceil(TOKENS / (B * T))
     shared_tok = (out / "tokenizer.json").read_text(encoding="utf-8")
     for name in ("lstm", "gpt"):
         run = out / name
@@ -163,11 +171,26 @@ def test_compare_end_to_end(corpus, tmp_path):
     from PIL import Image
 
     for png in ("val_loss_tokens.png", "val_loss_time.png"):
-        assert f"]({png})" in md
+        assert f"]({png})" in md and out / png in res.charts
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
             im.verify()
-    assert "lmlab: error" not in proc.stderr
+
+
+def test_peak_memory_is_the_trainers_own(compared, tmp_path):
+    """The reported peak is that of the training process alone: not inflated by the memory
+    of the process that started it (which held 400 MiB of ballast), and what GNU time
+    reports for the same command, where it is installed."""
+    res, ours = compared
+    peak = res.runs[0].peak_rss_bytes
+    assert peak is not None
+    assert 50 * 2**20 < peak < ours - 300 * 2**20, (peak, ours)
+    if Path("/usr/bin/time").is_file():
+        cmd = list(res.runs[0].command)  # the run's own `lmlab train` command, into a new folder
+        cmd[cmd.index("--out") + 1] = str(tmp_path / "again")
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, timeout=300)
+        kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+        assert abs(peak / (kib * 1024) - 1) < 0.15, (peak, kib)
 
 
 def _bad(corpus: Path, out: Path, **kw) -> str:
@@ -190,6 +213,7 @@ def _bad(corpus: Path, out: Path, **kw) -> str:
         ({"tokens": None, "time": "soon"}, "not a duration"),
         ({"tokens": None, "time": "0s"}, "--time must be positive"),
         ({"params": -5}, "--params must be positive"),
+        ({"eval_batches": 0}, "--eval-batches must be positive"),
         ({"params": 100, "models": "lstm"}, "cannot size lstm"),
         ({"models": "lstm", "model_args": ["lstm:hiden_size=3"]}, "no setting 'hiden_size'"),
         ({"models": "lstm", "model_args": ["gru:hidden_size=32"]}, "--models does not list"),

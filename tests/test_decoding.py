@@ -25,6 +25,7 @@ from lmlab.config import RNNConfig
 from lmlab.errors import LmlabError
 from lmlab.generate import (
     GenerationConfig,
+    Penalties,
     TextStream,
     apply_bad_words,
     apply_min_new_tokens,
@@ -184,8 +185,6 @@ def test_bad_words_match_transformers():
     ids[1, -1] = 6  # row 1 with the prefix of [6, 7]
     bad = [[5], [3, 4, 9], [6, 7], [2]]  # [2] is the EOS: transformers does not forbid it
     ref = tlp.NoBadWordsLogitsProcessor(bad, eos_token_id=2)(ids, scores.clone())
-    from lmlab.generate import Penalties
-
     penalties = Penalties(GenerationConfig(bad_words_ids=bad, eos_token_id=2))
     assert penalties.bad_words_ids == [[5], [3, 4, 9], [6, 7]]
     ours = apply_bad_words(scores, ids.tolist(), penalties.bad_words_ids)
@@ -226,8 +225,6 @@ def test_warper_chain_matches_transformers_order(opts):
 
 
 def test_penalty_chain_matches_transformers_processor_list():
-    from lmlab.generate import Penalties
-
     scores, ids = _scores(), _ids(L=10, V=6)
     cfg = GenerationConfig(
         repetition_penalty=1.5,
@@ -251,8 +248,6 @@ def test_penalty_chain_matches_transformers_processor_list():
 def test_presence_and_frequency_penalties_follow_openai_formula(presence, frequency):
     """mu[j] - c[j]·frequency - [c[j] > 0]·presence, with c[j] counted over the generated
     tokens only (the prompt is not penalised), written out with Python loops."""
-    from lmlab.generate import Penalties
-
     scores, ids = _scores(V=9), _ids(L=12, V=9)
     prompt_lens = [3, 0, 12, 7]
     expected = scores.clone()
@@ -405,14 +400,15 @@ def test_sampled_batch_rows_equal_each_prompt_alone(hf):
 
 
 def test_rows_that_finish_early_leave_the_others_unchanged(hf):
-    model, _ = hf("gpt2")
+    model, _ = hf("llama")
     alone = [model.generate_ids(p, max_new_tokens=14, temperature=0) for p in PROMPTS]
-    eos = alone[1][2]  # the second prompt ends after 3 tokens (or earlier)
+    eos = next(t for t in alone[1][:5] if t not in alone[0])  # ends the second row early, not the first
     got = model.generate(PROMPTS, max_new_tokens=14, temperature=0, eos_token_id=eos, return_details=True)
     for r, a in zip(got, alone):
         cut = a.index(eos) + 1 if eos in a else len(a)
         assert r.token_ids == a[:cut]
-    assert got[1].finish_reason == "eos" and len(got[1].token_ids) <= 3
+    assert got[1].finish_reason == "eos" and len(got[1].token_ids) <= 5
+    assert got[0].finish_reason == "length" and len(got[0].token_ids) == 14
 
 
 def test_batch_beyond_the_context_slides_each_row(tmp_path, capsys):

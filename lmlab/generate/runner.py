@@ -148,7 +148,10 @@ class Runner:
             logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
             return logits[:, -1].float()
         if not self.sliding and self.state.length < self.state.max_len:
-            pos = self.next_pos[:, None] if self.padded else None
+            if not self.padded:  # every row's position is its slot: the model's default
+                logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
+                return logits[:, -1].float()
+            pos = self.next_pos[:, None]
             logits, self.state = self.model(tokens[:, None], self.state, position_ids=pos, last_only=True)
             self.next_pos = self.next_pos + 1
             return logits[:, -1].float()

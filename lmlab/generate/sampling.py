@@ -98,8 +98,7 @@ def sample(
         if cfg.logprobs is not None:  # of the distribution the token was chosen from
             lps, tops = logprob_info(torch.log_softmax(dist, dim=-1), tokens, cfg.logprobs)
         choices, keep = [], []
-        for i, r in enumerate(active):
-            t = int(tokens[i])
+        for i, (r, t) in enumerate(zip(active, tokens.tolist())):
             seqs[r].append(t)
             finish = None
             if t in eos:

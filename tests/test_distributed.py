@@ -1,0 +1,368 @@
+"""Training on several processes (issue 6): real ``torchrun`` with gloo on the CPU.
+
+A 2-process run must reach the weights of a 1-process run with the same global batch
+(and resume on 1 process to the same end), a step's windows must be split among the
+ranks without overlap, gradient accumulation under DDP must sync only on the last
+micro-step and equal one large batch, and a lost process must stop the whole job with
+a clear error, after which ``--resume`` completes. Tiny models, a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from lmlab import distributed
+from lmlab.cli import _train_keys, build_parser
+from lmlab.data import sample_starts, step_generator, windows
+from lmlab.errors import LmlabError
+from lmlab.train import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 40
+# Constant learning rate (warmup 0, min-lr = lr): a 6-step run resumed to 12 steps then
+# follows the same schedule as a 12-step run.
+TINY = [
+    "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--max-seq-len", "32", "--seed", "5",
+    "--warmup", "0", "--lr", "3e-3", "--min-lr", "3e-3", "--precision", "fp32", "--device", "cpu",
+    "--no-progress",
+]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+#: A lost process stops the job within torchrun's 30 s SIGTERM->SIGKILL grace period (README).
+STOP_WITHIN_S = 60
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "LMLAB_CACHE": str(tmp_path_factory.getbasetemp() / "lmlab-cache"),
+    }
+
+
+def popen(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def finish(p: subprocess.Popen, timeout: float = 180) -> str:
+    _, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+    return err
+
+
+def lmlab_train(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmlab", "train", *args]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return 0
+
+
+def saved_step(out: Path) -> int:
+    return json.loads((out / "trainer_state.json").read_text())["step"]
+
+
+def wait_for_step(out: Path, n: int, p: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while (step := last_step(out)) < n:
+        if p.poll() is not None:
+            pytest.fail(f"the run ended (rc {p.returncode}) before step {n}: {p.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"the run never reached step {n}"
+        time.sleep(0.01)
+    return step
+
+
+def worker_pid(root: int, rank: int) -> int:
+    """The pid of torchrun's worker of global ``rank`` among ``root``'s descendants."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            environ = []
+        if b"LOCAL_RANK=%d" % rank in environ and b"RANK=%d" % rank in environ:
+            return pid
+        todo += children.get(pid, [])
+    raise AssertionError(f"no worker of rank {rank} under pid {root}")
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+# --------------------------------------------------------------------------- 2 processes = 1 process
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus: Path, env: dict[str, str]) -> dict[str, Path]:
+    """6 steps of batch 8 on 1 process (one), on 1 process in 2 micro-steps (acc) and on
+    2 processes under torchrun (two), snapshotted; then one and two resumed on 1 process
+    to step 12."""
+    root = tmp_path_factory.mktemp("ddp")
+    common = [*TINY, "--data", str(corpus), "--batch-size", "8", "--eval-every", "3", "--eval-batches", "3"]
+    one = popen(lmlab_train(*common, "--steps", "6", "--out", str(root / "one")), env)
+    acc = popen(lmlab_train(*common, "--steps", "6", "--grad-accum", "2", "--out", str(root / "acc")), env)
+    two = popen([*TORCHRUN, "-m", "lmlab", "train", *common, "--steps", "6", "--out", str(root / "two")], env)
+    finish(one)
+    finish(acc)
+    (root / "two.err").write_text(finish(two))
+    for name in ("one", "two"):  # the step-6 files, before the resumed runs replace them
+        snap = root / f"{name}-6"
+        snap.mkdir()
+        for f in ("model.safetensors", "metrics.jsonl"):
+            shutil.copy(root / name / f, snap / f)
+    resumed = [popen(lmlab_train("--resume", str(root / n), "--steps", "12"), env) for n in ("one", "two")]
+    for p in resumed:
+        finish(p)
+    return {"root": root, "one": root / "one-6", "two": root / "two-6", "acc": root / "acc"}
+
+
+def test_two_processes_reach_the_weights_of_one(runs: dict[str, Path]) -> None:
+    one, two = runs["one"], runs["two"]
+    err = (runs["root"] / "two.err").read_text()
+    assert "batch 8 sequences per step = 2 processes × 1 micro-step × 4 sequences (DDP, gloo)" in err
+    assert err.count("lmlab: trained 6 steps") == 1  # rank 0 alone reports
+    # Same tensor names, none with DDP's `module.` prefix; same values within 1e-5.
+    with safe_open(str(two / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not [n for n in names if n.startswith(("module.", "_orig_mod."))]
+    assert_same_weights(one, two, atol=1e-5)
+    # One metrics line per step (rank 0 alone writes), the same global losses, and the
+    # validation loss averaged over the ranks equals the one-process value.
+    m1, m2 = metrics(one), metrics(two)
+    assert [r["step"] for r in m2] == list(range(1, 7))
+    for a, b in zip(m1, m2, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b.get("val_loss", 0) == pytest.approx(a.get("val_loss", 0), abs=1e-5)
+    assert [r["step"] for r in m2 if "val_loss" in r] == [3, 6]
+    assert m2[-1]["loss"] < m2[0]["loss"] - 0.1  # it did train
+
+
+def test_two_processes_equal_two_micro_steps_bit_for_bit(runs: dict[str, Path]) -> None:
+    """Rank r's share of the batch is micro-batch r of a 1-process run with --grad-accum 2,
+    and (g₀ + g₁)/2 = g₀/2 + g₁/2 exactly in floating point (halving is exact): the two
+    runs must agree in every bit, which a wrong split or a wrong average would break."""
+    two, acc = weights(runs["two"]), weights(runs["acc"])
+    assert two.keys() == acc.keys()
+    assert [k for k in two if not torch.equal(two[k], acc[k])] == []
+    assert [r["loss"] for r in metrics(runs["two"])] == [r["loss"] for r in metrics(runs["acc"])]
+
+
+def test_a_two_process_run_resumes_on_one_process(runs: dict[str, Path]) -> None:
+    """The data position is the step number and the optimizer state is rank 0's: a run
+    started on 2 processes continues on 1 as if it had been on 1 all along."""
+    root = runs["root"]
+    assert saved_step(root / "two") == 12
+    assert [r["step"] for r in metrics(root / "two")] == list(range(1, 13))
+    assert_same_weights(root / "one", root / "two", atol=1e-5)
+    # a 2-process checkpoint stores rank 1's RNG stream beside rank 0's
+    state = load_file(str(root / "two" / "training_state.safetensors"))
+    assert "rng.torch_cpu" in state
+
+
+# --------------------------------------------------------------------------- one step, in process
+def _trainer(tmp_path: Path, corpus: Path, **opts) -> Trainer:
+    cfg = TrainConfig(
+        data=str(corpus), out=str(tmp_path / "run"), steps=5, n_layer=2, n_head=2, d_model=32,
+        max_seq_len=32, seed=7, dropout=0.0, device="cpu", progress=False, **opts,
+    )  # fmt: skip
+    cfg.validate()
+    return Trainer(cfg)
+
+
+def test_each_rank_takes_its_share_of_each_micro_batch(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    """B = 8 windows, k = 2 micro-steps, W = 2 ranks: rank r's micro-step i reads windows
+    [4i + 2r, 4i + 2r + 2) of the step's one global draw; over the ranks, each once."""
+    tr = _trainer(tmp_path, corpus, batch_size=8, grad_accum=2)
+    tr.setup()
+    T = tr.seq_len
+    starts = sample_starts(len(tr.train_ids), T, 8, step_generator(7, 3))
+    seen: dict[int, list[torch.Tensor]] = {}
+    real_loss = Trainer._loss
+
+    def spy(self, x, y, *args):
+        seen.setdefault(self.dist.rank, []).append(x.clone())
+        return real_loss(self, x, y, *args)
+
+    monkeypatch.setattr(Trainer, "_loss", spy)
+    for r in range(2):  # the arithmetic of rank r of 2 (no process group: means are local)
+        tr.dist = distributed.Dist(device=torch.device("cpu"), rank=r, world_size=2)
+        tr.train_step(3)
+    for r in range(2):
+        for i in range(2):
+            want, _ = windows(tr.train_ids, starts[4 * i + 2 * r : 4 * i + 2 * r + 2], T)
+            assert torch.equal(seen[r][i], want), (r, i)
+    every = torch.cat([x for r in range(2) for x in seen[r]])
+    assert sorted(map(tuple, every.tolist())) == sorted(
+        map(tuple, windows(tr.train_ids, starts, T)[0].tolist())
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_accumulation_syncs_once_and_equals_one_big_batch(
+    tmp_path: Path, corpus: Path, monkeypatch
+) -> None:
+    """Under DDP (a real gloo group of one process), 4 micro-batches of 2 give the
+    gradient of one batch of 8 within 1e-6, and gradients are all-reduced only during
+    the last micro-step's backward (no_sync before it)."""
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    tr = _trainer(tmp_path, corpus, batch_size=8, grad_accum=4, grad_clip=0.0)
+    try:
+        tr.setup()
+        assert isinstance(tr.model, torch.nn.parallel.DistributedDataParallel) and tr.dist.backend == "gloo"
+        forwards = [0]
+        real_loss = Trainer._loss
+
+        def counting(self, x, y, *args):
+            forwards[0] += 1
+            return real_loss(self, x, y, *args)
+
+        monkeypatch.setattr(Trainer, "_loss", counting)
+        synced_after: list[int] = []
+
+        def hook(state, bucket):  # DDP's all-reduce of one gradient bucket
+            synced_after.append(forwards[0])
+            return default_hooks.allreduce_hook(None, bucket)
+
+        tr.model.register_comm_hook(None, hook)
+        grads: dict[str, torch.Tensor] = {}
+        model = tr.model.module
+        tr.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        accum_loss = tr.train_step(3)
+        assert synced_after and set(synced_after) == {4}, synced_after  # only in the 4th backward
+    finally:
+        tr.close()
+    assert not torch.distributed.is_initialized()
+
+    T = 32  # the reference: the same 8 windows as one batch, loss computed here
+    x, y = windows(tr.train_ids, sample_starts(len(tr.train_ids), T, 8, step_generator(7, 3)), T)
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(x)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    ref.backward()
+    assert accum_loss == pytest.approx(ref.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)
+
+
+def test_batch_must_split_evenly_over_processes_and_micro_steps(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    TrainConfig(out="x", batch_size=8, grad_accum=2).validate()  # 8 = 2 processes × 2 × 2
+    with pytest.raises(LmlabError, match=r"--batch-size 6 \(the global batch\).*2 processes.*multiple of 4"):
+        TrainConfig(out="x", batch_size=6, grad_accum=2).validate()
+    with pytest.raises(LmlabError, match="--nproc starts torchrun itself"):
+        distributed.launch(["--out", "x"], 2)
+
+
+def test_nproc_relaunches_the_same_command() -> None:
+    """`lmlab train --nproc N ...` hands torchrun flags that parse back to the same options."""
+    ap = build_parser()
+    argv = ["train", "--out", "o", "--no-bias", "--stateful", "--lr", "1e-3", "--no-progress",
+            "--overwrite", "--time", "5m", "--model", "lstm", "--nproc", "2"]  # fmt: skip
+    a = ap.parse_args(argv)
+    opts = {k: getattr(a, k) for k in _train_keys() if getattr(a, k, None) is not None}
+    sub = next(x for x in ap._actions if x.dest == "command").choices["train"]
+    again = ap.parse_args(["train", *distributed.train_argv(opts, sub)])
+    assert again.nproc is None
+    assert {k: getattr(again, k) for k in _train_keys() if getattr(again, k, None) is not None} == opts
+    assert opts["bias"] is False and opts["stateful"] is True and opts["progress"] is False
+
+
+# --------------------------------------------------------------------------- signals and a lost process
+def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
+    tmp_path: Path, corpus: Path, env: dict[str, str]
+) -> None:
+    out = tmp_path / "run"
+    args = [*TINY, "--data", str(corpus), "--batch-size", "4", "--eval-every", "1000", "--save-every", "5"]
+
+    # SIGTERM to rank 1 alone: every rank stops after the same step; rank 0 saves it.
+    p = popen([*TORCHRUN, "-m", "lmlab", "train", *args, "--steps", "100000", "--out", str(out)], env)
+    wait_for_step(out, 8, p)
+    os.kill(worker_pid(p.pid, 1), signal.SIGTERM)
+    err = finish(p, timeout=STOP_WITHIN_S)
+    n = saved_step(out)
+    assert f"terminated: saved the checkpoint at step {n}" in err
+    assert last_step(out) == n
+
+    # `lmlab train --nproc 2 --resume`; then SIGKILL rank 1: the whole job stops, clearly.
+    p = popen(lmlab_train("--resume", str(out), "--nproc", "2"), env)
+    wait_for_step(out, n + 12, p)  # past a save at a multiple of 5
+    os.kill(worker_pid(p.pid, 1), signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=STOP_WITHIN_S)
+    assert time.monotonic() - t0 < STOP_WITHIN_S
+    assert p.returncode == 2, err[-3000:]
+    assert "lmlab: error: another training process stopped or cannot be reached" in err  # rank 0
+    assert "Signal 9 (SIGKILL)" in err  # torchrun's report names the lost process
+    assert "the 2-process run failed (torchrun exit status 1" in err
+    assert f"lmlab train --resume {out}" in err
+    s = saved_step(out)
+    assert s >= n + 5
+
+    # --resume from the last checkpoint completes (here on one process).
+    finish(popen(lmlab_train("--resume", str(out), "--steps", str(s + 3)), env))
+    assert saved_step(out) == s + 3
+    assert [r["step"] for r in metrics(out)] == list(range(1, s + 4))
