@@ -87,7 +87,7 @@ def main() -> None:
     print(f"\n1 process : {one:,.0f} tokens/s (median step)")
     print(f"2 processes: {two:,.0f} tokens/s")
     print(f"scaling efficiency = {two:,.0f} / (2 x {one:,.0f}) = {two / (2 * one):.2f}")
-    print(f"largest difference of the per-step losses, 1 vs 2 processes: {drift:.2e}")
+    print(f"largest per-step loss difference, 1 vs 2 processes (float rounding, amplified): {drift:.2e}")
 
 
 if __name__ == "__main__":

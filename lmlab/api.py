@@ -150,6 +150,11 @@ class Model:
         return logits
 
     def save(self, path: str | Path) -> Path:
+        if getattr(self.module, "quantization", None):
+            raise LmlabError(
+                f"this model is {self.module.quantization}-quantized and lmlab saves float checkpoints "
+                "only; save the float model and quantize when loading (lmlab.load(path, quantize=...))"
+            )
         return write_checkpoint(path, self.module, self.tokenizer, self.generation_config)
 
     def __repr__(self) -> str:
@@ -162,17 +167,26 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
+    quantize: str | None = None,
 ) -> Model:
     """Load an lmlab checkpoint folder. dtype defaults to float32 on CPU.
 
     Anything that is not an lmlab checkpoint (a Hugging Face model folder, a Hub id)
     goes to :func:`lmlab.hf.load_hf`; ``allow_pickle`` lets it read a pickle
-    ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``).
+    ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``). ``quantize="int8"``
+    stores the linear layers' weights in int8 (see :mod:`lmlab.quantize`): faster CPU
+    decoding, logits within about 1% of the float model's.
     """
+    from lmlab.quantize import quantize_model, resolve_quantize
+
+    method = resolve_quantize(quantize)  # a bad value fails before anything is read
     if not is_lmlab_checkpoint(Path(path)) and _looks_foreign(path):
         from lmlab.hf import load_hf
 
-        return load_hf(str(path), dtype=dtype, device=device, allow_pickle=allow_pickle)
+        model = load_hf(str(path), dtype=dtype, device=device, allow_pickle=allow_pickle)
+        if method is not None:
+            quantize_model(model.module, method)
+        return model
     cfg, tensors, tok, gen = read_checkpoint(path)
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     dt = resolve_dtype(dtype) or torch.float32
@@ -184,6 +198,8 @@ def load(
     _reinit_buffers(module)
     load_weights(module, tensors, str(path))
     module = module.to(device=dev, dtype=dt)
+    if method is not None:
+        quantize_model(module, method)
     return Model(module, tok, gen, source=str(path))
 
 

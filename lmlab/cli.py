@@ -175,6 +175,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object per sequence (text, tokens, finish reason)"
     )
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
+    p.add_argument("--quantize", default=None, metavar="METHOD", help="int8: int8 weights (faster on CPU)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print at the end")
     _pickle_flag(p)
@@ -301,7 +302,9 @@ def _report_train(res) -> None:
 def cmd_generate(a: argparse.Namespace) -> int:
     import lmlab
 
-    model = lmlab.load(a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle)
+    model = lmlab.load(
+        a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize
+    )
     opts = {k: getattr(a, k) for k in GENERATION_KEYS if getattr(a, k, None) is not None}
     if "early_stopping" in opts and opts["early_stopping"] != "never":
         opts["early_stopping"] = opts["early_stopping"] == "true"

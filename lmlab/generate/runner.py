@@ -83,6 +83,9 @@ class Runner:
         self.next_pos: Tensor | None = None  # (N,) the position of each row's next token
         self.sliding = False
         self.warned = False
+        prepare = getattr(model, "prepare_decoding", None)
+        if prepare is not None:  # decoding kernels (a Transformer on the CPU: oneDNN matmuls)
+            prepare()
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:

@@ -20,7 +20,7 @@ from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
 from lmlab.nn.attention import CausalSelfAttention, KVCache
-from lmlab.nn.layers import MLP, make_norm
+from lmlab.nn.layers import MLP, Linear, make_norm, set_fast_linear
 from lmlab.nn.positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
 
@@ -73,14 +73,14 @@ class Transformer(LanguageModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         if self.tok_emb.weight.device.type != "meta":  # on meta, weights come from a file
             self.reset_parameters()
 
     def tie_weights(self) -> None:
         """Share the output layer with the input embedding (Press & Wolf 2017)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and isinstance(self.lm_head, nn.Linear):  # (not int8: its own copy)
             self.lm_head.weight = self.tok_emb.weight
 
     # ------------------------------------------------------------------ init
@@ -105,6 +105,16 @@ class Transformer(LanguageModel):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, LearnedPositions):
                 nn.init.normal_(m.weight, 0.0, std)
+
+    # ------------------------------------------------------------------ decoding
+    #: decode with the CPU decoding kernels (set False to decode on the plain path)
+    fast_decoding: bool = True
+
+    def prepare_decoding(self) -> None:
+        """Called by the decoding loop before it starts. On the CPU, with ``fast_decoding``,
+        every matrix product runs on oneDNN (see :class:`~lmlab.nn.layers.Linear`): the same
+        function, logits equal to float rounding."""
+        set_fast_linear(self, self.fast_decoding and self.device.type == "cpu")
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.nn.layers import Linear
 from lmlab.nn.positional import apply_rope
 
 
@@ -88,8 +89,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.use_rope = use_rope
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(n_head * head_dim, d_model, bias=proj_bias)
+        self.qkv = Linear(d_model, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
+        self.proj = Linear(n_head * head_dim, d_model, bias=proj_bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.fast = True  # False: use the explicit path (slower, same result)
 

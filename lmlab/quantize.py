@@ -1,0 +1,137 @@
+"""Weight-only int8 quantization of a model's linear layers, for faster CPU decoding.
+
+Decoding reads every weight once per token, so a weight stored in one byte instead of four
+(fp32) or two (bf16) is read 4× or 2× faster. Each output channel (row o of W) gets its
+own scale, symmetric around zero:
+
+    s_o  = max_i |W_oi| / 127
+    q_oi = round(W_oi / s_o)  ∈ [-127, 127]          (int8)
+    W_oi ≈ s_o · q_oi                                 error ≤ s_o / 2 per weight
+
+and y = x Wᵀ + b ≈ (x qᵀ) ⊙ s + b: the scale is applied to the output, once per channel.
+Activations stay in floating point (weight-only: no calibration data needed). On the CPU
+the product runs on PyTorch's int8-weight kernel (``torch._weight_int8pack_mm``, which
+takes bfloat16 activations); elsewhere, or without that kernel, the weight is dequantized
+on the fly and multiplied with ``F.linear`` — the formula above, spelled out.
+
+    model = lmlab.load("gpt2", quantize="int8")        # or: lmlab generate gpt2 --quantize int8
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.errors import LmlabError
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with int8 weights and one float32 scale per output channel.
+
+    Buffers: ``qweight`` (out, in) int8, ``scale`` (out,) float32, ``bias`` (out,) or None,
+    in the dtype of the layer it replaced. Inference only (nothing here has a gradient).
+    """
+
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.register_buffer("_ones", torch.ones(qweight.shape[0], dtype=torch.bfloat16), persistent=False)
+        # False: always the dequantize-and-multiply path. The CPU kernel reads the input dimension
+        # 16 values at a time and has no tail: other widths give wrong sums or crash (torch 2.13)
+        self.fast = self.in_features % 16 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "") -> QuantLinear:
+        w = linear.weight.detach().float()
+        if not torch.isfinite(w).all():
+            raise LmlabError(
+                f"layer {name or 'linear'} has NaN or infinite weights; int8 quantization needs finite "
+                "weights (check the checkpoint, or load it without --quantize)"
+            )
+        q, scale = quantize_rows(w)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scale, bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W ≈ s_o · q_oi, as a (out, in) float tensor."""
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and x.device.type == "cpu" and _int8_kernel_works():
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+            # x qᵀ with unit scales (the kernel's bf16 scales would round s_o), then ⊙ s in fp32
+            ones = self._ones.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2, self.qweight, ones).float() * self.scale.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, s) with W_oi ≈ s_o · q_oi, symmetric per row. A row of zeros gets s_o = 1 (q = 0)."""
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # s_o = max_i |W_oi| / 127
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.float()
+
+
+def quantize_model(module: nn.Module, method: str = "int8") -> nn.Module:
+    """Replace every ``nn.Linear`` of ``module`` (in place) by its :class:`QuantLinear`.
+
+    Embedding tables stay in floating point: a token reads one row of them. A tied output
+    layer gets its own int8 copy (the input embedding keeps the float one). Returns ``module``.
+    """
+    method = resolve_quantize(method)
+    if method is None:
+        return module
+    if any(isinstance(m, QuantLinear) for m in module.modules()):
+        raise LmlabError("this model is already quantized; quantize a floating-point model once")
+    targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:
+        raise LmlabError(f"{type(module).__name__} has no linear layers to quantize")
+    with torch.inference_mode(False), torch.no_grad():
+        for name, lin in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, QuantLinear.from_linear(lin, name).to(lin.weight.device))
+    module.quantization = method
+    return module
+
+
+def resolve_quantize(method: str | None) -> str | None:
+    """'int8' -> 'int8'; None or 'none' -> None; anything else is a one-line error."""
+    if method is None or method == "none":
+        return None
+    if method not in QUANTIZE_CHOICES:
+        raise LmlabError(f"unknown quantization {method!r}; lmlab implements weight-only 'int8' (or 'none')")
+    return method
+
+
+_INT8_OK: bool | None = None
+
+
+def _int8_kernel_works() -> bool:
+    """``torch._weight_int8pack_mm`` exists and agrees with the formula on a small product."""
+    global _INT8_OK
+    if _INT8_OK is None:
+        _INT8_OK = False
+        if hasattr(torch, "_weight_int8pack_mm"):
+            try:
+                q = torch.arange(-16, 16, dtype=torch.int8).reshape(2, 16)  # 16 wide: see ``fast``
+                x = torch.linspace(-1, 1, 16, dtype=torch.bfloat16)[None]
+                got = torch._weight_int8pack_mm(x, q, torch.ones(2, dtype=torch.bfloat16)).float()
+                _INT8_OK = torch.allclose(got, x.float() @ q.float().T, rtol=1e-2)  # bf16 output
+            except (RuntimeError, NotImplementedError):
+                _INT8_OK = False
+    return _INT8_OK

@@ -1,0 +1,179 @@
+"""The CPU decoding fast path (oneDNN linear layers) computes what the plain path computes.
+
+References: ``F.linear`` (PyTorch's own op) for single layers; the same model with
+``fast_decoding = False`` (plain ``F.linear`` everywhere) for whole models — fp32 logits
+within 1e-5 and identical greedy tokens, alone, in batches with left padding, and in beam
+search; Hugging Face ``generate`` on the same imported GPT-2 weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.generate import GenerationConfig, beam_search, sample
+from lmlab.nn import layers
+from lmlab.nn.layers import Linear, set_fast_linear
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.skipif(not layers._fast_linear_works(), reason="no oneDNN linear in this build")
+
+LLAMA = dict(pos="rope", norm="rmsnorm", activation="silu", gated_mlp=True, n_kv_head=1, d_model=64, n_head=4)
+GPT2 = dict(
+    pos="learned", norm="layernorm", norm_bias=True, activation="gelu_tanh", gated_mlp=False,
+    qkv_bias=True, proj_bias=True, mlp_bias=True, d_model=48, n_head=3,
+)  # fmt: skip
+
+
+def fast_linear(in_f: int, out_f: int, bias: bool = True, dtype=torch.float32) -> Linear:
+    torch.manual_seed(0)
+    lin = Linear(in_f, out_f, bias=bias).to(dtype)
+    assert set_fast_linear(lin) == 1
+    return lin
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 40), (3, 5, 40), (8, 1, 40)])
+def test_linear_fast_path_equals_f_linear(shape, bias):
+    lin = fast_linear(40, 72, bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = lin(x)
+    assert got.shape == (*shape[:-1], 72)
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_fast_path_takes_non_contiguous_input():
+    lin = fast_linear(40, 24)
+    x = torch.randn(2, 40, 6).transpose(1, 2)  # (2, 6, 40), strided
+    with torch.inference_mode():
+        got = lin(x)
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_bf16_packed_copy_follows_weight_changes():
+    """bf16 multiplies a blocked copy of W; changing W in place (an optimizer step, a
+    load_state_dict) must not leave the layer computing with the old copy."""
+    lin = fast_linear(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    for change in range(3):
+        with torch.no_grad():
+            got = lin(x).float()
+            want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+            torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+            if change == 0:
+                lin.weight.mul_(-2.0)  # in place, as an optimizer step
+            elif change == 1:
+                lin.load_state_dict({"weight": torch.randn(32, 64), "bias": torch.zeros(32)})
+
+
+def test_linear_uses_plain_path_with_autograd():
+    lin = fast_linear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = lin(x)  # grad enabled: F.linear, differentiable
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 16))
+    assert lin.weight.grad is not None
+
+
+def test_fast_path_off_when_onednn_is_missing(monkeypatch):
+    monkeypatch.setattr(layers, "_FAST_OK", False)
+    lin = Linear(8, 4)
+    assert set_fast_linear(lin) == 0 and not lin.fast
+
+
+# --------------------------------------------------------------------------- whole models
+def logits_both_paths(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        model.fast_decoding = False
+        model.prepare_decoding()
+        plain, _ = model(ids)
+        model.fast_decoding = True
+        model.prepare_decoding()
+        fast, _ = model(ids)
+    return plain, fast
+
+
+@pytest.mark.parametrize("family", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_model_logits_fast_equal_plain(family):
+    model = tiny_model(97, max_seq_len=64, **family)
+    ids = torch.randint(0, 97, (2, 20))
+    plain, fast = logits_both_paths(model, ids)
+    assert any(m.fast for m in model.modules() if isinstance(m, Linear))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def greedy(model, prompts, fast: bool, **options) -> list[list[int]]:
+    model.fast_decoding = fast
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0, **options)
+    rows: list[list[int]] = [[] for _ in prompts]
+    for choices in sample(model, prompts, cfg, [None] * len(prompts)):
+        for c in choices:
+            rows[c.row].append(c.token)
+    return rows
+
+
+@pytest.mark.parametrize("family", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_greedy_tokens_fast_equal_plain_with_left_padding(family):
+    model = tiny_model(97, max_seq_len=64, **family)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42, 43]]  # different lengths: left padding
+    plain = greedy(model, prompts, fast=False)
+    fast = greedy(model, prompts, fast=True)
+    assert all(len(r) == 24 for r in fast)
+    assert fast == plain
+    alone = [greedy(model, [p], fast=True)[0] for p in prompts]
+    assert alone == fast  # each row as if alone
+
+
+def test_beam_search_fast_equals_plain():
+    model = tiny_model(97, max_seq_len=64, **GPT2)
+    cfg = GenerationConfig(max_new_tokens=10, num_beams=3, temperature=0)
+    out = {}
+    for fast in (False, True):
+        model.fast_decoding = fast
+        out[fast] = [[h.tokens for h in hyps] for hyps in beam_search(model, [[1, 2, 3]], cfg)]
+    assert out[True] == out[False]
+
+
+def test_fast_decoding_leaves_training_intact():
+    """After decoding, a training step still differentiates through every layer."""
+    model = tiny_model(97, **GPT2)
+    greedy(model, [[1, 2, 3]], fast=True)
+    model.train()
+    logits, _ = model(torch.randint(0, 97, (2, 8)))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_imported_gpt2_greedy_equals_hugging_face(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import lmlab
+    from tests.helpers import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=48, n_layer=2, n_head=3
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(8.0)  # peaked logits: greedy choices far from rounding ties
+    hf.save_pretrained(tmp_path / "gpt2")
+    tok.save(str(tmp_path / "gpt2" / "tokenizer.json"))
+    model = lmlab.load(str(tmp_path / "gpt2"))
+    prompt = "To be, or not"
+    ids = torch.tensor([model.encode(prompt)])
+    mine = model.generate_ids(prompt, max_new_tokens=20, temperature=0, eos_token_id=[])
+    assert any(m.fast for m in model.module.modules() if isinstance(m, Linear))
+    with torch.no_grad():
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=20,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert mine == ref[0, ids.shape[1] :].tolist()

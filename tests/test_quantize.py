@@ -1,0 +1,163 @@
+"""Weight-only int8 quantization (lmlab.quantize).
+
+References: hand-computed scales and codes; the dequantize-and-multiply formula written
+out in the test with float math; the float model's logits and greedy tokens.
+Tolerance for a quantized model's logits: rms error ≤ 3% of the logits' standard
+deviation, and at most a few percent of the argmaxes flipped, on a small random model
+(each weight is off by at most half a quantization step, s_o/2 = max_i|W_oi|/254).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lmlab
+from lmlab.errors import LmlabError
+from lmlab.quantize import QuantLinear, _int8_kernel_works, quantize_model, quantize_rows
+from tests.helpers import tiny_checkpoint, tiny_model
+
+LLAMA = dict(pos="rope", norm="rmsnorm", activation="silu", gated_mlp=True, n_kv_head=2, d_model=64, n_head=4)
+
+
+def test_quantize_rows_by_hand():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [2.54, 1.27, -0.01]])
+    q, s = quantize_rows(w)
+    # row 0: s = 1/127, q = round(127·w) = [63.5 -> 64 (half to even), -127, 31.75 -> 32]
+    # row 1: all zero -> s = 1, q = 0;  row 2: s = 0.02, q = [127, 63.5 -> 64, -0.5 -> -0]
+    torch.testing.assert_close(s, torch.tensor([1 / 127, 1.0, 0.02]))
+    assert q.dtype == torch.int8
+    assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, 0]]
+
+
+def test_quantization_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * torch.rand(64, 1) * 3  # rows of different ranges
+    q, s = quantize_rows(w)
+    err = (q.float() * s[:, None] - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-7).all()
+    assert q.abs().max() == 127
+
+
+@pytest.mark.parametrize("in_features", [64, 40])  # 40: not a multiple of 16, the formula path
+@pytest.mark.parametrize("bias", [True, False])
+def test_quant_linear_equals_dequantized_formula(in_features, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(in_features, 24, bias=bias)
+    ql = QuantLinear.from_linear(lin)
+    assert ql.fast == (in_features % 16 == 0)
+    x = torch.randn(3, 5, in_features)
+    with torch.inference_mode():
+        got = ql(x)
+    s = lin.weight.detach().abs().amax(1) / 127  # written out: W ≈ s ⊙ round(W / s)
+    w_hat = torch.round(lin.weight.detach() / s[:, None]) * s[:, None]
+    want = F.linear(x, w_hat, None if lin.bias is None else lin.bias.detach())
+    assert got.shape == want.shape and got.dtype == x.dtype
+    # the kernel takes bf16 activations and returns bf16 sums: ~0.4% relative rounding
+    torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+    torch.testing.assert_close(ql.dequantize(), w_hat)
+
+
+@pytest.mark.skipif(not _int8_kernel_works(), reason="no int8 CPU kernel in this build")
+def test_fast_and_formula_paths_agree():
+    torch.manual_seed(1)
+    ql = QuantLinear.from_linear(nn.Linear(96, 50))
+    x = torch.randn(7, 96)
+    with torch.inference_mode():
+        fast = ql(x)
+        ql.fast = False
+        slow = ql(x)
+    torch.testing.assert_close(fast, slow, atol=2e-2 * slow.abs().max().item(), rtol=1e-2)
+
+
+def quantized_pair(**options):
+    model = tiny_model(97, max_seq_len=64, **options)
+    q = quantize_model(tiny_model(97, max_seq_len=64, **options))
+    return model, q
+
+
+@pytest.mark.parametrize("family", [{}, LLAMA], ids=["default", "llama"])
+def test_quantized_model_logits_close_and_greedy_mostly_equal(family):
+    model, q = quantized_pair(d_model=64, n_head=4, **family)
+    assert all(not isinstance(m, nn.Linear) for m in q.modules())
+    assert isinstance(q.tok_emb, nn.Embedding) and q.tok_emb.weight.dtype == torch.float32
+    ids = torch.randint(0, 97, (4, 32))
+    with torch.inference_mode():
+        a, _ = model(ids)
+        b, _ = q(ids)
+    rel = (a - b).pow(2).mean().sqrt() / a.std()
+    assert 0 < rel < 0.03
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+
+    from lmlab.generate import generate_tokens
+    from lmlab.generate.config import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0)
+    ref = list(generate_tokens(model, [1, 2, 3], cfg))
+    got = list(generate_tokens(q, [1, 2, 3], cfg))
+    assert sum(x == y for x, y in zip(ref, got)) >= 15  # mostly equal: a near-tie may flip
+
+
+def test_tied_output_layer_gets_its_own_int8_copy():
+    model, q = quantized_pair(d_model=32)
+    assert model.config.tie_embeddings
+    assert isinstance(q.lm_head, QuantLinear)
+    half_step = q.lm_head.scale[:, None] / 2  # |s_o·q_oi - W_oi| ≤ s_o/2
+    assert ((q.lm_head.dequantize() - q.tok_emb.weight.detach()).abs() <= half_step + 1e-6).all()
+    q.tie_weights()  # must not put a float weight back on the int8 layer
+    assert isinstance(q.lm_head, QuantLinear) and "weight" not in dict(q.lm_head.named_parameters())
+
+
+def test_load_quantize_int8_and_generate(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
+    fp = lmlab.load(ckpt)
+    q8 = lmlab.load(ckpt, quantize="int8")
+    assert isinstance(q8.module.lm_head, QuantLinear)
+    text = q8.generate("To be", max_new_tokens=12, temperature=0)
+    assert isinstance(text, str) and text
+    ids = fp.encode("To be, or not to be")
+    a, b = fp.logits(ids), q8.logits(ids)
+    assert (a - b).pow(2).mean().sqrt() / a.std() < 0.03
+
+
+@pytest.mark.parametrize("bad", ["int4", "INT8", "fp8", ""])
+def test_bad_quantize_value_is_a_clear_error(tmp_path, bad):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
+    with pytest.raises(LmlabError, match="unknown quantization"):
+        lmlab.load(ckpt, quantize=bad)
+
+
+def test_non_finite_weights_refused():
+    model = tiny_model(50, d_model=32)
+    with torch.no_grad():
+        model.blocks[1].mlp.up.weight[3, 5] = float("nan")
+    with pytest.raises(LmlabError, match=r"blocks\.1\.mlp\.up has NaN or infinite"):
+        quantize_model(model)
+
+
+def test_quantize_twice_and_save_quantized_refused(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
+    q8 = lmlab.load(ckpt, quantize="int8")
+    with pytest.raises(LmlabError, match="already quantized"):
+        quantize_model(q8.module)
+    with pytest.raises(LmlabError, match="saves float checkpoints only"):
+        q8.save(tmp_path / "out")
+
+
+def test_cli_generate_quantize(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
+    expected = lmlab.load(ckpt, quantize="int8").generate("To be", max_new_tokens=8, temperature=0)
+    run = [sys.executable, "-m", "lmlab", "generate", str(ckpt), "--prompt", "To be"]
+    run += ["--max-new-tokens", "8", "--temperature", "0"]
+    ok = subprocess.run([*run, "--quantize", "int8"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == expected + "\n"
+    bad = subprocess.run([*run, "--quantize", "int4"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("lmlab: error: unknown quantization 'int4'")
+    assert "Traceback" not in bad.stderr
