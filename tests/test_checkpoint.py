@@ -36,16 +36,6 @@ TEXT = "the quick brown fox jumps over the lazy dog.\nPACK MY BOX WITH FIVE DOZE
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared machine OpenMP's
-    spin-waiting worker threads make each training step up to ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(version: float | None = None, **overrides: int) -> nn.Module:
     """A 2-layer Transformer; with ``version``, every parameter is set to that constant."""
     tok = train_char_tokenizer([TEXT])

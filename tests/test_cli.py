@@ -27,16 +27,6 @@ from lmlab.checkpoint import read_checkpoint
 CTX = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
-    two OpenMP threads make each forward ~100x slower; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
     env = {
         **os.environ,

@@ -54,14 +54,6 @@ PROMPTS = ["First Citizen", "All: Speak, speak. You are", "we"]
 CTX = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- tiny HF models
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):

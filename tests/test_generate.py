@@ -30,16 +30,6 @@ from lmlab.generate import (
 CTX = 16  # a small context, so that going beyond it is cheap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
-    two OpenMP threads make each forward ~100x slower; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """``ckpt(kind, pos)`` -> a tiny random checkpoint folder, built once per module."""

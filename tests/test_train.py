@@ -54,16 +54,6 @@ SMALL_ARGS = [
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy shared machine OpenMP's
-    spin-waiting worker threads make each training step up to ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
