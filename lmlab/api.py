@@ -42,7 +42,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LmlabError(f"unknown device {device!r}; use cpu, cuda, mps or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LmlabError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -208,6 +211,8 @@ def _looks_foreign(path: str | Path) -> bool:
     p = Path(path)
     if p.is_dir():
         return (p / "config.json").is_file()
+    if not p.exists() and str(p.parent) not in ("", ".") and p.parent.is_dir():
+        return False  # 'runs/typo': a local folder that is missing, not a Hub id
     return not p.exists() and not str(path).startswith((".", "/", "~")) and str(path).count("/") <= 1
 
 

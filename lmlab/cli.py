@@ -98,7 +98,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for one run per model, report.md and its charts")
     p.add_argument("--models", default="rnn,gru,lstm,gpt", help="comma-separated (default rnn,gru,lstm,gpt)")
     p.add_argument("--time", help="training time per model, e.g. 5m (default 5m)")
-    p.add_argument("--tokens", type=int, help="or a budget of training tokens per model (steps x batch x window)")
+    p.add_argument(
+        "--tokens", type=int, help="or a budget of training tokens per model (steps x batch x window)"
+    )
     p.add_argument("--tokenizer", default="char", help="char (default), bpe, or a tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (4096)")
     p.add_argument("--seed", type=int, default=1337)
@@ -285,7 +287,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if distributed.is_main():  # under torchrun, rank 0 reports for the job
         _report_train(res)
-    return 0
+    # Stopped by Ctrl-C or SIGTERM (after saving): exit as the signal would, so that
+    # `lmlab train ... && next-step` and job schedulers see the run did not finish.
+    # (Under torchrun the workers exit 0 and the launcher reports the signal.)
+    if distributed.launched():
+        return 0
+    return {"interrupted": 130, "terminated": 143}.get(res.stop_reason or "", 0)
 
 
 def _report_train(res) -> None:

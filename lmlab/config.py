@@ -16,7 +16,7 @@ from lmlab.errors import LmlabError
 
 POSITIONS = ("sinusoidal", "learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "silu", "relu")
 RECURRENT = ("rnn", "gru", "lstm")
 
 
@@ -38,7 +38,7 @@ class TransformerConfig:
     norm: str = "rmsnorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_bias: bool = False  # LayerNorm bias (GPT-2 has one)
-    activation: str = "silu"  # gelu | gelu_tanh | silu | relu
+    activation: str = "silu"  # gelu | gelu_tanh | gelu_new (tanh, unfused: GPT-2) | silu | relu
     gated_mlp: bool = True  # SwiGLU/GeGLU: down(act(gate(x)) * up(x))
     qkv_bias: bool = False
     proj_bias: bool = False  # attention output projection

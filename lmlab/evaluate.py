@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from lmlab.api import Model
 from lmlab.data import load_corpus
 from lmlab.errors import LmlabError
+from lmlab.tokenizer import UNK, tokenizer_kind
 
 
 @torch.inference_mode()
@@ -25,8 +27,18 @@ def evaluate_corpus(
     """Every token of ``data`` after the first is predicted once, in consecutive
     windows of the model's context (the first token of each window from a fresh
     context, as is usual for fixed-context models)."""
+    if batch_size <= 0:
+        raise LmlabError(f"--batch-size must be positive (got {batch_size})")
     corpus = load_corpus(data, model.tokenizer, encoding_errors)
     ids = np.asarray(corpus.ids, dtype=np.int64)
+    unk = model.tokenizer.token_to_id(UNK) if tokenizer_kind(model.tokenizer) == "char" else None
+    if unk is not None and bool((ids == unk).any()):
+        n = int((ids == unk).sum())
+        warnings.warn(
+            f"{n:,} characters of {data} are not in the model's vocabulary and count as {UNK}; "
+            "the loss on them says little",
+            stacklevel=2,
+        )
     if len(ids) < 2:
         raise LmlabError(f"{data} has {len(ids)} token(s); evaluation needs at least 2")
     T = getattr(model.config, "max_seq_len", 256)

@@ -63,15 +63,16 @@ class QuantLinear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast and x.device.type == "cpu" and _int8_kernel_works():
+        if self.fast and x.device.type == "cpu" and x.numel() > 0 and _int8_kernel_works():
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
             # x qᵀ with unit scales (the kernel's bf16 scales would round s_o), then ⊙ s in fp32
             ones = self._ones.to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(x2, self.qweight, ones).float() * self.scale.float()
+            y = torch._weight_int8pack_mm(x2, self.qweight, ones).float() * self.scale.float()  # (x qᵀ) ⊙ s
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        # the formula: y = x Ŵᵀ + b with Ŵ = s ⊙ q, dequantized for this call
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -90,6 +91,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     resume: str | None = None
+    extend_time: bool = False  # internal: --resume with --time T trains for T more
     init: str | None = None  # fine-tune from an lmlab checkpoint, a HF folder or a Hub id
     allow_pickle: bool = False  # with --init: accept a pickle .bin checkpoint (weights_only)
     overwrite: bool = False
@@ -217,6 +219,7 @@ class TrainResult:
     tokens_per_s: float
     loss_png: Path | None
     stopped_early: bool = False
+    stop_reason: str | None = None  # "interrupted" (SIGINT) or "terminated" (SIGTERM)
 
 
 class Trainer:
@@ -258,7 +261,12 @@ class Trainer:
                 )
             self.run.clear()
         if self.dist.is_main:
-            self.run.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LmlabError(
+                    f"cannot create --out {cfg.out} ({e.strerror}); choose another folder"
+                ) from None
         torch.manual_seed(cfg.seed)
 
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}
@@ -317,9 +325,22 @@ class Trainer:
         self.max_steps = self.state.get("max_steps") or cfg.steps
         if cfg.steps is not None and resuming:
             self.max_steps = cfg.steps  # --steps given again extends (or shortens) the run
+        self.time_budget = parse_duration(cfg.time) if cfg.time is not None else None
+        if resuming and cfg.extend_time and self.time_budget is not None:
+            self.max_steps = None  # measured again: T more seconds from here
+            self.time_budget += self.state.get("elapsed", 0.0)
         if self.max_steps is None and cfg.time is None:
             self.max_steps = 2000
-        self.time_budget = parse_duration(cfg.time) if cfg.time is not None else None
+        if resuming:
+            done = self.state["step"]
+            if self.max_steps is not None and done >= self.max_steps:
+                log(
+                    f"lmlab: {cfg.resume} is already at step {done} of {self.max_steps}: nothing to train "
+                    f"(give --steps N with N > {done}, or --time T, to continue)"
+                )
+            else:
+                total = self.max_steps if self.max_steps is not None else f"--time {cfg.time}"
+                log(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
         self.val_starts = (
             sample_starts(
                 len(self.val_ids),
@@ -689,6 +710,7 @@ class Trainer:
             tokens_per_s=tok_s,
             loss_png=png,
             stopped_early=self.stop_reason is not None,
+            stop_reason=self.stop_reason,
         )
 
     def _fix_steps_from_time(self, step: int, start_step: int, spent: float) -> None:
@@ -765,11 +787,28 @@ def train(**options: Any) -> TrainResult:
                 f"--resume {resume}: that run trains --model {stored.get('model')}, it cannot continue "
                 f"as --model {given['model']}; start a new run with --out DIR"
             )
-        allowed = {"steps", "time", "resume", "progress", "device", "out", "save_every", "eval_every"}
+        allowed = {"steps", "time", "resume", "progress", "device", "out", "save_every", "eval_every", "data"}
+        ignored = sorted(
+            k for k, v in given.items() if k not in allowed and v != stored.get(k) and k != "allow_pickle"
+        )
+        if ignored:
+            log(
+                "lmlab: warning: a resumed run keeps its stored settings; ignoring "
+                + ", ".join("--" + k.replace("_", "-") for k in ignored)
+            )
         stored.update({k: v for k, v in given.items() if k in allowed})
+        # A budget given again replaces the stored one: --steps N, or --time T more from now.
+        stored["extend_time"] = False
+        if "steps" in given:
+            stored["time"] = None
+        elif "time" in given:
+            stored["steps"] = None
+            stored["extend_time"] = True
         stored["out"] = given.get("out") or resume
         stored["resume"] = resume
         options = stored
+    else:
+        options = _absolute_paths(options)
     fields_ = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(options) - fields_)
     if unknown:
@@ -792,6 +831,21 @@ def train(**options: Any) -> TrainResult:
         ) from None
     finally:
         trainer.close()
+
+
+def _absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """Store paths absolute, so that --resume works from any folder."""
+    out = dict(options)
+    data = out.get("data")
+    if data is not None and str(data) != "builtin":
+        out["data"] = os.path.abspath(os.path.expanduser(str(data)))
+    tok = out.get("tokenizer")
+    if tok is not None and tok not in ("char", "bpe"):
+        out["tokenizer"] = os.path.abspath(os.path.expanduser(str(tok)))
+    init = out.get("init")
+    if init is not None and Path(str(init)).expanduser().exists():
+        out["init"] = os.path.abspath(os.path.expanduser(str(init)))
+    return out
 
 
 def _stored_train_config(folder: str) -> dict[str, Any]:

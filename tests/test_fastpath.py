@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 
 from lmlab.generate import GenerationConfig, beam_search, sample
 from lmlab.nn import layers
 from lmlab.nn.layers import Linear, set_fast_linear
-from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.skipif(not layers._fast_linear_works(), reason="no oneDNN linear in this build")
 
@@ -75,6 +75,16 @@ def test_linear_uses_plain_path_with_autograd():
     y.sum().backward()
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(3, 16))
     assert lin.weight.grad is not None
+
+
+def test_preparing_for_decoding_draws_no_random_numbers(monkeypatch):
+    """``torch.manual_seed(s)`` then generate must sample the same text on the first call
+    (when the kernels are probed and prepared) as on later ones."""
+    monkeypatch.setattr(layers, "_FAST_OK", None)  # probe again
+    model = tiny_model(97, **GPT2)
+    state = torch.get_rng_state()
+    model.prepare_decoding()
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_fast_path_off_when_onednn_is_missing(monkeypatch):
@@ -148,8 +158,9 @@ def test_fast_decoding_leaves_training_intact():
 
 def test_imported_gpt2_greedy_equals_hugging_face(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from helpers import bpe_tokenizer
+
     import lmlab
-    from tests.helpers import bpe_tokenizer
 
     tok = bpe_tokenizer()
     cfg = transformers.GPT2Config(

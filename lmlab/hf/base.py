@@ -19,16 +19,24 @@ from lmlab.errors import LmlabError
 
 # Hugging Face ``hidden_act`` / ``activation_function`` -> lmlab activation, and back.
 # gelu_new and gelu_pytorch_tanh are the same tanh approximation (Hendrycks & Gimpel 2016):
-#   0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)));  "gelu" is the exact x·Φ(x).
+#   0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)));  "gelu" is the exact x·Φ(x). transformers
+# computes gelu_new op by op and gelu_pytorch_tanh fused: in bf16 they round differently, so
+# each keeps its own lmlab name (bf16 greedy tokens then match transformers' exactly).
 ACT_IN = {
     "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
+    "gelu_new": "gelu_new",
     "gelu_pytorch_tanh": "gelu_tanh",
     "silu": "silu",
     "swish": "silu",
     "relu": "relu",
 }
-ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+ACT_OUT = {
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "gelu_new": "gelu_new",
+    "silu": "silu",
+    "relu": "relu",
+}
 
 
 @dataclass(frozen=True)
