@@ -14,18 +14,22 @@ def quickstart(out: str = "runs/quickstart", time: str = "3m") -> None:
     print(
         f"lmlab quickstart: training a small Transformer on the built-in corpus for {time}", file=sys.stderr
     )
-    res = train(data="builtin", out=out, time=time, overwrite=True, eval_every=100, save_every=250)
+    # lmlab's default recipe, with a 128-character context: code has longer structure.
+    res = train(
+        data="builtin", out=out, time=time, overwrite=True, max_seq_len=128, eval_every=100, save_every=250
+    )
     model = lmlab.load(out)
-    print("", file=sys.stderr)
+    vocab = model.tokenizer.get_vocab_size()
     if res.val_loss is not None:
+        ppl = math.exp(res.val_loss)
         print(
-            f"validation loss {res.val_loss:.4f}   perplexity {math.exp(res.val_loss):.2f}   "
-            f"(a uniform guess over {model.tokenizer.get_vocab_size()} characters: "
-            f"{model.tokenizer.get_vocab_size()})"
+            f"\nvalidation loss {res.val_loss:.4f} nats/character, perplexity {ppl:.2f}: as unsure as a "
+            f"uniform pick among {ppl:.0f} characters (a uniform guess over all {vocab} would score {vocab})"
         )
     prompts = ["def ", "import ", "class "]
     for i, p in enumerate(prompts):
-        text = model.generate(p, max_new_tokens=200, temperature=0.8, seed=i)
+        n = model.config.max_seq_len - len(model.encode(p))  # stay inside the context window
+        text = model.generate(p, max_new_tokens=n, temperature=0.8, seed=i)
         print(f"\n--- sample {i + 1} (prompt {p!r}, temperature 0.8, seed {i}) ---")
         print(p + text)
     print(f"""

@@ -597,6 +597,7 @@ class Trainer:
         )
         last_val = None
         prev_eval: tuple[float, float] | None = None
+        overfit_evals = 0
         warned_overfit = False
         train_ema = None
         tok_s = 0.0
@@ -655,12 +656,13 @@ class Trainer:
                         is_best = best is None or last_val < best
                         if is_best:
                             self.state["best_val"] = last_val
-                        if (
-                            prev_eval
-                            and not warned_overfit
-                            and last_val > prev_eval[0]
-                            and train_ema < prev_eval[1]
-                        ):
+                        # Two evaluations in a row where validation rose while training fell:
+                        # one alone is often the noise of a small validation sample.
+                        rising = (
+                            prev_eval is not None and last_val > prev_eval[0] and train_ema < prev_eval[1]
+                        )
+                        overfit_evals = overfit_evals + 1 if rising else 0
+                        if overfit_evals >= 2 and not warned_overfit:
                             warned_overfit = True
                             _bar_log(
                                 bar,
