@@ -19,11 +19,12 @@ the two sides are checked to be identical. Also measured:
     .venv/bin/python benchmarks/decode.py --rounds 1 --new-tokens 32 --quantize int8
     .venv/bin/python benchmarks/decode.py --omp-wait-policy passive   # re-runs itself with it set
 
-OpenMP threads spin after each parallel region by default; on a busy 2-core machine a
-spinning thread takes the core the other thread needs, and a decode step (~60 parallel
-regions) can become many times slower. ``--omp-wait-policy passive`` sets
-``OMP_WAIT_POLICY=PASSIVE`` (it must be set before torch loads, so the script re-executes
-itself); the policy in effect is printed with the results.
+OpenMP threads spin after each parallel region; on a busy 2-core machine a spinning
+thread takes the core the other thread needs, and a decode step (~60 parallel regions)
+can become many times slower. lmlab, imported before torch, shortens libgomp's spin
+(GOMP_SPINCOUNT=1000) unless OMP_WAIT_POLICY is set; the script imports it first, so both
+sides run with that. ``--omp-wait-policy passive|active`` sets ``OMP_WAIT_POLICY`` instead
+(before torch loads: the script re-executes itself); the settings are printed with the results.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lmlab  # noqa: E402
+# lmlab before torch: its OpenMP default (a short spin, lmlab/__init__.py) then holds for both sides
+import lmlab  # noqa: E402, I001
+import torch  # noqa: E402, I001
 
 VOCAB = 50257
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -197,8 +198,10 @@ def main() -> None:
     batches = [int(b) for b in ARGS.batches.split(",")]
     dtypes = ARGS.dtypes.split(",")
     new, P = ARGS.new_tokens, ARGS.prompt_tokens
-    policy = os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}")
+    policy = os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    spin = os.environ.get("GOMP_SPINCOUNT", "(unset: libgomp's long spin)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
+          f"GOMP_SPINCOUNT={spin}")  # fmt: skip
     big = torch.ones(256 * 1024 * 1024)  # 1 GB float32
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,6 +249,7 @@ def main() -> None:
         bw = statistics.median(bws)
         results: dict = {
             "omp_wait_policy": policy,
+            "gomp_spincount": spin,
             "threads": ARGS.threads,
             "bandwidth_GBps": bws,
             "cases": [],
@@ -259,6 +263,7 @@ def main() -> None:
             wb = weight_bytes(models[dt][0].module)
             ach = wb * lm_tps / b / 1e9  # each step reads the weights once for the whole batch
             row = {"dtype": dt, "batch": b, "lmlab_tps": lm_tps, "hf_tps": hf_tps, "achieved_GBps": ach}
+            row["rounds"] = {side: times.get((dt, b, side)) for side in ("lmlab", "hf")}
             ratio = f"{lm_tps / hf_tps:7.2f}x" if hf_tps else f"{'':>8}"
             check = checks.get((dt, b), "-")
             tag = "same" if check == "identical" else ("-" if check == "-" else "DIFFER")
