@@ -23,6 +23,13 @@ from lmlab.models.transformer import Transformer
 from lmlab.tokenizer import EOT, train_bpe_tokenizer, train_char_tokenizer
 
 #: Training text for the tokenizers: ASCII prose, punctuation, and Chinese (3 UTF-8 bytes each).
+#: A few KB of text for training runs in tests (tests never read ../shared).
+SHAKESPEARE_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 40
+
 TOKENIZER_TEXT = (
     "To be, or not to be, that is the question:\n"
     "Whether 'tis nobler in the mind to suffer\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SHAKESPEARE_TEXT as TEXT
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -33,11 +34,6 @@ from lmlab.errors import LmlabError
 from lmlab.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
-    "All:\nResolved. resolved.\n\n"
-) * 40
 # Constant learning rate (warmup 0, min-lr = lr): a 6-step run resumed to 12 steps then
 # follows the same schedule as a 12-step run.
 TINY = [

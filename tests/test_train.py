@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SHAKESPEARE_TEXT as TEXT
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,11 +28,6 @@ from lmlab.errors import LmlabError
 from lmlab.train import TrainConfig, Trainer, lr_at, parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
-    "All:\nResolved. resolved.\n\n"
-) * 40
 # Small explicit sizes, so a change of TrainConfig's defaults never slows these tests.
 SMALL = dict(
     n_layer=2,
