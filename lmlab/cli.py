@@ -1,7 +1,7 @@
 """``lmlab``: a thin command line over the library. Each command is one library call.
 
 Errors a user can cause print one line (``lmlab: error: ...``) and exit with 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Under torchrun, rank 0 alone prints it (see ``_fail``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -220,7 +222,7 @@ class _Parser(argparse.ArgumentParser):
     usage block plus a message); subcommand parsers inherit this class."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"lmlab: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(_fail(f"lmlab: error: {message} (see `{self.prog} --help`)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--encoding-errors", choices=["strict", "replace", "ignore"], default="strict")
+    _pickle_flag(p)
 
     p = sub.add_parser("info", help="architecture, parameters, tokenizer and training state")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="an lmlab checkpoint, a Hugging Face folder or a Hub id")
+    _pickle_flag(p)
 
     p = sub.add_parser("compare", help="train several models on the same text and budget; write a report")
     add_compare_args(p)
@@ -268,20 +272,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if "out" not in opts and "resume" not in opts:
         raise LmlabError("give --out DIR (where to write the model), or --resume DIR")
     if getattr(a, "nproc", None) is not None:  # relaunch this command under torchrun
-        from lmlab.distributed import launch, train_argv
-
-        sub = next(x for x in build_parser()._actions if isinstance(x, argparse._SubParsersAction))
-        rc = launch(train_argv(opts, sub.choices["train"]), a.nproc, debug=a.debug)
-        if rc >= 128:  # stopped by a signal we passed on: the workers saved and said so
-            return rc
-        if rc != 0:
-            out = opts.get("out") or opts["resume"]
-            raise LmlabError(
-                f"the {a.nproc}-process run failed (torchrun exit status {rc}; the reason is above); "
-                f"a checkpoint in {out}, if any, is whole: continue with `lmlab train --resume {out} "
-                f"--nproc {a.nproc}`"
-            )
-        return 0
+        return _train_nproc(opts, a.nproc, a.debug)
     res = train(**opts)
     from lmlab import distributed
 
@@ -293,6 +284,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     if distributed.launched():
         return 0
     return {"interrupted": 130, "terminated": 143}.get(res.stop_reason or "", 0)
+
+
+def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
+    """`lmlab train --nproc N`: check the options once, then run this command on N
+    processes under torchrun. A failure prints lmlab's own line(s) only: the processes'
+    (rank 0's) error, and a line here for what they could not say (one was killed)."""
+    from lmlab.distributed import check_before_launch, launch, train_argv
+
+    check_before_launch(opts, nproc)
+    sub = next(x for x in build_parser()._actions if isinstance(x, argparse._SubParsersAction))
+    res = launch(train_argv(opts, sub.choices["train"]), nproc, debug=debug)
+    if res.status == 0 or res.status >= 128:  # >= 128: stopped by a signal; the workers saved, said so
+        return res.status
+    if res.reason is None:  # each failed process stopped on a user error, printed above
+        return 2
+    out = opts.get("out") or opts["resume"]
+    raise LmlabError(
+        f"the {nproc}-process run failed: {res.reason}; a checkpoint in {out}, if any, is whole: "
+        f"continue with `lmlab train --resume {out} --nproc {nproc}`"
+    )
 
 
 def _report_train(res) -> None:
@@ -350,7 +361,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     import lmlab
     from lmlab.evaluate import evaluate_corpus
 
-    model = lmlab.load(a.checkpoint)
+    model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
     r = evaluate_corpus(model, a.data, batch_size=a.batch_size, encoding_errors=a.encoding_errors)
     print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  over {r['tokens']:,} tokens of {a.data}")
     return 0
@@ -362,11 +373,22 @@ def cmd_info(a: argparse.Namespace) -> int:
     import lmlab
     from lmlab.tokenizer import tokenizer_kind
 
-    model = lmlab.load(a.checkpoint)
+    model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
     cfg = model.config
+    origin = getattr(model.module, "hf_origin", None)  # set when read from a Hugging Face folder / Hub id
     print(f"checkpoint   {a.checkpoint}")
+    if origin:
+        arch = ", ".join(origin["config"].get("architectures") or []) or "no architectures listed"
+        print(f"source       Hugging Face {origin['model_type']} ({arch}), read from {origin['path']}")
     print(f"model        {type(model.module).__name__}  ({cfg.model_type})")
     print(f"parameters   {model.module.num_parameters():,}")
+    dtype = str(model.module.dtype).removeprefix("torch.")
+    stored = origin and (origin["config"].get("dtype") or origin["config"].get("torch_dtype"))
+    print(f"dtype        {dtype}" + (f" (stored as {stored})" if stored else ""))
+    if cfg.model_type == "transformer":
+        print(f"context      {cfg.max_seq_len:,} tokens")
+    else:  # a recurrent state has no length limit; max_seq_len is the training window
+        print(f"context      unbounded (trained on {cfg.max_seq_len:,}-token windows)")
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     print("config       " + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "model_type"))
     print(f"tokenizer    {tokenizer_kind(model.tokenizer)}, {model.tokenizer.get_vocab_size()} tokens")
@@ -378,6 +400,8 @@ def cmd_info(a: argparse.Namespace) -> int:
             f"training     step {s.get('step')} of {s.get('max_steps')}, {s.get('tokens', 0):,} tokens, "
             f"{s.get('elapsed', 0):.0f}s" + (f", best validation loss {best:.4f}" if best is not None else "")
         )
+    elif origin:
+        print("training     (a Hugging Face model, no lmlab training state: fine-tune with train --init)")
     else:
         print("training     (no training state: not resumable)")
     return 0
@@ -422,16 +446,52 @@ COMMANDS = {
 }
 
 
-def _rank_tag(e: LmlabError) -> str | None:
-    """Under torchrun, ranks > 0 tag their errors ("[rank 1] ") and stay silent about
-    the ones rank 0 passed on to them (it prints those itself); None: print nothing."""
-    if "torch" not in sys.modules:
-        return ""
-    from lmlab import distributed
+#: Seconds a rank > 0 leaves rank 0 to report an error they share before it reports it itself.
+QUIET_RANK_GRACE_S = 10.0
 
-    if distributed.is_main():
-        return ""
-    return None if isinstance(e, distributed.PeerError) else f"[rank {distributed.rank()}] "
+
+def _torchrun_rank() -> int | None:
+    """This process's rank under torchrun; None outside it (read without importing torch)."""
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    if "lmlab.distributed" in sys.modules:  # the process group's rank, if one was joined
+        return sys.modules["lmlab.distributed"].rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fail(message: str, status: int = 2) -> int:
+    """Print a user error once per job; ``status`` to exit with.
+
+    Under torchrun every rank hits the same user error (the same options, files and
+    all-reduced loss), or the one rank 0 passed on (PeerError): rank 0 alone prints it.
+    A rank > 0 first waits up to QUIET_RANK_GRACE_S, for torchrun's SIGTERM: it comes when
+    rank 0 exits, and exiting at once instead could get rank 0 stopped before it printed.
+    It ends the wait silently, with ``status``. A rank whose error was its own (rank 0
+    did not exit) prints it after the wait, tagged ``[rank r]``."""
+    rank = _torchrun_rank()
+    if rank:
+        _wait_for_rank0(status)
+        message = message.replace("lmlab: error: ", f"lmlab: error: [rank {rank}] ", 1)
+    print(message, file=sys.stderr, flush=True)
+    return status
+
+
+def _wait_for_rank0(status: int) -> None:
+    """Sleep until SIGTERM or SIGINT (then exit with ``status``) or QUIET_RANK_GRACE_S pass."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def leave(signum, frame):  # noqa: ARG001
+        raise SystemExit(status)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, leave)
+    time.sleep(QUIET_RANK_GRACE_S)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,12 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     except LmlabError as e:
         if a.debug:
             raise
-        tag = _rank_tag(e)
-        if tag is not None:
-            print(f"lmlab: error: {tag}{e}", file=sys.stderr)
-        return 2
+        return _fail(f"lmlab: error: {e}")
     except KeyboardInterrupt:
-        print("lmlab: interrupted", file=sys.stderr)
+        if not _torchrun_rank():  # under torchrun, rank 0 speaks for the job
+            print("lmlab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

@@ -9,31 +9,27 @@ are sized to about the same number of parameters. Each model is trained by the o
 Trainer, in its own ``lmlab train`` child process, so the kernel can report the peak
 memory of that training alone (``wait4``'s ``ru_maxrss``), and the exact command of each
 run is written into the report.
+
+This module reads the options, sizes the models and runs them one after the other;
+:mod:`lmlab.compare_runs` runs and measures one model, :mod:`lmlab.compare_report`
+writes the report.
 """
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import dataclasses
-import io
-import json
 import math
-import os
-import statistics
-import subprocess
 import sys
-import time as _time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmlab.compare_report import plot_curves, table, write_report  # noqa: F401 - importable from here too
+from lmlab.compare_runs import RunResult, collect, error_line, measure, run_child, train_command
 from lmlab.config import RECURRENT
 from lmlab.errors import LmlabError
-from lmlab.plots import read_metrics
 from lmlab.train import TrainConfig, parse_duration
 
 MODELS = ("gpt", *RECURRENT)
@@ -238,162 +234,14 @@ def _size_one(name: str, opts: dict[str, Any], vocab: int, target: int, layers_g
 
 # --------------------------------------------------------------------------- runs
 @dataclass
-class RunResult:
-    """One model's figures, as the report's table shows them."""
-
-    name: str
-    folder: str
-    config: str
-    n_params: int
-    sized: bool
-    steps: int
-    tokens: int
-    elapsed_s: float
-    val_loss: float | None
-    train_tokens_per_s: float
-    generate_tokens_per_s: float
-    peak_rss_bytes: int | None
-    sample: str
-    command: list[str]
-    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens, seconds, val loss)
-
-    @property
-    def perplexity(self) -> float | None:
-        return math.exp(self.val_loss) if self.val_loss is not None else None
-
-
-@dataclass
 class CompareResult:
+    """What ``compare`` wrote: the folder, the report, its charts and every run's figures."""
+
     out: Path
     report: Path
     charts: list[Path]
     runs: list[RunResult]
     target_params: int
-
-
-def train_command(options: dict[str, Any]) -> list[str]:
-    """The ``lmlab train`` command line for these TrainConfig options."""
-    cmd = [sys.executable, "-m", "lmlab", "train"]
-    for k, v in options.items():
-        if v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if k == "progress":
-            cmd += [] if v else ["--no-progress"]
-        elif k == "overwrite":
-            cmd += [flag] if v else []
-        elif isinstance(v, bool):
-            cmd.append(flag if v else f"--no-{k.replace('_', '-')}")
-        else:
-            cmd += [flag, str(v)]
-    return cmd
-
-
-#: Runs ``argv[2:]`` as its own child and writes that child's peak resident set size to
-#: ``argv[1]``. Why a launcher: Linux counts in a process's ``ru_maxrss`` the memory of the
-#: process it was forked from (kept across exec), so a trainer forked from this process,
-#: which holds PyTorch and the models measured so far, would report our size, not its own.
-#: The launcher imports nothing heavy, so what it adds is a few MiB.
-_LAUNCHER = r"""
-import json, os, signal, sys
-out, cmd = sys.argv[1], sys.argv[2:]
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execv(cmd[0], cmd)
-    finally:
-        os._exit(127)
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the trainer saves, then exits; wait for it
-_, status, usage = os.wait4(pid, 0)
-with open(out, "w") as f:
-    json.dump({"ru_maxrss": usage.ru_maxrss}, f)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def _run_child(cmd: list[str], log_path: Path, echo: bool) -> tuple[int, int | None]:
-    """Run ``cmd``, copying its output to ``log_path`` (and to stderr when ``echo``);
-    return its exit code and peak resident set size in bytes (None where unknown)."""
-    import tempfile
-
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    fd, usage_path = tempfile.mkstemp(prefix="lmlab-compare-", suffix=".json")
-    os.close(fd)
-    launch = [sys.executable, "-c", _LAUNCHER, usage_path] if hasattr(os, "fork") else []
-    try:
-        with open(log_path, "wb") as logf:
-            proc = subprocess.Popen([*launch, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            assert proc.stdout is not None
-            try:
-                while chunk := os.read(proc.stdout.fileno(), 65536):
-                    logf.write(chunk)
-                    if echo:
-                        sys.stderr.write(decoder.decode(chunk))
-                        sys.stderr.flush()
-            finally:
-                proc.stdout.close()
-                proc.wait()
-        try:
-            maxrss = json.loads(Path(usage_path).read_text())["ru_maxrss"]
-        except (OSError, ValueError, KeyError):
-            return proc.returncode, None
-    finally:
-        os.unlink(usage_path)
-    # ru_maxrss is in kibibytes on Linux, in bytes on macOS
-    return proc.returncode, maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def _error_line(log_path: Path) -> str:
-    lines = log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
-    errors = [ln.split("error:", 1)[1].strip() for ln in lines if ln.startswith("lmlab: error:")]
-    return errors[-1] if errors else (lines[-1].strip() if lines else "no output")
-
-
-def _measure(folder: Path, prompt: str, n_tokens: int, seed: int, device: str) -> tuple[float, str, int]:
-    """Generation speed (tokens/s, greedy, batch 1, after a short warm-up), a seeded
-    sample, and the model's parameter count as loaded from its checkpoint."""
-    from lmlab.api import load
-
-    model = load(folder, device=device)  # where it trained
-    # The end-of-text token is held back so every model generates exactly n_tokens.
-    timed = {"temperature": 0, "max_new_tokens": n_tokens, "min_new_tokens": n_tokens}
-    with contextlib.redirect_stderr(io.StringIO()):  # the sliding-window notice, said in the report
-        model.generate_ids(prompt, **{**timed, "max_new_tokens": 8, "min_new_tokens": 8})
-        t0 = _time.perf_counter()
-        ids = model.generate_ids(prompt, **timed)
-        dt = _time.perf_counter() - t0
-        res = model.generate(prompt, max_new_tokens=n_tokens, temperature=0.8, seed=seed, return_details=True)
-    assert not isinstance(res, list)
-    # A sample that drew the end-of-text token stops there; the report says so.
-    sample = res.text + ("\n[end of text]" if res.finish_reason == "eos" else "")
-    return len(ids) / dt, sample, model.module.num_parameters()
-
-
-def _collect(plan: Plan, folder: Path, cmd: list[str], rss: int | None, measured: tuple) -> RunResult:
-    """The figures of one finished run, read back from its metrics.jsonl."""
-    rows = read_metrics(folder / "metrics.jsonl")
-    if not rows:
-        raise LmlabError(f"{folder}/metrics.jsonl is empty: the {plan.name} run trained no step")
-    curve = [(r["tokens"], r["elapsed_s"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    gen_tok_s, sample, n_loaded = measured
-    return RunResult(
-        name=plan.name,
-        folder=str(folder),
-        config=TrainConfig(**plan.options).model_config(1).n_params_hint,
-        n_params=n_loaded,
-        sized=plan.sized,
-        steps=rows[-1]["step"],
-        tokens=rows[-1]["tokens"],
-        elapsed_s=rows[-1]["elapsed_s"],
-        val_loss=curve[-1][2] if curve else None,
-        # median over steps of (batch × window) / step time: evaluation and saves excluded
-        train_tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows),
-        generate_tokens_per_s=gen_tok_s,
-        peak_rss_bytes=rss,
-        sample=sample,
-        command=cmd,
-        curve=curve,
-    )
 
 
 def _make_tokenizer(data: str, tokenizer: str, vocab_size: int, encoding_errors: str, out: Path):
@@ -521,11 +369,11 @@ def compare(
         opts = {**base, **p.options, "out": str(folder), "overwrite": overwrite or None, "progress": progress}
         cmd = train_command(opts)
         log(f"[{i}/{len(plans)}] training {p.name} ({p.n_params:,} parameters) into {folder}/")
-        rc, rss = _run_child(cmd, folder / "train.log", echo=progress)
+        rc, rss = run_child(cmd, folder / "train.log", echo=progress)
         if rc != 0:
-            raise LmlabError(f"training {p.name} failed: {_error_line(folder / 'train.log')}")
-        measured = _measure(folder, prompt, sample_tokens, seed, device)
-        runs.append(_collect(p, folder, cmd, rss, measured))
+            raise LmlabError(f"training {p.name} failed: {error_line(folder / 'train.log')}")
+        measured = measure(folder, prompt, sample_tokens, seed, device)
+        runs.append(collect(p, folder, cmd, rss, measured))
     facts = {
         "data": data,
         "n_tokens": len(corpus.ids),
@@ -543,179 +391,8 @@ def compare(
         **{k: base[k] for k in ("batch_size", "max_seq_len", "seed", "eval_batches")},
         "device": str(resolve_device(device)),
     }
-    report, charts = write_report(root, runs, facts | {"target": target})
+    report, charts = write_report(root, runs, facts | {"target": target, "tolerance": TOLERANCE})
     return CompareResult(out=root, report=report, charts=charts, runs=runs, target_params=target)
-
-
-# --------------------------------------------------------------------------- report
-def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:
-    """Validation loss of every model on one chart, against tokens seen and against time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    axes = (
-        (0, "val_loss_tokens.png", "tokens seen", "tokens seen"),
-        (1, "val_loss_time.png", "time", "time (s)"),
-    )
-    for x, name, what, label in axes:
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for r in runs:
-            if r.curve:
-                xs, ys = [c[x] for c in r.curve], [c[2] for c in r.curve]
-                ax.plot(xs, ys, "o-", lw=1.6, ms=3, label=f"{r.name} ({_short(r.n_params)})")
-        ax.set_xlabel(f"training {label}")
-        ax.set_ylabel("validation loss (nats / token)")
-        ax.set_title(f"validation loss against training {what}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(root / name)
-        plt.close(fig)
-        paths.append(root / name)
-    return paths
-
-
-def _short(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-
-
-def _fence(text: str) -> str:
-    """A code fence longer than any run of backticks in ``text``."""
-    longest, run = 0, 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    return "`" * max(3, longest + 1)
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
-def table(runs: list[RunResult]) -> list[str]:
-    """The results table, one row per model (markdown)."""
-    lines = [
-        "| model | configuration | parameters | steps | tokens seen | final val loss | perplexity "
-        "| train tokens/s | generate tokens/s | peak memory |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for r in runs:
-        mib = r.peak_rss_bytes / 2**20 if r.peak_rss_bytes is not None else None
-        lines.append(
-            f"| {r.name} | {r.config} | {r.n_params:,} | {r.steps:,} | {r.tokens:,} | {_fmt(r.val_loss, '.4f')} "
-            f"| {_fmt(r.perplexity, '.2f')} | {r.train_tokens_per_s:,.0f} | {r.generate_tokens_per_s:,.0f} "
-            f"| {_fmt(mib, ',.0f')} MiB |"
-        )
-    return lines
-
-
-def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[Path, list[Path]]:
-    """``report.md`` (the table, the sizing rule, the charts, samples, commands) and
-    ``results.json`` (the same figures for programs)."""
-    charts = plot_curves(runs, root)
-    threads = torch.get_num_threads()
-    target = f["target"]
-    counts = [r.n_params for r in runs]
-    spread = max(counts) / min(counts) - 1  # largest / smallest - 1
-    scored = [r for r in runs if r.val_loss is not None]
-    budget = (
-        f"{f['time']} of training per model (each run measures its first steps, then fixes its step count)"
-        if f["time"]
-        else f"{f['tokens']:,} training tokens per model ({f['steps']} steps × {f['batch_size']} sequences "
-        f"× {f['max_seq_len']} tokens)"
-    )
-    md = [
-        "# lmlab compare",
-        "",
-        f"Data: `{f['data']}`: {f['n_tokens']:,} tokens with the {f['tokenizer']} tokenizer "
-        f"({f['vocab']:,} tokens, `{f['tokenizer_path']}`, shared by every run); training on the first "
-        f"{f['n_train']:,}, validation on the last {f['n_val']:,} (10%).",
-        "",
-        f"Budget: {budget}. Every run: batch {f['batch_size']}, window {f['max_seq_len']} tokens, "
-        f"seed {f['seed']}, lmlab's default optimiser (AdamW, warmup then cosine decay), the same "
-        f"{f['eval_batches'] * f['batch_size']} validation windows, device {f['device']}.",
-        "",
-        "## Results",
-        "",
-        *table(runs),
-        "",
-    ]
-    if scored:
-        best = min(scored, key=lambda r: r.val_loss)
-        md += [f"Lowest final validation loss: **{best.name}** ({best.val_loss:.4f}).", ""]
-    md += [
-        "- *final val loss*: the validation loss at the last step, as written in `<model>/metrics.jsonl` "
-        "(mean next-token cross-entropy in nats over the validation windows; a recurrent model starts "
-        "each window from a zero state). *perplexity* = exp(loss).",
-        "- *train tokens/s*: the median over steps of (batch × window) / step time, evaluation and "
-        "checkpoint saves left out.",
-        f"- *generate tokens/s*: {f['sample_tokens']} tokens, greedy, batch 1, from the prompt below, "
-        f"in this process ({threads} thread{'s' if threads != 1 else ''}), after an 8-token warm-up; "
-        "end-of-text "
-        "held back. A Transformer past its context of "
-        f"{f['max_seq_len']} tokens re-reads a sliding window of {f['max_seq_len']} tokens for each new one; "
-        "a recurrent model's cost per token stays the same.",
-        "- *peak memory*: the peak resident set size of the `lmlab train` child process that trained the "
-        "model (`ru_maxrss` from `wait4`, the process started by a small launcher so that it does not "
-        "count this process's memory): Python, PyTorch, the model, optimiser state, activations and "
-        "the token arrays together. Every process pays the same few hundred MiB for Python and PyTorch, "
-        "so the differences between rows are what the models cost.",
-        "",
-        "## Sizes",
-        "",
-        f"Target: {target:,} parameters ("
-        + ("given with --params" if f["params"] is not None else "the default `lmlab train` Transformer's")
-        + "). Rule: a recurrent model keeps the embedding size (d_model) and 2 layers and takes the "
-        "hidden size (a multiple of 8 when one is close enough) whose count is nearest the target; the "
-        "Transformer keeps 4 heads and 4 layers (other depths only if 4 cannot get close) and takes the "
-        f"d_model, a multiple of 8, nearest the target. Each lands within {TOLERANCE:.1%} of the target, "
-        "so any two within 10% of each other; a size given with --model-args is kept as given.",
-        "",
-        "| model | configuration | parameters | vs target | sized by |",
-        "|---|---|--:|--:|---|",
-        *(
-            f"| {r.name} | {r.config} | {r.n_params:,} | {(r.n_params / target - 1):+.1%} "
-            f"| {'the rule' if r.sized else 'you (--model-args)'} |"
-            for r in runs
-        ),
-        "",
-        f"Largest / smallest count: {spread:+.1%}.",
-        "",
-        "## Validation loss",
-        "",
-        "![validation loss against tokens seen](val_loss_tokens.png)",
-        "",
-        "![validation loss against training time](val_loss_time.png)",
-        "",
-        "## Samples",
-        "",
-        f"Each model continues the prompt {json.dumps(f['prompt'], ensure_ascii=False)} with "
-        f"{f['sample_tokens']} tokens, temperature 0.8, seed {f['seed']}.",
-        "",
-    ]
-    for r in runs:
-        text = f["prompt"] + r.sample
-        fence = _fence(text)
-        md += [f"### {r.name}", "", f"{fence}text", text, fence, ""]
-    md += ["## Commands", "", "Each model was trained by:", "", "```bash"]
-    md += [" ".join(_quote(a) for a in ["lmlab", *r.command[3:]]) for r in runs]
-    md += ["```", ""]
-    report = root / "report.md"
-    report.write_text("\n".join(md), encoding="utf-8")
-    results = [{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"} for r in runs]
-    (root / "results.json").write_text(
-        json.dumps({"target_params": target, "runs": results}, indent=1), encoding="utf-8"
-    )
-    return report, charts
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 __all__ = ["CompareResult", "RunResult", "compare", "count_parameters", "parse_models", "size_models"]

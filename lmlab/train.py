@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,12 @@ from lmlab.tokenizer import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
+
+#: With --init the model brings these: its architecture and its tokenizer (an error if given).
+INIT_FIXED = (
+    "tokenizer", "vocab_size", "model", "n_layer", "n_head", "n_kv_head", "d_model", "pos", "norm", "mlp",
+    "bias", "tie_embeddings", "dropout", "hidden_size",
+)  # fmt: skip
 
 
 @dataclass
@@ -97,7 +104,9 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
 
-    def validate(self) -> None:
+    def validate(self, given: Collection[str] = ()) -> None:
+        """Check the options; ``given`` names those set explicitly (see ``_check_given``)."""
+
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise LmlabError(msg)
@@ -115,7 +124,7 @@ class TrainConfig:
             f"--hidden-size must be positive (got {self.hidden_size})",
         )
         need(
-            not self.stateful or self.model in RECURRENT,
+            not self.stateful or self.model in RECURRENT or self.init is not None,  # --init: checked on load
             f"--stateful needs a recurrent model (--model {', '.join(RECURRENT)}); "
             f"--model {self.model} has no state to carry from one chunk to the next",
         )
@@ -132,15 +141,43 @@ class TrainConfig:
             f"× --grad-accum {self.grad_accum}; give a multiple of {world * self.grad_accum}",
         )
         need(self.steps is None or self.steps > 0, f"--steps must be positive (got {self.steps})")
+        need(
+            self.steps is None or self.time is None,
+            f"give one budget, --steps {self.steps} or --time {self.time}, not both",
+        )
         need(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        need(
+            self.min_lr is None or 0 <= self.min_lr <= self.lr,
+            f"--min-lr must be between 0 and --lr {self.lr} (got {self.min_lr}); it is where the cosine ends",
+        )
+        need(self.warmup >= 0, f"--warmup must be 0 or more steps (got {self.warmup})")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        need(self.eval_every > 0 and self.save_every > 0, "--eval-every and --save-every must be positive")
+        need(self.eval_every > 0, f"--eval-every must be positive (got {self.eval_every})")
+        need(self.save_every > 0, f"--save-every must be positive (got {self.save_every})")
         need(
             self.encoding_errors in ("strict", "replace", "ignore"),
             "--encoding-errors must be strict, replace or ignore",
         )
         if self.time is not None:
-            parse_duration(self.time)
+            need(parse_duration(self.time) > 0, f"--time must be positive (got {self.time})")
+        self._check_given(set(given))
+
+    def _check_given(self, given: set[str]) -> None:
+        """Flags that make sense only together with others: an error names the flag to
+        drop. ``given`` are the options the user set (the CLI passes only those), so a
+        default never counts as a choice."""
+        if self.init is not None:
+            fixed = [k for k in INIT_FIXED if k in given]
+            if fixed:
+                raise LmlabError(
+                    "--init uses the model's own architecture and tokenizer; drop "
+                    + ", ".join("--" + k.replace("_", "-") for k in fixed)
+                )
+        elif "hidden_size" in given and self.model not in RECURRENT:
+            raise LmlabError(
+                f"--hidden-size is for recurrent models (--model {', '.join(RECURRENT)}); "
+                f"--model {self.model} takes its width from --d-model: drop --hidden-size"
+            )
 
     def model_config(self, vocab_size: int) -> TransformerConfig | RNNConfig:
         if self.model in RECURRENT:
@@ -184,20 +221,62 @@ def parse_duration(s: str | float | int) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+def lr_at(step: int, cfg: TrainConfig, max_steps: int, plan: dict[str, Any] | None = None) -> float:
     """Linear warmup to lr over ``warmup`` steps, then cosine decay to min_lr at the end.
 
     lr(t) = lr·(t+1)/(w+1)                                  for t < w
     lr(t) = min_lr + ½(1 + cos(π·(t-w)/(T-w)))·(lr - min_lr)   for w ≤ t ≤ T
+
+    ``plan`` (a --time run whose end T moved at step s, see ``replan_lr``) keeps the
+    curve continuous through the move: {"warmup": w, "at": s, "lr": L}, L the lr step s
+    had before. In the warmup, the ramp runs straight from L at s to lr at w; after it,
+    the cosine goes on from the phase p₀ where it gave L, to its end at the new T:
+    p(t) = p₀ + (1 - p₀)·(t - s)/(T - s),  cos(π·p₀) = 2(L - min_lr)/(lr - min_lr) - 1.
     """
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
-    warmup = min(cfg.warmup, max(1, max_steps // 10)) if max_steps else cfg.warmup
+    if plan is None:
+        warmup = min(cfg.warmup, max(1, max_steps // 10)) if max_steps else cfg.warmup
+        at, at_lr = 0, None
+    else:
+        warmup, at, at_lr = plan["warmup"], plan["at"], plan["lr"]
     if step < warmup:
+        if at_lr is not None and at <= step:  # re-anchored ramp: from L at s up to lr at w
+            return at_lr + (cfg.lr - at_lr) * (step - at) / (warmup - at)
         return cfg.lr * (step + 1) / (warmup + 1)
     if step >= max_steps:
         return min_lr
-    ratio = (step - warmup) / max(1, max_steps - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - min_lr)
+    if at_lr is None or at <= warmup:  # the cosine starts at its peak, at w
+        ratio = (step - warmup) / max(1, max_steps - warmup)
+    else:
+        p0 = _cosine_phase(at_lr, cfg.lr, min_lr)
+        ratio = p0 + (1.0 - p0) * (step - at) / max(1, max_steps - at)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (cfg.lr - min_lr)
+
+
+def _cosine_phase(lr_now: float, lr: float, min_lr: float) -> float:
+    """p ∈ [0, 1] with min_lr + ½(1 + cos πp)(lr - min_lr) = lr_now (clamped to the curve)."""
+    if lr <= min_lr:
+        return 0.0
+    c = 2.0 * (lr_now - min_lr) / (lr - min_lr) - 1.0
+    return math.acos(max(-1.0, min(1.0, c))) / math.pi
+
+
+def replan_lr(step: int, cfg: TrainConfig, old_end: int | None, new_end: int, plan: dict | None) -> dict:
+    """The schedule's plan when a --time run's end moves from ``old_end`` (None: not known
+    yet) to ``new_end`` before step ``step``: anchored at the lr that step had, so the
+    curve does not jump. The warmup w is fixed once, when the end is first known."""
+    now = lr_at(step, cfg, old_end or 10**9, plan)
+    if plan is not None:
+        warmup = plan["warmup"]
+    elif old_end is not None:  # a --steps run extended with --time keeps its warmup
+        warmup = min(cfg.warmup, max(1, old_end // 10))
+    else:
+        # The first estimate: w = min(--warmup, T/10). Made on the --warmup ramp, already
+        # past w, the ramp goes on at the slope of a w-step warmup, lr/w per step, to the peak.
+        warmup = min(cfg.warmup, max(1, new_end // 10))
+        if warmup <= step < cfg.warmup:
+            warmup = step + math.ceil((cfg.lr - now) / cfg.lr * warmup)
+    return {"warmup": warmup, "at": step, "lr": now}
 
 
 def _bar_log(bar: tqdm, msg: str) -> None:
@@ -208,6 +287,62 @@ def _bar_log(bar: tqdm, msg: str) -> None:
 def log(msg: str) -> None:
     if distributed.is_main():  # under torchrun, rank 0 speaks for the job
         print(msg, file=sys.stderr, flush=True)
+
+
+#: The trainer's clock (seconds); tests replace it to make --time runs deterministic.
+_clock = time.perf_counter
+
+
+class TimeBudget:
+    """--time: how many steps fit in the budget, estimated again as the run goes.
+
+    Times are the run's elapsed seconds e (stored in the checkpoint: a resumed run counts
+    what it spent before). This session started at e₀ and must end by E; training aims to
+    stop at E - r, r = 8% of (E - e₀), which is left for the final evaluation and save.
+    First estimate: after the first steps (at least 2, then 20 or a tenth of the budget;
+    the first step is left out of the rate: it carries one-off costs, 7.9 s for a GRU whose
+    later steps took 0.2 s). Then again each time another tenth of the budget is spent or
+    another tenth of the planned steps done (whichever comes first: a run that speeds up
+    must not reach its old end before it notices), from the rate of the steps since the
+    last estimate (evaluations and saves included):
+        T = t + ⌊(E - r - e) / (seconds per recent step)⌋
+    A machine that slows down (or speeds up) mid-run moves the end; ``over`` is the hard
+    stop for what no estimate foresaw.
+    """
+
+    def __init__(self, end: float, elapsed: float, step: int) -> None:
+        self.end = end  # E
+        self.start = elapsed  # e₀
+        self.session = max(end - elapsed, 1e-9)  # E - e₀
+        self.reserve = 0.08 * self.session  # r
+        self.step0 = step
+        self.mark: tuple[int, float] | None = None  # (t, e) the rate is measured from
+        self.measuring = True  # before the first estimate
+        self.next_at = math.inf  # the elapsed time of the next estimate
+        self.next_step = math.inf  # or the step, if it comes first
+        self.per_step = math.nan  # seconds per step at the last estimate
+
+    def over(self, elapsed: float) -> bool:
+        return elapsed >= self.end
+
+    def estimate(self, step: int, elapsed: float) -> int | None:
+        """Called after every step (``step`` steps done): the new step count T at an
+        estimate point, else None."""
+        if self.mark is None:  # the first step of this session: the rate starts after it
+            self.mark = (step, elapsed)
+            return None
+        if self.measuring:
+            if step - self.step0 < 20 and elapsed - self.start < 0.1 * self.session:
+                return None
+            self.measuring = False
+        elif elapsed < self.next_at and step < self.next_step:
+            return None
+        self.per_step = max((elapsed - self.mark[1]) / max(1, step - self.mark[0]), 1e-9)
+        self.mark = (step, elapsed)
+        end = step + max(0, int((self.end - self.reserve - elapsed) / self.per_step))
+        self.next_at = elapsed + 0.1 * self.session
+        self.next_step = step + max(1, (end - self.step0) // 10)
+        return end
 
 
 @dataclass
@@ -223,8 +358,9 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, given: Collection[str] = ()) -> None:
         self.cfg = cfg
+        self.given = set(given)  # the options set explicitly (``train`` passes them)
         self.stop_reason: str | None = None
         self.carry: dict[int, Any] = {}  # --stateful: each micro-batch's state, detached
 
@@ -294,12 +430,56 @@ class Trainer:
         if resuming:
             load_weights(self.model, tensors, cfg.resume)
         self.model.to(self.device)
-        # The training window: the model's context, or with --init the shorter of
-        # --max-seq-len and the imported model's context (a 1024-token window is slow on a CPU).
-        self.seq_len = min(cfg.max_seq_len, mcfg.max_seq_len) if cfg.init else mcfg.max_seq_len
+        self.seq_len = self._window(mcfg, resuming)
+        if cfg.init is not None and not resuming:
+            self._adopt_init_config(mcfg)
 
         corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
         return mcfg, corpus
+
+    def _window(self, mcfg: Any, resuming: bool) -> int:
+        """The training window: the model's context; with --init, --max-seq-len (default 64:
+        a 1024-token window is slow on a CPU), within the context of a Transformer (an
+        RNN has none: its max_seq_len is only the window it was trained on)."""
+        cfg = self.cfg
+        if cfg.init is None:
+            return mcfg.max_seq_len
+        bounded = getattr(self.model, "bounded_context", True)
+        if "max_seq_len" in self.given and bounded and cfg.max_seq_len > mcfg.max_seq_len:
+            raise LmlabError(
+                f"--max-seq-len {cfg.max_seq_len} is longer than the context of {cfg.init} "
+                f"({mcfg.max_seq_len} tokens); give --max-seq-len {mcfg.max_seq_len} or less"
+            )
+        if not bounded and ("max_seq_len" in self.given or resuming):
+            return cfg.max_seq_len
+        return min(cfg.max_seq_len, mcfg.max_seq_len)
+
+    def _adopt_init_config(self, mcfg: Any) -> None:
+        """With --init, the stored train_config says what was used: the model's own
+        architecture and tokenizer (config.json has every detail), and the window."""
+        cfg = self.cfg
+        if isinstance(mcfg, RNNConfig):
+            arch = dict(model=mcfg.cell, hidden_size=mcfg.hidden_size)
+        else:
+            arch = dict(
+                model="gpt",
+                n_head=mcfg.n_head,
+                n_kv_head=mcfg.n_kv_head,
+                pos=mcfg.pos,
+                norm=mcfg.norm,
+                mlp="swiglu" if mcfg.gated_mlp else "gelu",
+                bias=any((mcfg.norm_bias, mcfg.qkv_bias, mcfg.proj_bias, mcfg.mlp_bias)),
+            )
+        arch.update(n_layer=mcfg.n_layer, d_model=mcfg.d_model, tie_embeddings=mcfg.tie_embeddings)
+        arch.update(dropout=mcfg.dropout, tokenizer=cfg.init, vocab_size=self.tok.get_vocab_size())
+        for k, v in arch.items():
+            setattr(cfg, k, v)
+        cfg.max_seq_len = self.seq_len
+        if cfg.stateful and cfg.model not in RECURRENT:
+            raise LmlabError(
+                f"--stateful needs a recurrent model; {cfg.init} is a Transformer, which has no "
+                "state to carry from one chunk to the next: drop --stateful"
+            )
 
     def _setup_rest(self, mcfg: Any, corpus: Any, resuming: bool) -> None:
         cfg = self.cfg
@@ -325,12 +505,14 @@ class Trainer:
         self.max_steps = self.state.get("max_steps") or cfg.steps
         if cfg.steps is not None and resuming:
             self.max_steps = cfg.steps  # --steps given again extends (or shortens) the run
+            self.state["lr_plan"] = None  # and the schedule is the plain one to the new end
         self.time_budget = parse_duration(cfg.time) if cfg.time is not None else None
+        self.lr_end = self.max_steps  # where the lr schedule ends; a --time run moves it
         if resuming and cfg.extend_time and self.time_budget is not None:
             self.max_steps = None  # measured again: T more seconds from here
             self.time_budget += self.state.get("elapsed", 0.0)
         if self.max_steps is None and cfg.time is None:
-            self.max_steps = 2000
+            self.max_steps = self.lr_end = 2000
         if resuming:
             done = self.state["step"]
             if self.max_steps is not None and done >= self.max_steps:
@@ -511,7 +693,7 @@ class Trainer:
             starts = sample_starts(len(self.train_ids), T, cfg.batch_size, step_generator(cfg.seed, step))
         micro = starts.chunk(cfg.grad_accum)
         W, rank = self.dist.world_size, self.dist.rank
-        total = 0.0
+        parts: list[torch.Tensor] = []  # each micro-step's loss, left on the device until the end
         for i, m in enumerate(micro):
             # This rank's share of the micro-batch: rows [r·b, (r+1)·b) of its W·b windows.
             x, y = windows(self.train_ids, m.view(W, -1)[rank], T)
@@ -522,8 +704,9 @@ class Trainer:
                 # L = (1/k) Σ_i mean(share i): k micro-batches of b = one batch of k·b
                 loss = self._loss(x, y, i if cfg.stateful else None) / cfg.grad_accum
                 loss.backward()
-            total += loss.item()
-        total = self.dist.mean(total)  # the global batch's loss: (1/W) Σ_r L_r, the same on every rank
+            parts.append(loss.detach())
+        # One host-device sync per step, not one per micro-step (.item() each); summed as floats.
+        total = self.dist.mean(sum(torch.stack(parts).tolist()))  # the global loss: (1/W) Σ_r L_r
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return total
@@ -582,8 +765,9 @@ class Trainer:
         tokens_per_step = cfg.batch_size * self.seq_len
         prev_handlers = _install_signal_handlers(self)
         start_step = self.state["step"]
-        t_start = time.perf_counter()
+        t_start = _clock()
         elapsed0 = self.state.get("elapsed", 0.0)
+        budget = TimeBudget(self.time_budget, elapsed0, start_step) if self.time_budget is not None else None
         bar_total = self.max_steps if self.max_steps else None
         bar = tqdm(
             total=bar_total,
@@ -605,8 +789,8 @@ class Trainer:
         step = start_step
         try:
             while self.max_steps is None or step < self.max_steps:
-                t0 = time.perf_counter()
-                lr = lr_at(step, cfg, self.max_steps or 10**9)
+                t0 = _clock()
+                lr = lr_at(step, cfg, self.lr_end or 10**9, self.state.get("lr_plan"))
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 loss = self.train_step(step)
@@ -620,16 +804,21 @@ class Trainer:
                 # stops every rank after the same step: the ranks act on the all-reduced
                 # flag only (one arriving after it waits for the next step), or one rank
                 # would save while another trains on, each waiting for the other.
+                # The same all-reduce shares the clock: every rank takes the slowest one's
+                # elapsed time, so the --time decisions below agree on every rank.
+                now = _clock()
+                elapsed = elapsed0 + now - t_start
                 stopping = self.stop_reason
                 if self.dist.active:
-                    stopping = _STOP_CODES[self.dist.max_int(_STOP_CODES.index(stopping))]
+                    code, elapsed = self.dist.all_reduce([_STOP_CODES.index(stopping), elapsed], op="max")
+                    stopping = _STOP_CODES[int(code)]
                     self.stop_reason = self.stop_reason or stopping
-                dt = time.perf_counter() - t0
+                dt = now - t0
                 step += 1
                 tok_s = tokens_per_step / dt if dt > 0 else 0.0
                 self.state["step"] = step
                 self.state["tokens"] = self.state.get("tokens", 0) + tokens_per_step
-                self.state["elapsed"] = elapsed0 + time.perf_counter() - t_start
+                self.state["elapsed"] = elapsed
                 train_ema = loss if train_ema is None else 0.9 * train_ema + 0.1 * loss
                 row: dict[str, Any] = {
                     "step": step,
@@ -639,13 +828,9 @@ class Trainer:
                     "tokens": self.state["tokens"],
                     "elapsed_s": round(self.state["elapsed"], 3),
                 }
-                if self.max_steps is None and self.time_budget is not None:
-                    self._fix_steps_from_time(step, start_step, time.perf_counter() - t_start)
-                    if self.dist.active:  # rank 0's clock decides for all, or the ranks part ways
-                        self.max_steps = self.dist.broadcast(self.max_steps)
-                    if self.max_steps is not None:
-                        bar.total = self.max_steps
-                        bar.refresh()
+                if budget is not None and self._follow_budget(budget, step, elapsed, bar):
+                    bar.total = self.max_steps
+                    bar.refresh()
                 is_last = self.max_steps is not None and step >= self.max_steps
                 is_best = False
                 if step % cfg.eval_every == 0 or is_last:
@@ -715,23 +900,26 @@ class Trainer:
             stop_reason=self.stop_reason,
         )
 
-    def _fix_steps_from_time(self, step: int, start_step: int, spent: float) -> None:
-        """With --time, measure the first steps, then fix the step count (so the LR
-        schedule knows where it ends), leaving ~8% of the budget for evaluation and saves.
-        The first step is left out of the rate: it carries one-off costs (kernel set-up, lazy
-        allocation) — 7.9 s for a GRU whose later steps took 0.2 s, which fixed a 1-minute
-        run at 7 steps."""
-        done = step - start_step
-        if done == 1:
-            self._first_step_s = spent
-        if done < 2 or (done < 20 and spent < 0.1 * self.time_budget):
-            return
-        per_step = (spent - self._first_step_s) / (done - 1)  # seconds per step after the first
-        remaining = self.time_budget - self.state["elapsed"]
-        self.max_steps = max(step + 1, step + int(0.92 * remaining / per_step))
-        log(
-            f"lmlab: --time {self.cfg.time}: {per_step * 1000:.0f} ms/step, training for {self.max_steps} steps"
-        )
+    def _follow_budget(self, budget: TimeBudget, step: int, elapsed: float, bar: tqdm) -> bool:
+        """With --time, after each step: stop when the budget is spent (the hard stop),
+        else, at an estimate point, move the end (and the lr schedule's, continuously:
+        ``replan_lr``). True if the end moved."""
+        if budget.over(elapsed):
+            self.max_steps = step  # this step is the last: final evaluation and save
+            return True
+        new_end = budget.estimate(step, elapsed)
+        if new_end is None or new_end == self.max_steps:
+            return False
+        was = self.max_steps
+        self.state["lr_plan"] = replan_lr(step, self.cfg, self.lr_end, new_end, self.state.get("lr_plan"))
+        self.max_steps = self.lr_end = new_end
+        if was is None or abs(new_end - was) >= max(2, 0.05 * (was - budget.step0)):  # news, not noise
+            _bar_log(
+                bar,
+                f"lmlab: --time {self.cfg.time}: {budget.per_step * 1000:.0f} ms/step, training for "
+                f"{new_end} steps" + (f" (was {was})" if was is not None else ""),
+            )
+        return True
 
 
 def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -780,10 +968,22 @@ def _restore_signal_handlers(prev: dict) -> None:
 
 def train(**options: Any) -> TrainResult:
     """Train a model (the library form of ``lmlab train``); returns where it wrote what."""
+    cfg, explicit = train_config(**options)
+    return _train(cfg, explicit)
+
+
+def train_config(**options: Any) -> tuple[TrainConfig, Collection[str]]:
+    """``lmlab train``'s options -> the validated TrainConfig (with ``resume``: that run's
+    stored one, updated where a resumed run may change), and the options given explicitly.
+    ``lmlab train --nproc N`` calls it too, to find mistakes before it starts N processes."""
     resume = options.get("resume")
+    given = {k: v for k, v in options.items() if v is not None}  # the CLI passes only the flags set
+    if "steps" in given and "time" in given:
+        raise LmlabError(f"give one budget, --steps {given['steps']} or --time {given['time']}, not both")
     if resume is not None:
         stored = _stored_train_config(resume)
-        given = {k: v for k, v in options.items() if v is not None}
+        if stored.get("steps") is not None:  # a run stored with both budgets: its steps decided
+            stored["time"] = None
         if given.get("model", stored.get("model")) != stored.get("model"):
             raise LmlabError(
                 f"--resume {resume}: that run trains --model {stored.get('model')}, it cannot continue "
@@ -816,10 +1016,15 @@ def train(**options: Any) -> TrainResult:
     if unknown:
         raise LmlabError(f"unknown training option(s): {', '.join(unknown)}")
     cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None or k in ("steps", "time")})
-    cfg.validate()
+    explicit = () if resume is not None else set(given)  # a resumed run keeps its stored settings
+    cfg.validate(explicit)
     if cfg.resume is not None and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
         raise LmlabError("--resume continues in its own folder; leave out --out, or give the same folder")
-    trainer = Trainer(cfg)
+    return cfg, explicit
+
+
+def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
+    trainer = Trainer(cfg, explicit)
     try:
         trainer.setup()
         return trainer.run_loop()

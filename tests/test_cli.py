@@ -199,3 +199,42 @@ def test_train_api_then_load_and_generate(corpus_file, tmp_path):
     assert isinstance(model.generate(["First", "All"], max_new_tokens=3), list)
     info = run_cli("info", str(out)).stdout
     assert re.search(r"training\s+step 5 of 5", info), info
+
+
+# --------------------------------------------------------------------------- --allow-pickle: eval and info
+def test_eval_and_info_read_a_pickle_folder_only_with_allow_pickle(ckpt, tmp_path):
+    """A Hugging Face folder whose only weights are pytorch_model.bin: `eval` and `info` refuse
+    it in one line naming --allow-pickle; with the flag they read it (torch.load with
+    weights_only=True) and give the cross-entropy computed here and the weights' size."""
+    from lmlab.hf import export_hf
+
+    hf = export_hf(str(ckpt), tmp_path / "hf")
+    tensors = load_file(str(hf / "model.safetensors"))
+    torch.save(tensors, hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    text = TOKENIZER_TEXT[:100]
+    data = tmp_path / "eval.txt"
+    data.write_text(text, encoding="utf-8")
+    for args in (("eval", str(hf), "--data", str(data)), ("info", str(hf))):
+        assert "--allow-pickle" in _one_error_line(run_cli(*args, check_rc=None))
+
+    _, _, tok, _ = read_checkpoint(ckpt)
+    model = lmlab.load(ckpt).module
+    ids = tok.encode(text, add_special_tokens=False).ids
+    nll = []
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, CTX):
+            y = torch.tensor(ids[s + 1 : s + 1 + CTX])
+            logits, _ = model(torch.tensor([ids[s : s + len(y)]]))
+            nll.append(F.cross_entropy(logits[0], y, reduction="none"))  # -log p(y_t | x_≤t)
+    loss = float(torch.cat(nll).mean())
+    out = run_cli("eval", str(hf), "--data", str(data), "--allow-pickle").stdout
+    m = re.search(r"loss ([\d.]+)\s+perplexity [\d.]+\s+over ([\d,]+) tokens", out)
+    assert m, out
+    assert float(m.group(1)) == pytest.approx(loss, abs=1e-4)
+    assert int(m.group(2).replace(",", "")) == len(ids) - 1
+
+    info = run_cli("info", str(hf), "--allow-pickle").stdout
+    m = re.search(r"parameters\s+([\d,]+)", info)
+    assert m and int(m.group(1).replace(",", "")) == sum(t.numel() for t in tensors.values())
+    assert "Hugging Face llama (LlamaForCausalLM)" in info and f"context      {CTX} tokens" in info

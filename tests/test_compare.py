@@ -221,11 +221,15 @@ def _bad(corpus: Path, out: Path, **kw) -> str:
         ({"models": "lstm", "model_args": ["lstm:hidden_size=big"]}, "not a valid int"),
         ({"models": "gpt", "model_args": ["gpt:stateful=yes"]}, "--stateful needs a recurrent model"),
         ({"models": "lstm", "model_args": ["lstm:hidden_size=0"]}, "must be positive"),
+        ({"models": "lstm", "model_args": ["lstm:hidden_size=-8"]}, "hidden_size must be positive (got -8)"),
+        ({"models": "gru", "model_args": ["gru:n_layer=0"]}, "n_layer must be positive (got 0)"),
+        ({"models": "gpt", "model_args": ["gpt:n_layer=0"]}, "n_layer must be positive (got 0)"),
+        ({"models": "rnn,gpt", "model_args": ["gpt:stateful=1"]}, "--stateful needs a recurrent model"),
     ],
 )
 def test_bad_input(corpus, tmp_path, options, expect):
     assert expect in _bad(corpus, tmp_path / "cmp", **options)
-    assert not (tmp_path / "cmp" / "lstm" / "metrics.jsonl").exists()  # nothing was trained
+    assert not list((tmp_path / "cmp").glob("*/metrics.jsonl"))  # nothing was trained
 
 
 def test_refuses_existing_runs(corpus, tmp_path):

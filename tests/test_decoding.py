@@ -663,12 +663,22 @@ def test_bad_options_raise_one_line_errors(hf, options, message):
         assert "\n" not in str(e.value)
 
 
-def test_empty_prompt_without_bos_is_an_error(tmp_path):
-    model = lmlab.load(tiny_checkpoint(tmp_path / "c", "char", generation_config={"eos_token_id": 0}))
-    with pytest.raises(LmlabError, match="empty"):
-        model.generate(["To", ""], max_new_tokens=3)
-    with pytest.raises(LmlabError, match="empty"):
-        model.generate("", max_new_tokens=3, num_beams=2)
+def test_empty_prompt_without_bos_is_an_error(tmp_path, capsys):
+    folder = tiny_checkpoint(tmp_path / "c", "char", generation_config={"eos_token_id": 0})
+    model = lmlab.load(folder)
+    calls = (
+        lambda: model.generate(["To", ""], max_new_tokens=3),
+        lambda: model.generate("", max_new_tokens=3, num_beams=2),
+        lambda: list(model.stream("", max_new_tokens=3)),
+    )
+    for call in calls:
+        with pytest.raises(LmlabError, match="prompt is empty and the model has no BOS token") as e:
+            call()
+        assert "\n" not in str(e.value)
+    capsys.readouterr()
+    assert main(["generate", str(folder), "--prompt", "", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error: the prompt is empty") and err.count("\n") == 1
 
 
 def test_cli_options_and_json(hf, capsys):

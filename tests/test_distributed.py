@@ -327,6 +327,136 @@ def test_nproc_relaunches_the_same_command() -> None:
     assert opts["bias"] is False and opts["stateful"] is True and opts["progress"] is False
 
 
+# --------------------------------------------------------------------------- errors, once
+def _main_nproc(tmp_path: Path, capsys, monkeypatch, *args: str) -> tuple[int, list[str]]:
+    """`lmlab train --nproc 2 ARGS` in this process; torchrun must not be started."""
+    from lmlab.cli import main
+
+    def no_launch(*a, **kw):
+        raise AssertionError("--nproc started torchrun for options it could have rejected")
+
+    monkeypatch.setattr(distributed, "launch", no_launch)
+    rc = main(["train", "--nproc", "2", *TINY, "--out", str(tmp_path / "run"), *args])
+    return rc, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda c, d: ["--data", str(c), "--batch-size", "3"],
+         "--batch-size 3 (the global batch) is not divisible by 2 processes × --grad-accum 1; "
+         "give a multiple of 2"),
+        (lambda c, d: ["--data", str(d / "missing.txt")], "data path {d}/missing.txt does not exist"),
+        (lambda c, d: ["--data", str(d / "empty.txt")], "the corpus ({d}/empty.txt) is empty"),
+        (lambda c, d: ["--data", str(c), "--resume", str(d / "nothing")], "--resume {d}/nothing: the folder"),
+    ],
+)  # fmt: skip
+def test_nproc_rejects_bad_options_once_before_starting_processes(
+    tmp_path: Path, corpus: Path, capsys, monkeypatch, make_args, message: str
+) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    rc, lines = _main_nproc(tmp_path, capsys, monkeypatch, *make_args(corpus, tmp_path))
+    assert rc == 2
+    assert len(lines) == 1 and lines[0].startswith("lmlab: error: "), lines
+    assert message.format(d=tmp_path) in lines[0]
+    assert not (tmp_path / "run").exists()  # no process started to create --out
+
+
+def test_nproc_refuses_a_folder_with_a_checkpoint_before_starting(
+    tmp_path: Path, corpus: Path, capsys, monkeypatch
+) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    rc, lines = _main_nproc(tmp_path, capsys, monkeypatch, "--data", str(corpus))
+    assert rc == 2 and len(lines) == 1, lines
+    assert f"{tmp_path / 'run'} already holds a checkpoint" in lines[0] and "--nproc 2" in lines[0]
+
+
+def test_failure_reason_names_what_no_process_printed() -> None:
+    """Exit status 2 is an lmlab error its process (or rank 0) printed: nothing to add.
+    A signal or another status is said in words (negative codes: killed by signal -code);
+    the SIGTERM torchrun sends the other processes once one failed is not a cause."""
+    said = {"failures": [{"rank": 0, "pid": 11, "exitcode": 2}, {"rank": 1, "pid": 12, "exitcode": -15}]}
+    assert distributed.failure_reason(said, 1) is None
+    killed = {"failures": [{"rank": 0, "pid": 11, "exitcode": -15}, {"rank": 1, "pid": 12, "exitcode": -9}]}
+    assert distributed.failure_reason(killed, 1) == (
+        "the process of rank 1 (pid 12) was killed by SIGKILL (signal 9)"
+    )
+    crashed = {"failures": [{"rank": 1, "pid": 12, "exitcode": 1}]}
+    assert distributed.failure_reason(crashed, 1) == (
+        "the process of rank 1 (pid 12) exited with status 1 (its traceback, if any, is above)"
+    )
+    # torchrun's own SIGTERM to the others is no cause, unless nothing else failed
+    terminated = {"failures": [{"rank": 0, "pid": 11, "exitcode": -15}]}
+    assert (
+        distributed.failure_reason(terminated, 1)
+        == "the process of rank 0 (pid 11) was killed by SIGTERM (signal 15)"
+    )
+    assert distributed.failure_reason({}, 1) == "torchrun exit status 1"
+
+
+def test_a_rank_above_0_leaves_a_user_error_to_rank_0(monkeypatch, capsys) -> None:
+    """Rank 1 of 2 (torchrun's variables) waits before it reports: torchrun's SIGTERM, sent
+    once rank 0 exited (having printed the error they share), ends the wait silently with
+    status 2; a wait that runs out (the error was rank 1's own) prints it, tagged."""
+    from lmlab import cli
+
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    argv = ["train", "--out", "x", "--batch-size", "0"]
+    real_sleep = time.sleep
+
+    def torchrun_stops_us(seconds: float) -> None:
+        assert seconds == cli.QUIET_RANK_GRACE_S
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_sleep(5)  # the handler interrupts this
+
+    prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        monkeypatch.setattr(cli.time, "sleep", torchrun_stops_us)
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(argv)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err == ""
+        monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)  # the wait runs out
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lmlab: error: [rank 1] --batch-size") and err.count("\n") == 1, err
+    finally:
+        for sig, handler in prev.items():
+            signal.signal(sig, handler)
+
+
+def test_a_failing_nproc_run_prints_one_error_line(tmp_path: Path, env: dict[str, str]) -> None:
+    """A corpus shorter than one window passes the checks before the launch (it must be
+    tokenized to tell) and fails in both processes: rank 0 alone prints it, torchrun's
+    ChildFailedError traceback is not shown, and the status is lmlab's 2."""
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n", encoding="utf-8")  # 10 tokens; a window needs 33
+    out = tmp_path / "run"
+    p = popen(lmlab_train(*TINY, "--data", str(short), "--out", str(out), "--nproc", "2"), env)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err[-3000:]
+    assert err.count("lmlab: error:") == 1, err
+    assert "lmlab: error: the corpus " in err and "training needs more than one context window" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err and "[rank 1]" not in err, err
+
+
+def test_under_torchrun_only_rank_0_prints_an_error(
+    tmp_path: Path, corpus: Path, env: dict[str, str]
+) -> None:
+    """Plain torchrun: each rank finds --batch-size 3 does not split over 2 processes; one
+    line says so, and no traceback runs through lmlab's code (torchrun's own report
+    follows it: lmlab does not run that torchrun)."""
+    args = [*TINY, "--data", str(corpus), "--out", str(tmp_path / "run"), "--batch-size", "3"]
+    p = popen([*TORCHRUN, "-m", "lmlab", "train", *args], env)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert err.count("lmlab: error:") == 1, err
+    assert "lmlab: error: --batch-size 3 (the global batch) is not divisible by 2 processes" in err
+    assert f'File "{REPO / "lmlab"}' not in err, err
+
+
 # --------------------------------------------------------------------------- signals and a lost process
 def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
     tmp_path: Path, corpus: Path, env: dict[str, str]
@@ -346,15 +476,17 @@ def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
     # `lmlab train --nproc 2 --resume`; then SIGKILL rank 1: the whole job stops, clearly.
     p = popen(lmlab_train("--resume", str(out), "--nproc", "2"), env)
     wait_for_step(out, n + 12, p)  # past a save at a multiple of 5
-    os.kill(worker_pid(p.pid, 1), signal.SIGKILL)
+    pid = worker_pid(p.pid, 1)
+    os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     _, err = p.communicate(timeout=STOP_WITHIN_S)
     assert time.monotonic() - t0 < STOP_WITHIN_S
     assert p.returncode == 2, err[-3000:]
-    assert "lmlab: error: another training process stopped or cannot be reached" in err  # rank 0
-    assert "Signal 9 (SIGKILL)" in err  # torchrun's report names the lost process
-    assert "the 2-process run failed (torchrun exit status 1" in err
-    assert f"lmlab train --resume {out}" in err
+    # rank 0's error, then lmlab's line naming the lost process; no torchrun traceback
+    assert err.count("lmlab: error: another training process stopped or cannot be reached") == 1, err
+    assert f"the 2-process run failed: the process of rank 1 (pid {pid}) was killed by SIGKILL" in err
+    assert f"continue with `lmlab train --resume {out} --nproc 2`" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     s = saved_step(out)
     assert s >= n + 5
 

@@ -26,6 +26,7 @@ from lmlab.generate import (
     apply_top_p,
     process_logits,
 )
+from lmlab.nn.attention import KVCache
 
 CTX = 16  # a small context, so that going beyond it is cheap
 
@@ -362,6 +363,82 @@ def test_prompt_longer_than_context_is_left_truncated(ckpt, pos, capsys):
     assert len(warning_lines(err)) == 1, err
     assert "prompt" in err and str(len(prompt)) in err
     assert model.generate_ids(prompt_text, max_new_tokens=1, temperature=0) == expected[:1]
+
+
+# --------------------------------------------------------------------------- the KV cache's size
+@pytest.fixture
+def caches(monkeypatch):
+    """Every KV cache the Transformer allocates during the test, with its shape at allocation."""
+    made: list[tuple[KVCache, tuple[int, ...]]] = []
+
+    class Recorded(KVCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append((self, tuple(self.k.shape)))
+
+    monkeypatch.setattr("lmlab.models.transformer.KVCache", Recorded)
+    return made
+
+
+BIG_CTX = 4096  # a long context (a 32k Qwen in miniature): the cache must not be this long
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_kv_cache_holds_what_the_request_needs_not_the_context(tmp_path, caches, pos):
+    """Slots needed = P + n - 1 (P prompt tokens, n new ones; the last new token is never fed
+    back), counted by hand here; rows = prompts (× beams). Tokens equal the no-cache crop."""
+    model = lmlab.load(tiny_checkpoint(tmp_path / "c", "char", pos=pos, max_seq_len=BIG_CTX))
+    cfg, n = model.module.config, 7
+
+    def shape(rows: int, slots: int) -> tuple[int, ...]:  # (n_layer, B, n_kv_head, max_len, head_dim)
+        return (cfg.n_layer, rows, cfg.n_kv_head, slots, cfg.head_dim)
+
+    short, long = model.encode("To be"), model.encode("or not to be, that")
+    assert model.generate_ids("To be", max_new_tokens=n, temperature=0) == nanogpt_greedy(
+        model.module, short, n, BIG_CTX
+    )
+    (cache, allocated), *rest = caches
+    assert not rest and allocated == shape(1, len(short) + n - 1) == tuple(cache.v.shape)
+
+    caches.clear()  # a left-padded batch: as many slots as its longest prompt needs
+    pair = ["To be", "or not to be, that"]
+    rows = model.generate(pair, max_new_tokens=n, temperature=0, return_details=True)
+    alone = [nanogpt_greedy(model.module, p, n, BIG_CTX) for p in (short, long)]
+    assert [r.token_ids for r in rows] == alone
+    assert [a for _, a in caches] == [shape(2, len(long) + n - 1)]
+
+    caches.clear()  # beam search: one row per prompt for the prompt, then num_beams rows per prompt
+    model.generate(pair, max_new_tokens=n, num_beams=3)
+    ((cache, allocated),) = caches
+    assert allocated == shape(2, len(long) + n - 1)
+    assert tuple(cache.k.shape) == tuple(cache.v.shape) == shape(2 * 3, len(long) + n - 1)
+    assert tuple(cache.key_valid.shape) == (2 * 3, len(long) + n - 1)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_kv_cache_is_static_and_capped_at_the_context(ckpt, caches, pos):
+    """One cache, allocated once and written in place (same storage at every step: no
+    per-token allocation or concatenation), never longer than max_seq_len; past it the
+    sliding window takes over and the tokens are still nanoGPT's crop."""
+    model = lmlab.load(ckpt("char", pos))
+    prompt, n = model.encode("To be"), 3 * CTX
+    seen: list[tuple[int, int]] = []
+
+    def spy(module, args, kwargs):
+        state = args[1] if len(args) > 1 else kwargs.get("state")
+        if state is not None:
+            seen.append((state.k.data_ptr(), state.v.data_ptr()))
+
+    hook = model.module.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        got = model.generate_ids("To be", max_new_tokens=n, temperature=0)
+    finally:
+        hook.remove()
+    assert got == nanogpt_greedy(model.module, prompt, n, CTX)
+    ((cache, allocated),) = caches
+    assert allocated[3] == CTX < len(prompt) + n - 1
+    # prefill + one step per slot after the prompt, then the window recomputes without a cache
+    assert len(seen) == 1 + CTX - len(prompt) and len(set(seen)) == 1
 
 
 # --------------------------------------------------------------------------- stopping and options

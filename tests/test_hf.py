@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import lmlab
@@ -23,6 +25,7 @@ from lmlab.api import Model
 from lmlab.cli import main
 from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
+from lmlab.generate import GenerationConfig as LmlabGenerationConfig
 from lmlab.hf import export_hf
 from lmlab.models.transformer import Transformer
 from lmlab.tokenizer import train_char_tokenizer
@@ -472,3 +475,159 @@ def test_fine_tune_with_init_lowers_the_loss_and_resumes(name, hf_model, tmp_pat
     )
     res = lmlab.train(resume=str(out), steps=40, progress=False)
     assert res.step == 40
+
+
+# --------------------------------------------------------------------------- eval/info/export: issue #4
+def _pickled_folder(name: str, hf_model, dst: Path) -> tuple[Path, torch.nn.Module]:
+    """The model ``name`` as a folder whose only weights are ``pytorch_model.bin``: what
+    ``save_pretrained(..., safe_serialization=False)`` writes (transformers 5 ignores that
+    argument and writes safetensors, so the state dict is then pickled as 4.x did)."""
+    src, ref_model = hf_model(name)
+    ref_model.save_pretrained(dst, safe_serialization=False)
+    if not (dst / "pytorch_model.bin").is_file():
+        torch.save(ref_model.state_dict(), dst / "pytorch_model.bin")
+    for f in dst.glob("model*.safetensors*"):
+        f.unlink()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, dst / f)
+    assert not any(dst.glob("*.safetensors")) and (dst / "pytorch_model.bin").is_file()
+    return dst, ref_model
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmlab: error: "), err
+    return err[0]
+
+
+def test_eval_and_info_read_pickle_only_with_allow_pickle(hf_model, tmp_path, capsys):
+    """`lmlab eval` / `lmlab info` on a pytorch_model.bin folder: refused in one line without
+    --allow-pickle; with it, the loss is transformers' cross-entropy over the same windows
+    and the parameter count is transformers' own."""
+    folder, ref_model = _pickled_folder("gpt2", hf_model, tmp_path / "gpt2-bin")
+    text = TEXT[:400]
+    data = tmp_path / "eval.txt"
+    data.write_text(text, encoding="utf-8")
+    for cmd in (["eval", str(folder), "--data", str(data)], ["info", str(folder)]):
+        assert main(cmd) == 2
+        assert "--allow-pickle" in _one_line_error(capsys)
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    ctx = ref_model.config.n_positions
+    assert len(ids) > ctx  # several windows
+    nll = []
+    for s in range(0, len(ids) - 1, ctx):
+        y = torch.tensor(ids[s + 1 : s + 1 + ctx])
+        logits = _hf_logits(ref_model, torch.tensor([ids[s : s + len(y)]]))
+        nll.append(F.cross_entropy(logits[0], y, reduction="none"))  # -log p(y_t | x_≤t)
+    loss = float(torch.cat(nll).mean())
+    assert main(["eval", str(folder), "--data", str(data), "--allow-pickle"]) == 0
+    m = re.search(r"loss ([\d.]+)\s+perplexity [\d.]+\s+over ([\d,]+) tokens", capsys.readouterr().out)
+    assert m and float(m.group(1)) == pytest.approx(loss, abs=1e-4)
+    assert int(m.group(2).replace(",", "")) == len(ids) - 1
+
+    assert main(["info", str(folder), "--allow-pickle"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"parameters\s+([\d,]+)", out)
+    assert m and int(m.group(1).replace(",", "")) == sum(p.numel() for p in ref_model.parameters())
+    assert "Hugging Face gpt2 (GPT2LMHeadModel)" in out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_info_shows_the_hugging_face_origin(name, hf_model, capsys):
+    """model_type and architecture, the folder read, dtype (loaded and stored), parameters,
+    context and tokenizer size, each from transformers' own config, model and tokenizer."""
+    folder, ref_model = hf_model(name)
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    ref, raw = ref_model.config, json.loads((folder / "config.json").read_text())
+    lines = dict(re.findall(r"^(\w+)\s+(.*)$", out, flags=re.M))
+    arch = raw["architectures"][0]
+    assert lines["source"] == f"Hugging Face {name} ({arch}), read from {folder.resolve()}"
+    assert int(lines["parameters"].replace(",", "")) == sum(p.numel() for p in ref_model.parameters())
+    stored = raw.get("dtype") or raw["torch_dtype"]
+    assert lines["dtype"] == f"float32 (stored as {stored})"
+    ctx = ref.n_positions if name == "gpt2" else ref.max_position_embeddings
+    assert lines["context"] == f"{ctx} tokens"
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    assert lines["tokenizer"].endswith(f", {vocab} tokens")
+    assert "no lmlab training state" in lines["training"]
+
+
+_GEN_SOURCE = {  # a generation_config.json as a Hub repository ships it (Llama 3 style)
+    "bos_token_id": 1,
+    "eos_token_id": [2, 0],
+    "pad_token_id": 2,
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 40,
+    "repetition_penalty": 1.1,
+    "max_length": 64,
+    "transformers_version": "4.45.0",
+}
+
+
+def test_export_carries_the_generation_config_through(hf_model, tmp_path):
+    """transformers reads the exported generation_config.json as it read the source's; lmlab's
+    options transformers has no field for are kept aside and read back by lmlab."""
+    src = tmp_path / "llama-gen"
+    shutil.copytree(hf_model("llama")[0], src)
+    (src / "generation_config.json").write_text(json.dumps(_GEN_SOURCE))
+    model = lmlab.load(src)
+    model.generation_config.update(stop=["\n\n"], presence_penalty=0.5, frequency_penalty=0.25, seed=3)
+    out = export_hf(model, tmp_path / "out")
+
+    ref = transformers.GenerationConfig.from_pretrained(src)
+    got = transformers.GenerationConfig.from_pretrained(out)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_p", "top_k"):
+        assert getattr(got, key) == getattr(ref, key), key
+    assert (got.repetition_penalty, got.max_length) == (ref.repetition_penalty, ref.max_length)
+    assert got.stop_strings == ["\n\n"]  # lmlab's `stop`, under transformers' name
+    assert got.lmlab_generation == {"presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 3}
+
+    # back into lmlab: the same decoding options as before the export
+    back = lmlab.load(out)
+    want = dict(temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.1, presence_penalty=0.5)
+    opts = LmlabGenerationConfig.from_dict(back.generation_config)
+    assert {k: getattr(opts, k) for k in want} == want
+    assert (opts.stop, opts.eos_token_id, opts.frequency_penalty, opts.seed) == (["\n\n"], [2, 0], 0.25, 3)
+    again = export_hf(back, tmp_path / "again")  # a second round trip changes nothing
+    assert json.loads((again / "generation_config.json").read_text()) == json.loads(
+        (out / "generation_config.json").read_text()
+    )
+
+
+def test_exported_greedy_generation_config_is_greedy_in_transformers(tmp_path):
+    """temperature 0 (lmlab's greedy) exports as do_sample=false: transformers' generate with the
+    exported generation_config.json alone gives lmlab's greedy tokens. A model without a pad id
+    gets its EOS id as pad in generation_config.json (not in config.json)."""
+    model = _lmlab_model(TransformerConfig(n_layer=2, max_seq_len=64, **TRAINED["llama"]))
+    model.generation_config = {"bos_token_id": 0, "temperature": 0, "max_new_tokens": 12}  # no EOS
+    out = export_hf(model, tmp_path / "hf")
+    got = transformers.GenerationConfig.from_pretrained(out)
+    assert (got.do_sample, got.bos_token_id, got.max_new_tokens) == (False, 0, 12)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.tensor([model.encode("We know it")])
+    with torch.no_grad():
+        ids = back.generate(x, attention_mask=torch.ones_like(x), pad_token_id=0)[0, x.shape[1] :].tolist()
+    assert ids == model.generate_ids("We know it") and len(ids) == 12
+
+    plain = _lmlab_model(TransformerConfig(n_layer=1, max_seq_len=32, **TRAINED["gpt2"]))  # eos 0, bos 0
+    out = export_hf(plain, tmp_path / "plain")
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (0, 0, 0)
+    assert "pad_token_id" not in json.loads((out / "config.json").read_text())
+
+
+def test_export_refuses_a_quantized_model(hf_model, tmp_path, capsys):
+    folder, _ = hf_model("llama")
+    model = lmlab.load(folder, quantize="int8")
+    with pytest.raises(LmlabError, match="export the unquantized checkpoint"):
+        export_hf(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    # a pre-quantized Hugging Face checkpoint (GPTQ, AWQ, ...) is refused by `lmlab export` too
+    gptq = _with_config(folder, tmp_path / "gptq", quantization_config={"quant_method": "gptq", "bits": 4})
+    assert main(["export", str(gptq), "--out", str(tmp_path / "q2")]) == 2
+    assert "quant_method=gptq" in _one_line_error(capsys)
+    assert not (tmp_path / "q2").exists()

@@ -64,6 +64,40 @@ def test_quant_linear_equals_dequantized_formula(in_features, bias):
     torch.testing.assert_close(ql.dequantize(), w_hat)
 
 
+@pytest.mark.parametrize("in_features", [40, 8, 17, 100])  # not multiples of 16
+def test_width_not_a_multiple_of_16_dequantizes_and_stays_within_the_quantization_error(
+    in_features, monkeypatch
+):
+    """``torch._weight_int8pack_mm`` reads the input 16 values at a time and has no tail, so
+    these layers must take the dequantize path: the kernel is never called, and the output is
+    the float layer's within the quantization error, bounded per output by
+
+        |y_o - ŷ_o| = |Σ_i x_i (W_oi - Ŵ_oi)| ≤ Σ_i |x_i| · s_o/2,   s_o = max_i |W_oi| / 127
+
+    (a kernel that dropped the last in_features mod 16 inputs would be off by Σ_tail x_i W_oi)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(in_features, 24)
+    ql = QuantLinear.from_linear(lin)
+    assert not ql.fast
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError(f"int8 kernel called for in_features={in_features}")
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", no_kernel, raising=False)
+    x = torch.randn(3, 5, in_features)
+    with torch.inference_mode():
+        got, want = ql(x), lin(x)
+    s = lin.weight.detach().abs().amax(1) / 127  # (out,)
+    bound = x.abs().sum(-1, keepdim=True) * s / 2  # Σ_i |x_i| · s_o/2 : (3, 5, 1)·(out,) -> (3, 5, out)
+    err = (got - want).abs()
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert (err <= bound + 1e-5).all(), float((err - bound).max())
+    assert err.max() > 0  # the weights were rounded: not the float layer itself
+    tail = in_features % 16  # what a tail-less 16-wide kernel would leave out
+    dropped = F.linear(x[..., in_features - tail :], lin.weight.detach()[:, in_features - tail :]).abs()
+    assert (dropped > bound).any()  # so this bound would catch it
+
+
 @pytest.mark.skipif(not _int8_kernel_works(), reason="no int8 CPU kernel in this build")
 def test_fast_and_formula_paths_agree():
     torch.manual_seed(1)
@@ -82,9 +116,12 @@ def quantized_pair(**options):
     return model, q
 
 
+@pytest.mark.parametrize("d_model", [64, 40])  # 40: qkv, proj, up and lm_head take the dequantize path
 @pytest.mark.parametrize("family", [{}, LLAMA], ids=["default", "llama"])
-def test_quantized_model_logits_close_and_greedy_mostly_equal(family):
-    model, q = quantized_pair(d_model=64, n_head=4, **family)
+def test_quantized_model_logits_close_and_greedy_mostly_equal(family, d_model):
+    model, q = quantized_pair(d_model=d_model, n_head=4, **family)
+    slow = [m for m in q.modules() if isinstance(m, QuantLinear) and not m.fast]
+    assert len(slow) == (0 if d_model % 16 == 0 else 3 * model.config.n_layer + 1)  # qkv, proj, up; lm_head
     assert all(not isinstance(m, nn.Linear) for m in q.modules())
     assert isinstance(q.tok_emb, nn.Embedding) and q.tok_emb.weight.dtype == torch.float32
     ids = torch.randint(0, 97, (4, 32))

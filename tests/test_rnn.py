@@ -126,6 +126,63 @@ def test_full_sequence_equals_step_by_step(cell):
     assert m.lm_head.weight is m.tok_emb.weight
 
 
+def _no_fused_call(*args, **kwargs):
+    raise AssertionError("a one-token step on a CPU went through the fused layer")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_token_steps_equal_the_fused_layer_over_the_sequence(cell, monkeypatch):
+    """The decoding path (one token at a time, PyTorch's one-step cell kernels) against
+    a separate nn.RNN/GRU/LSTM with the same weights run over the whole sequence at once
+    (oneDNN's fused kernel on a CPU): equal logits at every step and equal final state,
+    from a random state, for a batch of 3 rows; the fused layer is never called."""
+    m = tiny(cell, tie_embeddings=True)  # hidden 10 != d_model 6: through the projection
+    fused = FUSED[cell](6, 10, num_layers=2, batch_first=True)
+    fused.load_state_dict(m.rnn.state_dict())
+    ids = torch.randint(13, (3, 11))
+    s0 = random_state(cell, 2, 3, 10)
+    with torch.no_grad():
+        ref_out, ref_state = fused(m.tok_emb(ids), s0)  # (3, 11, hidden), all steps in one call
+        ref_logits = m.lm_head(m.proj(ref_out))
+        monkeypatch.setattr(m.rnn, "forward", _no_fused_call)
+        state, steps = s0, []
+        for t in range(ids.shape[1]):
+            logits, state = m(ids[:, t : t + 1], state)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref_logits, atol=1e-5, rtol=0)
+    for a, b in zip(state if cell == "lstm" else [state], ref_state if cell == "lstm" else [ref_state]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_token_from_a_zero_state_equals_the_fused_layer(cell, monkeypatch):
+    m = tiny(cell)
+    ids = torch.randint(13, (2, 1))
+    with torch.no_grad():
+        ref_out, ref_state = m.rnn(m.tok_emb(ids))  # state None: zeros
+        monkeypatch.setattr(m.rnn, "forward", _no_fused_call)
+        logits, state = m(ids)
+    torch.testing.assert_close(logits, m.lm_head(ref_out), atol=1e-5, rtol=0)
+    for a, b in zip(state if cell == "lstm" else [state], ref_state if cell == "lstm" else [ref_state]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_windows_and_dropout_keep_the_fused_layer():
+    """Several tokens (training windows, prompts) and a training step with dropout
+    between layers go through nn.LSTM (oneDNN), which computes that dropout."""
+    calls = []
+    m = tiny("lstm", dropout=0.5)
+    m.rnn.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        m(torch.randint(13, (2, 4)))  # a window: fused
+        assert len(calls) == 1
+        m(torch.randint(13, (2, 1)))  # one token in eval mode: the one-step path
+        assert len(calls) == 1
+        m.train()
+        m(torch.randint(13, (2, 1)))  # one token with dropout active: fused
+        assert len(calls) == 2
+
+
 def test_model_uses_the_fused_layer_as_the_reference_says():
     """The model's logits = lm_head(reference stack over the embeddings), weights shared."""
     m = tiny("gru")
@@ -188,17 +245,40 @@ def test_state_of_the_wrong_shape_is_refused():
 
 
 @pytest.mark.parametrize(
+    "cell, state, msg",
+    [
+        ("lstm", lambda: (torch.zeros(2, 2, 7), torch.zeros(2, 2, 7)), r"\(2, 2, 10\), got \(2, 2, 7\)"),
+        ("lstm", lambda: torch.zeros(2, 2, 10), r"pair \(h, c\)"),
+        ("lstm", lambda: (torch.zeros(2, 2, 10),), r"pair \(h, c\)"),
+        ("lstm", lambda: (torch.zeros(2, 2, 10), "c"), r"\(2, 2, 10\), got str"),
+        ("gru", lambda: torch.zeros(2, 5, 10), r"\(2, 2, 10\), got \(2, 5, 10\)"),
+        ("rnn", lambda: torch.zeros(2, 10), r"\(2, 2, 10\), got \(2, 10\)"),
+        ("rnn", lambda: (torch.zeros(2, 2, 10), torch.zeros(2, 2, 10)), "one tensor h"),
+    ],
+)
+@pytest.mark.parametrize("T", [1, 3])  # one token (the decoding path) and a window (fused)
+def test_bad_state_is_one_line_on_both_paths(cell, state, msg, T):
+    m = tiny(cell)
+    with pytest.raises(LmlabError, match=msg) as e:
+        m(torch.zeros(2, T, dtype=torch.long), state())
+    assert "\n" not in str(e.value) and "init_state(2)" in str(e.value)  # says how to fix it
+
+
+@pytest.mark.parametrize(
     "kw, msg",
     [
         (dict(hidden_size=0), "hidden_size must be positive"),
+        (dict(hidden_size=-8), r"hidden_size must be positive \(got -8\)"),
         (dict(n_layer=0), "n_layer must be positive"),
+        (dict(n_layer=-1), r"n_layer must be positive \(got -1\)"),
         (dict(cell="transformer"), "cell must be one of rnn, gru, lstm"),
         (dict(dropout=1.0), "dropout"),
     ],
 )
 def test_bad_model_config(kw, msg):
-    with pytest.raises(LmlabError, match=msg):
+    with pytest.raises(LmlabError, match=msg) as e:
         RNNConfig(**kw)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -207,19 +287,31 @@ def test_bad_model_config(kw, msg):
         (dict(hidden_size=0), "--hidden-size must be positive"),
         (dict(hidden_size=-3), "--hidden-size must be positive"),
         (dict(n_layer=0), "--n-layer must be positive"),
+        (dict(n_layer=-2), r"--n-layer must be positive \(got -2\)"),
         (dict(model="transformer"), "--model must be gpt, rnn, gru, lstm"),
         (dict(model="gpt", stateful=True), "--stateful needs a recurrent model"),
     ],
 )
 def test_bad_training_options(tmp_path, kw, msg):
-    with pytest.raises(LmlabError, match=msg):
+    with pytest.raises(LmlabError, match=msg) as e:
         lmlab.train(data=str(tmp_path / "none.txt"), out=str(tmp_path / "o"), **{**SMALL, **kw})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
-def test_cli_bad_hidden_size_is_one_line(tmp_path, capsys):
-    rc = cli_main(["train", "--model", "gru", "--hidden-size", "0", "--out", str(tmp_path / "o")])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--model", "gru", "--hidden-size", "0"], "--hidden-size must be positive (got 0)"),
+        (["--model", "lstm", "--n-layer", "0"], "--n-layer must be positive (got 0)"),
+        (["--model", "rnn", "--n-layer", "-1"], "--n-layer must be positive (got -1)"),
+        (["--model", "gpt", "--stateful"], "--stateful needs a recurrent model (--model rnn, gru, lstm)"),
+    ],
+)
+def test_cli_bad_recurrent_options_are_one_line(tmp_path, capsys, args, line):
+    rc = cli_main(["train", *args, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("lmlab: error: --hidden-size must be positive")
+    assert rc == 2 and err.startswith(f"lmlab: error: {line}")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -285,6 +377,36 @@ def test_loading_as_another_family_is_refused(trained, tmp_path):
         lmlab.load(bad)
     with pytest.raises(LmlabError, match="trains --model lstm, it cannot continue as --model gru"):
         lmlab.train(resume=str(trained), model="gru", steps=90)
+
+
+@pytest.mark.parametrize(
+    "saved, claimed, msg",
+    [
+        ("gru", "lstm", "are a GRU's but its config.json says cell='lstm'; load it with cell='gru'"),
+        ("rnn", "gru", "are an Elman RNN's but its config.json says cell='gru'; load it with cell='rnn'"),
+        ("gpt", "lstm", "are a Transformer's but its config.json describes an LSTM"),
+    ],
+)
+def test_checkpoint_of_another_family_is_one_line(tmp_path, saved, claimed, msg):
+    """Weights written by one family, config.json edited to say another: lmlab.load names
+    both families in one line rather than listing mismatched tensors."""
+    from helpers import char_tokenizer, tiny_checkpoint
+
+    from lmlab.checkpoint import write_checkpoint
+
+    folder = tmp_path / "ckpt"
+    if saved == "gpt":
+        tiny_checkpoint(folder)
+    else:
+        tok = char_tokenizer()
+        write_checkpoint(folder, tiny(saved, vocab_size=tok.get_vocab_size()), tok, {})
+    cfg = json.loads((folder / "config.json").read_text())
+    rnn = {"model_type": "rnn", "cell": claimed, "vocab_size": cfg["vocab_size"], "d_model": 6,
+           "hidden_size": 10, "n_layer": 2}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({"lmlab": cfg["lmlab"], **rnn}))
+    with pytest.raises(LmlabError) as e:
+        lmlab.load(folder)
+    assert msg in str(e.value) and "\n" not in str(e.value)
 
 
 def test_stateful_training_carries_the_state_across_chunks(corpus, tmp_path):

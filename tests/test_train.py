@@ -19,13 +19,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SHAKESPEARE_TEXT as TEXT
+from helpers import char_tokenizer, tiny_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import lmlab
+from lmlab.checkpoint import write_checkpoint
+from lmlab.cli import main as cli_main
+from lmlab.config import RNNConfig
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
-from lmlab.train import TrainConfig, Trainer, lr_at, parse_duration
+from lmlab.models.rnn import RNNLanguageModel
+from lmlab.train import TrainConfig, Trainer, TrainResult, lr_at, parse_duration, replan_lr
 
 REPO = Path(__file__).resolve().parents[1]
 # Small explicit sizes, so a change of TrainConfig's defaults never slows these tests.
@@ -390,6 +395,116 @@ def test_time_budget_run_stops_near_the_budget(tmp_path: Path, corpus_path: Path
     assert 0.5 < state["elapsed"] < 20  # loosely: it neither stopped at once nor ran away
 
 
+def test_lr_replan_is_continuous_by_hand() -> None:
+    """A --time run's end moves from T=100 to 155 at step 55: the cosine goes on from
+    the phase it had, p₀ = (55-10)/90 = ½, to p = 1 at the new end."""
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10)
+    plan = replan_lr(55, cfg, 100, 155, None)
+    assert plan["lr"] == pytest.approx(5.5e-4) == pytest.approx(lr_at(55, cfg, 100))  # ½(1 + cos ½π)
+    assert lr_at(55, cfg, 155, plan) == pytest.approx(5.5e-4)  # no jump at the move
+    # p(105) = ½ + ½·50/100 = ¾: min + ½(1 + cos ¾π)(lr - min)
+    assert lr_at(105, cfg, 155, plan) == pytest.approx(1e-4 + 0.5 * (1 - math.sqrt(0.5)) * 9e-4)
+    assert lr_at(155, cfg, 155, plan) == pytest.approx(1e-4)
+    assert lr_at(154, cfg, 155, plan) > lr_at(155, cfg, 155, plan)
+    # An end moved again keeps the warmup, and the lr the step had under the last plan.
+    again = replan_lr(105, cfg, 155, 120, plan)
+    assert again["warmup"] == 10 and again["lr"] == pytest.approx(lr_at(105, cfg, 155, plan))
+
+
+def test_lr_first_estimate_on_the_warmup_ramp_by_hand() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=100)
+    # Step 3 of the measuring ramp (lr·4/101), the end found at 200: w = min(100, 200/10)
+    # = 20, and the ramp runs straight from there to the peak at step 20.
+    plan = replan_lr(3, cfg, None, 200, None)
+    low = 1e-3 * 4 / 101
+    assert plan == {"warmup": 20, "at": 3, "lr": pytest.approx(low)}
+    assert lr_at(3, cfg, 200, plan) == pytest.approx(low)
+    assert lr_at(10, cfg, 200, plan) == pytest.approx(low + (1e-3 - low) * 7 / 17)
+    assert lr_at(20, cfg, 200, plan) == pytest.approx(1e-3)
+    # Step 30 (lr·31/101), the end found at 150: w = 15 is behind; the ramp goes on at
+    # lr/15 per step: the peak after ⌈(1 - 31/101)·15⌉ = 11 more steps.
+    plan = replan_lr(30, cfg, None, 150, None)
+    assert plan["warmup"] == 41
+    assert lr_at(30, cfg, 150, plan) == pytest.approx(1e-3 * 31 / 101)
+    assert lr_at(41, cfg, 150, plan) == pytest.approx(1e-3)
+    assert lr_at(150, cfg, 150, plan) == pytest.approx(1e-4)
+
+
+def _fake_clock(monkeypatch, seconds_per_step) -> list[float]:
+    """A deterministic --time run: the trainer's clock stands still except in a step,
+    which takes ``seconds_per_step(now)`` (and trains nothing: the schedule is the test)."""
+    clock = [0.0]
+    monkeypatch.setattr(sys.modules["lmlab.train"], "_clock", lambda: clock[0])
+
+    def step(self, step):  # noqa: ARG001
+        clock[0] += seconds_per_step(clock[0])
+        return 2.0
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    return clock
+
+
+def _timed_run(out: Path, corpus: Path, time: str, **kw) -> tuple[TrainResult, dict, list[dict]]:
+    res = lmlab.train(data=str(corpus), out=str(out), time=time, eval_every=1000, **{**SMALL, **kw})
+    return res, json.loads((out / "trainer_state.json").read_text()), read_metrics(out)
+
+
+def _assert_smooth_decay(rows: list[dict], lr: float = 3e-3, min_lr: float = 3e-4) -> None:
+    """After the warmup the lr only falls, and ends at min_lr: no jump where the end moved."""
+    lrs = [r["lr"] for r in rows[SMALL["warmup"] :]]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), "the lr rose after the warmup"
+    assert lrs[-1] - min_lr < 0.1 * (lr - min_lr)
+
+
+def test_time_budget_follows_a_slowdown(tmp_path, corpus_path, monkeypatch, capsys) -> None:
+    """Steps take 1 s, then 5 s from t = 50 s. The first estimate (at t = 10 s, 1 s/step)
+    is T = 10 + ⌊(100 - 8 - 10)/1⌋ = 92; fixed there, the run would end near 260 s."""
+    _fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else 5.0)
+    res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
+    assert "1000 ms/step, training for 92 steps" in capsys.readouterr().err
+    assert 80 <= state["elapsed"] <= 100 + 5  # within the budget, give or take one step
+    assert res.step == state["step"] == state["max_steps"] == len(rows) < 92
+    assert "val_loss" in rows[-1]  # the last step evaluated and saved
+    _assert_smooth_decay(rows)
+    drops = [a["lr"] - b["lr"] for a, b in zip(rows, rows[1:])]
+    assert max(drops) < 0.15 * 3e-3  # re-planned without a cliff
+
+
+def test_time_budget_uses_a_speedup(tmp_path, corpus_path, monkeypatch) -> None:
+    """Steps take 1 s, then 0.2 s from t = 50 s: more steps than the first estimate (92)."""
+    _fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else 0.2)
+    res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
+    assert res.step > 92 + 100  # 42 s at 0.2 s/step would be 210 more steps
+    assert 85 <= state["elapsed"] <= 100
+    _assert_smooth_decay(rows)
+
+
+def test_time_budget_hard_stop(tmp_path, corpus_path, monkeypatch) -> None:
+    """A step that stalls for 40 s at t = 85 s, after the last estimate: the run stops
+    right after it (step 86, t = 125 s), with its final evaluation and checkpoint."""
+    _fake_clock(monkeypatch, lambda now: 40.0 if now == 85 else 1.0)
+    res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
+    assert (res.step, state["max_steps"], state["elapsed"]) == (86, 86, 125.0)
+    assert rows[-1]["step"] == 86 and "val_loss" in rows[-1]
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 86
+
+
+def test_resume_with_time_adds_time_and_keeps_the_lr_continuous(tmp_path, corpus_path, monkeypatch) -> None:
+    _fake_clock(monkeypatch, lambda now: 1.0)
+    out = tmp_path / "run"
+    first, state, rows = _timed_run(out, corpus_path, "50s", min_lr=1e-3)
+    assert 45 <= state["elapsed"] <= 50
+    res = lmlab.train(resume=str(out), time="20s", progress=False)  # 20 s more
+    state2 = json.loads((out / "trainer_state.json").read_text())
+    assert state["elapsed"] + 17 <= state2["elapsed"] <= state["elapsed"] + 20
+    assert res.step > first.step + 15
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, res.step + 1))
+    # The first run ended at min_lr; its extension goes on from there, not from the peak.
+    assert rows[first.step - 1]["lr"] == pytest.approx(1e-3, rel=0.02)
+    assert all(r["lr"] == pytest.approx(1e-3, rel=0.02) for r in rows[first.step :])
+
+
 # --------------------------------------------------------------------------- overfitting
 def _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, values: list[float]) -> str:
     seq = iter(values)
@@ -416,3 +531,137 @@ def test_no_overfitting_warning_for_a_single_rise(tmp_path, corpus_path, monkeyp
     """One evaluation up, then down again, is noise in a small validation sample."""
     err = _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, [2.0, 2.5, 2.2])
     assert "validation loss rose" not in err
+
+
+# --------------------------------------------------------------------------- option errors
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        (dict(steps=10, time="1m"), r"give one budget, --steps 10 or --time 1m, not both"),
+        (dict(time="0s"), r"--time must be positive \(got 0s\)"),
+        (dict(warmup=-1), r"--warmup must be 0 or more steps \(got -1\)"),
+        (dict(min_lr=1e-2), r"--min-lr must be between 0 and --lr 0.003 \(got 0.01\)"),
+        (dict(min_lr=-1e-4), r"--min-lr must be between 0 and --lr"),
+        (dict(hidden_size=64), r"--hidden-size is for recurrent models .*--model gpt .*drop --hidden-size"),
+        (dict(model="gpt", stateful=True), r"--stateful needs a recurrent model"),
+        (dict(lr=0.0), r"--lr must be positive \(got 0.0\)"),
+        (dict(lr=-1e-3), r"--lr must be positive"),
+        (dict(batch_size=0), r"--batch-size must be positive \(got 0\)"),
+        (dict(grad_accum=0), r"--grad-accum must be positive \(got 0\)"),
+        (dict(eval_every=0), r"--eval-every must be positive \(got 0\)"),
+        (dict(save_every=-5), r"--save-every must be positive \(got -5\)"),
+    ],
+)
+def test_bad_training_options_are_one_line_errors(tmp_path, corpus_path, kw, msg) -> None:
+    with pytest.raises(LmlabError, match=msg) as e:
+        lmlab.train(data=str(corpus_path), out=str(tmp_path / "o"), **{**SMALL, **kw})
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_bad_options_from_the_cli_are_one_line(tmp_path, capsys) -> None:
+    rc = cli_main(["train", "--out", str(tmp_path / "o"), "--steps", "5", "--time", "1m"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("lmlab: error: give one budget") and len(err.strip().splitlines()) == 1
+    # --hidden-size given, --model left at its default (gpt)
+    rc = cli_main(["train", "--out", str(tmp_path / "o"), "--hidden-size", "64"])
+    assert rc == 2 and "drop --hidden-size" in capsys.readouterr().err
+    # the defaults themselves never count as given: a plain gpt run passes validation
+    TrainConfig(out="x").validate({"out"})
+
+
+def test_resume_refuses_two_budgets(tmp_path, corpus_path) -> None:
+    out = tmp_path / "run"
+    lmlab.train(data=str(corpus_path), out=str(out), steps=2, **SMALL)
+    with pytest.raises(LmlabError, match="give one budget"):
+        lmlab.train(resume=str(out), steps=4, time="1m")
+
+
+# --------------------------------------------------------------------------- --init (fine-tuning)
+@pytest.fixture
+def init_model(tmp_path) -> Path:
+    """A random tiny Transformer (learned positions, a 32-token context) with a character
+    tokenizer of the training text: a fine-tuning source on disk."""
+    return tiny_checkpoint(tmp_path / "src", tokenizer=char_tokenizer(TEXT), max_seq_len=32, d_model=32)
+
+
+INIT_OPTS = dict(batch_size=4, lr=1e-3, warmup=2, device="cpu", progress=False, eval_every=100)
+
+
+def _fine_tune(source: Path, corpus: Path, out: Path, **kw) -> TrainResult:
+    return lmlab.train(init=str(source), data=str(corpus), out=str(out), **{**INIT_OPTS, **kw})
+
+
+@pytest.mark.parametrize(
+    ("kw", "dropped"),
+    [
+        (dict(n_layer=3), "--n-layer"),
+        (dict(tokenizer="bpe", d_model=64), "--tokenizer, --d-model"),
+        (dict(model="lstm"), "--model"),
+        (dict(model="gpt"), "--model"),  # even the model's own kind: nothing here is chosen
+        (dict(pos="rope", norm="layernorm", bias=True), "--pos, --norm, --bias"),
+        (dict(hidden_size=64, vocab_size=100, dropout=0.1), "--vocab-size, --dropout, --hidden-size"),
+    ],
+)
+def test_init_refuses_architecture_and_tokenizer_flags(tmp_path, corpus_path, init_model, kw, dropped):
+    with pytest.raises(LmlabError) as e:
+        _fine_tune(init_model, corpus_path, tmp_path / "ft", steps=2, **kw)
+    assert str(e.value) == f"--init uses the model's own architecture and tokenizer; drop {dropped}"
+
+
+def test_init_refuses_a_window_beyond_the_context(tmp_path, corpus_path, init_model, capsys) -> None:
+    msg = r"--max-seq-len 48 is longer than the context of .*src \(32 tokens\); give --max-seq-len 32 or less"
+    with pytest.raises(LmlabError, match=msg):
+        _fine_tune(init_model, corpus_path, tmp_path / "ft", steps=2, max_seq_len=48)
+    capsys.readouterr()
+    argv = ["train", "--init", str(init_model), "--data", str(corpus_path), "--out", str(tmp_path / "c")]
+    rc = cli_main([*argv, "--n-layer", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == (
+        "lmlab: error: --init uses the model's own architecture and tokenizer; drop --n-layer"
+    )
+
+
+def test_init_trains_on_a_shorter_window_and_stores_what_it_used(tmp_path, corpus_path, init_model) -> None:
+    out = tmp_path / "ft"
+    _fine_tune(init_model, corpus_path, out, steps=3, max_seq_len=16)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["tokens"] == 3 * 4 * 16  # steps × batch × the 16-token window
+    used = state["train_config"]
+    src = json.loads((init_model / "config.json").read_text())
+    # The model's own settings (learned positions, 2 layers), not TrainConfig's defaults (rope, 4).
+    keys = ("pos", "n_layer", "d_model", "n_head")
+    assert used["model"] == "gpt" and [used[k] for k in keys] == [src[k] for k in keys]
+    assert (used["pos"], used["n_layer"], used["max_seq_len"]) == ("learned", 2, 16)
+    assert used["tokenizer"] == str(init_model)
+    assert used["vocab_size"] == char_tokenizer(TEXT).get_vocab_size()
+    assert json.loads((out / "config.json").read_text())["max_seq_len"] == 32  # the model keeps its context
+    # A resume goes on with the same window.
+    lmlab.train(resume=str(out), steps=5)
+    assert json.loads((out / "trainer_state.json").read_text())["tokens"] == 5 * 4 * 16
+
+
+def test_init_window_defaults_to_64_within_the_context(tmp_path, corpus_path, init_model) -> None:
+    out = tmp_path / "ft"
+    _fine_tune(init_model, corpus_path, out, steps=1)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["train_config"]["max_seq_len"] == 32 and state["tokens"] == 4 * 32  # min(64, 32)
+
+
+def test_init_from_an_rnn_may_use_a_longer_window(tmp_path, corpus_path) -> None:
+    """An RNN has no context limit: its max_seq_len is only the window it was trained on."""
+    tok = char_tokenizer(TEXT)
+    torch.manual_seed(0)
+    rnn = RNNLanguageModel(RNNConfig(cell="gru", vocab_size=tok.get_vocab_size(), d_model=8, hidden_size=16,
+                                     n_layer=1, max_seq_len=8))  # fmt: skip
+    src = write_checkpoint(tmp_path / "gru", rnn, tok, {})
+    out = tmp_path / "ft"
+    _fine_tune(src, corpus_path, out, steps=2, max_seq_len=24, stateful=True)
+    state = json.loads((out / "trainer_state.json").read_text())
+    used = state["train_config"]
+    assert state["tokens"] == 2 * 4 * 24
+    assert (used["model"], used["hidden_size"], used["n_layer"], used["max_seq_len"]) == ("gru", 16, 1, 24)
+    # --stateful with a Transformer source: refused once the source shows what it is.
+    tr_src = tiny_checkpoint(tmp_path / "tr", tokenizer=tok)
+    with pytest.raises(LmlabError, match=r"--stateful needs a recurrent model; .* is a Transformer"):
+        _fine_tune(tr_src, corpus_path, tmp_path / "x", steps=1, stateful=True)

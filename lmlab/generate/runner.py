@@ -54,6 +54,17 @@ def cat_states(states: Sequence[Any]) -> Any:
     raise LmlabError(f"cannot batch model states of type {type(first).__name__}")
 
 
+def cache_slots(prompt_len: int, max_new_tokens: int, ctx: int) -> int:
+    """KV cache positions a request needs, allocated once before its first token.
+
+    slots = min(P + max_new_tokens - 1, ctx), at least P: the prompt and every new token but
+    the last (it is never fed back), never more than the context (past it, the sliding window
+    recomputes without a cache). Not ``ctx`` itself: a short request on a 32k-context model
+    would hold 32k positions of keys and values for nothing.
+    """
+    return max(prompt_len, min(prompt_len + max_new_tokens - 1, ctx))
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """ids, attention mask and position ids of left-padded rows.
 
@@ -106,8 +117,7 @@ class Runner:
             prompts = [p[-ctx:] for p in prompts]
         lengths = [len(p) for p in prompts]
         P = max(lengths)
-        # the last new token is never fed back: P + max_new_tokens - 1 slots at most, within ctx
-        self.state = self.model.init_state(len(prompts), max(P, min(P + self.max_new_tokens - 1, ctx)))
+        self.state = self.model.init_state(len(prompts), cache_slots(P, self.max_new_tokens, ctx))
         self.padded = min(lengths) != P
         if self.padded:
             ids, mask, pos = _left_pad(prompts, self.device)

@@ -43,35 +43,13 @@ _HUB_FILES = [
     "model-*.safetensors",
 ]
 _HUB_PICKLE = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
-# the generation settings written back to generation_config.json (transformers' names);
-# lmlab-only settings (a seed) stay behind
-_GEN_KEYS = (
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "decoder_start_token_id",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "min_length",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "bad_words_ids",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "stop_strings",
-)
+# generation_config.json on export: every setting in transformers' names, as it is, except
+# lmlab's options transformers has no field for: ``stop`` is transformers' ``stop_strings``;
+# the rest are kept under LMLAB_GENERATION_KEY (transformers keeps an unknown key as an
+# attribute and does nothing with it; lmlab reads them back on import)
+LMLAB_GENERATION_KEY = "lmlab_generation"
+_LMLAB_ONLY = ("presence_penalty", "frequency_penalty", "bad_words", "logprobs", "seed")
+_RENAMED = {"stop": "stop_strings"}
 
 
 # --------------------------------------------------------------------------- sources
@@ -148,7 +126,22 @@ def _generation_config(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
     if f.is_file():
         extra = read_json(f, "generation config")
         gen.update({k: v for k, v in extra.items() if not k.startswith("_") and k != "transformers_version"})
+        own = gen.pop(LMLAB_GENERATION_KEY, None)  # lmlab-only options an lmlab export kept aside
+        if isinstance(own, dict):
+            gen.update({k: v for k, v in own.items() if k in (*_LMLAB_ONLY, "max_new_tokens")})
     return gen
+
+
+def _refuse_quantized(raw: dict[str, Any], source: str) -> None:
+    """A pre-quantized checkpoint (GPTQ, AWQ, bitsandbytes, fp8...) stores packed integers and
+    scales, not the float weights lmlab's layers take."""
+    q = raw.get("quantization_config")
+    if q:
+        method = q.get("quant_method", "?") if isinstance(q, dict) else q
+        raise LmlabError(
+            f"{source} is a quantized checkpoint (quantization_config: quant_method={method}); lmlab reads "
+            "float weights only: use the unquantized model (lmlab can quantize it when loading: --quantize int8)"
+        )
 
 
 def _read_optional_json(path: Path) -> dict[str, Any] | None:
@@ -177,6 +170,7 @@ def load_hf(
         raise LmlabError(f"{folder} has no config.json; a Hugging Face model folder needs one")
     raw = read_json(folder / "config.json", "config")
     family = family_for(raw, source)
+    _refuse_quantized(raw, source)
     cfg = family.to_lmlab(raw)
     dt = resolve_dtype(dtype) or torch.float32
     tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
@@ -188,8 +182,9 @@ def load_hf(
     finally:
         weights.close()
     _reinit_buffers(module)  # RoPE tables are not weights: compute them
-    module.hf_origin = {  # what export needs to write this family back as it was
+    module.hf_origin = {  # what export needs to write this family back as it was (and `lmlab info` shows)
         "model_type": family.model_type,
+        "path": str(folder.resolve()),
         "config": raw,
         "tokenizer_config": _read_optional_json(folder / "tokenizer_config.json"),
         "special_tokens_map": _read_optional_json(folder / "special_tokens_map.json"),
@@ -201,13 +196,40 @@ def load_hf(
 
 # --------------------------------------------------------------------------- export
 def _hf_generation_config(gen: dict[str, Any]) -> dict[str, Any]:
-    """lmlab generation settings in transformers' names (temperature 0 -> greedy)."""
-    out = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
+    """lmlab's generation settings as transformers' GenerationConfig reads them.
+
+    Everything is carried through as it is (an imported model's own settings round-trip),
+    except: ``stop`` becomes ``stop_strings``; options transformers has no field for
+    (presence/frequency penalties, bad_words as strings, logprobs, seed, max_new_tokens=0,
+    which its validation refuses) go under ``LMLAB_GENERATION_KEY``; temperature 0 (lmlab's
+    greedy) becomes ``do_sample=false``; a temperature > 0, or several return sequences
+    without beams, and no ``do_sample`` becomes ``do_sample=true`` (lmlab samples then);
+    no ``pad_token_id`` becomes the (first) EOS id, as transformers' generate assumes.
+    """
+    out = {k: v for k, v in gen.items() if v is not None and not k.startswith("_")}
+    out.pop("transformers_version", None)
+    extra = dict(out.pop(LMLAB_GENERATION_KEY, None) or {})
+    extra.update({k: out.pop(k) for k in _LMLAB_ONLY if k in out})
+    if out.get("max_new_tokens") == 0:  # lmlab: generate nothing; transformers refuses 0
+        extra["max_new_tokens"] = out.pop("max_new_tokens")
+    for mine, theirs in _RENAMED.items():
+        if mine in out:
+            out[theirs] = out.pop(mine)  # ours wins, as GenerationConfig.from_dict reads them
     t = out.get("temperature")
-    if "do_sample" not in out and t is not None:
-        out["do_sample"] = t > 0
     if t is not None and t <= 0:
         del out["temperature"]
+        out["do_sample"] = False
+    elif t is not None and "do_sample" not in out:
+        out["do_sample"] = True
+    n = out.get("num_return_sequences")
+    if isinstance(n, int) and n > 1 and out.get("num_beams", 1) <= 1 and "do_sample" not in out:
+        out["do_sample"] = True  # lmlab samples by default; transformers refuses n greedy copies
+    eos = out.get("eos_token_id")
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
+    if "pad_token_id" not in out and isinstance(first_eos, int):
+        out["pad_token_id"] = first_eos
+    if extra:
+        out[LMLAB_GENERATION_KEY] = extra
     return out
 
 
@@ -248,6 +270,12 @@ def export_hf(
     if not isinstance(model, Model):
         model = load(str(model_or_source), dtype=dtype, allow_pickle=allow_pickle)
     module = model.module
+    if getattr(module, "quantization", None):
+        raise LmlabError(
+            f"this model is {module.quantization}-quantized: its rounded weights are not the checkpoint's; "
+            "export the unquantized checkpoint (load it without quantize=..., or pass its path: "
+            "`lmlab export PATH --out OUT`)"
+        )
     cfg = module.config
     if not isinstance(cfg, TransformerConfig):
         raise LmlabError(
@@ -269,7 +297,9 @@ def export_hf(
     want = resolve_dtype(dtype) or module.dtype
     tensors = export_tensors(module, family, ecfg, want)
     gen = _hf_generation_config(model.generation_config)
-    ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen}
+    # config.json: the model's own ids only (a pad id there marks an embedding row as padding)
+    own = model.generation_config
+    ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if own.get(k) is not None}
     hf_cfg = {
         **ids,  # an lmlab model's token ids; an imported config keeps its own
         **hf_cfg,

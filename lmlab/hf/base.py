@@ -57,6 +57,25 @@ class Rule:
     sizes: tuple[int, ...] = ()
 
 
+#: one layer's tensor: (lmlab suffix, Hugging Face suffixes, op, dim-0 sizes of the ``cat`` parts)
+LayerTensor = tuple[str, tuple[str, ...], str, tuple[int, ...]]
+
+
+def layer_tensors(
+    lm: str, hf: str | tuple[str, ...], op: str = "copy", sizes: tuple[int, ...] = (), bias: bool = False
+) -> list[LayerTensor]:
+    """The weight of lmlab layer ``lm`` (and its bias when ``bias``) from Hugging Face layer(s)
+    ``hf``, for :meth:`Family._layer_rules`. Several ``hf`` layers are fused along dim 0
+    (``op="cat"``, q|k|v -> qkv, gate|up -> up) and split in ``sizes`` again on export; the
+    bias follows the weight's op, except that a transposed weight's bias is copied as it is
+    (a vector has no transpose)."""
+    parts = (hf,) if isinstance(hf, str) else hf
+    out = [(f"{lm}.weight", tuple(f"{h}.weight" for h in parts), op, sizes)]
+    if bias:
+        out.append((f"{lm}.bias", tuple(f"{h}.bias" for h in parts), "copy" if op == "t" else op, sizes))
+    return out
+
+
 def need(ok: bool, msg: str) -> None:
     if not ok:
         raise LmlabError(msg)
@@ -137,12 +156,14 @@ class Family:
             out.append(Rule("lm_head.weight", (self.head,)))
         return out
 
-    def _layer_rules(self, cfg: TransformerConfig, names: list[tuple[str, str, str]]) -> list[Rule]:
-        """Rules for every layer from (lmlab suffix, hf suffix, op) triples; biases follow cfg."""
+    def _layer_rules(self, cfg: TransformerConfig, names: list[LayerTensor]) -> list[Rule]:
+        """Rules for every layer from (lmlab suffix, hf suffix(es), op, cat sizes) entries,
+        each Hugging Face name under that layer's prefix (see :func:`layer_tensors`)."""
         out = []
         for i in range(cfg.n_layer):
-            for lm, hf, op in names:
-                out.append(Rule(f"blocks.{i}.{lm}", (f"{self.layer_prefix(i)}{hf}",), op))
+            p = self.layer_prefix(i)
+            for lm, hf, op, sizes in names:
+                out.append(Rule(f"blocks.{i}.{lm}", tuple(p + h for h in hf), op, sizes))
         return out
 
     def layer_prefix(self, i: int) -> str:  # pragma: no cover - abstract

@@ -6,7 +6,17 @@ import dataclasses
 from typing import Any
 
 from lmlab.config import TransformerConfig
-from lmlab.hf.base import ACT_OUT, Family, Rule, act_in, act_misfit, need, rope_from, rope_keys
+from lmlab.hf.base import (
+    ACT_OUT,
+    Family,
+    Rule,
+    act_in,
+    act_misfit,
+    layer_tensors,
+    need,
+    rope_from,
+    rope_keys,
+)
 
 
 # --------------------------------------------------------------------------- GPT-2
@@ -90,21 +100,16 @@ class GPT2(Family):
     def body_rules(self, cfg: TransformerConfig) -> list[Rule]:
         p = self.prefix
         out = [Rule("tok_emb.weight", (p + "wte.weight",)), Rule("pos_emb.weight", (p + "wpe.weight",))]
+        # q|k|v are already fused in c_attn; Conv1D weights are stored transposed ("t")
         out += self._layer_rules(
             cfg,
             [
-                ("norm1.weight", "ln_1.weight", "copy"),
-                ("norm1.bias", "ln_1.bias", "copy"),
-                ("attn.qkv.weight", "attn.c_attn.weight", "t"),
-                ("attn.qkv.bias", "attn.c_attn.bias", "copy"),
-                ("attn.proj.weight", "attn.c_proj.weight", "t"),
-                ("attn.proj.bias", "attn.c_proj.bias", "copy"),
-                ("norm2.weight", "ln_2.weight", "copy"),
-                ("norm2.bias", "ln_2.bias", "copy"),
-                ("mlp.up.weight", "mlp.c_fc.weight", "t"),
-                ("mlp.up.bias", "mlp.c_fc.bias", "copy"),
-                ("mlp.down.weight", "mlp.c_proj.weight", "t"),
-                ("mlp.down.bias", "mlp.c_proj.bias", "copy"),
+                *layer_tensors("norm1", "ln_1", bias=True),
+                *layer_tensors("attn.qkv", "attn.c_attn", "t", bias=True),
+                *layer_tensors("attn.proj", "attn.c_proj", "t", bias=True),
+                *layer_tensors("norm2", "ln_2", bias=True),
+                *layer_tensors("mlp.up", "mlp.c_fc", "t", bias=True),
+                *layer_tensors("mlp.down", "mlp.c_proj", "t", bias=True),
             ],
         )
         return out + [Rule("norm_f.weight", (p + "ln_f.weight",)), Rule("norm_f.bias", (p + "ln_f.bias",))]
@@ -201,22 +206,15 @@ class GPTNeoX(Family):
         return dataclasses.replace(cfg, qkv_bias=attn, proj_bias=attn, mlp_bias=True, norm_bias=True)
 
     def body_rules(self, cfg: TransformerConfig) -> list[Rule]:
+        # q|k|v fused per head ("heads": [q_h k_h v_h] for each head h -> [Q | K | V])
         names = [
-            ("norm1.weight", "input_layernorm.weight", "copy"),
-            ("norm1.bias", "input_layernorm.bias", "copy"),
-            ("attn.qkv.weight", "attention.query_key_value.weight", "heads"),
-            ("attn.proj.weight", "attention.dense.weight", "copy"),
-            ("norm2.weight", "post_attention_layernorm.weight", "copy"),
-            ("norm2.bias", "post_attention_layernorm.bias", "copy"),
-            ("mlp.up.weight", "mlp.dense_h_to_4h.weight", "copy"),
-            ("mlp.up.bias", "mlp.dense_h_to_4h.bias", "copy"),
-            ("mlp.down.weight", "mlp.dense_4h_to_h.weight", "copy"),
-            ("mlp.down.bias", "mlp.dense_4h_to_h.bias", "copy"),
+            *layer_tensors("norm1", "input_layernorm", bias=True),
+            *layer_tensors("attn.qkv", "attention.query_key_value", "heads", bias=cfg.qkv_bias),
+            *layer_tensors("attn.proj", "attention.dense", bias=cfg.proj_bias),
+            *layer_tensors("norm2", "post_attention_layernorm", bias=True),
+            *layer_tensors("mlp.up", "mlp.dense_h_to_4h", bias=True),
+            *layer_tensors("mlp.down", "mlp.dense_4h_to_h", bias=True),
         ]
-        if cfg.qkv_bias:
-            names.append(("attn.qkv.bias", "attention.query_key_value.bias", "heads"))
-        if cfg.proj_bias:
-            names.append(("attn.proj.bias", "attention.dense.bias", "copy"))
         p = self.prefix
         return [
             Rule("tok_emb.weight", (p + "embed_in.weight",)),

@@ -6,7 +6,17 @@ import dataclasses
 from typing import Any
 
 from lmlab.config import TransformerConfig
-from lmlab.hf.base import ACT_OUT, Family, Rule, act_in, act_misfit, need, rope_from, rope_keys
+from lmlab.hf.base import (
+    ACT_OUT,
+    Family,
+    Rule,
+    act_in,
+    act_misfit,
+    layer_tensors,
+    need,
+    rope_from,
+    rope_keys,
+)
 
 
 # --------------------------------------------------------------------------- Llama and kin
@@ -117,36 +127,21 @@ class Llama(Family):
     def body_rules(self, cfg: TransformerConfig) -> list[Rule]:
         q, kv, ff = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff
         n = self.norm_op()
-        out = [Rule("tok_emb.weight", (self.prefix + "embed_tokens.weight",))]
-        for i in range(cfg.n_layer):
-            lm, hf = f"blocks.{i}.", self.layer_prefix(i)
-            att, mlp = hf + "self_attn.", hf + "mlp."
-            out += [
-                Rule(lm + "norm1.weight", (hf + "input_layernorm.weight",), n),
-                Rule(
-                    lm + "attn.qkv.weight", tuple(f"{att}{x}_proj.weight" for x in "qkv"), "cat", (q, kv, kv)
-                ),
-                Rule(lm + "attn.proj.weight", (att + "o_proj.weight",)),
-                Rule(lm + "norm2.weight", (hf + "post_attention_layernorm.weight",), n),
-                Rule(
-                    lm + "mlp.up.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight"), "cat", (ff, ff)
-                ),
-                Rule(lm + "mlp.down.weight", (mlp + "down_proj.weight",)),
-            ]
-            if cfg.qkv_bias:
-                out.append(
-                    Rule(
-                        lm + "attn.qkv.bias", tuple(f"{att}{x}_proj.bias" for x in "qkv"), "cat", (q, kv, kv)
-                    )
-                )
-            if cfg.proj_bias:
-                out.append(Rule(lm + "attn.proj.bias", (att + "o_proj.bias",)))
-            if cfg.mlp_bias:
-                out += [
-                    Rule(lm + "mlp.up.bias", (mlp + "gate_proj.bias", mlp + "up_proj.bias"), "cat", (ff, ff)),
-                    Rule(lm + "mlp.down.bias", (mlp + "down_proj.bias",)),
-                ]
-        return out + [Rule("norm_f.weight", (self.prefix + "norm.weight",), n)]
+        # separate q, k, v (and gate, up) layers -> lmlab's fused qkv (and up): "cat" along dim 0
+        qkv = tuple(f"self_attn.{x}_proj" for x in "qkv")
+        names = [
+            *layer_tensors("norm1", "input_layernorm", n),
+            *layer_tensors("attn.qkv", qkv, "cat", (q, kv, kv), bias=cfg.qkv_bias),
+            *layer_tensors("attn.proj", "self_attn.o_proj", bias=cfg.proj_bias),
+            *layer_tensors("norm2", "post_attention_layernorm", n),
+            *layer_tensors("mlp.up", ("mlp.gate_proj", "mlp.up_proj"), "cat", (ff, ff), bias=cfg.mlp_bias),
+            *layer_tensors("mlp.down", "mlp.down_proj", bias=cfg.mlp_bias),
+        ]
+        return [
+            Rule("tok_emb.weight", (self.prefix + "embed_tokens.weight",)),
+            *self._layer_rules(cfg, names),
+            Rule("norm_f.weight", (self.prefix + "norm.weight",), n),
+        ]
 
 
 def _refuse_window(mt: str, window: Any, ctx: int) -> None:

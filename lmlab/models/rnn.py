@@ -5,7 +5,9 @@
     logits_t = W_out · (P h_t) + b                      P: hidden -> d_model, only when tied
 
 The cells run in PyTorch's fused ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (oneDNN / cuDNN
-kernels); :mod:`lmlab.nn.cells` writes out what they compute. The state s is the
+kernels); :mod:`lmlab.nn.cells` writes out what they compute. A single token on a CPU
+(a decoding step) goes through PyTorch's one-step cell kernels instead, on the same
+weights: the same numbers, without oneDNN's per-call set-up. The state s is the
 hidden vector h (RNN, GRU) or the pair (h, c) (LSTM), each (n_layer, B, hidden_size):
 it is the whole memory of the past, so generating N tokens costs N single-step
 updates whatever the length of the prefix, and there is no context limit —
@@ -143,13 +145,61 @@ class RNNLanguageModel(LanguageModel):
             )
         state = self._check_state(state, ids.shape[0])
         x = self.drop(self.tok_emb(ids))  # (B, T) -> (B, T, d_model)
-        out, state = self.rnn(x, state)  # (B, T, d_model) -> (B, T, hidden)
+        if self._steps_cells(ids):
+            out, state = self._step(x, state)  # (B, 1, d_model) -> (B, 1, hidden)
+        else:
+            out, state = self.rnn(x, state)  # (B, T, d_model) -> (B, T, hidden)
         if last_only:
             out = out[:, -1:]
         out = self.drop(out)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, hidden) -> (B, T, d_model)
         return self.lm_head(out), state  # (B, T, vocab)
+
+    def _steps_cells(self, ids: Tensor) -> bool:
+        """Whether this call takes :meth:`_step`: one token on a CPU (a decoding step),
+        where nothing makes the fused layer compute something else — no dropout between
+        layers (training with dropout > 0), no autocast (bf16 training)."""
+        return (
+            ids.shape[1] == 1
+            and ids.device.type == "cpu"
+            and not (self.training and self.rnn.dropout > 0)
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def _step(self, x: Tensor, state: RNNState | None) -> tuple[Tensor, RNNState]:
+        """One time step through every layer with PyTorch's one-step cell kernels
+        (``torch.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell``: the equations of
+        :mod:`lmlab.nn.cells`) on the fused layer's own weights; the same numbers as
+        ``self.rnn`` on a sequence of one token.
+
+        Why: on a CPU ``nn.LSTM`` hands each call to oneDNN, whose set-up for a call
+        outweighs one step's arithmetic: a decoding step through it ran 2× (hidden 128)
+        to over 10× (hidden 512) slower than through these kernels (one thread; GRU and
+        RNN, which do not use oneDNN, run about as fast either way). A window of tokens
+        (training, the prompt) keeps the fused kernel: one call runs every step.
+
+        x: (B, 1, d_model); state as :meth:`init_state` (None = zeros).
+        Returns the last layer's output (B, 1, hidden) and the new state.
+        """
+        cell = self.config.cell
+        if state is None:
+            state = self.init_state(x.shape[0])
+        h0, c0 = state if cell == "lstm" else (state, None)  # each (n_layer, B, hidden)
+        inp = x[:, 0]  # (B, 1, d_model) -> (B, d_model)
+        hs, cs = [], []
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.rnn.all_weights):
+            if cell == "lstm":
+                h, c = torch.lstm_cell(inp, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh)
+                cs.append(c)
+            elif cell == "gru":
+                h = torch.gru_cell(inp, h0[k], w_ih, w_hh, b_ih, b_hh)
+            else:
+                h = torch.rnn_tanh_cell(inp, h0[k], w_ih, w_hh, b_ih, b_hh)
+            hs.append(h)
+            inp = h  # layer k's output is layer k+1's input
+        h_n = torch.stack(hs)  # n_layer × (B, hidden) -> (n_layer, B, hidden)
+        return inp[:, None], ((h_n, torch.stack(cs)) if cell == "lstm" else h_n)
 
     # ------------------------------------------------------------------ loading
     def check_weights(self, tensors: dict[str, Tensor], source: str) -> None:

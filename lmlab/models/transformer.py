@@ -118,6 +118,11 @@ class Transformer(LanguageModel):
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache of ``max_len`` positions (default: the whole context, ``max_seq_len``).
+
+        Its memory grows with ``max_len``, so the decoding loop passes what a request needs
+        (prompt + max_new_tokens - 1, at most ``max_seq_len``) rather than the default.
+        """
         cfg = self.config
         return KVCache(
             cfg.n_layer,

@@ -26,6 +26,11 @@ class KVCache:
     Preallocated once at its full size, (n_layer, B, n_kv_head, max_len, head_dim),
     so that decoding allocates nothing per token: step t writes slot t and attends
     over slots [0, t]. ``key_valid`` marks real tokens (False for left padding).
+
+    ``max_len`` is what the request needs, not the model's context: the decoding loop asks
+    for P + max_new_tokens - 1 slots (the last new token is never fed back), at most
+    ``max_seq_len``; 2·n_layer·B·n_kv_head·max_len·head_dim numbers in all, so a 20-token
+    prompt on a 32k-context model costs 19 + max_new_tokens slots, not 32k.
     """
 
     def __init__(

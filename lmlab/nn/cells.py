@@ -2,7 +2,9 @@
 
 lmlab's recurrent language models run PyTorch's fused ``nn.RNN`` / ``nn.GRU`` /
 ``nn.LSTM`` (oneDNN / cuDNN kernels, far faster than a Python loop over time). This
-module says what those kernels compute. It keeps PyTorch's weight layout and names
+module says what those kernels compute (and what PyTorch's one-step kernels
+``torch.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell`` compute, which the models use
+for a single decoding step on a CPU). It keeps PyTorch's weight layout and names
 (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, gates
 stacked in PyTorch's order), so :class:`RecurrentStack` loads a fused layer's
 ``state_dict()`` as it is, and the tests check both give the same numbers.
