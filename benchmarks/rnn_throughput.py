@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.train import TrainConfig, Trainer, lr_at
+from lmlab.training import TrainConfig, Trainer, lr_at
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SETTINGS = dict(

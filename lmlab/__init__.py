@@ -12,16 +12,10 @@ import sys as _sys
 if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-import lmlab.train as _train_module  # first: importing it later would rebind `lmlab.train` to the module
 from lmlab.api import Model, load
 from lmlab.errors import LmlabError
+from lmlab.training import train
 
 __version__ = "0.1.0"
-
-
-def train(**options):
-    """Train a model; the same options as ``lmlab train`` (see :class:`lmlab.train.TrainConfig`)."""
-    return _train_module.train(**options)
-
 
 __all__ = ["LmlabError", "Model", "load", "train", "__version__"]

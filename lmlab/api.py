@@ -68,6 +68,12 @@ class Model:
         self.generation_config = dict(generation_config or {})
         self.source = source
         self._unk = UnknownCharWarner(tokenizer)
+        # Inference on the CPU runs every matrix product on oneDNN (lmlab.nn.layers.Linear:
+        # no-grad forwards only, so training this module is unaffected): decoding and
+        # whole-prompt forwards (prefill, eval) both read the weights faster.
+        prepare = getattr(self.module, "prepare_decoding", None)
+        if prepare is not None:
+            prepare()
 
     @property
     def config(self) -> Any:

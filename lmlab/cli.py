@@ -129,7 +129,7 @@ def _train_keys() -> list[str]:
     """Every TrainConfig field is a flag of `lmlab train` (in kebab-case)."""
     import dataclasses
 
-    from lmlab.train import TrainConfig
+    from lmlab.training import TrainConfig
 
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 def cmd_train(a: argparse.Namespace) -> int:
-    from lmlab.train import train
+    from lmlab.training import train
 
     opts = {k: getattr(a, k) for k in _train_keys() if getattr(a, k, None) is not None}
     if "out" not in opts and "resume" not in opts:

@@ -30,7 +30,7 @@ from lmlab.compare_report import plot_curves, table, write_report  # noqa: F401 
 from lmlab.compare_runs import RunResult, collect, error_line, measure, run_child, train_command
 from lmlab.config import RECURRENT
 from lmlab.errors import LmlabError
-from lmlab.train import TrainConfig, parse_duration
+from lmlab.training import TrainConfig, parse_duration
 
 MODELS = ("gpt", *RECURRENT)
 DEFAULT_MODELS = ("rnn", "gru", "lstm", "gpt")
@@ -247,7 +247,7 @@ class CompareResult:
 def _make_tokenizer(data: str, tokenizer: str, vocab_size: int, encoding_errors: str, out: Path):
     """Train the tokenizer once (as ``lmlab train`` would) and save it for every run."""
     from lmlab.tokenizer import load_tokenizer
-    from lmlab.train import Trainer
+    from lmlab.training import Trainer
 
     if tokenizer not in ("char", "bpe"):
         return load_tokenizer(tokenizer), tokenizer

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
 from lmlab.plots import read_metrics
-from lmlab.train import TrainConfig
+from lmlab.training import TrainConfig
 
 if TYPE_CHECKING:
     from lmlab.compare import Plan

@@ -299,7 +299,7 @@ def check_before_launch(options: dict[str, Any], nproc: int) -> None:
     from lmlab.checkpoint import RunDir
     from lmlab.data import read_corpus, resolve_data
     from lmlab.tokenizer import load_tokenizer
-    from lmlab.train import train_config
+    from lmlab.training import train_config
 
     _check_nproc(nproc)
     _seconds("LMLAB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
-from lmlab.train import train
+from lmlab.training import train
 
 
 def quickstart(out: str = "runs/quickstart", time: str = "3m") -> None:

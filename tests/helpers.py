@@ -7,29 +7,45 @@ kinds differ in how ids become text, which is what generation tests care about:
 - char: one token per code point, joined with nothing (``decoders.Fuse``);
 - bpe: byte-level BPE, where one Chinese character may span several byte tokens;
 - word: WordLevel over whitespace-split words, decoded by joining words with spaces.
+
+Also what several test modules share, written once: the training corpus, a run's
+metrics and saved step, and ``lmlab`` started in a subprocess as a user starts it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+import lmlab
 from lmlab.checkpoint import write_checkpoint
 from lmlab.config import TransformerConfig
 from lmlab.models.transformer import Transformer
 from lmlab.tokenizer import EOT, train_bpe_tokenizer, train_char_tokenizer
 
-#: Training text for the tokenizers: ASCII prose, punctuation, and Chinese (3 UTF-8 bytes each).
-#: A few KB of text for training runs in tests (tests never read ../shared).
-SHAKESPEARE_TEXT = (
+#: The repository root: lmlab subprocesses run here and import this checkout.
+REPO = Path(__file__).resolve().parents[1]
+
+#: A few lines of dialogue; a training corpus repeats them.
+SHAKESPEARE_LINES = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "All:\nResolved. resolved.\n\n"
-) * 40
+)
+#: A few KB of text for training runs in tests (tests never read ../shared).
+SHAKESPEARE_TEXT = SHAKESPEARE_LINES * 40
 
+#: Training text for the tokenizers: ASCII prose, punctuation, and Chinese (3 UTF-8 bytes each).
 TOKENIZER_TEXT = (
     "To be, or not to be, that is the question:\n"
     "Whether 'tis nobler in the mind to suffer\n"
@@ -112,3 +128,122 @@ def tiny_checkpoint(
     model = tiny_model(tok.get_vocab_size(), **model_options)
     gen = {"bos_token_id": tok.token_to_id(EOT)} if generation_config is None else generation_config
     return write_checkpoint(folder, model, tok, gen)
+
+
+# --------------------------------------------------------------------------- corpora and runs
+def write_corpus(folder: Path, text: str = SHAKESPEARE_TEXT) -> Path:
+    """``folder/corpus.txt`` holding ``text`` (UTF-8): a --data file for a training run."""
+    path = folder / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's token cache ($LMLAB_CACHE), kept out of the user's own cache."""
+    return tmp_path_factory.getbasetemp() / "lmlab-cache"
+
+
+def train_once(tmp_path_factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
+    """``lmlab.train(**options)`` into a new folder ``name``: one run that a module's tests share.
+
+    A module-scoped fixture runs before the autouse fixture that sets $LMLAB_CACHE, so the
+    same private cache is set here for the run.
+    """
+    out = tmp_path_factory.mktemp("run") / name
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMLAB_CACHE", str(private_cache(tmp_path_factory)))
+        lmlab.train(out=str(out), **options)
+    return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_step(out: Path) -> int:
+    """The step of the last complete line of a running job's metrics.jsonl (0 if none)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line the job is still writing
+    return 0
+
+
+def saved_step(out: Path) -> int:
+    """The step of the checkpoint in ``out`` (its trainer_state.json)."""
+    return json.loads((out / "trainer_state.json").read_text())["step"]
+
+
+# --------------------------------------------------------------------------- the CLI in a subprocess
+def lmlab_cmd(*args: str) -> list[str]:
+    """``python -m lmlab ARGS`` with this interpreter: the command line as a user runs it."""
+    return [sys.executable, "-m", "lmlab", *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of an lmlab subprocess, built when it starts (so $LMLAB_CACHE is the
+    test's own): offline, one thread (as conftest sets for this process), this checkout."""
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {**os.environ, **env, **extra}
+
+
+def run_lmlab(
+    *args: str, check_rc: int | None = 0, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``lmlab ARGS`` to its end with stdout and stderr captured as text; unless
+    ``check_rc`` is None, assert its exit status (stderr is the message). ``env``: extra
+    environment variables."""
+    proc = subprocess.run(
+        lmlab_cmd(*args), capture_output=True, text=True, env=cli_env(**env), cwd=REPO, timeout=timeout
+    )
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def popen(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` (an lmlab or torchrun command) with stdout and stderr piped as text."""
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env(), cwd=REPO
+    )
+
+
+def finish(p: subprocess.Popen, timeout: float = 240, rc: int = 0) -> tuple[str, str]:
+    """Wait for ``p`` and assert it exited with status ``rc``; returns (stdout, stderr)."""
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == rc, err[-3000:]
+    return out, err
+
+
+def wait_for_step(out: Path, n: int, p: subprocess.Popen, timeout: float = 120) -> int:
+    """Wait until the run ``p`` writing ``out`` has logged step ``n``; returns the step logged.
+    Fails if ``p`` ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while (step := last_step(out)) < n:
+        if p.poll() is not None:
+            pytest.fail(f"the run ended (rc {p.returncode}) before step {n}: {p.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"the run never reached step {n}"
+        time.sleep(0.01)
+    return step
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+def assert_grads_of_one_batch(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: float, grads: dict[str, torch.Tensor]
+) -> None:
+    """The reference for accumulated micro-batches: ``loss`` and ``grads`` must equal (within
+    1e-6) the mean cross-entropy over all of (x, y) as one batch and its gradient, computed
+    here from the model's logits (k equal micro-batches: ∇(1/k Σ_i L_i) = ∇ of the mean)."""
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(x)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), abs=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)

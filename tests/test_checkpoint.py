@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_env, lmlab_cmd, popen
 from safetensors import safe_open
 from torch import nn
 
@@ -33,7 +34,6 @@ from lmlab.models import build_model
 from lmlab.tokenizer import train_char_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nPACK MY BOX WITH FIVE DOZEN LIQUOR JUGS!\n" * 20
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(version: float | None = None, **overrides: int) -> nn.Module:
@@ -251,7 +251,7 @@ def test_sigkill_during_repeated_saves_never_leaves_a_mix(tmp_path: Path) -> Non
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)
     root = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = cli_env()
     proc = subprocess.Popen(
         [sys.executable, str(script), str(root)],
         stdin=subprocess.PIPE,
@@ -377,14 +377,7 @@ def test_cli_reports_damage_in_one_line(tmp_path: Path) -> None:
         folder = tmp_path / how
         write_checkpoint(folder, tiny_model(), train_char_tokenizer([TEXT]))
         _corrupt(folder, how)
-        procs[how] = subprocess.Popen(
-            [sys.executable, "-m", "lmlab", "generate", str(folder), "--prompt", "x"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            cwd=REPO,
-        )
+        procs[how] = popen(lmlab_cmd("generate", str(folder), "--prompt", "x"))
     for how, p in procs.items():
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2, (how, err)

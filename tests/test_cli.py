@@ -9,16 +9,14 @@ same windows, and the parameter count of the model as PyTorch counts it.
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOKENIZER_TEXT, tiny_checkpoint, tiny_model
+from helpers import TOKENIZER_TEXT, run_lmlab, tiny_checkpoint, tiny_model
 from safetensors.torch import load_file
 
 import lmlab
@@ -28,19 +26,8 @@ CTX = 16
 
 
 def run_cli(*args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONWARNINGS": "default",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-    if check_rc is not None:
-        assert proc.returncode == check_rc, proc.stderr
-    return proc
+    """``lmlab ARGS`` with every Python warning shown: stderr holds nothing lmlab did not say."""
+    return run_lmlab(*args, check_rc=check_rc, PYTHONWARNINGS="default")
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +148,10 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------- Python API: train, load
-def test_train_api_then_load_and_generate(corpus_file, tmp_path):
+def test_train_api_then_load_and_generate(corpus_path, tmp_path):
     out = tmp_path / "run"
     res = lmlab.train(
-        data=str(corpus_file),
+        data=str(corpus_path),
         out=str(out),
         steps=5,
         n_layer=1,

@@ -8,15 +8,13 @@ checkpoint, PNG files checked by Pillow.
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT
+from helpers import run_lmlab
 
 import lmlab
 from lmlab.compare import compare, parse_models, size_models
@@ -105,13 +103,7 @@ def test_user_sizes_are_kept():
     assert gpt.n_params == torch_count(built("gpt", gpt.options))
 
 
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    p = tmp_path / "corpus.txt"
-    p.write_text(SAMPLE_TEXT, encoding="utf-8")
-    return p
-
-
+# `corpus`: SHAKESPEARE_TEXT in a file the module shares, from conftest.py.
 def _section(md: str, title: str) -> str:
     return md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
@@ -120,16 +112,15 @@ B, T, TOKENS = 12, 64, 3000
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compared(tmp_path_factory, corpus):
     """One tiny compare of an LSTM and a Transformer, run while this process holds 400 MiB
     of ballast (see test_peak_memory_is_the_trainers_own); returns (result, our peak RSS)."""
     import resource
 
     tmp = tmp_path_factory.mktemp("compare")
-    (tmp / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
     ballast = bytearray(b"\x01") * (400 * 2**20)  # written, so resident
     res = compare(
-        data=str(tmp / "corpus.txt"), out=tmp / "cmp", models="lstm,gpt", tokens=TOKENS, params=30_000,
+        data=str(corpus), out=tmp / "cmp", models="lstm,gpt", tokens=TOKENS, params=30_000,
         eval_batches=2, sample_tokens=40, seed=7, progress=False,
     )  # fmt: skip
     assert len(ballast)
@@ -239,15 +230,8 @@ def test_refuses_existing_runs(corpus, tmp_path):
 
 
 def test_cli_error_is_one_line(corpus, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmlab", "compare", "--data", str(corpus), "--out", str(tmp_path / "o")]
-        + ["--models", "lstm,mamba"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=120,
-    )
-    assert proc.returncode == 2
+    args = ["compare", "--data", str(corpus), "--out", str(tmp_path / "o"), "--models", "lstm,mamba"]
+    proc = run_lmlab(*args, check_rc=2, timeout=120)
     assert proc.stderr.strip().splitlines() == [
         "lmlab: error: --models: unknown model 'mamba'; choose from gpt, rnn, gru, lstm"
     ]

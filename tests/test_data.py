@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import cli_env, lmlab_cmd, popen
 
 import lmlab.data as data
 from lmlab.data import (
@@ -33,7 +33,6 @@ from lmlab.data import (
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import EOT, train_bpe_tokenizer, train_char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog.\n敏捷的棕色狐狸跳过了懒狗。\n\tindented line\n" * 30
 
 
@@ -382,11 +381,10 @@ def test_windows_on_memmapped_cache(tmp_path: Path, cache: Path) -> None:
 
 # --------------------------------------------------------------------------- CLI errors
 def _cli_train(data_arg: str, out: Path, cache_dir: Path) -> subprocess.Popen:
-    env = dict(os.environ, LMLAB_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "lmlab", "train", "--data", data_arg, "--out", str(out)]
+    cmd = lmlab_cmd("train", "--data", data_arg, "--out", str(out))
     cmd += ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--max-seq-len", "16", "--steps", "1"]
     cmd += ["--device", "cpu", "--no-progress"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return popen(cmd, cli_env(LMLAB_CACHE=str(cache_dir)))
 
 
 def test_cli_data_errors(tmp_path: Path) -> None:

@@ -9,20 +9,29 @@ a clear error, after which ``--resume`` completes. Tiny models, a few steps each
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import SHAKESPEARE_TEXT as TEXT
+from helpers import (
+    REPO,
+    assert_grads_of_one_batch,
+    cli_env,
+    finish,
+    last_step,
+    lmlab_cmd,
+    popen,
+    private_cache,
+    read_metrics,
+    saved_step,
+    wait_for_step,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -31,9 +40,8 @@ from lmlab import distributed
 from lmlab.cli import _train_keys, build_parser
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
-from lmlab.train import TrainConfig, Trainer
+from lmlab.training import TrainConfig, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 # Constant learning rate (warmup 0, min-lr = lr): a 6-step run resumed to 12 steps then
 # follows the same schedule as a 12-step run.
 TINY = [
@@ -46,66 +54,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 STOP_WITHIN_S = 60
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
-
-
+# `corpus`: SHAKESPEARE_TEXT in a file the module shares, from conftest.py.
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "LMLAB_CACHE": str(tmp_path_factory.getbasetemp() / "lmlab-cache"),
-    }
-
-
-def popen(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-
-
-def finish(p: subprocess.Popen, timeout: float = 180) -> str:
-    _, err = p.communicate(timeout=timeout)
-    assert p.returncode == 0, err[-3000:]
-    return err
-
-
-def lmlab_train(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lmlab", "train", *args]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def last_step(out: Path) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return 0
-
-
-def saved_step(out: Path) -> int:
-    return json.loads((out / "trainer_state.json").read_text())["step"]
-
-
-def wait_for_step(out: Path, n: int, p: subprocess.Popen, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while (step := last_step(out)) < n:
-        if p.poll() is not None:
-            pytest.fail(f"the run ended (rc {p.returncode}) before step {n}: {p.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"the run never reached step {n}"
-        time.sleep(0.01)
-    return step
+    return cli_env(LMLAB_CACHE=str(private_cache(tmp_path_factory)))
 
 
 def worker_pid(root: int, rank: int) -> int:
@@ -150,18 +102,22 @@ def runs(tmp_path_factory, corpus: Path, env: dict[str, str]) -> dict[str, Path]
     to step 12."""
     root = tmp_path_factory.mktemp("ddp")
     common = [*TINY, "--data", str(corpus), "--batch-size", "8", "--eval-every", "3", "--eval-batches", "3"]
-    one = popen(lmlab_train(*common, "--steps", "6", "--out", str(root / "one")), env)
-    acc = popen(lmlab_train(*common, "--steps", "6", "--grad-accum", "2", "--out", str(root / "acc")), env)
+    one = popen(lmlab_cmd("train", *common, "--steps", "6", "--out", str(root / "one")), env)
+    acc = popen(
+        lmlab_cmd("train", *common, "--steps", "6", "--grad-accum", "2", "--out", str(root / "acc")), env
+    )
     two = popen([*TORCHRUN, "-m", "lmlab", "train", *common, "--steps", "6", "--out", str(root / "two")], env)
     finish(one)
     finish(acc)
-    (root / "two.err").write_text(finish(two))
+    (root / "two.err").write_text(finish(two)[1])
     for name in ("one", "two"):  # the step-6 files, before the resumed runs replace them
         snap = root / f"{name}-6"
         snap.mkdir()
         for f in ("model.safetensors", "metrics.jsonl"):
             shutil.copy(root / name / f, snap / f)
-    resumed = [popen(lmlab_train("--resume", str(root / n), "--steps", "12"), env) for n in ("one", "two")]
+    resumed = [
+        popen(lmlab_cmd("train", "--resume", str(root / n), "--steps", "12"), env) for n in ("one", "two")
+    ]
     for p in resumed:
         finish(p)
     return {"root": root, "one": root / "one-6", "two": root / "two-6", "acc": root / "acc"}
@@ -179,7 +135,7 @@ def test_two_processes_reach_the_weights_of_one(runs: dict[str, Path]) -> None:
     assert_same_weights(one, two, atol=1e-5)
     # One metrics line per step (rank 0 alone writes), the same global losses, and the
     # validation loss averaged over the ranks equals the one-process value.
-    m1, m2 = metrics(one), metrics(two)
+    m1, m2 = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in m2] == list(range(1, 7))
     for a, b in zip(m1, m2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
@@ -195,7 +151,7 @@ def test_two_processes_equal_two_micro_steps_bit_for_bit(runs: dict[str, Path]) 
     two, acc = weights(runs["two"]), weights(runs["acc"])
     assert two.keys() == acc.keys()
     assert [k for k in two if not torch.equal(two[k], acc[k])] == []
-    assert [r["loss"] for r in metrics(runs["two"])] == [r["loss"] for r in metrics(runs["acc"])]
+    assert [r["loss"] for r in read_metrics(runs["two"])] == [r["loss"] for r in read_metrics(runs["acc"])]
 
 
 def test_a_two_process_run_resumes_on_one_process(runs: dict[str, Path]) -> None:
@@ -203,7 +159,7 @@ def test_a_two_process_run_resumes_on_one_process(runs: dict[str, Path]) -> None
     started on 2 processes continues on 1 as if it had been on 1 all along."""
     root = runs["root"]
     assert saved_step(root / "two") == 12
-    assert [r["step"] for r in metrics(root / "two")] == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(root / "two")] == list(range(1, 13))
     assert_same_weights(root / "one", root / "two", atol=1e-5)
     # a 2-process checkpoint stores rank 1's RNG stream beside rank 0's
     state = load_file(str(root / "two" / "training_state.safetensors"))
@@ -294,13 +250,7 @@ def test_ddp_accumulation_syncs_once_and_equals_one_big_batch(
 
     T = 32  # the reference: the same 8 windows as one batch, loss computed here
     x, y = windows(tr.train_ids, sample_starts(len(tr.train_ids), T, 8, step_generator(7, 3)), T)
-    model.zero_grad(set_to_none=True)
-    logits, _ = model(x)
-    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    ref.backward()
-    assert accum_loss == pytest.approx(ref.item(), abs=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)
+    assert_grads_of_one_batch(model, x, y, accum_loss, grads)
 
 
 def test_batch_must_split_evenly_over_processes_and_micro_steps(monkeypatch) -> None:
@@ -434,9 +384,8 @@ def test_a_failing_nproc_run_prints_one_error_line(tmp_path: Path, env: dict[str
     short = tmp_path / "short.txt"
     short.write_text("too short\n", encoding="utf-8")  # 10 tokens; a window needs 33
     out = tmp_path / "run"
-    p = popen(lmlab_train(*TINY, "--data", str(short), "--out", str(out), "--nproc", "2"), env)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2, err[-3000:]
+    p = popen(lmlab_cmd("train", *TINY, "--data", str(short), "--out", str(out), "--nproc", "2"), env)
+    _, err = finish(p, timeout=120, rc=2)
     assert err.count("lmlab: error:") == 1, err
     assert "lmlab: error: the corpus " in err and "training needs more than one context window" in err
     assert "Traceback" not in err and "ChildFailedError" not in err and "[rank 1]" not in err, err
@@ -468,13 +417,13 @@ def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
     p = popen([*TORCHRUN, "-m", "lmlab", "train", *args, "--steps", "100000", "--out", str(out)], env)
     wait_for_step(out, 8, p)
     os.kill(worker_pid(p.pid, 1), signal.SIGTERM)
-    err = finish(p, timeout=STOP_WITHIN_S)
+    _, err = finish(p, timeout=STOP_WITHIN_S)
     n = saved_step(out)
     assert f"terminated: saved the checkpoint at step {n}" in err
     assert last_step(out) == n
 
     # `lmlab train --nproc 2 --resume`; then SIGKILL rank 1: the whole job stops, clearly.
-    p = popen(lmlab_train("--resume", str(out), "--nproc", "2"), env)
+    p = popen(lmlab_cmd("train", "--resume", str(out), "--nproc", "2"), env)
     wait_for_step(out, n + 12, p)  # past a save at a multiple of 5
     pid = worker_pid(p.pid, 1)
     os.kill(pid, signal.SIGKILL)
@@ -491,6 +440,6 @@ def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
     assert s >= n + 5
 
     # --resume from the last checkpoint completes (here on one process).
-    finish(popen(lmlab_train("--resume", str(out), "--steps", str(s + 3)), env))
+    finish(popen(lmlab_cmd("train", "--resume", str(out), "--steps", str(s + 3)), env))
     assert saved_step(out) == s + 3
-    assert [r["step"] for r in metrics(out)] == list(range(1, s + 4))
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, s + 4))

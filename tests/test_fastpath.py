@@ -188,3 +188,24 @@ def test_imported_gpt2_greedy_equals_hugging_face(tmp_path):
             pad_token_id=0,
         )
     assert mine == ref[0, ids.shape[1] :].tolist()
+
+
+def test_loaded_model_forward_runs_fast_and_equals_the_plain_path(tmp_path):
+    """``lmlab.load`` switches a CPU model's no-grad forwards (eval, prefill) to oneDNN;
+    the logits equal the plain ``F.linear`` path's, and training still differentiates."""
+    from helpers import tiny_checkpoint
+
+    import lmlab
+
+    model = lmlab.load(tiny_checkpoint(tmp_path / "ckpt", **GPT2))
+    module = model.module
+    assert all(m.fast for m in module.modules() if isinstance(m, Linear))
+    ids = torch.randint(0, module.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        fast, _ = module(ids)
+    plain, fast_again = logits_both_paths(module, ids)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_again, fast, atol=0, rtol=0)
+    module.train()
+    module(ids)[0].sum().backward()  # autograd on: the plain path, gradients everywhere
+    assert all(p.grad is not None for p in module.parameters())

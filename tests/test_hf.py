@@ -8,16 +8,14 @@ The reference is always transformers' own forward pass / ``generate`` / tokenize
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_lmlab
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import lmlab
@@ -206,11 +204,8 @@ def test_python_m_lmlab_generate_matches_decode(hf_model):
     with torch.no_grad():
         out = ref_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False)
     want = ref_tok.decode(out[0, x.shape[1] :].tolist(), skip_special_tokens=True)
-    cmd = [sys.executable, "-m", "lmlab", "generate", str(folder), "--prompt", PROMPT]
-    cmd += ["--temperature", "0", "--max-new-tokens", "32"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
+    args = ["generate", str(folder), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "32"]
+    r = run_lmlab(*args, timeout=120)
     assert r.stdout == want + "\n"
 
 

@@ -10,13 +10,10 @@ step, s_o/2 = max_i|W_oi|/254). GPT-2 124M with random weights: 2.3%.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_checkpoint, tiny_model
+from helpers import run_lmlab, tiny_checkpoint, tiny_model
 from torch import nn
 
 import lmlab
@@ -195,12 +192,9 @@ def test_quantize_twice_and_save_quantized_refused(tmp_path):
 def test_cli_generate_quantize(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
     expected = lmlab.load(ckpt, quantize="int8").generate("To be", max_new_tokens=8, temperature=0)
-    run = [sys.executable, "-m", "lmlab", "generate", str(ckpt), "--prompt", "To be"]
-    run += ["--max-new-tokens", "8", "--temperature", "0"]
-    ok = subprocess.run([*run, "--quantize", "int8"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
+    run = ["generate", str(ckpt), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0"]
+    ok = run_lmlab(*run, "--quantize", "int8", timeout=120)
     assert ok.stdout == expected + "\n"
-    bad = subprocess.run([*run, "--quantize", "int4"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2
+    bad = run_lmlab(*run, "--quantize", "int4", check_rc=2, timeout=120)
     assert bad.stderr.startswith("lmlab: error: unknown quantization 'int4'")
     assert "Traceback" not in bad.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHAKESPEARE_LINES, read_metrics, train_once, write_corpus
 from safetensors.torch import load_file
 from torch import nn
 
@@ -22,15 +23,11 @@ from lmlab.generate import GenerationConfig, generate_tokens
 from lmlab.models import build_model
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.nn.cells import RecurrentStack, gru_cell, lstm_cell, rnn_cell
-from lmlab.train import TrainConfig, Trainer
+from lmlab.training import TrainConfig, Trainer
 
 CELLS = ("rnn", "gru", "lstm")
 FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
-TEXT = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
-    "All:\nResolved. resolved.\n\n"
-) * 30
+TEXT = SHAKESPEARE_LINES * 30
 # Small explicit sizes, so a change of TrainConfig's defaults never slows these tests.
 SMALL = dict(
     model="lstm",
@@ -318,23 +315,19 @@ def test_cli_bad_recurrent_options_are_one_line(tmp_path, capsys, args, line):
 # --------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
+    """TEXT (not conftest's longer corpus) in a file the module shares."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), TEXT)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus) -> Path:
     """A tiny 2-layer LSTM (embedding tied through a projection) trained for 80 steps."""
-    out = tmp_path_factory.mktemp("run") / "lstm"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "lmlab-cache"))
-        lmlab.train(data=str(corpus), out=str(out), steps=80, eval_every=40, save_every=80, **SMALL)
-    return out
+    opts = dict(data=str(corpus), steps=80, eval_every=40, save_every=80)
+    return train_once(tmp_path_factory, "lstm", **opts, **SMALL)
 
 
 def test_trainer_trains_an_lstm(trained):
-    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(trained)
     first, last = rows[0]["loss"], rows[-1]["val_loss"]
     assert first > 3.0  # ~ln(vocab) at the start
     assert last < first - 0.8, (first, last)
@@ -437,7 +430,7 @@ def test_stateful_training_runs_and_learns(corpus, tmp_path):
     out = tmp_path / "st"
     res = lmlab.train(data=str(corpus), out=str(out), steps=40, eval_every=40, stateful=True,
                       **{**SMALL, "model": "gru", "batch_size": 4})  # fmt: skip
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert res.val_loss < rows[0]["loss"] - 0.5
 
 

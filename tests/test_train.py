@@ -17,9 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import SHAKESPEARE_TEXT as TEXT
-from helpers import char_tokenizer, tiny_checkpoint
+from helpers import (
+    assert_grads_of_one_batch,
+    char_tokenizer,
+    finish,
+    last_step,
+    lmlab_cmd,
+    popen,
+    read_metrics,
+    saved_step,
+    tiny_checkpoint,
+    train_once,
+    wait_for_step,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -30,9 +41,8 @@ from lmlab.config import RNNConfig
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
 from lmlab.models.rnn import RNNLanguageModel
-from lmlab.train import TrainConfig, Trainer, TrainResult, lr_at, parse_duration, replan_lr
+from lmlab.training import TrainConfig, Trainer, TrainResult, lr_at, parse_duration, replan_lr
 
-REPO = Path(__file__).resolve().parents[1]
 # Small explicit sizes, so a change of TrainConfig's defaults never slows these tests.
 SMALL = dict(
     n_layer=2,
@@ -55,72 +65,16 @@ SMALL_ARGS = [
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
-
-
-@pytest.fixture
-def corpus_path(tmp_path: Path) -> Path:
-    p = tmp_path / "corpus.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
-
-
+# `corpus` (module-wide) and `corpus_path` (a test's own): TEXT in a file, from conftest.py.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus: Path) -> Path:
     """One finished 40-step run, shared by the layout and metrics tests."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "lmlab-cache"))
-        lmlab.train(data=str(corpus), out=str(out), steps=40, eval_every=15, save_every=10, **SMALL)
-    return out
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def last_step(out: Path) -> int:
-    """The step of the last complete line of a running job's metrics.jsonl (0 if none)."""
-    try:
-        text = (out / "metrics.jsonl").read_text()
-    except FileNotFoundError:
-        return 0
-    for line in reversed(text.splitlines()):
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return 0
+    opts = dict(data=str(corpus), steps=40, eval_every=15, save_every=10)
+    return train_once(tmp_path_factory, "out", **opts, **SMALL)
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lmlab",
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *SMALL_ARGS,
-        *extra,
-    ]
-
-
-def popen(cmd: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-
-
-def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
-    out, err = p.communicate(timeout=timeout)
-    assert p.returncode == 0, err
-    return out, err
+    return lmlab_cmd("train", "--data", str(data), "--out", str(out), *SMALL_ARGS, *extra)
 
 
 # --------------------------------------------------------------------------- what a run writes
@@ -164,7 +118,7 @@ def test_checkpoint_folder_layout(trained: Path) -> None:
     evals = [(r["val_loss"], r["step"]) for r in rows if "val_loss" in r]
     best_step = min(evals)[1]
     best = trained / "best"
-    assert json.loads((best / "trainer_state.json").read_text())["step"] == best_step
+    assert saved_step(best) == best_step
     best_model = lmlab.load(best)
     assert isinstance(best_model.generate("All", max_new_tokens=5, temperature=0), str)
 
@@ -190,10 +144,10 @@ def test_refuses_a_folder_with_a_checkpoint_unless_overwrite(tmp_path: Path, cor
     lmlab.train(data=str(corpus_path), out=str(out), steps=3, **SMALL)
     with pytest.raises(LmlabError, match=r"already holds a checkpoint.*--resume.*--overwrite"):
         lmlab.train(data=str(corpus_path), out=str(out), steps=3, **SMALL)
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3  # untouched
+    assert saved_step(out) == 3  # untouched
 
     lmlab.train(data=str(corpus_path), out=str(out), steps=2, overwrite=True, **SMALL)
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+    assert saved_step(out) == 2
     assert [r["step"] for r in read_metrics(out)] == [1, 2]  # the old run's log is gone
 
 
@@ -230,11 +184,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, corpus_path: Path
     assert not pending, "run B never got past step 45"
     for key in killed_at:
         assert runs[key].returncode == -signal.SIGKILL
-        saved = json.loads((tmp_path / key / "trainer_state.json").read_text())["step"]
+        saved = saved_step(tmp_path / key)
         assert 20 <= saved < steps, (key, saved)
 
     resumed = {
-        key: popen([sys.executable, "-m", "lmlab", "train", "--resume", str(tmp_path / key)])
+        key: popen(lmlab_cmd("train", "--resume", str(tmp_path / key)))
         for key in killed_at
     }
     for p in [*(v for k, v in runs.items() if k.startswith("A-")), *resumed.values()]:
@@ -263,23 +217,17 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, corpus_path: Path
 def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path: Path, corpus_path: Path) -> None:
     out = tmp_path / "run"
     p = popen(train_cmd(corpus_path, out, "--steps", "100000", "--save-every", "100000", "--eval-every", "7"))
-    deadline = time.monotonic() + 120
-    while last_step(out) < 10:
-        assert p.poll() is None, p.stderr.read()
-        assert time.monotonic() < deadline, "training never reached step 10"
-        time.sleep(0.01)
+    wait_for_step(out, 10, p)
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 143, err  # saved, then exits as SIGTERM would: the run did not finish
-    state = json.loads((out / "trainer_state.json").read_text())
-    n = state["step"]
+    _, err = finish(p, timeout=60, rc=143)  # saved, then exits as SIGTERM would: the run did not finish
+    n = saved_step(out)
     assert 10 <= n < 100000
     assert f"terminated: saved the checkpoint at step {n}" in err
     assert last_step(out) == n  # the checkpoint is the step the log ended on
     lmlab.load(out)  # a complete model
 
-    finish(popen([sys.executable, "-m", "lmlab", "train", "--resume", str(out), "--steps", str(n + 15)]))
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == n + 15
+    finish(popen(lmlab_cmd("train", "--resume", str(out), "--steps", str(n + 15))))
+    assert saved_step(out) == n + 15
     assert [r["step"] for r in read_metrics(out)] == list(range(1, n + 16))
 
 
@@ -300,7 +248,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         LmlabError, match=r"loss or its gradient became nan at step 8.*last good checkpoint \(step 6\)"
     ):
         lmlab.train(data=str(corpus_path), out=str(out), steps=20, save_every=3, eval_every=100, **SMALL)
-    assert json.loads((out / "trainer_state.json").read_text())["step"] == 6
+    assert saved_step(out) == 6
     weights = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert lmlab.load(out).generate("All", max_new_tokens=3, temperature=0) is not None
@@ -341,12 +289,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path: Path, corpus_path
     # The reference: the same 8 windows as one batch, loss computed here from the logits.
     T = cfg.max_seq_len
     x, y = windows(tr.train_ids, sample_starts(len(tr.train_ids), T, 8, step_generator(cfg.seed, 3)), T)
-    logits, _ = model(x)
-    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    ref.backward()
-    assert accum_loss == pytest.approx(ref.item(), abs=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)
+    assert_grads_of_one_batch(model, x, y, accum_loss, grads)
 
 
 def test_lr_schedule_by_hand() -> None:
@@ -434,7 +377,7 @@ def _fake_clock(monkeypatch, seconds_per_step) -> list[float]:
     """A deterministic --time run: the trainer's clock stands still except in a step,
     which takes ``seconds_per_step(now)`` (and trains nothing: the schedule is the test)."""
     clock = [0.0]
-    monkeypatch.setattr(sys.modules["lmlab.train"], "_clock", lambda: clock[0])
+    monkeypatch.setattr(sys.modules["lmlab.training.trainer"], "_clock", lambda: clock[0])
 
     def step(self, step):  # noqa: ARG001
         clock[0] += seconds_per_step(clock[0])
@@ -486,7 +429,7 @@ def test_time_budget_hard_stop(tmp_path, corpus_path, monkeypatch) -> None:
     res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
     assert (res.step, state["max_steps"], state["elapsed"]) == (86, 86, 125.0)
     assert rows[-1]["step"] == 86 and "val_loss" in rows[-1]
-    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 86
+    assert saved_step(tmp_path / "run") == 86
 
 
 def test_resume_with_time_adds_time_and_keeps_the_lr_continuous(tmp_path, corpus_path, monkeypatch) -> None:

@@ -1,0 +1,282 @@
+"""The Trainer's set-up: everything a run needs before its first step.
+
+Check ``--out``; make or read the tokenizer and the model (new, ``--resume``d from a
+checkpoint, or ``--init`` from another model); tokenize the corpus and split it; the
+optimizer, the step budget, the validation windows; under torchrun, join the process
+group and wrap the model in DDP. :class:`~lmlab.training.trainer.Trainer` inherits these
+methods and adds the steps and the loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from lmlab import distributed
+from lmlab.api import resolve_device
+from lmlab.checkpoint import RunDir, load_weights, read_checkpoint, read_json, unwrap
+from lmlab.config import RECURRENT, RNNConfig
+from lmlab.data import load_corpus, read_corpus, resolve_data, sample_starts, step_generator
+from lmlab.errors import LmlabError
+from lmlab.models import build_model
+from lmlab.tokenizer import (
+    EOT,
+    iter_chunks,
+    load_tokenizer,
+    tokenizer_kind,
+    train_bpe_tokenizer,
+    train_char_tokenizer,
+)
+from lmlab.training.config import TrainConfig, parse_duration
+from lmlab.training.console import log
+from lmlab.training.state import load_training_state, rank_seed
+
+
+class TrainerSetup:
+    """The set-up half of the Trainer: ``setup()`` makes ``self.model``, ``self.tok``,
+    ``self.optimizer``, ``self.train_ids``/``self.val_ids``, ``self.state`` (step,
+    tokens, elapsed time: what trainer_state.json keeps) and the step budget."""
+
+    cfg: TrainConfig
+    given: set[str]  # the options set explicitly
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run = RunDir(cfg.out)
+        resuming = cfg.resume is not None
+        # Under torchrun: join the process group (gloo on CPU, nccl on CUDA). Rank 0
+        # prepares the run first (--out, the tokenizer, the token cache, a download) while
+        # the others wait; then they do the same from its tokenizer and caches.
+        self.dist = distributed.setup(resolve_device(cfg.device))
+        self.device = self.dist.device
+        shared = {} if self.dist.is_main else self.dist.wait_for_main()
+        try:
+            mcfg, corpus = self._prepare(resuming, shared.get("tokenizer"))
+        except BaseException as e:
+            self.dist.release(error=str(e) if isinstance(e, LmlabError) else f"rank 0 failed: {e!r}")
+            raise
+        if self.dist.active:
+            self.dist.release(tokenizer=self.tok.to_str())
+        if self.dist.rank > 0:  # dropout: each rank its own stream (rank 0 keeps one process's)
+            torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
+        self._setup_rest(mcfg, corpus, resuming)
+
+    def _prepare(self, resuming: bool, tokenizer: str | None) -> tuple[Any, Any]:
+        """Check --out; make or read the tokenizer and the model; tokenize the corpus."""
+        cfg = self.cfg
+        if self.dist.is_main and not resuming and self.run.has_checkpoint():
+            if not cfg.overwrite:
+                raise LmlabError(
+                    f"{cfg.out} already holds a checkpoint; continue it with `lmlab train --resume "
+                    f"{cfg.out}` or start afresh with --overwrite"
+                )
+            self.run.clear()
+        if self.dist.is_main:
+            try:
+                self.run.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LmlabError(
+                    f"cannot create --out {cfg.out} ({e.strerror}); choose another folder"
+                ) from None
+        torch.manual_seed(cfg.seed)
+
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}
+        if resuming:
+            mcfg, tensors, self.tok, self.gen_cfg = read_checkpoint(cfg.resume)
+            self.state.update(read_json(Path(cfg.resume) / "trainer_state.json", "trainer state"))
+            self.state["saved_step"] = self.state["step"]  # the checkpoint resumed from
+        elif cfg.init is not None:  # fine-tune: an lmlab checkpoint, a HF folder or Hub id
+            from lmlab.api import load
+
+            source = load(cfg.init, dtype="float32", allow_pickle=cfg.allow_pickle)
+            self.tok, mcfg, self.gen_cfg = source.tokenizer, source.config, dict(source.generation_config)
+            log(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
+        else:
+            self.tok = Tokenizer.from_str(tokenizer) if tokenizer else self._make_tokenizer()
+            mcfg = cfg.model_config(self.tok.get_vocab_size())
+            self.gen_cfg = {
+                "eos_token_id": self.tok.token_to_id(EOT),
+                "bos_token_id": self.tok.token_to_id(EOT),
+            }
+        if cfg.init is not None and not resuming:
+            self.model = source.module.train()
+        else:
+            self.model = build_model(mcfg)
+        if resuming:
+            load_weights(self.model, tensors, cfg.resume)
+        self.model.to(self.device)
+        self.seq_len = self._window(mcfg, resuming)
+        if cfg.init is not None and not resuming:
+            self._adopt_init_config(mcfg)
+
+        corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
+        return mcfg, corpus
+
+    def _window(self, mcfg: Any, resuming: bool) -> int:
+        """The training window: the model's context; with --init, --max-seq-len (default 64:
+        a 1024-token window is slow on a CPU), within the context of a Transformer (an
+        RNN has none: its max_seq_len is only the window it was trained on)."""
+        cfg = self.cfg
+        if cfg.init is None:
+            return mcfg.max_seq_len
+        bounded = getattr(self.model, "bounded_context", True)
+        if "max_seq_len" in self.given and bounded and cfg.max_seq_len > mcfg.max_seq_len:
+            raise LmlabError(
+                f"--max-seq-len {cfg.max_seq_len} is longer than the context of {cfg.init} "
+                f"({mcfg.max_seq_len} tokens); give --max-seq-len {mcfg.max_seq_len} or less"
+            )
+        if not bounded and ("max_seq_len" in self.given or resuming):
+            return cfg.max_seq_len
+        return min(cfg.max_seq_len, mcfg.max_seq_len)
+
+    def _adopt_init_config(self, mcfg: Any) -> None:
+        """With --init, the stored train_config says what was used: the model's own
+        architecture and tokenizer (config.json has every detail), and the window."""
+        cfg = self.cfg
+        if isinstance(mcfg, RNNConfig):
+            arch = dict(model=mcfg.cell, hidden_size=mcfg.hidden_size)
+        else:
+            arch = dict(
+                model="gpt",
+                n_head=mcfg.n_head,
+                n_kv_head=mcfg.n_kv_head,
+                pos=mcfg.pos,
+                norm=mcfg.norm,
+                mlp="swiglu" if mcfg.gated_mlp else "gelu",
+                bias=any((mcfg.norm_bias, mcfg.qkv_bias, mcfg.proj_bias, mcfg.mlp_bias)),
+            )
+        arch.update(n_layer=mcfg.n_layer, d_model=mcfg.d_model, tie_embeddings=mcfg.tie_embeddings)
+        arch.update(dropout=mcfg.dropout, tokenizer=cfg.init, vocab_size=self.tok.get_vocab_size())
+        for k, v in arch.items():
+            setattr(cfg, k, v)
+        cfg.max_seq_len = self.seq_len
+        if cfg.stateful and cfg.model not in RECURRENT:
+            raise LmlabError(
+                f"--stateful needs a recurrent model; {cfg.init} is a Transformer, which has no "
+                "state to carry from one chunk to the next: drop --stateful"
+            )
+
+    def _setup_rest(self, mcfg: Any, corpus: Any, resuming: bool) -> None:
+        cfg = self.cfg
+        self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, self.seq_len)
+        if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < self.seq_len:
+            raise LmlabError(
+                f"--stateful reads the {len(self.train_ids):,} training tokens as --batch-size "
+                f"{cfg.batch_size} parallel streams, each shorter than one window of --max-seq-len "
+                f"{mcfg.max_seq_len}; give more text, a smaller --batch-size or a smaller --max-seq-len"
+            )
+        log(
+            f"lmlab: corpus {corpus.name}: {len(corpus.ids):,} tokens; train {len(self.train_ids):,} "
+            f"(first {1 - cfg.val_fraction:.0%}), validation {len(self.val_ids):,} (last {cfg.val_fraction:.0%})"
+        )
+        log(
+            f"lmlab: model {mcfg.n_params_hint if hasattr(mcfg, 'n_params_hint') else ''} "
+            f"{self.model.num_parameters() / 1e6:.2f}M parameters, tokenizer "
+            f"{tokenizer_kind(self.tok)} ({self.tok.get_vocab_size()} tokens), device {self.device}"
+        )
+        self.optimizer = self._make_optimizer()
+        if resuming:
+            load_training_state(
+                Path(cfg.resume),
+                self.model,
+                self.optimizer,
+                device=self.device,
+                rank=self.dist.rank,
+                seed=cfg.seed,
+                step=self.state["step"],
+            )
+        self.max_steps = self.state.get("max_steps") or cfg.steps
+        if cfg.steps is not None and resuming:
+            self.max_steps = cfg.steps  # --steps given again extends (or shortens) the run
+            self.state["lr_plan"] = None  # and the schedule is the plain one to the new end
+        self.time_budget = parse_duration(cfg.time) if cfg.time is not None else None
+        self.lr_end = self.max_steps  # where the lr schedule ends; a --time run moves it
+        if resuming and cfg.extend_time and self.time_budget is not None:
+            self.max_steps = None  # measured again: T more seconds from here
+            self.time_budget += self.state.get("elapsed", 0.0)
+        if self.max_steps is None and cfg.time is None:
+            self.max_steps = self.lr_end = 2000
+        if resuming:
+            done = self.state["step"]
+            if self.max_steps is not None and done >= self.max_steps:
+                log(
+                    f"lmlab: {cfg.resume} is already at step {done} of {self.max_steps}: nothing to train "
+                    f"(give --steps N with N > {done}, or --time T, to continue)"
+                )
+            else:
+                total = self.max_steps if self.max_steps is not None else f"--time {cfg.time}"
+                log(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
+        self.val_starts = (
+            sample_starts(
+                len(self.val_ids),
+                self.seq_len,
+                cfg.eval_batches * cfg.batch_size,
+                step_generator(cfg.seed, 0, stream=1),
+            )
+            if len(self.val_ids) > self.seq_len
+            else None
+        )
+        self._setup_ddp()
+
+    def _setup_ddp(self) -> None:
+        """Say how the global batch is split; under torchrun, wrap the model in DDP."""
+        cfg = self.cfg
+        W, k = self.dist.world_size, cfg.grad_accum
+        if cfg.batch_size % (W * k):
+            raise LmlabError(
+                f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {W} processes "
+                f"× --grad-accum {k}; give a multiple of {W * k}"
+            )
+        if W > 1 or k > 1:  # B = W processes × k micro-steps × b sequences
+            log(
+                f"lmlab: batch {cfg.batch_size} sequences per step = {W} process{'es' if W > 1 else ''} "
+                f"× {k} micro-step{'s' if k > 1 else ''} × {cfg.batch_size // (W * k)} sequences"
+                + (f" (DDP, {self.dist.backend})" if self.dist.active else "")
+            )
+        if self.dist.active:
+            # DDP broadcasts rank 0's weights now and averages the gradients in backward.
+            # Buffers (RoPE tables) are computed, not learned: no need to sync them each step.
+            DDP = torch.nn.parallel.DistributedDataParallel
+            no_sync_buffers = (
+                {"forward_sync_buffers": False}  # torch >= 2.13's name
+                if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.model = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **no_sync_buffers,
+            )
+
+    def close(self) -> None:
+        """Leave the process group this Trainer joined (nothing outside torchrun)."""
+        if getattr(self, "dist", None) is not None:
+            self.dist.close()
+
+    def _make_tokenizer(self):
+        cfg = self.cfg
+        if cfg.tokenizer in ("char", "bpe"):
+            files = resolve_data(cfg.data)
+            text = read_corpus(files, cfg.encoding_errors, builtin=cfg.data == "builtin")
+            if cfg.tokenizer == "char":
+                return train_char_tokenizer([text.replace(EOT, "")])
+            return train_bpe_tokenizer(iter_chunks(text.replace(EOT, "\n")), cfg.vocab_size)
+        return load_tokenizer(cfg.tokenizer)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay only on matrices (embeddings, linear weights), not on
+        biases and norm gains, which decay would pull toward zero for no benefit."""
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for _, p in unwrap(self.model).named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
