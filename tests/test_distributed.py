@@ -36,8 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from lmlab import distributed
-from lmlab.cli import _train_keys, build_parser
+from lmlab import distributed, launcher
+from lmlab.cli import build_parser
+from lmlab.cli_args import train_keys
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
 from lmlab.training import TrainConfig, Trainer
@@ -260,7 +261,7 @@ def test_batch_must_split_evenly_over_processes_and_micro_steps(monkeypatch) -> 
     with pytest.raises(LmlabError, match=r"--batch-size 6 \(the global batch\).*2 processes.*multiple of 4"):
         TrainConfig(out="x", batch_size=6, grad_accum=2).validate()
     with pytest.raises(LmlabError, match="--nproc starts torchrun itself"):
-        distributed.launch(["--out", "x"], 2)
+        launcher.launch(["--out", "x"], 2)
 
 
 def test_nproc_relaunches_the_same_command() -> None:
@@ -269,11 +270,11 @@ def test_nproc_relaunches_the_same_command() -> None:
     argv = ["train", "--out", "o", "--no-bias", "--stateful", "--lr", "1e-3", "--no-progress",
             "--overwrite", "--time", "5m", "--model", "lstm", "--nproc", "2"]  # fmt: skip
     a = ap.parse_args(argv)
-    opts = {k: getattr(a, k) for k in _train_keys() if getattr(a, k, None) is not None}
+    opts = {k: getattr(a, k) for k in train_keys() if getattr(a, k, None) is not None}
     sub = next(x for x in ap._actions if x.dest == "command").choices["train"]
-    again = ap.parse_args(["train", *distributed.train_argv(opts, sub)])
+    again = ap.parse_args(["train", *launcher.train_argv(opts, sub)])
     assert again.nproc is None
-    assert {k: getattr(again, k) for k in _train_keys() if getattr(again, k, None) is not None} == opts
+    assert {k: getattr(again, k) for k in train_keys() if getattr(again, k, None) is not None} == opts
     assert opts["bias"] is False and opts["stateful"] is True and opts["progress"] is False
 
 
@@ -285,7 +286,7 @@ def _main_nproc(tmp_path: Path, capsys, monkeypatch, *args: str) -> tuple[int, l
     def no_launch(*a, **kw):
         raise AssertionError("--nproc started torchrun for options it could have rejected")
 
-    monkeypatch.setattr(distributed, "launch", no_launch)
+    monkeypatch.setattr(launcher, "launch", no_launch)
     rc = main(["train", "--nproc", "2", *TINY, "--out", str(tmp_path / "run"), *args])
     return rc, capsys.readouterr().err.splitlines()
 
@@ -327,22 +328,22 @@ def test_failure_reason_names_what_no_process_printed() -> None:
     A signal or another status is said in words (negative codes: killed by signal -code);
     the SIGTERM torchrun sends the other processes once one failed is not a cause."""
     said = {"failures": [{"rank": 0, "pid": 11, "exitcode": 2}, {"rank": 1, "pid": 12, "exitcode": -15}]}
-    assert distributed.failure_reason(said, 1) is None
+    assert launcher.failure_reason(said, 1) is None
     killed = {"failures": [{"rank": 0, "pid": 11, "exitcode": -15}, {"rank": 1, "pid": 12, "exitcode": -9}]}
-    assert distributed.failure_reason(killed, 1) == (
+    assert launcher.failure_reason(killed, 1) == (
         "the process of rank 1 (pid 12) was killed by SIGKILL (signal 9)"
     )
     crashed = {"failures": [{"rank": 1, "pid": 12, "exitcode": 1}]}
-    assert distributed.failure_reason(crashed, 1) == (
+    assert launcher.failure_reason(crashed, 1) == (
         "the process of rank 1 (pid 12) exited with status 1 (its traceback, if any, is above)"
     )
     # torchrun's own SIGTERM to the others is no cause, unless nothing else failed
     terminated = {"failures": [{"rank": 0, "pid": 11, "exitcode": -15}]}
     assert (
-        distributed.failure_reason(terminated, 1)
+        launcher.failure_reason(terminated, 1)
         == "the process of rank 0 (pid 11) was killed by SIGTERM (signal 15)"
     )
-    assert distributed.failure_reason({}, 1) == "torchrun exit status 1"
+    assert launcher.failure_reason({}, 1) == "torchrun exit status 1"
 
 
 def test_a_rank_above_0_leaves_a_user_error_to_rank_0(monkeypatch, capsys) -> None:

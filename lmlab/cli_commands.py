@@ -1,0 +1,198 @@
+"""What each ``lmlab`` command does: ``cmd_train``, ``cmd_generate``, ``cmd_eval``, ``cmd_info``,
+``cmd_export``, ``cmd_compare`` and ``cmd_quickstart``, and the lines they print.
+
+Each command is one library call plus its report; the parser and the error handling that
+wrap them live in :mod:`lmlab.cli`, the flags in :mod:`lmlab.cli_args`. Heavy imports
+(torch, the models) happen inside the commands, so that ``lmlab --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from lmlab.cli_args import GENERATION_KEYS, train_keys, train_parser
+from lmlab.errors import LmlabError
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from lmlab.training import train
+
+    opts = {k: getattr(a, k) for k in train_keys() if getattr(a, k, None) is not None}
+    if "out" not in opts and "resume" not in opts:
+        raise LmlabError("give --out DIR (where to write the model), or --resume DIR")
+    if getattr(a, "nproc", None) is not None:  # relaunch this command under torchrun
+        return _train_nproc(opts, a.nproc, a.debug)
+    res = train(**opts)
+    from lmlab import distributed
+
+    if distributed.is_main():  # under torchrun, rank 0 reports for the job
+        _report_train(res)
+    # Stopped by Ctrl-C or SIGTERM (after saving): exit as the signal would, so that
+    # `lmlab train ... && next-step` and job schedulers see the run did not finish.
+    # (Under torchrun the workers exit 0 and the launcher reports the signal.)
+    if distributed.launched():
+        return 0
+    return {"interrupted": 130, "terminated": 143}.get(res.stop_reason or "", 0)
+
+
+def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
+    """`lmlab train --nproc N`: check the options once, then run this command on N
+    processes under torchrun. A failure prints lmlab's own line(s) only: the processes'
+    (rank 0's) error, and a line here for what they could not say (one was killed)."""
+    from lmlab.launcher import check_before_launch, launch, train_argv
+
+    check_before_launch(opts, nproc)
+    res = launch(train_argv(opts, train_parser()), nproc, debug=debug)
+    if res.status == 0 or res.status >= 128:  # >= 128: stopped by a signal; the workers saved, said so
+        return res.status
+    if res.reason is None:  # each failed process stopped on a user error, printed above
+        return 2
+    out = opts.get("out") or opts["resume"]
+    raise LmlabError(
+        f"the {nproc}-process run failed: {res.reason}; a checkpoint in {out}, if any, is whole: "
+        f"continue with `lmlab train --resume {out} --nproc {nproc}`"
+    )
+
+
+def _report_train(res) -> None:
+    msg = [f"lmlab: trained {res.step} steps"]
+    if res.val_loss is not None:
+        msg.append(f"validation loss {res.val_loss:.4f} (perplexity {math.exp(res.val_loss):.2f})")
+    print(", ".join(msg), file=sys.stderr)
+    print(f"lmlab: checkpoint: {res.out}/  (best: {res.out}/best/)", file=sys.stderr)
+    print(f"lmlab: metrics:    {res.out}/metrics.jsonl", file=sys.stderr)
+    if res.loss_png:
+        print(f"lmlab: loss curve: {res.loss_png}", file=sys.stderr)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import lmlab
+
+    model = lmlab.load(
+        a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize
+    )
+    opts = {k: getattr(a, k) for k in GENERATION_KEYS if getattr(a, k, None) is not None}
+    if "early_stopping" in opts and opts["early_stopping"] != "never":
+        opts["early_stopping"] = opts["early_stopping"] == "true"
+    out = sys.stdout
+    if a.json or a.logprobs is not None or (a.num_return_sequences or 1) > 1:
+        return _print_results(model.generate(a.prompt, return_details=True, **opts), as_json=a.json)
+    if a.stream:
+        for delta in model.stream(a.prompt, **opts):
+            out.write(delta)
+            out.flush()
+    else:
+        out.write(model.generate(a.prompt, **opts))
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+def _print_results(results, as_json: bool) -> int:
+    """Several sequences, or details: one JSON object per line with --json, else each text
+    after a ``--- i/n ---`` line."""
+    import dataclasses
+
+    results = results if isinstance(results, list) else [results]
+    for i, r in enumerate(results, 1):
+        if as_json:
+            print(json.dumps(dataclasses.asdict(r), ensure_ascii=False))
+        else:
+            if len(results) > 1:
+                print(f"--- {i}/{len(results)} ---")
+            print(r.text)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import lmlab
+    from lmlab.evaluate import evaluate_corpus
+
+    model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
+    r = evaluate_corpus(model, a.data, batch_size=a.batch_size, encoding_errors=a.encoding_errors)
+    print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  over {r['tokens']:,} tokens of {a.data}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    import lmlab
+    from lmlab.tokenizer import tokenizer_kind
+
+    model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
+    cfg = model.config
+    origin = getattr(model.module, "hf_origin", None)  # set when read from a Hugging Face folder / Hub id
+    print(f"checkpoint   {a.checkpoint}")
+    if origin:
+        arch = ", ".join(origin["config"].get("architectures") or []) or "no architectures listed"
+        print(f"source       Hugging Face {origin['model_type']} ({arch}), read from {origin['path']}")
+    print(f"model        {type(model.module).__name__}  ({cfg.model_type})")
+    print(f"parameters   {model.module.num_parameters():,}")
+    dtype = str(model.module.dtype).removeprefix("torch.")
+    stored = origin and (origin["config"].get("dtype") or origin["config"].get("torch_dtype"))
+    print(f"dtype        {dtype}" + (f" (stored as {stored})" if stored else ""))
+    if cfg.model_type == "transformer":
+        print(f"context      {cfg.max_seq_len:,} tokens")
+    else:  # a recurrent state has no length limit; max_seq_len is the training window
+        print(f"context      unbounded (trained on {cfg.max_seq_len:,}-token windows)")
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    print("config       " + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "model_type"))
+    print(f"tokenizer    {tokenizer_kind(model.tokenizer)}, {model.tokenizer.get_vocab_size()} tokens")
+    st = Path(a.checkpoint) / "trainer_state.json"
+    if st.is_file():
+        s = json.loads(st.read_text())
+        best = s.get("best_val")
+        print(
+            f"training     step {s.get('step')} of {s.get('max_steps')}, {s.get('tokens', 0):,} tokens, "
+            f"{s.get('elapsed', 0):.0f}s" + (f", best validation loss {best:.4f}" if best is not None else "")
+        )
+    elif origin:
+        print("training     (a Hugging Face model, no lmlab training state: fine-tune with train --init)")
+    else:
+        print("training     (no training state: not resumable)")
+    return 0
+
+
+def cmd_quickstart(a: argparse.Namespace) -> int:
+    from lmlab.quickstart import quickstart
+
+    quickstart(out=a.out, time=a.time)
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from lmlab.compare import compare
+
+    opts = {k: v for k, v in vars(a).items() if k not in ("command", "debug")}
+    res = compare(**opts)
+    print(f"lmlab: compared {', '.join(r.name for r in res.runs)}", file=sys.stderr)
+    print(f"lmlab: report: {res.report}  (charts: {', '.join(c.name for c in res.charts)})", file=sys.stderr)
+    print(f"lmlab: runs:   {', '.join(r.folder + '/' for r in res.runs)}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from lmlab.hf import export_hf
+
+    out = export_hf(a.checkpoint, a.out, dtype=a.dtype, allow_pickle=a.allow_pickle)
+    kind = json.loads((out / "config.json").read_text(encoding="utf-8"))["model_type"]
+    print(f"lmlab: exported {a.checkpoint} as a Hugging Face {kind} model", file=sys.stderr)
+    print(f"lmlab: wrote {out}/ (config.json, model.safetensors, tokenizer.json, ...)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {
+    "compare": cmd_compare,
+    "export": cmd_export,
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "info": cmd_info,
+    "quickstart": cmd_quickstart,
+}
