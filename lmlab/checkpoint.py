@@ -66,6 +66,17 @@ def _fsync_write(path: Path, data: bytes | str) -> None:
         os.fsync(f.fileno())
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, then the file mode every other file gets (0666 less
+    the umask: safetensors writes 0600, which hides a shared model from the other users of
+    a machine), then fsync: complete on disk before anything points to it."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    _fsync_file(path)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -105,15 +116,13 @@ def write_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True)
     cfg: ModelConfig = unwrap(model).config
-    save_file(model_tensors(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _fsync_file(folder / "model.safetensors")
+    save_safetensors(model_tensors(model), folder / "model.safetensors", metadata={"format": "pt"})
     meta = {"format": FORMAT, "model_sha256": sha256_file(folder / "model.safetensors")}
     _fsync_write(folder / "config.json", json.dumps({"lmlab": meta, **config_to_dict(cfg)}, indent=2))
     _fsync_write(folder / "tokenizer.json", tokenizer.to_str(pretty=True))
     _fsync_write(folder / "generation_config.json", json.dumps(generation_config or {}, indent=2))
     if trainer_state is not None:
-        save_file(state_tensors or {}, str(folder / "training_state.safetensors"))
-        _fsync_file(folder / "training_state.safetensors")
+        save_safetensors(state_tensors or {}, folder / "training_state.safetensors")
         _fsync_write(folder / "trainer_state.json", json.dumps(trainer_state, indent=2))
     _fsync_dir(folder)
     return folder

@@ -17,6 +17,7 @@ import time
 import warnings
 from typing import NoReturn
 
+from lmlab import __version__ as lmlab_version
 from lmlab.cli_args import add_compare_args, add_generation_args, add_train_args, pickle_flag
 from lmlab.cli_commands import COMMANDS
 from lmlab.errors import LmlabError
@@ -30,9 +31,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(_fail(f"lmlab: error: {message} (see `{self.prog} --help`)"))
 
 
+def _torch_version() -> str:
+    """torch's version from its package metadata: importing torch would slow every --help."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="lmlab", description="Build, train and run language models.")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    ap.add_argument("--version", action="version", version=f"lmlab {lmlab_version} (torch {_torch_version()})")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="train a small Transformer on the built-in corpus, then sample")

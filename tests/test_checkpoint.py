@@ -384,3 +384,17 @@ def test_cli_reports_damage_in_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in err and out == "", (how, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("lmlab: error: "), (how, err)
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path: Path) -> None:
+    """safetensors writes 0600 on its own; the checkpoint's tensors get the mode the JSON
+    files get (0666 less the umask), so a model shared on a machine is readable."""
+    tok = train_char_tokenizer([TEXT])
+    old = os.umask(0o022)
+    try:
+        folder = write_checkpoint(tmp_path / "c", tiny_model(), tok, trainer_state={"step": 1})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644
+    assert modes["training_state.safetensors"] == 0o644

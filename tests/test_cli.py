@@ -225,3 +225,10 @@ def test_eval_and_info_read_a_pickle_folder_only_with_allow_pickle(ckpt, tmp_pat
     m = re.search(r"parameters\s+([\d,]+)", info)
     assert m and int(m.group(1).replace(",", "")) == sum(t.numel() for t in tensors.values())
     assert "Hugging Face llama (LlamaForCausalLM)" in info and f"context      {CTX} tokens" in info
+
+
+def test_version_names_lmlab_and_torch():
+    import torch
+
+    out = run_cli("--version").stdout.strip()
+    assert out == f"lmlab {lmlab.__version__} (torch {torch.__version__})"

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from lmlab.checkpoint import read_json
+from lmlab.checkpoint import read_json, save_safetensors
 from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.hf.families import FAMILIES, choose_family, family_for, same_architecture
@@ -311,7 +310,7 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.safetensors.tmp"
     try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
     finally:
         tmp.unlink(missing_ok=True)
