@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the model's own)")
     pickle_flag(p)
+    for p in sub.choices.values():  # `lmlab train ... --debug` as well as `lmlab --debug train ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
     return ap
 
 

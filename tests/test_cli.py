@@ -232,3 +232,13 @@ def test_version_names_lmlab_and_torch():
 
     out = run_cli("--version").stdout.strip()
     assert out == f"lmlab {lmlab.__version__} (torch {torch.__version__})"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
+    args = ["info", str(tmp_path / "missing")]
+    args = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    proc = run_cli(*args, check_rc=None)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in run_cli("info", str(tmp_path / "missing"), check_rc=2).stderr
