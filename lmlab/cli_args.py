@@ -165,7 +165,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument(
-        "--logprobs", type=int, default=None, metavar="N", help="with --json: log-probs and N alternatives"
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="needs --json: each token's log-prob and its N best alternatives",
     )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object per sequence (text, tokens, finish reason)"

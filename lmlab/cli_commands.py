@@ -43,7 +43,7 @@ def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
     """`lmlab train --nproc N`: check the options once, then run this command on N
     processes under torchrun. A failure prints lmlab's own line(s) only: the processes'
     (rank 0's) error, and a line here for what they could not say (one was killed)."""
-    from lmlab.launcher import check_before_launch, launch, train_argv
+    from lmlab.launcher import check_before_launch, continue_advice, launch, train_argv
 
     check_before_launch(opts, nproc)
     res = launch(train_argv(opts, train_parser()), nproc, debug=debug)
@@ -52,10 +52,8 @@ def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
     if res.reason is None:  # each failed process stopped on a user error, printed above
         return 2
     out = opts.get("out") or opts["resume"]
-    raise LmlabError(
-        f"the {nproc}-process run failed: {res.reason}; a checkpoint in {out}, if any, is whole: "
-        f"continue with `lmlab train --resume {out} --nproc {nproc}`"
-    )
+    advice = continue_advice(out, f"lmlab train --resume {out} --nproc {nproc}")
+    raise LmlabError(f"the {nproc}-process run failed: {res.reason}; {advice}")
 
 
 def _report_train(res) -> None:
@@ -72,6 +70,11 @@ def _report_train(res) -> None:
 def cmd_generate(a: argparse.Namespace) -> int:
     import lmlab
 
+    if a.logprobs is not None and not a.json:  # checked before the (slow) load
+        raise LmlabError(
+            f"--logprobs {a.logprobs} is printed only in the JSON output: add --json "
+            "(one JSON object per sequence, with each token's log-probability and its best alternatives)"
+        )
     model = lmlab.load(
         a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize
     )
@@ -79,7 +82,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if "early_stopping" in opts and opts["early_stopping"] != "never":
         opts["early_stopping"] = opts["early_stopping"] == "true"
     out = sys.stdout
-    if a.json or a.logprobs is not None or (a.num_return_sequences or 1) > 1:
+    if a.json or (a.num_return_sequences or 1) > 1:
         return _print_results(model.generate(a.prompt, return_details=True, **opts), as_json=a.json)
     if a.stream:
         for delta in model.stream(a.prompt, **opts):

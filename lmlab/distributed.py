@@ -22,7 +22,9 @@ peer waiting in a collective sees the closed connection at once and stops with a
 error. A peer that hangs without dying (a network partition) is given up after
 ``LMLAB_DIST_TIMEOUT`` seconds (default 300): the collective timeout of the group.
 The start-up wait (rank 0 tokenizes the corpus while the others wait) has its own,
-longer limit, ``LMLAB_DIST_STARTUP_TIMEOUT`` (default 3600 s).
+longer limit, ``LMLAB_DIST_STARTUP_TIMEOUT`` (default 3600 s). What to do next
+(:func:`continue_advice`) depends on the disk: ``--resume`` if a checkpoint was saved,
+else the same command again.
 
 Error messages, once. Every rank hits the same user error (the same options, files and
 all-reduced loss), or one rank 0 passed on, so rank 0 alone prints it (see ``lmlab.cli``).
@@ -34,12 +36,14 @@ rank, the collectives, :class:`PeerError`); starting the processes (``--nproc``)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -246,6 +250,43 @@ def describe_failure(e: BaseException) -> str:
     return text.split(". ")[0][:200]
 
 
+def resumable_step(out: str | os.PathLike) -> int | None:
+    """The step of the checkpoint ``--resume out`` would continue, None if there is none.
+
+    A run folder is resumable once its first save completed: ``trainer_state.json`` at its
+    top is a link that dangles until then (see :class:`lmlab.checkpoint.RunDir`), and a
+    model folder without training state (an export, a Hugging Face model) has none."""
+    state = Path(out) / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        step = json.loads(state.read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None  # damaged: --resume would say so; it is no advice to follow
+    return step if isinstance(step, int) else None
+
+
+def continue_advice(out: str | os.PathLike, resume_command: str) -> str:
+    """What to do after a failed job, true to what is on disk: continue from the last
+    checkpoint (``resume_command``) if one was written, else run the same command again
+    (nothing to resume: ``lmlab train --resume`` would find no training checkpoint)."""
+    step = resumable_step(out)
+    if step is None:
+        return f"no checkpoint was written in {out} yet: start again with the same command"
+    return f"the last checkpoint in {out} (step {step}) is whole: continue with `{resume_command}`"
+
+
+def occupied_out_message(out: str | os.PathLike, resume_command: str) -> str:
+    """Why a new run refuses ``--out`` holding a checkpoint, and the ways on: ``--resume``
+    only where there is training state to continue."""
+    if resumable_step(out) is None:
+        return (
+            f"{out} already holds a model without training state (no trainer_state.json: --resume "
+            "cannot continue it); start afresh with --overwrite, or give another --out"
+        )
+    return f"{out} already holds a checkpoint; continue it with `{resume_command}` or start afresh with --overwrite"
+
+
 def is_peer_failure(e: BaseException) -> bool:
     """A collective failed because another process died, hung or left."""
     if isinstance(e, dist.DistError):
@@ -261,13 +302,16 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "Dist",
     "PeerError",
+    "continue_advice",
     "env_seconds",
     "env_world_size",
     "is_main",
     "describe_failure",
     "is_peer_failure",
     "launched",
+    "occupied_out_message",
     "planned_world_size",
     "rank",
+    "resumable_step",
     "setup",
 ]

@@ -7,7 +7,8 @@ in a worker (the workers' side, the process group and the collectives, is
 (:func:`check_before_launch`), turns them back into ``lmlab train`` flags
 (:func:`train_argv`), and runs torchrun without its ``ChildFailedError`` traceback and
 log (:func:`torchrun_main`), so that what a failed job prints is lmlab's own lines: the
-workers' (rank 0's) error, and :func:`failure_reason` for what no worker could say.
+workers' (rank 0's) error, :func:`failure_reason` for what no worker could say, and
+:func:`continue_advice` for what to do next (``--resume`` only if a checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import torch
 from lmlab.distributed import (
     DEFAULT_STARTUP_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
+    continue_advice,
     describe_failure,
     env_seconds,
     launched,
+    occupied_out_message,
     planned_world_size,
 )
 from lmlab.errors import LmlabError
@@ -95,10 +98,7 @@ def check_before_launch(options: dict[str, Any], nproc: int) -> None:
     if cfg.resume is None and cfg.init is None and cfg.tokenizer not in ("char", "bpe"):
         load_tokenizer(cfg.tokenizer)
     if cfg.resume is None and not cfg.overwrite and RunDir(cfg.out).has_checkpoint():
-        raise LmlabError(
-            f"{cfg.out} already holds a checkpoint; continue it with `lmlab train --resume {cfg.out} "
-            f"--nproc {nproc}` or start afresh with --overwrite"
-        )
+        raise LmlabError(occupied_out_message(cfg.out, f"lmlab train --resume {cfg.out} --nproc {nproc}"))
 
 
 def _check_nproc(nproc: int) -> None:
@@ -182,7 +182,9 @@ def failure_reason(report: dict[str, Any], status: int) -> str | None:
     # Once a process fails, torchrun stops the others with SIGTERM and lists them too (one
     # that is past its own handler, exiting, dies of it): consequences, not causes.
     causes = [f for f in failures if f["exitcode"] != -signal.SIGTERM]
-    failures = causes or failures
+    # A process killed from outside (SIGKILL, the OOM killer) first: the others' exits
+    # (a lost peer, an abort in the collective library) follow from it.
+    failures = sorted(causes or failures, key=lambda f: (f["exitcode"] >= 0, f["rank"]))
     said = []
     for f in failures:
         who = f"the process of rank {f['rank']} (pid {f['pid']})"
@@ -247,6 +249,7 @@ __all__ = [
     "USER_ERROR_STATUS",
     "LaunchResult",
     "check_before_launch",
+    "continue_advice",
     "failure_reason",
     "launch",
     "torchrun_main",

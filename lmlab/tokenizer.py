@@ -14,6 +14,8 @@ outside lmlab.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -63,7 +65,23 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokeniz
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    _warn_short_vocab(tok.get_vocab_size(), vocab_size)
     return tok
+
+
+#: A trained BPE vocabulary below this fraction of the size asked for is worth a warning.
+SHORT_VOCAB_FRACTION = 0.9
+
+
+def _warn_short_vocab(got: int, asked: int) -> None:
+    """BPE stops merging when no pair of symbols occurs twice more (``min_frequency=2``):
+    a small corpus runs out of merges long before a large --vocab-size, silently."""
+    if got < SHORT_VOCAB_FRACTION * asked:
+        warnings.warn(
+            f"the corpus gave a BPE vocabulary of {got} tokens, not {asked}: it is too small for more "
+            "merges (a merge needs a pair of symbols seen at least twice); more text gives more tokens",
+            stacklevel=3,
+        )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -136,11 +154,29 @@ class UnknownCharWarner:
         if self.unk is None or self.warned or self.unk not in ids:
             return
         self.warned = True
-        warnings.warn(
+        msg = (
             f"the text contains characters the tokenizer never saw; they become {UNK} "
-            "(train the tokenizer on text that includes them)",
-            stacklevel=3,
+            "(train the tokenizer on text that includes them)"
         )
+        # Attributed to the caller's line, not lmlab's: the depth varies (encode, generate,
+        # stream, a list comprehension frame on Python < 3.12), so skip every lmlab frame.
+        if sys.version_info >= (3, 12):
+            warnings.warn(msg, stacklevel=2, skip_file_prefixes=(_PACKAGE_DIR,))
+        else:
+            warnings.warn(msg, stacklevel=_stacklevel_outside_lmlab())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _stacklevel_outside_lmlab() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` made by our caller) of the first frame
+    outside the lmlab package: level 1 is the frame calling ``warn``, each lmlab frame above
+    it adds one."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def iter_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:

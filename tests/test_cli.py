@@ -8,6 +8,7 @@ same windows, and the parameter count of the model as PyTorch counts it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOKENIZER_TEXT, run_lmlab, tiny_checkpoint, tiny_model
+from helpers import REPO, TOKENIZER_TEXT, cli_env, lmlab_cmd, run_lmlab, tiny_checkpoint, tiny_model
 from safetensors.torch import load_file
 
 import lmlab
@@ -242,3 +243,88 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, where):
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in run_cli("info", str(tmp_path / "missing"), check_rc=2).stderr
+
+
+# --------------------------------------------------------------------------- generate: what a new user hits
+def test_sliding_window_warning_precedes_the_streamed_text(ckpt):
+    """stdout and stderr merged, as a terminal shows them: the warning is the first line,
+    then the streamed continuation, whole (not cut by the warning)."""
+    model = lmlab.load(ckpt)
+    expected = model.generate("To be", max_new_tokens=40, temperature=0)
+    args = ("generate", str(ckpt), "--prompt", "To be", "--max-new-tokens", "40", "--temperature", "0")
+    proc = subprocess.run(
+        lmlab_cmd(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(PYTHONWARNINGS="default"),
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout
+    warning, text = proc.stdout.split("\n", 1)
+    assert warning.startswith("lmlab: warning: ") and f"sliding window of the last {CTX} tokens" in warning
+    assert text == expected + "\n"
+
+
+def test_generate_token_options_are_checked(ckpt):
+    """--logprobs prints only with --json; an --eos-token-id past the vocabulary is refused."""
+    line = _one_error_line(run_cli("generate", str(ckpt), "--prompt", "To", "--logprobs", "2", check_rc=None))
+    assert "--logprobs 2" in line and "add --json" in line
+    vocab = lmlab.load(ckpt).tokenizer.get_vocab_size()
+    proc = run_cli("generate", str(ckpt), "--prompt", "To", "--eos-token-id", "9999", check_rc=None)
+    line = _one_error_line(proc)
+    assert "eos_token_id 9999" in line and f"vocabulary has {vocab} tokens" in line
+
+
+# --------------------------------------------------------------------------- quickstart, run again
+def test_quickstart_again_replaces_its_own_run_but_keeps_a_continued_one(
+    tmp_path, corpus_path, monkeypatch, capsys
+) -> None:
+    """The demo's own flow with a small model on a small corpus for 3 steps (its
+    `train` call, re-sized; folders, lines, loading and samples are the demo's). A demo
+    run again replaces its own earlier run, saying so; once that run was continued
+    (`lmlab train --resume`), it is kept and the demo trains in OUT-2."""
+    import lmlab.quickstart as qs
+    from lmlab.training import train as real_train
+
+    small = dict(n_layer=1, n_head=2, d_model=16, max_seq_len=32, batch_size=4, progress=False)
+
+    def small_train(**kw):
+        return real_train(**{**kw, **small, "data": str(corpus_path), "time": None, "steps": 3})
+
+    monkeypatch.setattr(qs, "train", small_train)
+    out = tmp_path / "runs" / "quickstart"
+
+    said: dict[str, str] = {}
+
+    def demo() -> list[str]:
+        qs.quickstart(out=str(out))
+        said["out"], err = capsys.readouterr()
+        return [s for s in err.splitlines() if s.startswith("lmlab quickstart: ")]
+
+    first = demo()
+    assert len(first) == 1 and "training a small Transformer" in first[0]
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
+    (out / "metrics.jsonl").write_text('{"step": 99}\n')  # a mark the replacing run must wipe
+    lines = demo()
+    assert lines[0] == (
+        f"lmlab quickstart: replacing the earlier demo run in {out} (its checkpoint and metrics); to keep a "
+        f"demo run, continue it (`lmlab train --resume {out}`) or give --out another folder"
+    )
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    lmlab.train(resume=str(out), steps=5, progress=False)  # the user continues the demo's run
+    lines = demo()
+    second = Path(f"{out}-2")
+    assert lines[0] == (
+        f"lmlab quickstart: keeping {out} (trained further since the demo, or not by it); this demo trains in "
+        f"{second}"
+    )
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 5  # untouched
+    assert json.loads((second / "trainer_state.json").read_text())["step"] == 3
+    assert f"lmlab train --resume {second} --steps 1003" in said["out"]  # "try next" names OUT-2
+    lines = demo()  # again: OUT is still kept, and the demo's own OUT-2 is replaced
+    assert lines[0].endswith(f"this demo trains in {second}, replacing the earlier demo there")
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 5
+    assert not Path(f"{out}-3").exists()

@@ -729,3 +729,33 @@ def test_generation_config_json_options_are_used(tmp_path):
     assert model.generate(
         "To be", max_new_tokens=10, num_beams=1, temperature=0, stop=["zz"]
     ) == plain.generate("To be", max_new_tokens=10, temperature=0, repetition_penalty=1.3)
+
+
+def test_token_id_options_outside_the_vocabulary_are_errors(tmp_path):
+    """An EOS id or a bad word id the model cannot produce (0 <= id < vocab_size) would be
+    silently ignored: it is a one-line error naming the vocabulary's size instead."""
+    model = lmlab.load(tiny_checkpoint(tmp_path / "c", "char"))
+    V = model.module.config.vocab_size
+    assert V == model.tokenizer.get_vocab_size()
+    bad = [
+        dict(eos_token_id=9999),
+        dict(eos_token_id=[0, V]),
+        dict(eos_token_id=-1),
+        dict(bad_words_ids=[[1, V]]),
+    ]
+    named = rf"vocabulary (has|of) {V} tokens \(ids 0 to {V - 1}\)"
+    for opts in bad:
+        calls = (
+            lambda o=opts: model.generate("To", max_new_tokens=2, **o),
+            lambda o=opts: model.generate("To", max_new_tokens=2, num_beams=2, **o),
+            lambda o=opts: list(model.stream("To", max_new_tokens=2, **o)),
+        )
+        for call in calls:
+            with pytest.raises(LmlabError, match=named) as e:
+                call()
+            assert "\n" not in str(e.value)
+    # the last id is one: greedy decoding that picks it first ends there, on EOS
+    first = model.generate_ids("To", max_new_tokens=1, temperature=0)[0]
+    eos = [V - 1, first]
+    r = model.generate("To", max_new_tokens=5, temperature=0, eos_token_id=eos, return_details=True)
+    assert (r.token_ids, r.finish_reason) == ([first], "eos")

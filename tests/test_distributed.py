@@ -30,13 +30,16 @@ from helpers import (
     private_cache,
     read_metrics,
     saved_step,
+    tiny_checkpoint,
     wait_for_step,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+import lmlab
 from lmlab import distributed, launcher
+from lmlab.checkpoint import RunDir
 from lmlab.cli import build_parser
 from lmlab.cli_args import train_keys
 from lmlab.data import sample_starts, step_generator, windows
@@ -317,10 +320,19 @@ def test_nproc_refuses_a_folder_with_a_checkpoint_before_starting(
     tmp_path: Path, corpus: Path, capsys, monkeypatch
 ) -> None:
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "config.json").write_text("{}")  # a model, no training state: --resume cannot help
     rc, lines = _main_nproc(tmp_path, capsys, monkeypatch, "--data", str(corpus))
     assert rc == 2 and len(lines) == 1, lines
-    assert f"{tmp_path / 'run'} already holds a checkpoint" in lines[0] and "--nproc 2" in lines[0]
+    assert f"{tmp_path / 'run'} already holds a model without training state" in lines[0]
+    assert "--overwrite" in lines[0] and "lmlab train --resume" not in lines[0]
+    shutil.rmtree(tmp_path / "run")
+    lmlab.train(data=str(corpus), out=str(tmp_path / "run"), steps=1, batch_size=4, progress=False,
+                n_layer=1, n_head=2, d_model=16, max_seq_len=16)  # fmt: skip
+    capsys.readouterr()  # the training run's own lines
+    rc, lines = _main_nproc(tmp_path, capsys, monkeypatch, "--data", str(corpus))
+    assert rc == 2 and len(lines) == 1, lines
+    assert f"{tmp_path / 'run'} already holds a checkpoint" in lines[-1]
+    assert f"`lmlab train --resume {tmp_path / 'run'} --nproc 2`" in lines[-1]
 
 
 def test_failure_reason_names_what_no_process_printed() -> None:
@@ -344,6 +356,12 @@ def test_failure_reason_names_what_no_process_printed() -> None:
         == "the process of rank 0 (pid 11) was killed by SIGTERM (signal 15)"
     )
     assert launcher.failure_reason({}, 1) == "torchrun exit status 1"
+    # a process killed from outside comes first, before the exit its loss caused elsewhere
+    both = {"failures": [{"rank": 0, "pid": 11, "exitcode": 1}, {"rank": 1, "pid": 12, "exitcode": -9}]}
+    assert launcher.failure_reason(both, 1) == (
+        "the process of rank 1 (pid 12) was killed by SIGKILL (signal 9); "
+        "the process of rank 0 (pid 11) exited with status 1 (its traceback, if any, is above)"
+    )
 
 
 def test_a_rank_above_0_leaves_a_user_error_to_rank_0(monkeypatch, capsys) -> None:
@@ -434,7 +452,9 @@ def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
     assert p.returncode == 2, err[-3000:]
     # rank 0's error, then lmlab's line naming the lost process; no torchrun traceback
     assert err.count("lmlab: error: another training process stopped or cannot be reached") == 1, err
-    assert f"the 2-process run failed: the process of rank 1 (pid {pid}) was killed by SIGKILL" in err
+    # The killed process is named first; another line may follow if rank 0 died of the loss.
+    assert "the 2-process run failed: the process of rank " in err, err[-3000:]
+    assert f"the process of rank 1 (pid {pid}) was killed by SIGKILL" in err, err[-3000:]
     assert f"continue with `lmlab train --resume {out} --nproc 2`" in err
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     s = saved_step(out)
@@ -444,3 +464,62 @@ def test_sigterm_on_one_rank_stops_all_and_sigkill_stops_the_job(
     finish(popen(lmlab_cmd("train", "--resume", str(out), "--steps", str(s + 3)), env))
     assert saved_step(out) == s + 3
     assert [r["step"] for r in read_metrics(out)] == list(range(1, s + 4))
+
+
+# --------------------------------------------------------------------------- what to do after a failure
+def test_advice_after_a_failure_follows_what_is_on_disk(tmp_path: Path, corpus: Path) -> None:
+    """--resume only where it would work (a trainer_state.json, as `lmlab train --resume`
+    reads it); else the same command again. A run's top-level links dangle until its
+    first save completes (RunDir), and a model folder has no training state."""
+    cmd = "lmlab train --resume X --nproc 2"
+    again = "no checkpoint was written in {} yet: start again with the same command"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dangling = tmp_path / "dangling"
+    (dangling / ".ckpt").mkdir(parents=True)
+    (dangling / "trainer_state.json").symlink_to(Path(".ckpt") / "latest" / "trainer_state.json")
+    model = tiny_checkpoint(tmp_path / "model")
+    for folder in (tmp_path / "missing", empty, dangling, model):
+        assert distributed.resumable_step(folder) is None
+        assert distributed.continue_advice(folder, cmd) == again.format(folder)
+        with pytest.raises(LmlabError, match="no training checkpoint there|does not exist"):
+            lmlab.train(resume=str(folder))  # what the advice would have led to
+    run = tmp_path / "run"
+    lmlab.train(data=str(corpus), out=str(run), steps=2, batch_size=4, progress=False,
+                n_layer=1, n_head=2, d_model=16, max_seq_len=16)  # fmt: skip
+    assert distributed.resumable_step(run) == 2
+    assert (
+        distributed.continue_advice(run, cmd)
+        == f"the last checkpoint in {run} (step 2) is whole: continue with `{cmd}`"
+    )
+    # A new run into the model folder is refused without pointing to --resume.
+    with pytest.raises(LmlabError) as refused:
+        lmlab.train(data=str(corpus), out=str(model), steps=1)
+    assert "without training state" in str(refused.value) and "--overwrite" in str(refused.value)
+    assert "lmlab train --resume" not in str(refused.value)
+
+
+def test_a_job_lost_before_its_first_checkpoint_says_start_again(
+    tmp_path: Path, corpus: Path, env: dict[str, str]
+) -> None:
+    """SIGKILL rank 1 of `--nproc 2` before anything was saved: neither rank 0 nor the
+    launcher sends the user to --resume (there is nothing to resume); the same command
+    passes the checks it failed before (no checkpoint in --out)."""
+    out = tmp_path / "run"
+    opts = [*TINY, "--data", str(corpus), "--batch-size", "4", "--eval-every", "100000",
+            "--save-every", "100000", "--steps", "100000", "--out", str(out), "--nproc", "2"]  # fmt: skip
+    p = popen(lmlab_cmd("train", *opts), env)
+    wait_for_step(out, 3, p)
+    pid = worker_pid(p.pid, 1)
+    os.kill(pid, signal.SIGKILL)
+    _, err = p.communicate(timeout=STOP_WITHIN_S)
+    assert p.returncode == 2, err[-3000:]
+    again = f"o checkpoint was written in {out} yet: start again with the same command"
+    assert f"the whole job stops. N{again}" in err  # rank 0
+    assert f"was killed by SIGKILL (signal 9); n{again}" in err  # the launcher
+    assert "--resume" not in err, err
+    assert not RunDir(out).has_checkpoint() and distributed.resumable_step(out) is None
+    a = build_parser().parse_args(["train", *opts])
+    launcher.check_before_launch(
+        {k: getattr(a, k) for k in train_keys() if getattr(a, k, None) is not None}, 2
+    )

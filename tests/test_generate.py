@@ -8,6 +8,8 @@ hand-written nanoGPT-style loop over the model's no-cache forward (crop to the l
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from helpers import TOKENIZER_KINDS, bpe_tokenizer, make_tokenizer, tiny_checkpo
 from tokenizers import Tokenizer
 
 import lmlab
+from lmlab.cli import main
 from lmlab.errors import LmlabError
 from lmlab.generate import (
     Choice,
@@ -510,3 +513,67 @@ def test_prompt_of_the_wrong_type_is_a_user_error(ckpt, prompt):
     if not isinstance(prompt, list):
         with pytest.raises(LmlabError, match="prompt"):
             model.generate(prompt, max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------- warnings and details
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_sliding_window_warning_comes_before_the_first_delta(ckpt, num_beams, capsys):
+    """Whether the window will slide is known before the first token (prompt + max_new_tokens
+    - 1 > context): the warning is said then, once per call, not in the middle of the text."""
+    model = lmlab.load(ckpt("char", "rope"))
+    n = 3 * CTX
+    capsys.readouterr()
+    stream = model.stream("To be", max_new_tokens=n, temperature=0, num_beams=num_beams)
+    first = next(stream)
+    err = capsys.readouterr().err
+    assert first and len(warning_lines(err)) == 1, err
+    assert f"({len(model.encode('To be'))} tokens) + max_new_tokens ({n}) may run past" in err
+    assert f"context of {CTX} tokens" in err and f"sliding window of the last {CTX} tokens" in err
+    rest = "".join(stream)
+    assert warning_lines(capsys.readouterr().err) == []  # once per call
+    assert first + rest == model.generate("To be", max_new_tokens=n, temperature=0, num_beams=num_beams)
+    assert len(warning_lines(capsys.readouterr().err)) == 1  # and once for the next call
+
+
+def test_unknown_character_warning_names_the_callers_line(ckpt):
+    """The warning points at the line that called lmlab (here, this file), whatever the
+    depth of lmlab's own frames under it."""
+    calls = {
+        "encode": lambda m: m.encode("龘 To be"),
+        "generate": lambda m: m.generate("龘 To be", max_new_tokens=2),
+        "generate a batch": lambda m: m.generate(["To", "龘 To be"], max_new_tokens=2),
+        "stream": lambda m: list(m.stream("龘 To be", max_new_tokens=2)),
+    }
+    for name, call in calls.items():
+        model = lmlab.load(ckpt("char"))  # a fresh model: the warning comes once per model
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(model)
+        unk = [w for w in caught if "never saw" in str(w.message)]
+        assert len(unk) == 1, name
+        assert Path(unk[0].filename).resolve() == Path(__file__).resolve(), (name, unk[0].filename)
+
+
+def test_json_logprobs_alternatives_are_plain_tokens(ckpt, capsys):
+    """Each alternative under "top" is {token_id, token, logprob}: the model's n most likely
+    tokens, recomputed here with a no-cache forward (greedy: the chosen token is the first)."""
+    folder = ckpt("char", "rope")
+    model = lmlab.load(folder)
+    args = ["generate", str(folder), "--prompt", "To be", "--max-new-tokens", "4", "--temperature", "0"]
+    capsys.readouterr()
+    assert main([*args, "--json", "--logprobs", "3"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ids = model.encode("To be")
+    assert len(r["logprobs"]) == 4
+    for t in r["logprobs"]:
+        with torch.no_grad():
+            logp = torch.log_softmax(model.module(torch.tensor([ids]))[0][0, -1].float(), dim=-1)
+        vals, top = logp.topk(3)
+        assert set(t) == {"token_id", "token", "logprob", "top"}
+        assert t["token_id"] == int(top[0]) and t["logprob"] == pytest.approx(float(vals[0]), abs=1e-5)
+        assert [set(a) for a in t["top"]] == [{"token_id", "token", "logprob"}] * 3
+        assert [a["token_id"] for a in t["top"]] == top.tolist()
+        pieces = [model.tokenizer.decode([i], skip_special_tokens=False) for i in top.tolist()]
+        assert [a["token"] for a in t["top"]] == pieces  # special tokens by name (<unk>)
+        assert [a["logprob"] for a in t["top"]] == pytest.approx(vals.tolist(), abs=1e-5)
+        ids.append(t["token_id"])

@@ -282,9 +282,9 @@ def test_cli_export_from_lmlab_checkpoint(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
-        (dict(pos="rope", norm="rmsnorm", gated_mlp=False, activation="gelu"), "gated_mlp=False"),
-        (dict(pos="learned", norm="rmsnorm", gated_mlp=False, activation="gelu"), "norm='rmsnorm'"),
-        (dict(pos="learned", norm="layernorm", gated_mlp=False, n_kv_head=2), "n_kv_head=2"),
+        (dict(pos="rope", norm="rmsnorm", gated_mlp=False, activation="gelu"), "--mlp gelu"),
+        (dict(pos="learned", norm="rmsnorm", gated_mlp=False, activation="gelu"), "--norm rmsnorm"),
+        (dict(pos="learned", norm="layernorm", gated_mlp=False, n_kv_head=2), "--n-kv-head 2"),
     ],
 )
 def test_export_refuses_architectures_without_an_equivalent(settings, named, tmp_path):
@@ -626,3 +626,99 @@ def test_export_refuses_a_quantized_model(hf_model, tmp_path, capsys):
     assert main(["export", str(gptq), "--out", str(tmp_path / "q2")]) == 2
     assert "quant_method=gptq" in _one_line_error(capsys)
     assert not (tmp_path / "q2").exists()
+
+
+# --------------------------------------------------------------------------- export refusals, in flags
+_GELU = dict(gated_mlp=False, activation="gelu")  # what `lmlab train --mlp gelu` sets
+
+
+@pytest.mark.parametrize(
+    ("settings", "origin", "have", "needs"),
+    [
+        (  # --mlp: the walkthrough's case, --mlp gelu with the default --norm rmsnorm
+            dict(pos="rope", norm="rmsnorm", **_GELU),
+            None,
+            "--pos rope --norm rmsnorm --mlp gelu",
+            ["Llama needs --mlp swiglu", "GPT-NeoX needs --norm layernorm",
+             "GPT-2 needs --pos learned|sinusoidal --norm layernorm"],
+        ),
+        (  # --pos
+            dict(pos="learned", norm="rmsnorm"),
+            None,
+            "--pos learned --norm rmsnorm --mlp swiglu",
+            ["Llama needs --pos rope", "GPT-2 needs --norm layernorm --mlp gelu",
+             "GPT-NeoX needs --pos rope --norm layernorm --mlp gelu"],
+        ),
+        (  # --norm
+            dict(pos="sinusoidal", norm="rmsnorm", **_GELU),
+            None,
+            "--pos sinusoidal --norm rmsnorm --mlp gelu",
+            ["GPT-2 needs --norm layernorm", "Llama needs --pos rope --mlp swiglu",
+             "GPT-NeoX needs --pos rope --norm layernorm"],
+        ),
+        (  # --n-kv-head (grouped-query attention): only Llama has it
+            dict(pos="learned", norm="layernorm", n_kv_head=2, **_GELU),
+            None,
+            "--pos learned --norm layernorm --mlp gelu --n-kv-head 2",
+            ["GPT-2 needs --n-kv-head 4 (= --n-head)",
+             "GPT-NeoX needs --pos rope --n-kv-head 4 (= --n-head)",
+             "Llama needs --pos rope --norm rmsnorm --mlp swiglu"],
+        ),
+        (  # --bias: an imported Mistral (no biases) given biases and LayerNorm
+            dict(pos="rope", norm="layernorm", qkv_bias=True, proj_bias=True, mlp_bias=True),
+            "mistral",
+            "--pos rope --norm layernorm --mlp swiglu --bias",
+            ["Llama needs --norm rmsnorm", "GPT-NeoX needs --mlp gelu",
+             "Mistral needs --norm rmsnorm --no-bias"],
+        ),
+        (  # fields no `lmlab train` flag sets are named as config fields
+            dict(pos="learned", norm="layernorm", head_dim=16, **_GELU),
+            None,
+            "--pos learned --norm layernorm --mlp gelu, head_dim=16",
+            ["GPT-2 needs head_dim = d_model/n_head", "GPT-NeoX needs --pos rope, head_dim = d_model/n_head"],
+        ),
+        (
+            dict(pos="learned", norm="layernorm", parallel_residual=True, **_GELU),
+            None,
+            "--pos learned --norm layernorm --mlp gelu, parallel_residual=True",
+            ["GPT-2 needs parallel_residual=False", "GPT-NeoX needs --pos rope"],
+        ),
+        (
+            dict(pos="learned", norm="layernorm", embed_scale=2.0, **_GELU),
+            None,
+            "--pos learned --norm layernorm --mlp gelu, embed_scale=2",
+            ["GPT-2 needs embed_scale=1", "GPT-NeoX needs --pos rope, embed_scale=1"],
+        ),
+        (
+            dict(pos="rope", norm="rmsnorm", rotary_dim=4),  # head_dim 8: partial rotary
+            None,
+            "--pos rope --norm rmsnorm --mlp swiglu, rotary_dim=4",
+            ["Llama needs rotary_dim=8 (= head_dim)", "GPT-NeoX needs --norm layernorm --mlp gelu"],
+        ),
+    ],
+)
+def test_export_refusal_names_the_train_flags(settings, origin, have, needs, tmp_path):
+    """Each reason is said in the `lmlab train` flags that set it (the user never saw
+    ``gated_mlp``), with what every family still needs, nearest first."""
+    model = _lmlab_model(TransformerConfig(n_layer=1, n_head=4, d_model=32, max_seq_len=32, **settings))
+    if origin:
+        model.module.hf_origin = {"model_type": origin}
+    with pytest.raises(LmlabError, match="no exact Hugging Face equivalent") as e:
+        export_hf(model, tmp_path / "hf")
+    msg = str(e.value)
+    assert msg.startswith(f"this model ({have}) has no exact Hugging Face equivalent: "), msg
+    parts = msg.split(": ", 1)[1].split("; ")
+    assert parts[: len(needs)] == needs, msg
+    assert "\n" not in msg and "gated_mlp" not in msg
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_refusal_names_an_activation_transformers_lacks(tmp_path):
+    """An activation no Hugging Face family has: only a config edited in Python gets one
+    (TransformerConfig validates its activation), but the refusal still names it."""
+    model = _lmlab_model(TransformerConfig(n_layer=1, n_head=4, d_model=32, max_seq_len=32, pos="rope"))
+    model.module.config.activation = "softplus"
+    with pytest.raises(LmlabError, match="no exact Hugging Face equivalent") as e:
+        export_hf(model, tmp_path / "hf")
+    assert "activation='softplus'" in str(e.value)
+    assert "Llama needs activation in gelu, gelu_tanh, gelu_new, silu, relu" in str(e.value)

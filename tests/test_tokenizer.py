@@ -309,3 +309,33 @@ def test_load_tokenizer_corrupt_gpt2_files(tmp_path: Path, vocab: bytes, merges:
     (tmp_path / "vocab.json").write_bytes(vocab)
     (tmp_path / "merges.txt").write_bytes(merges)
     assert "vocab.json" in _one_line_error(tmp_path)
+
+
+# --------------------------------------------------------------------------- a vocabulary smaller than asked
+def _merges(tok: Tokenizer) -> int:
+    return len(json.loads(tok.to_str())["model"]["merges"])
+
+
+def test_bpe_warns_when_the_corpus_gives_far_fewer_tokens_than_asked() -> None:
+    """BPE merges only pairs seen twice: a few KB cannot give 4096 tokens. The warning
+    names the size reached, 256 bytes + <|endoftext|> + one token per merge learned."""
+    with pytest.warns(UserWarning, match="BPE vocabulary") as caught:
+        tok = train_bpe_tokenizer([TRAIN_TEXT], vocab_size=4096)
+    got = 256 + 1 + _merges(tok)
+    assert got == tok.get_vocab_size() < 0.9 * 4096
+    said = [str(w.message) for w in caught if "BPE vocabulary" in str(w.message)]
+    assert len(said) == 1
+    assert said[0].startswith(f"the corpus gave a BPE vocabulary of {got} tokens, not 4096: it is too small")
+
+
+def test_bpe_warns_below_90_percent_of_the_size_asked() -> None:
+    """The corpus tops out at N tokens: asked for ⌊N/0.9⌋ it gives ≥ 90% (quiet), asked
+    for one more it gives < 90% (a warning). A size it reaches is quiet too."""
+    with pytest.warns(UserWarning):
+        n = train_bpe_tokenizer([TRAIN_TEXT], vocab_size=4096).get_vocab_size()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train_bpe_tokenizer([TRAIN_TEXT], vocab_size=n * 10 // 9).get_vocab_size() == n
+        assert train_bpe_tokenizer([TRAIN_TEXT], vocab_size=n - 20).get_vocab_size() == n - 20
+    with pytest.warns(UserWarning, match=f"vocabulary of {n} tokens, not {n * 10 // 9 + 1}"):
+        train_bpe_tokenizer([TRAIN_TEXT], vocab_size=n * 10 // 9 + 1)

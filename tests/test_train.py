@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -33,6 +34,7 @@ from helpers import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 import lmlab
 from lmlab.checkpoint import write_checkpoint
@@ -608,3 +610,125 @@ def test_init_from_an_rnn_may_use_a_longer_window(tmp_path, corpus_path) -> None
     tr_src = tiny_checkpoint(tmp_path / "tr", tokenizer=tok)
     with pytest.raises(LmlabError, match=r"--stateful needs a recurrent model; .* is a Transformer"):
         _fine_tune(tr_src, corpus_path, tmp_path / "x", steps=1, stateful=True)
+
+
+# --------------------------------------------------------------------------- --time: what it says
+def _time_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("lmlab: --time ")]
+
+
+def _record_plans(monkeypatch) -> list[int | None]:
+    """Each step's plan (``max_steps`` as the step starts): the re-plans, printed or not."""
+    plans: list[int | None] = []
+    fake = Trainer.train_step
+
+    def step(self, step):
+        plans.append(self.max_steps)
+        return fake(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    return plans
+
+
+def test_time_plan_lines_say_what_was_printed_last(tmp_path, corpus_path, monkeypatch, capsys) -> None:
+    """1 s/step, 0.97 s from t = 50 s (the end moves from 92 by one step: too little to
+    print), 1.5 s from t = 68 s (a move worth a line: its "was" is the 92 printed, not the
+    unprinted 93), and the last small moves are owned up to at the end."""
+    _fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else (0.97 if now < 68 else 1.5))
+    plans = _record_plans(monkeypatch)
+    res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
+    lines = _time_lines(capsys.readouterr().err)
+    printed = [re.search(r"training for (\d+) steps(?: \(was (\d+)\))?$", s) for s in lines[:-1]]
+    assert all(printed), lines
+    said = [int(m[1]) for m in printed]
+    assert said[0] == 92 and printed[0][2] is None
+    assert [int(m[2]) for m in printed[1:]] == said[:-1]  # each "was" is the line before's
+    moves = [p for a, p in zip([None, *plans], plans) if p != a and p is not None]
+    assert 93 in moves and 93 not in said  # a move too small to print happened
+    # The rule (README): a move is printed when it is ≥ 5% of the plan last printed and ≥ 2 steps.
+    expected: list[int] = []
+    for p in moves:
+        if not expected or abs(p - expected[-1]) >= max(2, 0.05 * expected[-1]):
+            expected.append(p)
+    assert said == expected
+    assert res.step == len(rows) == state["step"] != said[-1]
+    assert lines[-1] == (
+        f"lmlab: --time 100s: {res.step} steps, not the {said[-1]} announced: later estimates moved "
+        "the end by less than 5%, too little to announce"
+    )
+
+
+@pytest.mark.parametrize(
+    ("per_step", "note"),
+    [
+        # A 40 s stall at t = 85 s after the plan of 92 (test_time_budget_hard_stop): step 86.
+        (lambda now: 40.0 if now == 85 else 1.0,
+         "stopped at step 86, not the 92 announced: the time budget ran out 6 steps before the plan"),
+        # The first step outlasts the budget: no plan was ever made.
+        (lambda now: 200.0,
+         "the time budget ran out at step 1, before the first estimate of the step count"),
+        # 1 s/step throughout: the plan of 92 holds, and there is nothing to add.
+        (lambda now: 1.0, None),
+    ],
+)  # fmt: skip
+def test_time_run_says_why_it_ended_elsewhere(tmp_path, corpus_path, monkeypatch, capsys, per_step, note):
+    _fake_clock(monkeypatch, per_step)
+    res, _, _ = _timed_run(tmp_path / "run", corpus_path, "100s")
+    lines = _time_lines(capsys.readouterr().err)
+    if note is None:
+        assert res.step == 92 and lines == ["lmlab: --time 100s: 1000 ms/step, training for 92 steps"]
+    else:
+        assert lines[-1] == f"lmlab: --time 100s: {note}"
+
+
+# --------------------------------------------------------------------------- a failed run leaves no empty --out
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d, c: dict(data=str(d / "missing.txt")), "does not exist"),
+        (lambda d, c: dict(data=str(d / "latin1.txt")), "is not valid UTF-8"),
+        (lambda d, c: dict(data=str(d / "empty.txt")), "is empty"),
+        (lambda d, c: dict(data=str(c), tokenizer=str(d / "nope.json")), "not found"),
+        (lambda d, c: dict(data=str(d / "short.txt")), "training needs more than one context window"),
+    ],
+)  # fmt: skip
+def test_a_failed_run_removes_the_out_folder_it_made(tmp_path, corpus_path, make, message) -> None:
+    """--out runs/new (both folders new): gone after the failure. An --out that existed,
+    empty or not, stays as it was."""
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("too short\n")
+    opts = {**SMALL, "steps": 2, **make(tmp_path, corpus_path)}
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(LmlabError, match=message):
+        lmlab.train(out=str(out), **opts)
+    assert not (tmp_path / "runs").exists()
+    out.mkdir(parents=True)  # made by the user: kept, empty
+    with pytest.raises(LmlabError, match=message):
+        lmlab.train(out=str(out), **opts)
+    assert out.is_dir() and list(out.iterdir()) == []
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(LmlabError, match=message):
+        lmlab.train(out=str(out), **opts)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_cli_run_leaves_no_out_folder(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    rc = cli_main(
+        ["train", "--data", str(tmp_path / "missing.txt"), "--out", str(out), *SMALL_ARGS, "--steps", "2"]
+    )
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bpe_vocabulary_smaller_than_asked_is_one_warning_line(tmp_path, corpus_path) -> None:
+    out = tmp_path / "run"
+    cmd = train_cmd(corpus_path, out, "--tokenizer", "bpe", "--vocab-size", "4096", "--steps", "1")
+    _, err = finish(popen(cmd))
+    n = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    warns = [line for line in err.splitlines() if "warning" in line]
+    assert warns == [
+        f"lmlab: warning: the corpus gave a BPE vocabulary of {n} tokens, not 4096: it is too small for "
+        "more merges (a merge needs a pair of symbols seen at least twice); more text gives more tokens"
+    ]

@@ -35,6 +35,7 @@ from lmlab.generate.text import (
     GenerationResult,
     IncrementalDecoder,
     TextStream,
+    TokenAlternative,
     TokenLogprob,
     generate_stream,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "Penalties",
     "Runner",
     "TextStream",
+    "TokenAlternative",
     "TokenLogprob",
     "apply_bad_words",
     "apply_min_new_tokens",

@@ -109,6 +109,25 @@ class GenerationConfig:
                 f"logprobs must be >= 0 (got {self.logprobs}): the number of alternatives per token"
             )
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids given as options must be ids of this model (0 <= id < vocab_size): an EOS id
+        past the vocabulary would never end a sequence, a bad word past it never be forbidden,
+        and both would be silently ignored (Hugging Face refuses such ids too)."""
+        last = vocab_size - 1
+        for i in self.eos_token_id:
+            if not 0 <= i <= last:
+                raise LmlabError(
+                    f"eos_token_id {i} is not a token id of this model: its vocabulary has {vocab_size} "
+                    f"tokens (ids 0 to {last}); give an id in that range, or leave it out for the model's own"
+                )
+        for seq in self.bad_words_ids:
+            bad = [i for i in seq if i > last]
+            if bad:
+                raise LmlabError(
+                    f"bad_words_ids contains token id {bad[0]}, past this model's vocabulary of "
+                    f"{vocab_size} tokens (ids 0 to {last})"
+                )
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -115,6 +115,16 @@ class Runner:
                 f"using its last {ctx} (and a sliding window of the last {ctx} as it continues)"
             )
             prompts = [p[-ctx:] for p in prompts]
+        elif longest + self.max_new_tokens - 1 > ctx:
+            # Said now, before the first token is streamed, rather than when the window slides
+            # (mid-text on a terminal). The last new token is predicted from prompt + n - 1
+            # tokens, so the window slides iff P + n - 1 > ctx; EOS or a stop string may end
+            # generation before that, hence "may".
+            self._warn(
+                f"the prompt ({longest} tokens) + max_new_tokens ({self.max_new_tokens}) may run past "
+                f"the model's context of {ctx} tokens; past it, generation continues over a sliding "
+                f"window of the last {ctx} tokens"
+            )
         lengths = [len(p) for p in prompts]
         P = max(lengths)
         self.state = self.model.init_state(len(prompts), cache_slots(P, self.max_new_tokens, ctx))
@@ -173,12 +183,7 @@ class Runner:
     def _window(self, seqs: Sequence[Sequence[int]]) -> Tensor:
         """Beyond the cache: recompute each row's last ``ctx`` tokens without a cache, as nanoGPT
         crops (absolute positions shift, so the cache cannot be reused)."""
-        ctx = self.ctx
-        if any(len(s) > ctx for s in seqs):
-            self._warn(
-                f"prompt + new tokens exceed the context of {ctx} tokens; "
-                f"continuing over a sliding window of the last {ctx}"
-            )
+        ctx = self.ctx  # (prefill warned about this up front)
         self.sliding, self.state = True, None
         windows = [s[-ctx:] for s in seqs]
         if len({len(w) for w in windows}) == 1:
@@ -189,7 +194,9 @@ class Runner:
         return logits[:, -1].float()
 
     def _warn(self, msg: str) -> None:
-        """One warning per call: a truncated prompt already implies the sliding window."""
+        """One warning per call, from prefill: a truncated prompt already implies the sliding
+        window, and a window that will slide is known from P + max_new_tokens before the first
+        token (so the warning never lands in the middle of streamed text)."""
         if not self.warned:
             warn(msg)
             self.warned = True

@@ -29,13 +29,23 @@ _PARTIAL = "\ufffd"  # what decode shows for bytes that do not (yet) form a char
 
 
 @dataclass
-class TokenLogprob:
-    """A token with its log-probability; ``top`` holds the best alternatives at that step."""
+class TokenAlternative:
+    """One of the most likely tokens at a step: its id, text and log-probability."""
 
     token_id: int
     token: str
     logprob: float
-    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    """A token with its log-probability; ``top`` holds the best alternatives at that step
+    (plain :class:`TokenAlternative` objects: an alternative has no alternatives of its own)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TokenAlternative] = field(default_factory=list)
 
 
 @dataclass
@@ -165,7 +175,7 @@ def _logprobs(
         return tokenizer.decode([i], skip_special_tokens=False)
 
     return [
-        TokenLogprob(t, piece(t), lp, [TokenLogprob(a, piece(a), alp) for a, alp in top])
+        TokenLogprob(t, piece(t), lp, [TokenAlternative(a, piece(a), alp) for a, alp in top])
         for t, lp, top in zip(ids, lps, tops)
     ]
 
@@ -179,6 +189,7 @@ def generate_stream(
     is set (once) when that sequence ends. Beam search yields each sequence whole, at the end.
     """
     cfg.validate()
+    cfg.check_token_ids(model.config.vocab_size)  # the logits' width: the ids the model can produce
     n = cfg.num_return_sequences
     penalties = Penalties(cfg, bad_words_to_ids(tokenizer, cfg.bad_words))
     stops = cfg.stop

@@ -5,7 +5,8 @@ A family says three things, nothing more:
     (``to_hf``), refusing anything the Transformer cannot compute with parity;
   - where each of its tensors goes in lmlab's state dict, and how it is laid out
     (``rules``: one :class:`Rule` per lmlab tensor, read in both directions);
-  - whether an lmlab config has an exact equivalent in it (``misfit``), for export.
+  - whether an lmlab config has an exact equivalent in it (``fits`` / ``misfit``), for export,
+    said in the ``lmlab train`` flags that set each setting (``--mlp gelu``, not ``gated_mlp``).
 There is no model file per family: the differences are fields of the one config.
 """
 
@@ -119,8 +120,85 @@ def rope_keys(cfg: TransformerConfig, **extra: Any) -> dict[str, Any]:
     }
 
 
-def act_misfit(cfg: TransformerConfig) -> str | None:
-    return None if cfg.activation in ACT_OUT else f"activation={cfg.activation!r}"
+@dataclass(frozen=True)
+class Fit:
+    """One requirement of a family, for export: ``ok`` when the model meets it; ``need`` (what
+    the family needs) and ``have`` (what the model has) name the ``lmlab train`` flag that sets
+    it, since that is what a user chose, or the TransformerConfig field when no flag sets it."""
+
+    ok: bool
+    need: str
+    have: str
+
+
+def pos_flag(cfg: TransformerConfig) -> str:
+    return f"--pos {cfg.pos}"
+
+
+def norm_flag(cfg: TransformerConfig) -> str:
+    return f"--norm {cfg.norm}"
+
+
+def mlp_flag(cfg: TransformerConfig) -> str:
+    """--mlp swiglu = gated + SiLU, --mlp gelu = plain + GELU (lmlab.training's mapping)."""
+    if cfg.gated_mlp and cfg.activation == "silu":
+        return "--mlp swiglu"
+    if not cfg.gated_mlp and cfg.activation == "gelu":
+        return "--mlp gelu"
+    return f"gated_mlp={cfg.gated_mlp} with activation={cfg.activation!r}"
+
+
+def bias_flag(cfg: TransformerConfig) -> str:
+    """--bias sets every bias, --no-bias none; any other mix was set field by field."""
+    biases = (cfg.qkv_bias, cfg.proj_bias, cfg.mlp_bias)
+    if all(biases):
+        return "--bias"
+    if not any(biases):
+        return "--no-bias"
+    return f"qkv_bias={cfg.qkv_bias}, proj_bias={cfg.proj_bias}, mlp_bias={cfg.mlp_bias}"
+
+
+def fit_pos(cfg: TransformerConfig, allowed: tuple[str, ...]) -> Fit:
+    return Fit(cfg.pos in allowed, "--pos " + "|".join(allowed), pos_flag(cfg))
+
+
+def fit_norm(cfg: TransformerConfig, norm: str) -> Fit:
+    return Fit(cfg.norm == norm, f"--norm {norm}", norm_flag(cfg))
+
+
+def fit_mlp(cfg: TransformerConfig, gated: bool) -> Fit:
+    return Fit(cfg.gated_mlp == gated, "--mlp swiglu" if gated else "--mlp gelu", mlp_flag(cfg))
+
+
+def fit_no_gqa(cfg: TransformerConfig) -> Fit:
+    return Fit(
+        cfg.n_kv_head == cfg.n_head, f"--n-kv-head {cfg.n_head} (= --n-head)", f"--n-kv-head {cfg.n_kv_head}"
+    )
+
+
+def fit_head_dim(cfg: TransformerConfig) -> Fit:
+    ok = cfg.head_dim * cfg.n_head == cfg.d_model
+    return Fit(ok, "head_dim = d_model/n_head", f"head_dim={cfg.head_dim}")
+
+
+def fit_sequential(cfg: TransformerConfig) -> Fit:
+    return Fit(not cfg.parallel_residual, "parallel_residual=False", "parallel_residual=True")
+
+
+def fit_embed_scale(cfg: TransformerConfig, scale: float) -> Fit:
+    return Fit(cfg.embed_scale == scale, f"embed_scale={scale:g}", f"embed_scale={cfg.embed_scale:g}")
+
+
+def fit_activation(cfg: TransformerConfig) -> Fit:
+    ok = cfg.activation in ACT_OUT
+    return Fit(ok, f"activation in {', '.join(ACT_OUT)}", f"activation={cfg.activation!r}")
+
+
+def join_needs(needs: list[str]) -> str:
+    """Flags as a command line (``--norm layernorm --mlp gelu``), then config fields, comma-separated."""
+    flags = " ".join(n for n in needs if n.startswith("--"))
+    fields = ", ".join(n for n in needs if not n.startswith("--"))
+    return ", ".join(x for x in (flags, fields) if x)
 
 
 class Family:
@@ -128,6 +206,7 @@ class Family:
 
     model_type: str = ""
     architecture: str = ""
+    display: str = ""  # the family's name in messages ("GPT-2")
     prefix: str = ""  # where the body's tensors live ("model.", "transformer.")
     head: str = "lm_head.weight"  # the untied output layer
     ignore: tuple[str, ...] = ()  # checkpoint tensors that are not weights (old mask buffers)
@@ -138,9 +217,15 @@ class Family:
     def to_hf(self, cfg: TransformerConfig) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def misfit(self, cfg: TransformerConfig) -> str | None:  # pragma: no cover - abstract
-        """None when ``cfg`` has an exact equivalent in this family, else the setting that has not."""
+    def fits(self, cfg: TransformerConfig) -> list[Fit]:  # pragma: no cover - abstract
+        """Every requirement ``cfg`` must meet to have an exact equivalent in this family."""
         raise NotImplementedError
+
+    def misfit(self, cfg: TransformerConfig) -> str | None:
+        """None when ``cfg`` has an exact equivalent in this family, else what it needs
+        ("GPT-2 needs --norm layernorm --mlp gelu")."""
+        unmet = [f.need for f in self.fits(cfg) if not f.ok]
+        return f"{self.display or self.model_type} needs {join_needs(unmet)}" if unmet else None
 
     def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
         """``cfg`` with the tensors this family always has (absent biases are written as zeros,

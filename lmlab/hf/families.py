@@ -13,7 +13,7 @@ from typing import Any
 
 from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
-from lmlab.hf.base import Family, Rule, need
+from lmlab.hf.base import Family, Rule, join_needs, mlp_flag, need, norm_flag, pos_flag
 from lmlab.hf.gpt import GPT2, GPTNeoX
 from lmlab.hf.llama import Gemma, Llama, Mistral, Qwen2
 
@@ -48,13 +48,27 @@ def choose_family(cfg: TransformerConfig, origin: str | None = None) -> Family:
         return FAMILIES[origin]
     if as_is or fits:
         return FAMILIES[(as_is or fits)[0]]
-    closest = "gpt2" if cfg.pos != "rope" else ("gpt_neox" if cfg.norm == "layernorm" else "llama")
-    raise LmlabError(
-        f"this model has no exact Hugging Face equivalent: {FAMILIES[closest].misfit(cfg)} "
-        f"(the nearest, {closest}, cannot express it). lmlab exports GPT-2 (learned or sinusoidal "
-        "positions + LayerNorm + plain MLP), Llama (RoPE + RMSNorm + SwiGLU) and GPT-NeoX "
-        "(RoPE + LayerNorm + plain MLP) layouts"
-    )
+    raise LmlabError(no_equivalent_message(cfg, origin))
+
+
+def no_equivalent_message(cfg: TransformerConfig, origin: str | None = None) -> str:
+    """Why no family fits, in the ``lmlab train`` flags the user set: the model's layout, then
+    what each family a trained model can reach (GPT-2, Llama, GPT-NeoX; and an imported
+    model's own family) still needs, nearest first, e.g.
+
+        this model (--pos rope --norm rmsnorm --mlp gelu) has no exact Hugging Face equivalent:
+        Llama needs --mlp swiglu; GPT-NeoX needs --norm layernorm; GPT-2 needs --pos ...
+    """
+    names = ["gpt2", "llama", "gpt_neox"]
+    if origin in FAMILIES and origin not in names:
+        names.insert(0, origin)
+    unmet = {m: [f for f in FAMILIES[m].fits(cfg) if not f.ok] for m in names}
+    order = sorted(names, key=lambda m: len(unmet[m]))  # stable: ties keep the order above
+    have = [pos_flag(cfg), norm_flag(cfg), mlp_flag(cfg)]
+    for m in order:
+        have += [f.have for f in unmet[m] if f.have not in have]
+    needs = "; ".join(FAMILIES[m].misfit(cfg) or "" for m in order)
+    return f"this model ({join_needs(have)}) has no exact Hugging Face equivalent: {needs}"
 
 
 def same_architecture(a: TransformerConfig, b: TransformerConfig) -> bool:

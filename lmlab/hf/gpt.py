@@ -9,9 +9,17 @@ from lmlab.config import TransformerConfig
 from lmlab.hf.base import (
     ACT_OUT,
     Family,
+    Fit,
     Rule,
     act_in,
-    act_misfit,
+    fit_activation,
+    fit_embed_scale,
+    fit_head_dim,
+    fit_mlp,
+    fit_no_gqa,
+    fit_norm,
+    fit_pos,
+    fit_sequential,
     layer_tensors,
     need,
     rope_from,
@@ -24,6 +32,7 @@ class GPT2(Family):
     """Radford et al. 2019: learned positions, LayerNorm, GELU MLP, biases everywhere."""
 
     model_type = "gpt2"
+    display = "GPT-2"
     architecture = "GPT2LMHeadModel"
     prefix = "transformer."
     ignore = (".attn.bias", ".attn.masked_bias")
@@ -77,17 +86,19 @@ class GPT2(Family):
             "tie_word_embeddings": cfg.tie_embeddings,
         }
 
-    def misfit(self, cfg: TransformerConfig) -> str | None:
-        checks = [
-            (cfg.pos in ("learned", "sinusoidal"), f"pos={cfg.pos!r} (GPT-2 has learned absolute positions)"),
-            (cfg.norm == "layernorm", f"norm={cfg.norm!r} (GPT-2 uses LayerNorm)"),
-            (not cfg.gated_mlp, "gated_mlp=True (GPT-2's MLP is not gated)"),
-            (cfg.n_kv_head == cfg.n_head, f"n_kv_head={cfg.n_kv_head} < n_head (GPT-2 has no grouped-query)"),
-            (cfg.head_dim * cfg.n_head == cfg.d_model, f"head_dim={cfg.head_dim} ≠ d_model/n_head"),
-            (not cfg.parallel_residual, "parallel_residual=True"),
-            (cfg.embed_scale == 1.0, f"embed_scale={cfg.embed_scale}"),
+    def fits(self, cfg: TransformerConfig) -> list[Fit]:
+        # learned absolute positions (a sinusoidal table is written as one), LayerNorm, a plain
+        # GELU MLP, multi-head attention only, sequential residuals
+        return [
+            fit_pos(cfg, ("learned", "sinusoidal")),
+            fit_norm(cfg, "layernorm"),
+            fit_mlp(cfg, gated=False),
+            fit_no_gqa(cfg),
+            fit_head_dim(cfg),
+            fit_sequential(cfg),
+            fit_embed_scale(cfg, 1.0),
+            fit_activation(cfg),
         ]
-        return next((why for ok, why in checks if not ok), None) or act_misfit(cfg)
 
     def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
         return dataclasses.replace(
@@ -121,6 +132,7 @@ class GPTNeoX(Family):
     q/k/v fused per head."""
 
     model_type = "gpt_neox"
+    display = "GPT-NeoX"
     architecture = "GPTNeoXForCausalLM"
     prefix = "gpt_neox."
     head = "embed_out.weight"
@@ -183,23 +195,23 @@ class GPTNeoX(Family):
             **rope_keys(cfg, partial_rotary_factor=partial),
         }
 
-    def misfit(self, cfg: TransformerConfig) -> str | None:
-        checks = [
-            (cfg.pos == "rope", f"pos={cfg.pos!r} (GPT-NeoX uses RoPE)"),
-            (cfg.norm == "layernorm", f"norm={cfg.norm!r} (GPT-NeoX uses LayerNorm)"),
-            (not cfg.gated_mlp, "gated_mlp=True (GPT-NeoX's MLP is not gated)"),
-            (
-                cfg.n_kv_head == cfg.n_head,
-                f"n_kv_head={cfg.n_kv_head} < n_head (GPT-NeoX has no grouped-query)",
-            ),
-            (cfg.head_dim * cfg.n_head == cfg.d_model, f"head_dim={cfg.head_dim} ≠ d_model/n_head"),
-            (cfg.embed_scale == 1.0, f"embed_scale={cfg.embed_scale}"),
-            (
+    def fits(self, cfg: TransformerConfig) -> list[Fit]:
+        # RoPE (possibly partial: rotary_pct = rotary_dim / head_dim), LayerNorm, a plain GELU
+        # MLP, multi-head attention only
+        return [
+            fit_pos(cfg, ("rope",)),
+            fit_norm(cfg, "layernorm"),
+            fit_mlp(cfg, gated=False),
+            fit_no_gqa(cfg),
+            fit_head_dim(cfg),
+            fit_embed_scale(cfg, 1.0),
+            Fit(
                 int(cfg.head_dim * (cfg.rotary_dim / cfg.head_dim)) == cfg.rotary_dim,
-                f"rotary_dim={cfg.rotary_dim} is not expressible as a fraction of head_dim={cfg.head_dim}",
+                f"rotary_dim a fraction of head_dim={cfg.head_dim} that survives rounding",
+                f"rotary_dim={cfg.rotary_dim}",
             ),
+            fit_activation(cfg),
         ]
-        return next((why for ok, why in checks if not ok), None) or act_misfit(cfg)
 
     def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
         attn = cfg.qkv_bias or cfg.proj_bias

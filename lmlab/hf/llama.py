@@ -9,9 +9,16 @@ from lmlab.config import TransformerConfig
 from lmlab.hf.base import (
     ACT_OUT,
     Family,
+    Fit,
     Rule,
     act_in,
-    act_misfit,
+    bias_flag,
+    fit_activation,
+    fit_embed_scale,
+    fit_mlp,
+    fit_norm,
+    fit_pos,
+    fit_sequential,
     layer_tensors,
     need,
     rope_from,
@@ -28,6 +35,7 @@ class Llama(Family):
     """
 
     model_type = "llama"
+    display = "Llama"
     architecture = "LlamaForCausalLM"
     prefix = "model."
     ignore = ("rotary_emb.inv_freq",)
@@ -101,21 +109,26 @@ class Llama(Family):
     def bias_keys(self, cfg: TransformerConfig) -> dict[str, Any]:
         return {"attention_bias": cfg.qkv_bias or cfg.proj_bias, "mlp_bias": cfg.mlp_bias}
 
-    def misfit(self, cfg: TransformerConfig) -> str | None:
-        name = type(self).__name__
-        checks = [
-            (cfg.pos == "rope", f"pos={cfg.pos!r} ({name} uses RoPE)"),
-            (cfg.norm == "rmsnorm", f"norm={cfg.norm!r} ({name} uses RMSNorm)"),
-            (cfg.gated_mlp, f"gated_mlp=False ({name}'s MLP is gated, SwiGLU)"),
-            (cfg.rotary_dim == cfg.head_dim, f"rotary_dim={cfg.rotary_dim} < head_dim (partial rotary)"),
-            (not cfg.parallel_residual, "parallel_residual=True"),
-            (cfg.embed_scale == self.embed_scale(cfg.d_model), f"embed_scale={cfg.embed_scale}"),
+    def fits(self, cfg: TransformerConfig) -> list[Fit]:
+        # full RoPE, RMSNorm, a gated MLP (SwiGLU), sequential residuals; grouped-query is fine
+        return [
+            fit_pos(cfg, ("rope",)),
+            fit_norm(cfg, "rmsnorm"),
+            fit_mlp(cfg, gated=True),
+            Fit(
+                cfg.rotary_dim == cfg.head_dim,
+                f"rotary_dim={cfg.head_dim} (= head_dim)",
+                f"rotary_dim={cfg.rotary_dim}",
+            ),
+            fit_sequential(cfg),
+            fit_embed_scale(cfg, self.embed_scale(cfg.d_model)),
+            *self.bias_fits(cfg),
+            fit_activation(cfg),
         ]
-        why = next((why for ok, why in checks if not ok), None)
-        return why or self.bias_misfit(cfg) or act_misfit(cfg)
 
-    def bias_misfit(self, cfg: TransformerConfig) -> str | None:
-        return None
+    def bias_fits(self, cfg: TransformerConfig) -> list[Fit]:
+        """Llama has attention_bias and mlp_bias switches: any biases fit."""
+        return []
 
     def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
         attn = cfg.qkv_bias or cfg.proj_bias
@@ -157,6 +170,7 @@ class Mistral(Llama):
     """Jiang et al. 2023: Llama's layout; a sliding window (refused when shorter than the context)."""
 
     model_type = "mistral"
+    display = "Mistral"
     architecture = "MistralForCausalLM"
 
     def check(self, d: dict[str, Any]) -> None:
@@ -168,16 +182,15 @@ class Mistral(Llama):
     def bias_keys(self, cfg: TransformerConfig) -> dict[str, Any]:
         return {"sliding_window": None}
 
-    def bias_misfit(self, cfg: TransformerConfig) -> str | None:
-        if cfg.qkv_bias or cfg.proj_bias or cfg.mlp_bias:
-            return "biases (Mistral has none)"
-        return None
+    def bias_fits(self, cfg: TransformerConfig) -> list[Fit]:
+        return [Fit(not (cfg.qkv_bias or cfg.proj_bias or cfg.mlp_bias), "--no-bias", bias_flag(cfg))]
 
 
 class Qwen2(Llama):
     """Qwen2/2.5: Llama's layout with biases on q, k and v (not on o_proj or the MLP)."""
 
     model_type = "qwen2"
+    display = "Qwen2"
     architecture = "Qwen2ForCausalLM"
 
     def check(self, d: dict[str, Any]) -> None:
@@ -194,10 +207,11 @@ class Qwen2(Llama):
     def bias_keys(self, cfg: TransformerConfig) -> dict[str, Any]:
         return {"use_sliding_window": False, "sliding_window": None}
 
-    def bias_misfit(self, cfg: TransformerConfig) -> str | None:
-        if cfg.proj_bias or cfg.mlp_bias:
-            return "proj_bias/mlp_bias (Qwen2 has biases on q, k, v only)"
-        return None
+    def bias_fits(self, cfg: TransformerConfig) -> list[Fit]:
+        # biases on q, k, v only
+        return [
+            Fit(not (cfg.proj_bias or cfg.mlp_bias), "proj_bias=False, mlp_bias=False", bias_flag(cfg))
+        ]
 
     def export_config(self, cfg: TransformerConfig) -> TransformerConfig:
         return dataclasses.replace(cfg, qkv_bias=True)
@@ -207,6 +221,7 @@ class Gemma(Llama):
     """Gemma 1: Llama's layout, embeddings × √d_model, RMSNorm y = x̂·(1 + w), tanh-GELU."""
 
     model_type = "gemma"
+    display = "Gemma"
     architecture = "GemmaForCausalLM"
     tie_default = True
 
@@ -224,8 +239,8 @@ class Gemma(Llama):
     def bias_keys(self, cfg: TransformerConfig) -> dict[str, Any]:
         return {"attention_bias": cfg.qkv_bias or cfg.proj_bias}
 
-    def bias_misfit(self, cfg: TransformerConfig) -> str | None:
-        return "mlp_bias=True (Gemma's MLP has no biases)" if cfg.mlp_bias else None
+    def bias_fits(self, cfg: TransformerConfig) -> list[Fit]:
+        return [Fit(not cfg.mlp_bias, "mlp_bias=False", bias_flag(cfg))]
 
     def legacy_act(self, act: str) -> str:
         # transformers reads Gemma's legacy hidden_act="gelu" as the tanh approximation

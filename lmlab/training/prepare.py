@@ -45,8 +45,38 @@ class TrainerSetup:
     given: set[str]  # the options set explicitly
 
     def setup(self) -> None:
+        self.run = RunDir(self.cfg.out)
+        self.created_out: list[Path] = []  # the folders this run made for --out, innermost first
+        try:
+            self._setup()
+        except BaseException:
+            self._remove_empty_out()
+            raise
+
+    def _remove_empty_out(self) -> None:
+        """A run that failed before it wrote anything leaves no empty --out behind: the
+        folders it made itself go, if still empty (``rmdir`` removes nothing else)."""
+        for d in self.created_out:
+            try:
+                d.rmdir()
+            except OSError:  # not empty, or gone: it stays, and so do its parents
+                break
+        self.created_out = []
+
+    def _make_out(self) -> None:
+        """Create --out (and missing parents), remembering which folders were new."""
+        root = self.run.root
+        missing = [d for d in (root, *root.parents) if not d.exists() and not d.is_symlink()]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LmlabError(
+                f"cannot create --out {self.cfg.out} ({e.strerror}); choose another folder"
+            ) from None
+        self.created_out = missing
+
+    def _setup(self) -> None:
         cfg = self.cfg
-        self.run = RunDir(cfg.out)
         resuming = cfg.resume is not None
         # Under torchrun: join the process group (gloo on CPU, nccl on CUDA). Rank 0
         # prepares the run first (--out, the tokenizer, the token cache, a download) while
@@ -70,18 +100,10 @@ class TrainerSetup:
         cfg = self.cfg
         if self.dist.is_main and not resuming and self.run.has_checkpoint():
             if not cfg.overwrite:
-                raise LmlabError(
-                    f"{cfg.out} already holds a checkpoint; continue it with `lmlab train --resume "
-                    f"{cfg.out}` or start afresh with --overwrite"
-                )
+                raise LmlabError(distributed.occupied_out_message(cfg.out, f"lmlab train --resume {cfg.out}"))
             self.run.clear()
         if self.dist.is_main:
-            try:
-                self.run.root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise LmlabError(
-                    f"cannot create --out {cfg.out} ({e.strerror}); choose another folder"
-                ) from None
+            self._make_out()
         torch.manual_seed(cfg.seed)
 
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}

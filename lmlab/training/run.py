@@ -86,10 +86,12 @@ def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
     except Exception as e:
         if isinstance(e, LmlabError) or not distributed.is_peer_failure(e):
             raise
+        advice = distributed.continue_advice(cfg.out, f"lmlab train --resume {cfg.out}")
+        if distributed.resumable_step(cfg.out) is not None:
+            advice += " under torchrun or with --nproc N (any N)"
         raise LmlabError(
             f"another training process stopped or cannot be reached ({distributed.describe_failure(e)}); "
-            f"the whole job stops. The last checkpoint in {cfg.out} is whole: continue with "
-            f"`lmlab train --resume {cfg.out}` under torchrun or with --nproc N (any N)"
+            f"the whole job stops. {advice[0].upper()}{advice[1:]}"
         ) from None
     finally:
         trainer.close()

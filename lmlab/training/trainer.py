@@ -37,6 +37,8 @@ from lmlab.training.schedule import TimeBudget, lr_at, replan_lr
 from lmlab.training.signals import STOP_CODES, install_signal_handlers, restore_signal_handlers
 from lmlab.training.state import state_tensors, stored_config, truncate_metrics
 
+#: A --time re-plan is printed when it moves the end by this fraction of the announced steps.
+REPLAN_NEWS = 0.05
 #: The trainer's clock (seconds); tests replace it to make --time runs deterministic.
 _clock = time.perf_counter
 
@@ -181,6 +183,9 @@ class Trainer(TrainerSetup):
         t_start = _clock()
         elapsed0 = self.state.get("elapsed", 0.0)
         budget = TimeBudget(self.time_budget, elapsed0, start_step) if self.time_budget is not None else None
+        self.announced = self.max_steps  # the step count last printed (a resumed run's "of M")
+        self.ran_out = False  # the hard stop ended the run before its plan's end ...
+        self.plan_at_stop: int | None = None  # ... which was this (None: not yet estimated)
         bar_total = self.max_steps if self.max_steps else None
         bar = tqdm(
             total=bar_total,
@@ -283,6 +288,10 @@ class Trainer(TrainerSetup):
                     if main:
                         bar.write(f"lmlab: {stopping}: saved the checkpoint at step {step}", file=sys.stderr)
                     break
+            if budget is not None and step > start_step and not self.stop_reason:
+                note = self._budget_note(step)
+                if note:
+                    bar_log(bar, note)
         except BaseException:
             # A failing job under torchrun: its agent's SIGTERM must not cut the error
             # message short, so the stop handler stays (the process ends right after).
@@ -316,20 +325,55 @@ class Trainer(TrainerSetup):
     def _follow_budget(self, budget: TimeBudget, step: int, elapsed: float, bar: tqdm) -> bool:
         """With --time, after each step: stop when the budget is spent (the hard stop),
         else, at an estimate point, move the end (and the lr schedule's, continuously:
-        ``replan_lr``). True if the end moved."""
+        ``replan_lr``). True if the end moved.
+
+        A new end is printed when it is news: the first, and then one that differs from
+        the last printed (``self.announced``, the "was") by at least 5% of that plan's
+        steps in this session and at least 2 steps, |T - A| ≥ max(2, 0.05·(A - t₀)).
+        Smaller moves change the plan silently; ``_budget_note`` owns up to them at the end."""
         if budget.over(elapsed):
+            if self.max_steps is None or step < self.max_steps:
+                self.ran_out, self.plan_at_stop = True, self.max_steps
             self.max_steps = step  # this step is the last: final evaluation and save
             return True
         new_end = budget.estimate(step, elapsed)
         if new_end is None or new_end == self.max_steps:
             return False
-        was = self.max_steps
         self.state["lr_plan"] = replan_lr(step, self.cfg, self.lr_end, new_end, self.state.get("lr_plan"))
         self.max_steps = self.lr_end = new_end
-        if was is None or abs(new_end - was) >= max(2, 0.05 * (was - budget.step0)):  # news, not noise
+        said = self.announced
+        if said is None or abs(new_end - said) >= max(2, REPLAN_NEWS * (said - budget.step0)):
             bar_log(
                 bar,
                 f"lmlab: --time {self.cfg.time}: {budget.per_step * 1000:.0f} ms/step, training for "
-                f"{new_end} steps" + (f" (was {was})" if was is not None else ""),
+                f"{new_end} steps" + (f" (was {said})" if said is not None else ""),
             )
+            self.announced = new_end
         return True
+
+    def _budget_note(self, step: int) -> str | None:
+        """A --time run that ended elsewhere than the step count last printed says why:
+        the budget ran out first (the hard stop), or moves too small to print (see
+        ``_follow_budget``) shifted the end; None when it ended where it said."""
+        said, head = self.announced, f"lmlab: --time {self.cfg.time}:"
+        if not self.ran_out:
+            if said is None or said == step:
+                return None
+            return (
+                f"{head} {step} steps, not the {said} announced: later estimates moved the end by less "
+                f"than {REPLAN_NEWS:.0%}, too little to announce"
+            )
+        plan = self.plan_at_stop
+        if said is None or plan is None:
+            return (
+                f"{head} the time budget ran out at step {step}, before the first estimate of the step count"
+            )
+        lead = f"{head} stopped at step {step}, not the {said} announced: "
+        if plan == said:
+            return (
+                lead + f"the time budget ran out {plan - step} step{'s' * (plan - step != 1)} before the plan"
+            )
+        return lead + (
+            f"later estimates moved the end to {plan} (by less than {REPLAN_NEWS:.0%}, not announced), "
+            f"and the time budget ran out {plan - step} step{'s' * (plan - step != 1)} before it"
+        )
