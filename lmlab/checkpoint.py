@@ -71,10 +71,23 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     the umask: safetensors writes 0600, which hides a shared model from the other users of
     a machine), then fsync: complete on disk before anything points to it."""
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_umask())
     _fsync_file(path)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to
+    read it back would, for an instant, let another thread create world-writable files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

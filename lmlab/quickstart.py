@@ -75,6 +75,9 @@ def quickstart(out: str = "runs/quickstart", time: str = "3m") -> None:
     print(
         f"lmlab quickstart: training a small Transformer on the built-in corpus for {time}", file=sys.stderr
     )
+    # The old mark goes first: a demo killed before it writes its own must not leave the
+    # earlier demo's mark describing a run it no longer describes.
+    (Path(out) / MARK).unlink(missing_ok=True)
     # lmlab's default recipe, with a 128-character context: code has longer structure.
     res = train(
         data="builtin", out=out, time=time, overwrite=True, max_seq_len=128, eval_every=100, save_every=250

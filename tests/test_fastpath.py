@@ -68,6 +68,24 @@ def test_linear_bf16_packed_copy_follows_weight_changes():
                 lin.load_state_dict({"weight": torch.randn(32, 64), "bias": torch.zeros(32)})
 
 
+
+def test_linear_bf16_packed_copy_follows_a_fused_optimizer_step():
+    """A fused AdamW step writes W without bumping its version counter: a training step
+    (a forward with autograd on) in between must still retire the old packed copy."""
+    lin = fast_linear(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin(x)  # packs W
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.5, fused=True)
+    version = lin.weight._version
+    lin(x).float().sum().backward()
+    opt.step()
+    assert lin.weight._version == version  # the premise: the counter did not move
+    with torch.no_grad():
+        got = lin(x).float()
+    want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+
 def test_linear_uses_plain_path_with_autograd():
     lin = fast_linear(16, 8)
     x = torch.randn(3, 16, requires_grad=True)

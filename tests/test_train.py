@@ -450,6 +450,25 @@ def test_resume_with_time_adds_time_and_keeps_the_lr_continuous(tmp_path, corpus
     assert all(r["lr"] == pytest.approx(1e-3, rel=0.02) for r in rows[first.step :])
 
 
+def test_resume_after_the_hard_stop_goes_on_from_its_lr(tmp_path, corpus_path, monkeypatch) -> None:
+    """A run cut short by the hard stop (a 40 s stall at t = 85 s, the plan still ~6 steps
+    from its end) resumed with --time: the lr goes on from where it was, falling to min_lr
+    over the new time, not at min_lr from the first resumed step."""
+    _fake_clock(monkeypatch, lambda now: 40.0 if now == 85 else 1.0)
+    out = tmp_path / "run"
+    first, state, rows = _timed_run(out, corpus_path, "100s", min_lr=1e-4)
+    assert first.step == 86 and state["lr_end"] > 86  # stopped before the schedule's end
+    lr_at_stop = rows[-1]["lr"]
+    assert lr_at_stop > 1e-4 * 1.5
+    res = lmlab.train(resume=str(out), time="20s", progress=False)
+    rows = read_metrics(out)
+    resumed = [r["lr"] for r in rows[first.step :]]
+    assert res.step > first.step + 10
+    assert resumed[0] == pytest.approx(lr_at_stop, rel=0.2)  # continuous, not min_lr
+    assert all(b <= a + 1e-12 for a, b in zip(resumed, resumed[1:]))
+    assert resumed[-1] == pytest.approx(1e-4, rel=0.2)
+
+
 # --------------------------------------------------------------------------- overfitting
 def _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, values: list[float]) -> str:
     seq = iter(values)

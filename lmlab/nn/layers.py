@@ -50,6 +50,9 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.fast and not torch.is_grad_enabled() and x.device.type == "cpu":
             return self._fast_forward(x)
+        # A forward with autograd on is training: W is about to change, possibly in ways its
+        # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
+        self._packed = self._packed_key = None
         return F.linear(x, self.weight, self.bias)
 
     def _fast_forward(self, x: Tensor) -> Tensor:
@@ -58,7 +61,8 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         if w.dtype == torch.bfloat16:  # oneDNN's bf16 kernel wants W pre-blocked (2× faster)
             key = (w.data_ptr(), _version(w), w.dtype)
-            if self._packed is None or self._packed_key != key:
+            # An inference tensor (version -1) has no write counter: never trust a copy of it.
+            if self._packed is None or self._packed_key != key or key[1] < 0:
                 with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
                 self._packed_key = key

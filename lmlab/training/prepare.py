@@ -217,6 +217,11 @@ class TrainerSetup:
             self.state["lr_plan"] = None  # and the schedule is the plain one to the new end
         self.time_budget = parse_duration(cfg.time) if cfg.time is not None else None
         self.lr_end = self.max_steps  # where the lr schedule ends; a --time run moves it
+        if resuming and cfg.steps is None and "lr_end" in self.state:
+            # The schedule's own end, not where the run stopped: a --time run cut short by
+            # its hard stop (max_steps = that step) goes on from its lr, not from min_lr.
+            self.lr_end = self.state["lr_end"]
+        self.state["lr_end"] = self.lr_end
         if resuming and cfg.extend_time and self.time_budget is not None:
             self.max_steps = None  # measured again: T more seconds from here
             self.time_budget += self.state.get("elapsed", 0.0)

@@ -340,7 +340,7 @@ class Trainer(TrainerSetup):
         if new_end is None or new_end == self.max_steps:
             return False
         self.state["lr_plan"] = replan_lr(step, self.cfg, self.lr_end, new_end, self.state.get("lr_plan"))
-        self.max_steps = self.lr_end = new_end
+        self.max_steps = self.lr_end = self.state["lr_end"] = new_end
         said = self.announced
         if said is None or abs(new_end - said) >= max(2, REPLAN_NEWS * (said - budget.step0)):
             bar_log(
