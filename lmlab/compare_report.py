@@ -7,28 +7,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmlab.compare_runs import RunResult
+from lmlab.plots import new_chart, save_chart
 
 
 def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:
     """Validation loss of every model on one chart, against tokens seen and against time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     axes = (
         (0, "val_loss_tokens.png", "tokens seen", "tokens seen"),
         (1, "val_loss_time.png", "time", "time (s)"),
     )
     for x, name, what, label in axes:
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        fig, ax = new_chart()
         for r in runs:
             if r.curve:
                 xs, ys = [c[x] for c in r.curve], [c[2] for c in r.curve]
@@ -36,12 +33,7 @@ def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:
         ax.set_xlabel(f"training {label}")
         ax.set_ylabel("validation loss (nats / token)")
         ax.set_title(f"validation loss against training {what}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(root / name)
-        plt.close(fig)
-        paths.append(root / name)
+        paths.append(save_chart(fig, ax, root / name))
     return paths
 
 
@@ -170,7 +162,7 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         fence = _fence(text)
         md += [f"### {r.name}", "", f"{fence}text", text, fence, ""]
     md += ["## Commands", "", "Each model was trained by:", "", "```bash"]
-    md += [" ".join(_quote(a) for a in ["lmlab", *r.command[3:]]) for r in runs]
+    md += [shlex.join(["lmlab", *r.command[3:]]) for r in runs]
     md += ["```", ""]
     report = root / "report.md"
     report.write_text("\n".join(md), encoding="utf-8")
@@ -179,12 +171,6 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         json.dumps({"target_params": target, "runs": results}, indent=1), encoding="utf-8"
     )
     return report, charts
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 __all__ = ["plot_curves", "table", "write_report"]

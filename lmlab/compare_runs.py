@@ -58,20 +58,10 @@ class RunResult:
 
 def train_command(options: dict[str, Any]) -> list[str]:
     """The ``lmlab train`` command line for these TrainConfig options."""
-    cmd = [sys.executable, "-m", "lmlab", "train"]
-    for k, v in options.items():
-        if v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if k == "progress":
-            cmd += [] if v else ["--no-progress"]
-        elif k == "overwrite":
-            cmd += [flag] if v else []
-        elif isinstance(v, bool):
-            cmd.append(flag if v else f"--no-{k.replace('_', '-')}")
-        else:
-            cmd += [flag, str(v)]
-    return cmd
+    from lmlab.cli_args import train_parser
+    from lmlab.launcher import train_argv
+
+    return [sys.executable, "-m", "lmlab", "train", *train_argv(options, train_parser())]
 
 
 #: Runs ``argv[2:]`` as its own child and writes that child's peak resident set size to

@@ -32,10 +32,10 @@ def evaluate_corpus(
     corpus = load_corpus(data, model.tokenizer, encoding_errors)
     ids = np.asarray(corpus.ids, dtype=np.int64)
     unk = model.tokenizer.token_to_id(UNK) if tokenizer_kind(model.tokenizer) == "char" else None
-    if unk is not None and bool((ids == unk).any()):
-        n = int((ids == unk).sum())
+    n_unk = 0 if unk is None else int((ids == unk).sum())
+    if n_unk:
         warnings.warn(
-            f"{n:,} characters of {data} are not in the model's vocabulary and count as {UNK}; "
+            f"{n_unk:,} characters of {data} are not in the model's vocabulary and count as {UNK}; "
             "the loss on them says little",
             stacklevel=2,
         )

@@ -27,14 +27,31 @@ def ema(values: list[float], alpha: float = 0.05) -> list[float]:
     return out
 
 
-def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
+def new_chart():
+    """A figure and its axes, drawn off-screen (the Agg backend), in lmlab's chart size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(7, 4.2), dpi=110)
+
+
+def save_chart(fig, ax, out_png: str | Path) -> Path:
+    """Grid, legend and tight layout, written to ``out_png``; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
     rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = new_chart()
     steps = [r["step"] for r in rows if "loss" in r]
     loss = [r["loss"] for r in rows if "loss" in r]
     if steps:
@@ -46,9 +63,4 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str = 
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(title or "lmlab training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-    return Path(out_png)
+    return save_chart(fig, ax, out_png)

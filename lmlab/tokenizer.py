@@ -160,10 +160,7 @@ class UnknownCharWarner:
         )
         # Attributed to the caller's line, not lmlab's: the depth varies (encode, generate,
         # stream, a list comprehension frame on Python < 3.12), so skip every lmlab frame.
-        if sys.version_info >= (3, 12):
-            warnings.warn(msg, stacklevel=2, skip_file_prefixes=(_PACKAGE_DIR,))
-        else:
-            warnings.warn(msg, stacklevel=_stacklevel_outside_lmlab())
+        warnings.warn(msg, stacklevel=_stacklevel_outside_lmlab())
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

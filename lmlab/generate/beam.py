@@ -65,6 +65,7 @@ def beam_search(
     if T == 0:
         return [[Hypothesis([], 0.0, [], []) for _ in range(n_ret)] for _ in prompts]
     penalties = penalties or Penalties(cfg)
+    use_penalties = penalties.active
     lp_pow = cfg.length_penalty
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.long)
     n_keep = max(2, 1 + len(cfg.eos_token_id)) * K  # candidates kept per prompt and step
@@ -97,11 +98,11 @@ def beam_search(
     run_alt_lp, fin_alt_lp = torch.zeros(B, K, T, n_alt), torch.zeros(B, K, T, n_alt)
 
     for cur in range(T):
-        rows = running.reshape(B * K, T)[:, :cur].tolist()
-        seqs = [list(prompts[i // K]) + rows[i] for i in range(B * K)]
         # log p(y_t | y_<t), then the penalties (Hugging Face applies them to log-probs in beam search)
         logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-        if penalties.active:
+        if use_penalties:  # (the histories are built only for them)
+            rows = running.reshape(B * K, T)[:, :cur].tolist()
+            seqs = [list(prompts[i // K]) + rows[i] for i in range(B * K)]
             logp = penalties(logp, seqs, prompt_lens, cur)
         acc = (logp.view(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)  # Σ log p so far
         cand_scores, cand_idx = torch.topk(acc, n_keep)  # (B, n_keep)

@@ -10,6 +10,7 @@ the batch: its state is dropped and the others go on without it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -48,8 +49,8 @@ def logprob_info(logp: Tensor, tokens: Tensor, n: int) -> tuple[list[float], lis
     tops: list[list[tuple[int, float]]] = [[] for _ in range(logp.shape[0])]
     if n > 0:
         vals, ids = logp.topk(min(n, logp.shape[-1]), dim=-1)
-        for b in range(logp.shape[0]):
-            tops[b] = [(int(i), float(v)) for i, v in zip(ids[b], vals[b]) if torch.isfinite(v)]
+        vals_l, ids_l = vals.tolist(), ids.tolist()  # one conversion, not one per element
+        tops = [[(i, v) for i, v in zip(ir, vr) if math.isfinite(v)] for ir, vr in zip(ids_l, vals_l)]
     return chosen, tops
 
 
@@ -81,9 +82,10 @@ def sample(
     seqs = [list(p) for p in prompts]
     prompt_lens = [len(p) for p in prompts]
     active = list(range(len(prompts)))
+    use_penalties = penalties.active
     logits = runner.prefill(prompts)  # (N, V)
     for step in range(cfg.max_new_tokens):
-        if penalties.active:
+        if use_penalties:
             logits = penalties(logits, [seqs[r] for r in active], [prompt_lens[r] for r in active], step)
         if cfg.greedy:
             dist = logits

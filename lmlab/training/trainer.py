@@ -161,13 +161,13 @@ class Trainer(TrainerSetup):
         self.model.eval()
         T = self.seq_len
         W, rank = self.dist.world_size, self.dist.rank
-        losses = []
+        losses = []  # left on the device: one host-device sync for the whole evaluation
         for chunk in self.val_starts.split(self.cfg.batch_size):
             x, y = windows(self.val_ids, chunk.view(W, -1)[rank], T)  # this rank's share
-            losses.append(self._loss(x, y).item())
+            losses.append(self._loss(x, y))
         self.model.train()
         # All-reduced over equal shares, the mean of the ranks' means is one process's value.
-        return self.dist.mean(sum(losses) / len(losses))
+        return self.dist.mean(sum(torch.stack(losses).tolist()) / len(losses))
 
     # ----------------------------------------------------------------- loop
     def run_loop(self) -> TrainResult:
