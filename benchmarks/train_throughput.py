@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import TransformerConfig
+from lmlab.models.config import TransformerConfig
 from lmlab.models.transformer import Transformer
 
 SHAPES = {

@@ -1,7 +1,16 @@
-"""lmlab: build, train, run and apply language models on your own machine."""
+"""lmlab: build, train, run and apply language models on your own machine.
 
+The public names (``lmlab.load``, ``lmlab.train``, ``lmlab.Model``, ``lmlab.LmlabError``)
+are imported on first use (PEP 562), so ``import lmlab.cli`` and ``lmlab --help`` answer
+without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
 import os as _os
 import sys as _sys
+from typing import TYPE_CHECKING, Any
 
 # OpenMP threads spin while they wait for work; when the machine is busy with anything
 # else, the spinning makes each step of a small model many times slower (2 cores, two
@@ -12,10 +21,32 @@ import sys as _sys
 if "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
     _os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from lmlab.api import Model, load
-from lmlab.errors import LmlabError
-from lmlab.training import train
-
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "LmlabError": "lmlab.errors",
+    "Model": "lmlab.api",
+    "load": "lmlab.api",
+    "train": "lmlab.training",
+}
+
 __all__ = ["LmlabError", "Model", "load", "train", "__version__"]
+
+if TYPE_CHECKING:
+    from lmlab.api import Model, load
+    from lmlab.errors import LmlabError
+    from lmlab.training import train
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lmlab' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -9,48 +9,11 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.checkpoint import is_lmlab_checkpoint, load_weights, read_checkpoint, write_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, GenerationResult, generate_stream
-from lmlab.models import build_model
 from lmlab.models.base import LanguageModel
+from lmlab.models.loading import ModelParts, write_checkpoint
 from lmlab.tokenizer import UnknownCharWarner
-
-_DTYPES = {
-    None: None,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if isinstance(dtype, torch.dtype) or dtype is None:
-        return dtype
-    if dtype not in _DTYPES:
-        raise LmlabError(f"unknown dtype {dtype!r} (use float32/fp32, bfloat16/bf16 or float16/fp16)")
-    return _DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LmlabError(f"unknown device {device!r}; use cpu, cuda, mps or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LmlabError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LmlabError("--device mps was asked for but this machine has no MPS; use --device cpu")
-    return dev
 
 
 class Model:
@@ -74,6 +37,10 @@ class Model:
         prepare = getattr(self.module, "prepare_decoding", None)
         if prepare is not None:
             prepare()
+
+    @classmethod
+    def from_parts(cls, parts: ModelParts) -> Model:
+        return cls(parts.module, parts.tokenizer, parts.generation_config, source=parts.source)
 
     @property
     def config(self) -> Any:
@@ -159,7 +126,7 @@ class Model:
         return logits
 
     def save(self, path: str | Path) -> Path:
-        if getattr(self.module, "quantization", None):
+        if self.module.quantization:
             raise LmlabError(
                 f"this model is {self.module.quantization}-quantized and lmlab saves float checkpoints "
                 "only; save the float model and quantize when loading (lmlab.load(path, quantize=...))"
@@ -178,58 +145,19 @@ def load(
     allow_pickle: bool = False,
     quantize: str | None = None,
 ) -> Model:
-    """Load an lmlab checkpoint folder. dtype defaults to float32 on CPU.
+    """Load a model: an lmlab checkpoint folder, a Hugging Face folder or a Hub id.
 
-    Anything that is not an lmlab checkpoint (a Hugging Face model folder, a Hub id)
-    goes to :func:`lmlab.hf.load_hf`; ``allow_pickle`` lets it read a pickle
-    ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``). ``quantize="int8"``
-    stores the linear layers' weights in int8 (see :mod:`lmlab.quantize`): faster CPU
-    decoding, logits within about 1% of the float model's.
+    dtype defaults to float32 on the CPU. A Hugging Face source goes through
+    :func:`lmlab.hf.load_hf`; ``allow_pickle`` lets it read a pickle ``pytorch_model.bin``
+    (with ``torch.load(weights_only=True)``). ``quantize="int8"`` stores the linear layers'
+    weights in int8 (see :mod:`lmlab.nn.quantize`): faster CPU decoding, logits within
+    about 1% of the float model's.
     """
-    from lmlab.quantize import quantize_model, resolve_quantize
+    from lmlab.hf import load_any
+    from lmlab.nn.quantize import quantize_model, resolve_quantize
 
     method = resolve_quantize(quantize)  # a bad value fails before anything is read
-    if not is_lmlab_checkpoint(Path(path)) and _looks_foreign(path):
-        from lmlab.hf import load_hf
-
-        model = load_hf(str(path), dtype=dtype, device=device, allow_pickle=allow_pickle)
-        if method is not None:
-            quantize_model(model.module, method)
-        return model
-    cfg, tensors, tok, gen = read_checkpoint(path)
-    dev = resolve_device(device) if device is not None else torch.device("cpu")
-    dt = resolve_dtype(dtype) or torch.float32
-    with torch.device("meta"):
-        module = build_model(cfg)
-    module = module.to_empty(device="cpu")  # allocate, uninitialised: the weights come next
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()  # to_empty gives each parameter its own storage
-    _reinit_buffers(module)
-    load_weights(module, tensors, str(path))
-    module = module.to(device=dev, dtype=dt)
+    parts = load_any(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
     if method is not None:
-        quantize_model(module, method)
-    return Model(module, tok, gen, source=str(path))
-
-
-def _looks_foreign(path: str | Path) -> bool:
-    """A Hugging Face folder (config.json without lmlab's marker) or a Hub id like 'gpt2'."""
-    p = Path(path)
-    if p.is_dir():
-        return (p / "config.json").is_file()
-    if not p.exists() and str(p.parent) not in ("", ".") and p.parent.is_dir():
-        return False  # 'runs/typo': a local folder that is missing, not a Hub id
-    return not p.exists() and not str(path).startswith((".", "/", "~")) and str(path).count("/") <= 1
-
-
-def _reinit_buffers(module: LanguageModel) -> None:
-    """Non-persistent buffers (RoPE and sinusoidal tables) are not in the checkpoint:
-    rebuild them by constructing the small table modules again on the CPU."""
-    from lmlab.nn.positional import RotaryEmbedding, SinusoidalPositions, sinusoidal_table
-
-    for m in module.modules():
-        if isinstance(m, RotaryEmbedding):
-            fresh = RotaryEmbedding(m.rotary_dim, m.cos.shape[0], m.base)
-            m.inv_freq, m.cos, m.sin = fresh.inv_freq, fresh.cos, fresh.sin
-        elif isinstance(m, SinusoidalPositions):
-            m.table = sinusoidal_table(*m.table.shape)
+        quantize_model(parts.module, method)
+    return Model.from_parts(parts)

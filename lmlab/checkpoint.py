@@ -1,5 +1,9 @@
-"""Checkpoints: ``config.json`` + ``model.safetensors`` + ``tokenizer.json`` +
-``generation_config.json`` (+ the training state), never pickle.
+"""Checkpoint storage: atomic step folders, fsync'ed files, JSON that is checked.
+
+What goes into a checkpoint (``config.json`` + ``model.safetensors`` + ``tokenizer.json``
++ ``generation_config.json``, + the training state) is written and read by
+:mod:`lmlab.models.loading`; this module knows files, not models, so every layer can
+use it.
 
 Atomicity. A training run's ``--out DIR`` holds the latest checkpoint at its top
 level, but those top-level names are symbolic links into ``DIR/.ckpt/latest/``, and
@@ -20,12 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
+from safetensors.torch import save_file
 from torch import nn
 
-from lmlab.config import ModelConfig, config_from_dict, config_to_dict
 from lmlab.errors import LmlabError
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
@@ -58,7 +59,7 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync_write(path: Path, data: bytes | str) -> None:
+def fsync_write(path: Path, data: bytes | str) -> None:
     mode = "wb" if isinstance(data, bytes) else "w"
     with open(path, mode) as f:
         f.write(data)
@@ -98,7 +99,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -115,30 +116,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_checkpoint(
-    folder: str | Path,
-    model: nn.Module,
-    tokenizer: Tokenizer,
-    generation_config: dict[str, Any] | None = None,
-    trainer_state: dict[str, Any] | None = None,
-    state_tensors: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write a complete checkpoint into ``folder`` (which must not exist yet)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True)
-    cfg: ModelConfig = unwrap(model).config
-    save_safetensors(model_tensors(model), folder / "model.safetensors", metadata={"format": "pt"})
-    meta = {"format": FORMAT, "model_sha256": sha256_file(folder / "model.safetensors")}
-    _fsync_write(folder / "config.json", json.dumps({"lmlab": meta, **config_to_dict(cfg)}, indent=2))
-    _fsync_write(folder / "tokenizer.json", tokenizer.to_str(pretty=True))
-    _fsync_write(folder / "generation_config.json", json.dumps(generation_config or {}, indent=2))
-    if trainer_state is not None:
-        save_safetensors(state_tensors or {}, folder / "training_state.safetensors")
-        _fsync_write(folder / "trainer_state.json", json.dumps(trainer_state, indent=2))
-    _fsync_dir(folder)
-    return folder
 
 
 # --------------------------------------------------------------------------- run folders
@@ -177,7 +154,7 @@ class RunDir:
                     link.unlink()
                 link.symlink_to(Path(".ckpt") / "latest" / f)
         self._swap_link(self.store / "latest", name)
-        _fsync_dir(self.store)
+        fsync_dir(self.store)
         if best:
             self._swap_link(self.root / "best", Path(".ckpt") / name)
         self._prune()
@@ -225,79 +202,3 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise LmlabError(f"{what} {path} should hold a JSON object")
     return d
-
-
-def is_lmlab_checkpoint(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "lmlab" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True  # damaged: let read_checkpoint explain
-
-
-def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
-    """Config, weights, tokenizer and generation config of an lmlab checkpoint, checked."""
-    from lmlab.tokenizer import load_tokenizer
-
-    p = Path(path)
-    if not p.exists():
-        raise LmlabError(f"checkpoint {path} does not exist")
-    if not p.is_dir():
-        raise LmlabError(f"checkpoint {path} is a file; give the checkpoint's folder")
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (p / f).is_file()]
-    if missing:
-        found = sorted(x.name for x in p.iterdir() if not x.name.startswith("."))
-        hint = ""
-        if "model.safetensors" in missing and any(f.endswith((".bin", ".pt", ".pth")) for f in found):
-            hint = "; lmlab loads only safetensors, never pickle"
-        raise LmlabError(
-            f"checkpoint {path} has no {', '.join(missing)} (found: {', '.join(found) or 'nothing'}){hint}"
-        )
-    raw = read_json(p / "config.json", "config")
-    cfg = config_from_dict(raw)
-    weights = p / "model.safetensors"
-    expect = raw.get("lmlab", {}).get("model_sha256")
-    if expect and sha256_file(weights) != expect:
-        raise LmlabError(
-            f"{weights} is corrupted or truncated (its checksum does not match config.json); "
-            "use another checkpoint (e.g. best/) or retrain"
-        )
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LmlabError(
-            f"{weights} is truncated or corrupted ({e}); use another checkpoint or retrain"
-        ) from None
-    tok = load_tokenizer(p / "tokenizer.json")
-    gen = (
-        read_json(p / "generation_config.json", "generation config")
-        if (p / "generation_config.json").is_file()
-        else {}
-    )
-    return cfg, tensors, tok, gen
-
-
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors into a model, naming any tensor that is missing, extra or misshapen."""
-    model = unwrap(model)
-    if hasattr(model, "check_weights"):
-        model.check_weights(tensors, source)  # a model may name a mismatch better (RNN families)
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        raise LmlabError(f"the weights in {source} do not match its config.json: {'; '.join(parts)}")
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LmlabError(
-                f"the weights in {source} do not match its config.json: {name} has shape "
-                f"{tuple(t.shape)}, the config implies {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(tensors, strict=False)

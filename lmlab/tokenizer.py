@@ -14,15 +14,13 @@ outside lmlab.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab.errors import LmlabError
+from lmlab.messages import warn
 
 EOT = "<|endoftext|>"  # separates documents; the end-of-sequence token of our models
 UNK = "<unk>"
@@ -77,10 +75,9 @@ def _warn_short_vocab(got: int, asked: int) -> None:
     """BPE stops merging when no pair of symbols occurs twice more (``min_frequency=2``):
     a small corpus runs out of merges long before a large --vocab-size, silently."""
     if got < SHORT_VOCAB_FRACTION * asked:
-        warnings.warn(
+        warn(
             f"the corpus gave a BPE vocabulary of {got} tokens, not {asked}: it is too small for more "
-            "merges (a merge needs a pair of symbols seen at least twice); more text gives more tokens",
-            stacklevel=3,
+            "merges (a merge needs a pair of symbols seen at least twice); more text gives more tokens"
         )
 
 
@@ -158,22 +155,7 @@ class UnknownCharWarner:
             f"the text contains characters the tokenizer never saw; they become {UNK} "
             "(train the tokenizer on text that includes them)"
         )
-        # Attributed to the caller's line, not lmlab's: the depth varies (encode, generate,
-        # stream, a list comprehension frame on Python < 3.12), so skip every lmlab frame.
-        warnings.warn(msg, stacklevel=_stacklevel_outside_lmlab())
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _stacklevel_outside_lmlab() -> int:
-    """The ``stacklevel`` (for a ``warnings.warn`` made by our caller) of the first frame
-    outside the lmlab package: level 1 is the frame calling ``warn``, each lmlab frame above
-    it adds one."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
+        warn(msg)  # attributed to the caller's line, not lmlab's
 
 
 def iter_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:

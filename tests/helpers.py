@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import lmlab
-from lmlab.checkpoint import write_checkpoint
-from lmlab.config import TransformerConfig
+from lmlab.models.config import TransformerConfig
+from lmlab.models.loading import write_checkpoint
 from lmlab.models.transformer import Transformer
 from lmlab.tokenizer import EOT, train_bpe_tokenizer, train_char_tokenizer
 

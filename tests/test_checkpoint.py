@@ -27,10 +27,11 @@ from safetensors import safe_open
 from torch import nn
 
 import lmlab
-from lmlab.checkpoint import RunDir, model_tensors, write_checkpoint
-from lmlab.config import TransformerConfig
+from lmlab.checkpoint import RunDir, model_tensors
 from lmlab.errors import LmlabError
 from lmlab.models import build_model
+from lmlab.models.config import TransformerConfig
+from lmlab.models.loading import write_checkpoint
 from lmlab.tokenizer import train_char_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nPACK MY BOX WITH FIVE DOZEN LIQUOR JUGS!\n" * 20
@@ -213,8 +214,9 @@ _SAVER = textwrap.dedent(
     import os, sys
     import torch
     torch.set_num_threads(1)  # single-threaded, so fork() below is safe
-    from lmlab.checkpoint import RunDir, write_checkpoint
-    from lmlab.config import TransformerConfig
+    from lmlab.checkpoint import RunDir
+    from lmlab.models.loading import write_checkpoint
+    from lmlab.models.config import TransformerConfig
     from lmlab.models import build_model
     from lmlab.tokenizer import train_char_tokenizer
 

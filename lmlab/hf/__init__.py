@@ -1,6 +1,6 @@
 """Hugging Face interop: run ``transformers`` checkpoints on lmlab's Transformer, and back.
 
-    load_hf("gpt2" | "./Qwen2.5-0.5B")  ->  lmlab.Model      (import)
+    load_hf("gpt2" | "./Qwen2.5-0.5B")  ->  ModelParts (lmlab.load wraps them)   (import)
     export_hf(model or source, "out/")  ->  a folder AutoModelForCausalLM loads  (export)
 
 Supported ``model_type``: gpt2, llama, mistral, qwen2, gemma, gpt_neox. Each is a
@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from lmlab.checkpoint import read_json, save_safetensors
-from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.hf.families import FAMILIES, choose_family, family_for, same_architecture
 from lmlab.hf.weights import CheckpointWeights, export_tensors, fill_model
+from lmlab.models.config import TransformerConfig
+from lmlab.models.loading import ModelParts, is_lmlab_checkpoint, load_checkpoint, reinit_buffers
+from lmlab.runtime import resolve_device, resolve_dtype
 
 __all__ = ["FAMILIES", "export_hf", "load_hf", "resolve_source"]
 
@@ -153,14 +155,14 @@ def load_hf(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
-):
-    """A Hugging Face model (folder or Hub id) as an :class:`lmlab.Model`.
+) -> ModelParts:
+    """A Hugging Face model (folder or Hub id) as :class:`~lmlab.models.loading.ModelParts`
+    (which :func:`lmlab.load` wraps as an :class:`lmlab.Model`).
 
     The Transformer is built on the ``meta`` device and its tensors are filled straight
     from the memory-mapped safetensors in ``dtype`` (default float32), so loading needs
     about the weights' size in memory, once.
     """
-    from lmlab.api import Model, _reinit_buffers, resolve_device, resolve_dtype
     from lmlab.models.transformer import Transformer
     from lmlab.tokenizer import load_tokenizer
 
@@ -180,7 +182,7 @@ def load_hf(
         fill_model(module, family, weights, dt, source)
     finally:
         weights.close()
-    _reinit_buffers(module)  # RoPE tables are not weights: compute them
+    reinit_buffers(module)  # RoPE tables are not weights: compute them
     module.hf_origin = {  # what export needs to write this family back as it was (and `lmlab info` shows)
         "model_type": family.model_type,
         "path": str(folder.resolve()),
@@ -190,7 +192,30 @@ def load_hf(
     }
     if device is not None:
         module = module.to(resolve_device(device))
-    return Model(module, tok, _generation_config(folder, raw), source=str(source))
+    return ModelParts(module, tok, _generation_config(folder, raw), source=str(source))
+
+
+def load_any(
+    source: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+) -> ModelParts:
+    """Any model source as :class:`ModelParts`: an lmlab checkpoint folder, a Hugging Face
+    folder (config.json without lmlab's marker) or a Hub id like ``gpt2``."""
+    if not is_lmlab_checkpoint(Path(source)) and _looks_foreign(source):
+        return load_hf(str(source), dtype=dtype, device=device, allow_pickle=allow_pickle)
+    return load_checkpoint(source, dtype=dtype, device=device)
+
+
+def _looks_foreign(path: str | Path) -> bool:
+    """A Hugging Face folder (config.json without lmlab's marker) or a Hub id like 'gpt2'."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "config.json").is_file()
+    if not p.exists() and str(p.parent) not in ("", ".") and p.parent.is_dir():
+        return False  # 'runs/typo': a local folder that is missing, not a Hub id
+    return not p.exists() and not str(path).startswith((".", "/", "~")) and str(path).count("/") <= 1
 
 
 # --------------------------------------------------------------------------- export
@@ -263,13 +288,11 @@ def export_hf(
     that computes exactly the same function (GPT-2, Llama, GPT-NeoX, Gemma), or an
     LmlabError names the setting no family has.
     """
-    from lmlab.api import Model, load, resolve_dtype
-
     model = model_or_source
-    if not isinstance(model, Model):
-        model = load(str(model_or_source), dtype=dtype, allow_pickle=allow_pickle)
+    if isinstance(model, (str, Path)):
+        model = load_any(str(model_or_source), dtype=dtype, allow_pickle=allow_pickle)
     module = model.module
-    if getattr(module, "quantization", None):
+    if module.quantization:
         raise LmlabError(
             f"this model is {module.quantization}-quantized: its rounded weights are not the checkpoint's; "
             "export the unquantized checkpoint (load it without quantize=..., or pass its path: "
@@ -281,7 +304,7 @@ def export_hf(
             f"only Transformers export to Hugging Face; this is a {cfg.model_type} model "
             "(transformers has no matching recurrent architecture)"
         )
-    origin = getattr(module, "hf_origin", None)
+    origin = module.hf_origin
     family = choose_family(cfg, origin["model_type"] if origin else None)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
+from lmlab.models.config import TransformerConfig
 
 # Hugging Face ``hidden_act`` / ``activation_function`` -> lmlab activation, and back.
 # gelu_new and gelu_pytorch_tanh are the same tanh approximation (Hendrycks & Gimpel 2016):

@@ -11,11 +11,11 @@ import dataclasses
 import math
 from typing import Any
 
-from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.hf.base import Family, Rule, join_needs, mlp_flag, need, norm_flag, pos_flag
 from lmlab.hf.gpt import GPT2, GPTNeoX
 from lmlab.hf.llama import Gemma, Llama, Mistral, Qwen2
+from lmlab.models.config import TransformerConfig
 
 __all__ = ["EXPORT_ORDER", "FAMILIES", "Family", "Rule", "choose_family", "family_for", "same_architecture"]
 

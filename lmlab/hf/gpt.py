@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lmlab.config import TransformerConfig
 from lmlab.hf.base import (
     ACT_OUT,
     Family,
@@ -25,6 +24,7 @@ from lmlab.hf.base import (
     rope_from,
     rope_keys,
 )
+from lmlab.models.config import TransformerConfig
 
 
 # --------------------------------------------------------------------------- GPT-2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lmlab.config import TransformerConfig
 from lmlab.hf.base import (
     ACT_OUT,
     Family,
@@ -24,6 +23,7 @@ from lmlab.hf.base import (
     rope_from,
     rope_keys,
 )
+from lmlab.models.config import TransformerConfig
 
 
 # --------------------------------------------------------------------------- Llama and kin

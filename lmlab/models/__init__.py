@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lmlab.config import ModelConfig, RNNConfig, TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
+from lmlab.models.config import ModelConfig, RNNConfig, TransformerConfig
 
 
 def build_model(config: ModelConfig) -> LanguageModel:
@@ -14,10 +14,8 @@ def build_model(config: ModelConfig) -> LanguageModel:
 
         return Transformer(config)
     if isinstance(config, RNNConfig):
-        try:
-            from lmlab.models.rnn import RNNLanguageModel
-        except ImportError:
-            raise LmlabError("this lmlab has no recurrent models yet") from None
+        from lmlab.models.rnn import RNNLanguageModel
+
         return RNNLanguageModel(config)
     raise LmlabError(f"no model for config of type {type(config).__name__}")
 

@@ -24,6 +24,11 @@ class LanguageModel(nn.Module):
     config: Any
     #: True if the model sees a bounded window (a Transformer's max_seq_len).
     bounded_context: bool = True
+    #: Where an imported model came from (model_type, folder, its config and tokenizer
+    #: config): what ``export`` needs to write the family back as it was. None: trained here.
+    hf_origin: dict[str, Any] | None = None
+    #: The weight quantization applied after loading ("int8"), None for float weights.
+    quantization: str | None = None
 
     def forward(  # pragma: no cover - abstract
         self, ids: Tensor, state: Any = None, *, last_only: bool = False, **kw: Any

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import RNNConfig
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
+from lmlab.models.config import RNNConfig
 from lmlab.nn.cells import GATES
 
 _FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}

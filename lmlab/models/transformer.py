@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
+from lmlab.models.config import TransformerConfig
 from lmlab.nn.attention import CausalSelfAttention, KVCache
 from lmlab.nn.layers import MLP, Linear, make_norm, set_fast_linear
 from lmlab.nn.positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions

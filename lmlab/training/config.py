@@ -11,9 +11,9 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from lmlab import distributed
-from lmlab.config import RECURRENT, RNNConfig, TransformerConfig
 from lmlab.errors import LmlabError
+from lmlab.models.config import RECURRENT, RNNConfig, TransformerConfig
+from lmlab.training import distributed
 
 #: With --init the model brings these: its architecture and its tokenizer (an error if given).
 INIT_FIXED = (

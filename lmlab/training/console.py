@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-from lmlab import distributed
+from lmlab.training import distributed
 
 
 def bar_log(bar: tqdm, msg: str) -> None:

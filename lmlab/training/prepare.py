@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lmlab import distributed
-from lmlab.api import resolve_device
-from lmlab.checkpoint import RunDir, load_weights, read_checkpoint, read_json, unwrap
-from lmlab.config import RECURRENT, RNNConfig
+from lmlab.checkpoint import RunDir, read_json, unwrap
 from lmlab.data import load_corpus, read_corpus, resolve_data, sample_starts, step_generator
 from lmlab.errors import LmlabError
 from lmlab.models import build_model
+from lmlab.models.config import RECURRENT, RNNConfig
+from lmlab.models.loading import load_weights, read_checkpoint
+from lmlab.runtime import resolve_device
 from lmlab.tokenizer import (
     EOT,
     iter_chunks,
@@ -31,6 +31,7 @@ from lmlab.tokenizer import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
+from lmlab.training import distributed
 from lmlab.training.config import TrainConfig, parse_duration
 from lmlab.training.console import log
 from lmlab.training.state import load_training_state, rank_seed
@@ -112,10 +113,10 @@ class TrainerSetup:
             self.state.update(read_json(Path(cfg.resume) / "trainer_state.json", "trainer state"))
             self.state["saved_step"] = self.state["step"]  # the checkpoint resumed from
         elif cfg.init is not None:  # fine-tune: an lmlab checkpoint, a HF folder or Hub id
-            from lmlab.api import load
+            from lmlab.hf import load_any
 
-            source = load(cfg.init, dtype="float32", allow_pickle=cfg.allow_pickle)
-            self.tok, mcfg, self.gen_cfg = source.tokenizer, source.config, dict(source.generation_config)
+            source = load_any(cfg.init, dtype="float32", allow_pickle=cfg.allow_pickle)
+            self.tok, mcfg, self.gen_cfg = source.tokenizer, source.module.config, dict(source.generation_config)
             log(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
         else:
             self.tok = Tokenizer.from_str(tokenizer) if tokenizer else self._make_tokenizer()

@@ -12,9 +12,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from lmlab import distributed
 from lmlab.checkpoint import read_json
 from lmlab.errors import LmlabError
+from lmlab.training import distributed
 from lmlab.training.config import TrainConfig
 from lmlab.training.console import log
 from lmlab.training.trainer import Trainer, TrainResult

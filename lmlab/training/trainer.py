@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmlab.checkpoint import write_checkpoint
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
+from lmlab.models.loading import write_checkpoint
 from lmlab.training.config import TrainConfig
 from lmlab.training.console import bar_log, log
 from lmlab.training.prepare import TrainerSetup
@@ -306,7 +306,7 @@ class Trainer(TrainerSetup):
         png = None
         if main:
             try:
-                from lmlab.plots import plot_loss_curve
+                from lmlab.training.plots import plot_loss_curve
 
                 png = plot_loss_curve(metrics_path, self.run.root / "loss.png", title=f"lmlab: {cfg.out}")
             except Exception as e:  # a plot must never cost a training run

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization (lmlab.quantize).
+"""Weight-only int8 quantization (lmlab.nn.quantize).
 
 References: hand-computed scales and codes; the dequantize-and-multiply formula written
 out in the test with float math; the float model's logits and greedy tokens.
@@ -18,7 +18,7 @@ from torch import nn
 
 import lmlab
 from lmlab.errors import LmlabError
-from lmlab.quantize import QuantLinear, _int8_kernel_works, quantize_model, quantize_rows
+from lmlab.nn.quantize import QuantLinear, _int8_kernel_works, quantize_model, quantize_rows
 
 LLAMA = dict(pos="rope", norm="rmsnorm", activation="silu", gated_mlp=True, n_kv_head=2)
 

@@ -1,5 +1,5 @@
 """The flags of ``lmlab``'s commands: the argparse definitions shared by the parser
-(:mod:`lmlab.cli`) and the commands (:mod:`lmlab.cli_commands`).
+(:mod:`lmlab.cli`) and the commands (:mod:`lmlab.cli.commands`).
 
 Kept apart from both because the flag lists are long and change with the library's
 options (every ``TrainConfig`` field is a ``train`` flag, every generation option a

@@ -21,7 +21,7 @@ from helpers import REPO, TOKENIZER_TEXT, cli_env, lmlab_cmd, run_lmlab, tiny_ch
 from safetensors.torch import load_file
 
 import lmlab
-from lmlab.checkpoint import read_checkpoint
+from lmlab.models.loading import read_checkpoint
 
 CTX = 16
 
@@ -285,7 +285,7 @@ def test_quickstart_again_replaces_its_own_run_but_keeps_a_continued_one(
     `train` call, re-sized; folders, lines, loading and samples are the demo's). A demo
     run again replaces its own earlier run, saying so; once that run was continued
     (`lmlab train --resume`), it is kept and the demo trains in OUT-2."""
-    import lmlab.quickstart as qs
+    import lmlab.cli.quickstart as qs
     from lmlab.training import train as real_train
 
     small = dict(n_layer=1, n_head=2, d_model=16, max_seq_len=32, batch_size=4, progress=False)

@@ -31,7 +31,7 @@ all-reduced loss), or one rank 0 passed on, so rank 0 alone prints it (see ``lml
 
 This module is the side that runs inside each training process (the process group, the
 rank, the collectives, :class:`PeerError`); starting the processes (``--nproc``) is
-:mod:`lmlab.launcher`'s.
+:mod:`lmlab.training.launcher`'s.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 import lmlab
 from lmlab.api import Model
 from lmlab.cli import main
-from lmlab.config import TransformerConfig
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig as LmlabGenerationConfig
 from lmlab.hf import export_hf
+from lmlab.models.config import TransformerConfig
 from lmlab.models.transformer import Transformer
 from lmlab.tokenizer import train_char_tokenizer
 
@@ -443,7 +443,7 @@ def test_imported_model_saved_by_lmlab_exports_to_its_family(hf_model, tmp_path)
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_fine_tune_with_init_lowers_the_loss_and_resumes(name, hf_model, tmp_path):
     """`lmlab train --init HF_DIR`: the imported model and its tokenizer, the usual Trainer."""
-    from lmlab.evaluate import evaluate_corpus
+    from lmlab.eval.perplexity import evaluate_corpus
 
     folder, _ = hf_model(name)
     data = tmp_path / "fine_tune.txt"

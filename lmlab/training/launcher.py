@@ -3,7 +3,7 @@ saying why a job failed.
 
 The launcher side of distributed training, run in the process the user started, never
 in a worker (the workers' side, the process group and the collectives, is
-:mod:`lmlab.distributed`). It checks the options once, before any worker starts
+:mod:`lmlab.training.distributed`). It checks the options once, before any worker starts
 (:func:`check_before_launch`), turns them back into ``lmlab train`` flags
 (:func:`train_argv`), and runs torchrun without its ``ChildFailedError`` traceback and
 log (:func:`torchrun_main`), so that what a failed job prints is lmlab's own lines: the
@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from lmlab.distributed import (
+from lmlab.errors import LmlabError
+from lmlab.training.distributed import (
     DEFAULT_STARTUP_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
     continue_advice,
@@ -38,7 +39,6 @@ from lmlab.distributed import (
     occupied_out_message,
     planned_world_size,
 )
-from lmlab.errors import LmlabError
 
 
 def train_argv(options: dict[str, Any], parser: argparse.ArgumentParser) -> list[str]:
@@ -73,9 +73,9 @@ def check_before_launch(options: dict[str, Any], nproc: int) -> None:
     before any starts: the options (the batch split over N processes), ``--resume``, the
     data path (and a small corpus's text), a tokenizer file, ``--out``, the device and the
     ``LMLAB_DIST_*`` variables. A mistake then prints one line, and no process starts."""
-    from lmlab.api import resolve_device
     from lmlab.checkpoint import RunDir
     from lmlab.data import read_corpus, resolve_data
+    from lmlab.runtime import resolve_device
     from lmlab.tokenizer import load_tokenizer
     from lmlab.training import train_config
 
@@ -204,7 +204,7 @@ def _signal_name(n: int) -> str:
 
 #: The launcher process of ``--nproc``: ``python -c _TORCHRUN_MAIN REPORT TORCHRUN-ARGS...``.
 _TORCHRUN_MAIN = (
-    "import sys\nfrom lmlab.launcher import torchrun_main\nsys.exit(torchrun_main(sys.argv[1], sys.argv[2:]))"
+    "import sys\nfrom lmlab.training.launcher import torchrun_main\nsys.exit(torchrun_main(sys.argv[1], sys.argv[2:]))"
 )
 
 

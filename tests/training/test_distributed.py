@@ -38,13 +38,12 @@ from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import lmlab
-from lmlab import distributed, launcher
 from lmlab.checkpoint import RunDir
 from lmlab.cli import build_parser
-from lmlab.cli_args import train_keys
+from lmlab.cli.args import train_keys
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
-from lmlab.training import TrainConfig, Trainer
+from lmlab.training import TrainConfig, Trainer, distributed, launcher
 
 # Constant learning rate (warmup 0, min-lr = lr): a 6-step run resumed to 12 steps then
 # follows the same schedule as a 12-step run.

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
-from lmlab.plots import read_metrics
 from lmlab.training import TrainConfig
+from lmlab.training.plots import read_metrics
 
 if TYPE_CHECKING:
-    from lmlab.compare import Plan
+    from lmlab.compare.sizing import Plan
 
 
 @dataclass
@@ -58,8 +58,8 @@ class RunResult:
 
 def train_command(options: dict[str, Any]) -> list[str]:
     """The ``lmlab train`` command line for these TrainConfig options."""
-    from lmlab.cli_args import train_parser
-    from lmlab.launcher import train_argv
+    from lmlab.cli.args import train_parser
+    from lmlab.training.launcher import train_argv
 
     return [sys.executable, "-m", "lmlab", "train", *train_argv(options, train_parser())]
 

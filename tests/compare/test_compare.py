@@ -18,11 +18,11 @@ from helpers import run_lmlab
 
 import lmlab
 from lmlab.compare import compare, parse_models, size_models
-from lmlab.config import RNNConfig, TransformerConfig
 from lmlab.errors import LmlabError
+from lmlab.models.config import RNNConfig, TransformerConfig
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.models.transformer import Transformer
-from lmlab.plots import read_metrics
+from lmlab.training.plots import read_metrics
 
 VOCAB = 65
 

@@ -1,6 +1,6 @@
 """The report of ``lmlab compare``: ``report.md`` (the results table, the sizing rule,
 the validation-loss charts, the samples, the commands) and ``results.json`` (the same
-figures for programs), written from the runs' :class:`~lmlab.compare_runs.RunResult`.
+figures for programs), written from the runs' :class:`~lmlab.compare.runs.RunResult`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lmlab.compare_runs import RunResult
-from lmlab.plots import new_chart, save_chart
+from lmlab.compare.runs import RunResult
+from lmlab.training.plots import new_chart, save_chart
 
 
 def plot_curves(runs: list[RunResult], root: Path) -> list[Path]:

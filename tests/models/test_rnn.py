@@ -16,11 +16,11 @@ from torch import nn
 
 import lmlab
 from lmlab.cli import main as cli_main
-from lmlab.config import RNNConfig
 from lmlab.data import windows
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate_tokens
 from lmlab.models import build_model
+from lmlab.models.config import RNNConfig
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.nn.cells import RecurrentStack, gru_cell, lstm_cell, rnn_cell
 from lmlab.training import TrainConfig, Trainer
@@ -385,7 +385,7 @@ def test_checkpoint_of_another_family_is_one_line(tmp_path, saved, claimed, msg)
     both families in one line rather than listing mismatched tensors."""
     from helpers import char_tokenizer, tiny_checkpoint
 
-    from lmlab.checkpoint import write_checkpoint
+    from lmlab.models.loading import write_checkpoint
 
     folder = tmp_path / "ckpt"
     if saved == "gpt":

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from lmlab.config import TransformerConfig, config_from_dict, config_to_dict
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate_tokens
+from lmlab.models.config import TransformerConfig, config_from_dict, config_to_dict
 from lmlab.models.transformer import Transformer
 
 POSITIONS = ("rope", "learned", "sinusoidal")

@@ -21,7 +21,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import lmlab
 from lmlab.api import Model
 from lmlab.cli import main
-from lmlab.config import RNNConfig
 from lmlab.errors import LmlabError
 from lmlab.generate import (
     GenerationConfig,
@@ -39,6 +38,7 @@ from lmlab.generate import (
 )
 from lmlab.models import build_model
 from lmlab.models.base import LanguageModel
+from lmlab.models.config import RNNConfig
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

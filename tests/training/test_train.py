@@ -37,11 +37,11 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 import lmlab
-from lmlab.checkpoint import write_checkpoint
 from lmlab.cli import main as cli_main
-from lmlab.config import RNNConfig
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
+from lmlab.models.config import RNNConfig
+from lmlab.models.loading import write_checkpoint
 from lmlab.models.rnn import RNNLanguageModel
 from lmlab.training import TrainConfig, Trainer, TrainResult, lr_at, parse_duration, replan_lr
 

@@ -2,7 +2,7 @@
 ``cmd_export``, ``cmd_compare`` and ``cmd_quickstart``, and the lines they print.
 
 Each command is one library call plus its report; the parser and the error handling that
-wrap them live in :mod:`lmlab.cli`, the flags in :mod:`lmlab.cli_args`. Heavy imports
+wrap them live in :mod:`lmlab.cli`, the flags in :mod:`lmlab.cli.args`. Heavy imports
 (torch, the models) happen inside the commands, so that ``lmlab --help`` stays quick.
 """
 
@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from lmlab.cli_args import GENERATION_KEYS, train_keys, train_parser
+from lmlab.cli.args import GENERATION_KEYS, train_keys, train_parser
 from lmlab.errors import LmlabError
 
 
@@ -27,7 +27,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if getattr(a, "nproc", None) is not None:  # relaunch this command under torchrun
         return _train_nproc(opts, a.nproc, a.debug)
     res = train(**opts)
-    from lmlab import distributed
+    from lmlab.training import distributed
 
     if distributed.is_main():  # under torchrun, rank 0 reports for the job
         _report_train(res)
@@ -43,7 +43,7 @@ def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
     """`lmlab train --nproc N`: check the options once, then run this command on N
     processes under torchrun. A failure prints lmlab's own line(s) only: the processes'
     (rank 0's) error, and a line here for what they could not say (one was killed)."""
-    from lmlab.launcher import check_before_launch, continue_advice, launch, train_argv
+    from lmlab.training.launcher import check_before_launch, continue_advice, launch, train_argv
 
     check_before_launch(opts, nproc)
     res = launch(train_argv(opts, train_parser()), nproc, debug=debug)
@@ -114,7 +114,7 @@ def _print_results(results, as_json: bool) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     import lmlab
-    from lmlab.evaluate import evaluate_corpus
+    from lmlab.eval.perplexity import evaluate_corpus
 
     model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
     r = evaluate_corpus(model, a.data, batch_size=a.batch_size, encoding_errors=a.encoding_errors)
@@ -130,7 +130,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
     cfg = model.config
-    origin = getattr(model.module, "hf_origin", None)  # set when read from a Hugging Face folder / Hub id
+    origin = model.module.hf_origin  # set when read from a Hugging Face folder / Hub id
     print(f"checkpoint   {a.checkpoint}")
     if origin:
         arch = ", ".join(origin["config"].get("architectures") or []) or "no architectures listed"
@@ -163,7 +163,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
-    from lmlab.quickstart import quickstart
+    from lmlab.cli.quickstart import quickstart
 
     quickstart(out=a.out, time=a.time)
     return 0

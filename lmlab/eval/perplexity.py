@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.api import Model
 from lmlab.data import load_corpus
 from lmlab.errors import LmlabError
+from lmlab.messages import warn
 from lmlab.tokenizer import UNK, tokenizer_kind
+
+if TYPE_CHECKING:  # only for the annotation: eval sits below the public API
+    from lmlab.api import Model
 
 
 @torch.inference_mode()
@@ -34,10 +37,9 @@ def evaluate_corpus(
     unk = model.tokenizer.token_to_id(UNK) if tokenizer_kind(model.tokenizer) == "char" else None
     n_unk = 0 if unk is None else int((ids == unk).sum())
     if n_unk:
-        warnings.warn(
+        warn(
             f"{n_unk:,} characters of {data} are not in the model's vocabulary and count as {UNK}; "
-            "the loss on them says little",
-            stacklevel=2,
+            "the loss on them says little"
         )
     if len(ids) < 2:
         raise LmlabError(f"{data} has {len(ids)} token(s); evaluation needs at least 2")

@@ -2,7 +2,7 @@
 
 This module is the entry point (``lmlab`` and ``python -m lmlab``): the parser, ``main``
 and the error handling around every command. The commands themselves are in
-:mod:`lmlab.cli_commands`, their flags in :mod:`lmlab.cli_args`.
+:mod:`lmlab.cli.commands`, their flags in :mod:`lmlab.cli.args`.
 
 Errors a user can cause print one line (``lmlab: error: ...``) and exit with 2;
 ``--debug`` shows the traceback instead. Under torchrun, rank 0 alone prints it (see ``_fail``).
@@ -14,13 +14,13 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from typing import NoReturn
 
 from lmlab import __version__ as lmlab_version
-from lmlab.cli_args import add_compare_args, add_generation_args, add_train_args, pickle_flag
-from lmlab.cli_commands import COMMANDS
+from lmlab.cli.args import add_compare_args, add_generation_args, add_train_args, pickle_flag
+from lmlab.cli.commands import COMMANDS
 from lmlab.errors import LmlabError
+from lmlab.messages import cli_format
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,8 +91,8 @@ def _torchrun_rank() -> int | None:
     """This process's rank under torchrun; None outside it (read without importing torch)."""
     if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    if "lmlab.distributed" in sys.modules:  # the process group's rank, if one was joined
-        return sys.modules["lmlab.distributed"].rank()
+    if "lmlab.training.distributed" in sys.modules:  # the process group's rank, if one was joined
+        return sys.modules["lmlab.training.distributed"].rank()
     return int(os.environ.get("RANK", "0"))
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:
         ap.print_help(sys.stderr)
         return 2
-    warnings.formatwarning = lambda msg, cat, *args, **kw: f"lmlab: warning: {msg}\n"
+    cli_format()  # every warning as one line, `lmlab: warning: ...`
     try:
         return COMMANDS[a.command](a)
     except LmlabError as e:

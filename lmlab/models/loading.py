@@ -1,0 +1,185 @@
+"""A model's files: write a checkpoint folder, read one back, check that weights fit.
+
+``config.json`` (the model config plus lmlab's marker and the weights' SHA-256),
+``model.safetensors``, ``tokenizer.json`` and ``generation_config.json``, never pickle.
+The storage underneath (atomic step folders, fsync) is :mod:`lmlab.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmlab.checkpoint import (
+    FORMAT,
+    fsync_dir,
+    fsync_write,
+    model_tensors,
+    read_json,
+    save_safetensors,
+    sha256_file,
+    unwrap,
+)
+from lmlab.errors import LmlabError
+from lmlab.models import build_model
+from lmlab.models.base import LanguageModel
+from lmlab.models.config import ModelConfig, config_from_dict, config_to_dict
+from lmlab.runtime import resolve_device, resolve_dtype
+
+
+def write_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    generation_config: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    state_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a complete checkpoint into ``folder`` (which must not exist yet)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    cfg: ModelConfig = unwrap(model).config
+    save_safetensors(model_tensors(model), folder / "model.safetensors", metadata={"format": "pt"})
+    meta = {"format": FORMAT, "model_sha256": sha256_file(folder / "model.safetensors")}
+    fsync_write(folder / "config.json", json.dumps({"lmlab": meta, **config_to_dict(cfg)}, indent=2))
+    fsync_write(folder / "tokenizer.json", tokenizer.to_str(pretty=True))
+    fsync_write(folder / "generation_config.json", json.dumps(generation_config or {}, indent=2))
+    if trainer_state is not None:
+        save_safetensors(state_tensors or {}, folder / "training_state.safetensors")
+        fsync_write(folder / "trainer_state.json", json.dumps(trainer_state, indent=2))
+    fsync_dir(folder)
+    return folder
+
+
+def is_lmlab_checkpoint(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "lmlab" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # damaged: let read_checkpoint explain
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
+    """Config, weights, tokenizer and generation config of an lmlab checkpoint, checked."""
+    from lmlab.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise LmlabError(f"checkpoint {path} does not exist")
+    if not p.is_dir():
+        raise LmlabError(f"checkpoint {path} is a file; give the checkpoint's folder")
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (p / f).is_file()]
+    if missing:
+        found = sorted(x.name for x in p.iterdir() if not x.name.startswith("."))
+        hint = ""
+        if "model.safetensors" in missing and any(f.endswith((".bin", ".pt", ".pth")) for f in found):
+            hint = "; lmlab loads only safetensors, never pickle"
+        raise LmlabError(
+            f"checkpoint {path} has no {', '.join(missing)} (found: {', '.join(found) or 'nothing'}){hint}"
+        )
+    raw = read_json(p / "config.json", "config")
+    cfg = config_from_dict(raw)
+    weights = p / "model.safetensors"
+    expect = raw.get("lmlab", {}).get("model_sha256")
+    if expect and sha256_file(weights) != expect:
+        raise LmlabError(
+            f"{weights} is corrupted or truncated (its checksum does not match config.json); "
+            "use another checkpoint (e.g. best/) or retrain"
+        )
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmlabError(
+            f"{weights} is truncated or corrupted ({e}); use another checkpoint or retrain"
+        ) from None
+    tok = load_tokenizer(p / "tokenizer.json")
+    gen = (
+        read_json(p / "generation_config.json", "generation config")
+        if (p / "generation_config.json").is_file()
+        else {}
+    )
+    return cfg, tensors, tok, gen
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors into a model, naming any tensor that is missing, extra or misshapen."""
+    model = unwrap(model)
+    if hasattr(model, "check_weights"):
+        model.check_weights(tensors, source)  # a model may name a mismatch better (RNN families)
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        raise LmlabError(f"the weights in {source} do not match its config.json: {'; '.join(parts)}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise LmlabError(
+                f"the weights in {source} do not match its config.json: {name} has shape "
+                f"{tuple(t.shape)}, the config implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+# --------------------------------------------------------------------------- building
+@dataclass
+class ModelParts:
+    """What loading a model yields before the public API wraps it: the module, its
+    tokenizer, its generation settings and where it came from. The Hugging Face importer
+    returns the same parts, so :func:`lmlab.load` wraps both alike."""
+
+    module: LanguageModel
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def reinit_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers (RoPE and sinusoidal tables) are not in the checkpoint:
+    rebuild them by constructing the small table modules again on the CPU."""
+    from lmlab.nn.positional import RotaryEmbedding, SinusoidalPositions, sinusoidal_table
+
+    for m in module.modules():
+        if isinstance(m, RotaryEmbedding):
+            fresh = RotaryEmbedding(m.rotary_dim, m.cos.shape[0], m.base)
+            m.inv_freq, m.cos, m.sin = fresh.inv_freq, fresh.cos, fresh.sin
+        elif isinstance(m, SinusoidalPositions):
+            m.table = sinusoidal_table(*m.table.shape)
+
+
+def build_from_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> LanguageModel:
+    """The model ``cfg`` describes, holding ``tensors``, built without a random init first
+    (on the meta device, then allocated uninitialised and filled: memory ≈ the weights once)."""
+    with torch.device("meta"):
+        module = build_model(cfg)
+    module = module.to_empty(device="cpu")  # allocate, uninitialised: the weights come next
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()  # to_empty gives each parameter its own storage
+    reinit_buffers(module)
+    load_weights(module, tensors, source)
+    return module
+
+
+def load_checkpoint(
+    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> ModelParts:
+    """An lmlab checkpoint folder as :class:`ModelParts` (float32 on the CPU by default)."""
+    cfg, tensors, tok, gen = read_checkpoint(path)
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    module = build_from_weights(cfg, tensors, str(path))
+    module = module.to(device=dev, dtype=resolve_dtype(dtype) or torch.float32)
+    return ModelParts(module, tok, gen, str(path))
