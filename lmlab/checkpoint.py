@@ -182,6 +182,18 @@ class RunDir:
                 continue
             shutil.rmtree(d, ignore_errors=True)
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove half-written step folders (``.ckpt/.tmp-*``) that a killed or failed save
+        left (a full disk, a SIGKILL mid-save). Call it holding the run's :class:`RunLock`:
+        then no other process can be writing one."""
+        gone = []
+        if self.store.is_dir():
+            for d in self.store.iterdir():
+                if d.name.startswith(".tmp-") and not d.is_symlink():
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone.append(d)
+        return gone
+
     def clear(self) -> None:
         """Remove a previous run's checkpoints and logs (``--overwrite``)."""
         for f in (*MODEL_FILES, *STATE_FILES, "best", "metrics.jsonl", "loss.png"):
@@ -202,3 +214,63 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise LmlabError(f"{what} {path} should hold a JSON object")
     return d
+
+
+# --------------------------------------------------------------------------- one writer
+class RunLock:
+    """An exclusive lock on a run folder for as long as one process writes it.
+
+    Two trainers on one ``--out`` would interleave ``metrics.jsonl`` and silently lose one
+    run; the second must stop at once instead, naming the first. ``fcntl.flock`` on
+    ``DIR/.lock``: the kernel drops the lock when its process dies (even by SIGKILL), so a
+    lock left by a dead process is simply taken over. The file holds the owner's pid and
+    command line, for the message.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, root: str | Path, what: str = "lmlab") -> None:
+        self.path = Path(root) / self.NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise LmlabError(f"cannot lock {self.path.parent} ({e.strerror}); check its permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise LmlabError(
+                f"{self.path.parent} is in use by another process ({owner}); wait for it to end, "
+                "or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "what": self.what}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (harmless, reused)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+        return f"pid {info['pid']}, {info['what']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"

@@ -111,27 +111,52 @@ class CheckpointWeights:
         if index.is_file():
             return self._from_index(index)
         if (self.folder / "model.safetensors").is_file():
-            return [self.folder / "model.safetensors"]
-        return sorted(self.folder.glob("model*.safetensors"))
+            return [self._inside(self.folder / "model.safetensors")]
+        return [self._inside(f) for f in sorted(self.folder.glob("model*.safetensors"))]
 
     def _pickle_files(self) -> list[Path]:
         index = self.folder / "pytorch_model.bin.index.json"
         if index.is_file():
             return self._from_index(index)
-        return [p for p in [self.folder / "pytorch_model.bin"] if p.is_file()]
+        return [self._inside(p) for p in [self.folder / "pytorch_model.bin"] if p.is_file()]
+
+    def _inside(self, f: Path) -> Path:
+        """``f``, if it lies inside the model folder once links are followed; a checkpoint
+        folder must not be a way to read other files (an index naming ``/etc/passwd`` or
+        ``../../secret``, a weight file that links out). A Hub cache snapshot's files link
+        to the repository's own ``blobs/`` folder: those are inside it too."""
+        root = self.folder.resolve()
+        real = f.resolve()
+        allowed = [root]
+        if root.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<rev>/* -> ../../blobs/*
+            allowed.append(root.parent.parent / "blobs")
+        if not any(real == a or real.is_relative_to(a) for a in allowed):
+            raise LmlabError(
+                f"{f.name} in {self.folder} leads outside the model folder (to {real}); lmlab reads "
+                "weights only from inside the folder: copy the files in, or fix the index/link"
+            )
+        return real
 
     def _from_index(self, index: Path) -> list[Path]:
         try:
             files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise LmlabError(f"{index} is damaged ({e}); download it again") from None
+        if not all(isinstance(f, str) for f in files):
+            raise LmlabError(f"{index} is damaged (its weight_map values must be file names); download it again")
+        outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+        if outside:
+            raise LmlabError(
+                f"{index.name} in {self.folder} names shards outside the model folder ({', '.join(outside)}); "
+                "lmlab reads weights only from inside the folder: fix the index"
+            )
         missing = [f for f in files if not (self.folder / f).is_file()]
         if missing:
             raise LmlabError(
                 f"{index.name} in {self.folder} lists shards that are missing: {', '.join(missing)}; "
                 "download every shard"
             )
-        return [self.folder / f for f in files]
+        return [self._inside(self.folder / f) for f in files]
 
     def names(self) -> set[str]:
         return set(self._where) | set(self._pickled)

@@ -100,6 +100,8 @@ class TransformerConfig:
             f"activation must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})",
         )
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
+        need(self.norm_eps > 0, f"norm_eps must be positive (got {self.norm_eps})")
+        need(self.rope_theta > 0, f"rope_theta must be positive (got {self.rope_theta})")
         need(
             self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
             f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}",
@@ -152,9 +154,15 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """A config from its JSON form, every field's type, sign and size checked first (no
+    model is built here; the caller checks the weights fit: :mod:`lmlab.models.limits`)."""
+    from lmlab.models.limits import check_field_types
+
     d = {k: v for k, v in d.items() if k != "lmlab"}
     kind = d.pop("model_type", "transformer")
+    if not isinstance(kind, str):
+        raise LmlabError(f"{where}: model_type must be a string, not {kind!r}")
     cls = _BY_TYPE.get(kind)
     if cls is None:
         raise LmlabError(
@@ -164,10 +172,13 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     unknown = sorted(set(d) - names)
     if unknown:
         raise LmlabError(
-            f"config.json has fields this lmlab does not know: {', '.join(unknown)} "
+            f"{where} has fields this lmlab does not know: {', '.join(unknown)} "
             "(was it written by a newer lmlab?)"
         )
+    check_field_types(cls, d, where)
     try:
         return cls(**d)
-    except TypeError as e:
-        raise LmlabError(f"config.json does not describe a valid {kind} model: {e}") from None
+    except LmlabError as e:
+        raise LmlabError(f"{where}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise LmlabError(f"{where} does not describe a valid {kind} model: {e}") from None

@@ -70,14 +70,34 @@ def is_lmlab_checkpoint(path: Path) -> bool:
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
-    """Config, weights, tokenizer and generation config of an lmlab checkpoint, checked."""
-    from lmlab.tokenizer import load_tokenizer
+    """Config, weights, tokenizer and generation config of an lmlab checkpoint, checked.
 
+    A training run's folder reaches its files through links into ``.ckpt/latest``, which a
+    save swaps atomically; the folder is resolved to one step folder *once*, and every file
+    is read from it, so a reader racing a save sees one checkpoint whole, never a config of
+    one step with the weights of the next.
+    """
     p = Path(path)
     if not p.exists():
         raise LmlabError(f"checkpoint {path} does not exist")
     if not p.is_dir():
         raise LmlabError(f"checkpoint {path} is a file; give the checkpoint's folder")
+    for _ in range(10):
+        folder = step_folder(p)
+        try:
+            return _read_folder(folder, path)
+        except LmlabError:
+            # A save that finished while we read removes the old step folder: if `latest`
+            # moved, read the new one; otherwise the error is about the checkpoint itself.
+            if folder == p or step_folder(p) == folder:
+                raise
+    return _read_folder(step_folder(p), path)
+
+
+def _read_folder(p: Path, path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, dict]:
+    from lmlab.models.limits import check_fits_in_memory
+    from lmlab.tokenizer import load_tokenizer
+
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (p / f).is_file()]
     if missing:
         found = sorted(x.name for x in p.iterdir() if not x.name.startswith("."))
@@ -88,9 +108,13 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
             f"checkpoint {path} has no {', '.join(missing)} (found: {', '.join(found) or 'nothing'}){hint}"
         )
     raw = read_json(p / "config.json", "config")
-    cfg = config_from_dict(raw)
+    marker = raw.get("lmlab", {})
+    if not isinstance(marker, dict):
+        raise LmlabError(f"{path}/config.json: the field lmlab must be an object, not {marker!r}")
+    cfg = config_from_dict(raw, where=f"{path}/config.json")
+    check_fits_in_memory(cfg, f"{path}/config.json")
     weights = p / "model.safetensors"
-    expect = raw.get("lmlab", {}).get("model_sha256")
+    expect = marker.get("model_sha256")
     if expect and sha256_file(weights) != expect:
         raise LmlabError(
             f"{weights} is corrupted or truncated (its checksum does not match config.json); "
@@ -109,6 +133,17 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
         else {}
     )
     return cfg, tensors, tok, gen
+
+
+def step_folder(p: Path) -> Path:
+    """The one folder a checkpoint's files are read from: a run folder's current step
+    folder (``.ckpt/latest``, resolved now), or the folder itself."""
+    latest = p / ".ckpt" / "latest"
+    if latest.is_symlink() and (p / "config.json").is_symlink():
+        target = latest.resolve()
+        if target.is_dir():
+            return target
+    return p
 
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,102 @@
+"""Checking a model config read from a file before anything is allocated.
+
+A ``config.json`` is data from a disk or a download: a wrong type (``"n_layer": "4"``,
+``true``, ``2.5``), a NaN, or a size no machine holds (``"vocab_size": 1e12``) must give
+one line naming the file and the field, not a traceback from deep inside torch or an
+allocation that swallows the machine. Two checks:
+
+- types: each field's value has the type its annotation says (a bool is not an int; an
+  int is a valid float; floats must be finite);
+- size: the weights' bytes, estimated from the config (parameters × 4 bytes in float32,
+  plus the position tables), must fit in this machine's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+#: Integer fields that multiply into the weights' size (the usual suspects of a bad file).
+SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
+               "max_seq_len", "hidden_size", "rotary_dim")
+#: A sanity bound on any one size field, far above every real model (GPT-3: 96 layers,
+#: d_model 12288; the largest vocabularies ~256k; the longest contexts ~10M).
+MAX_FIELD = 1 << 26
+
+
+def check_field_types(cls: type, values: dict[str, Any], where: str) -> None:
+    """Raise an LmlabError naming ``where`` and the field whose value has the wrong type."""
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        kind = hints.get(name, "")
+        optional = "None" in kind
+        if value is None:
+            if not optional:
+                raise LmlabError(f"{where}: {name} is null; it must be a {_base(kind)}")
+            continue
+        base = _base(kind)
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }.get(base, True)
+        if not ok:
+            raise LmlabError(f"{where}: {name} must be a {base}, not {json_repr(value)}")
+        if base == "float" and not math.isfinite(value):
+            raise LmlabError(f"{where}: {name} must be a finite number, not {value}")
+        if base == "int" and name in SIZE_FIELDS and not 0 < value <= MAX_FIELD:
+            raise LmlabError(f"{where}: {name} = {value} is out of range (1 to {MAX_FIELD:,})")
+
+
+def _base(kind: str) -> str:
+    return kind.replace("| None", "").replace("None |", "").strip()
+
+
+def json_repr(value: Any) -> str:
+    kind = {bool: "true/false", str: "a string", float: "a float", int: "an int"}.get(type(value))
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    return f"{value!r} ({kind or type(value).__name__})"
+
+
+def estimate_bytes(cfg: Any) -> tuple[int, str]:
+    """float32 bytes of the weights and fixed tables, and the field contributing most."""
+    terms: dict[str, int] = {}
+    if cfg.model_type == "transformer":
+        d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layer
+        attn = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim * d + cfg.n_head * cfg.head_dim * d
+        mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_ff
+        terms["vocab_size"] = V * d * (1 if cfg.tie_embeddings else 2)
+        terms["n_layer"] = L * (attn + mlp + 4 * d)
+        terms["max_seq_len"] = cfg.max_seq_len * (d if cfg.pos != "rope" else cfg.rotary_dim)
+    else:
+        d, H, V, L = cfg.d_model, cfg.hidden_size, cfg.vocab_size, cfg.n_layer
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}.get(cfg.cell, 4)
+        terms["vocab_size"] = V * d + V * H
+        terms["n_layer"] = L * gates * (H * (d + H) + 2 * H)
+    total = 4 * sum(terms.values())
+    return total, max(terms, key=terms.get)
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(cfg: Any, where: str) -> None:
+    need, field = estimate_bytes(cfg)
+    have = machine_memory()
+    if have is not None and need > have:
+        raise LmlabError(
+            f"{where} describes a model of about {need / 2**30:,.1f} GiB of weights (mostly from "
+            f"{field} = {getattr(cfg, field):,}), more than this machine's {have / 2**30:,.1f} GiB; "
+            "the file is damaged or the model is too big for this machine"
+        )

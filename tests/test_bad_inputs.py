@@ -1,0 +1,269 @@
+"""Damaged and hostile checkpoints: one clear LmlabError each, before anything big is
+allocated, and never a file read from outside the checkpoint folder.
+
+Each case damages a tiny checkpoint the way a user, a disk or a hostile download would,
+then loads it through the public API and through the CLI (one line on stderr, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_lmlab, tiny_checkpoint, tiny_model
+from safetensors.torch import save_file
+
+import lmlab
+from lmlab.checkpoint import RunDir
+from lmlab.errors import LmlabError
+from lmlab.models.limits import estimate_bytes
+from lmlab.models.loading import write_checkpoint
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return tiny_checkpoint(tmp_path / "ckpt")
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+# --------------------------------------------------------------------------- config.json
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"n_layer": "4"}, "n_layer must be a int, not '4'"),
+        ({"n_layer": 2.5}, "n_layer must be a int, not 2.5"),
+        ({"n_head": True}, "n_head must be a int, not true"),
+        ({"vocab_size": 1e12}, "vocab_size must be a int"),
+        ({"vocab_size": 10**12}, "vocab_size = 1000000000000 is out of range"),
+        ({"max_seq_len": 10**12}, "max_seq_len = 1000000000000 is out of range"),
+        ({"d_ff": 10**12}, "d_ff = 1000000000000 is out of range"),
+        ({"n_layer": 10**9}, "n_layer = 1000000000 is out of range"),
+        ({"n_layer": -1}, "n_layer = -1 is out of range"),
+        ({"norm_eps": float("nan")}, "norm_eps must be a finite number"),
+        ({"norm_eps": -1.0}, "norm_eps must be positive"),
+        ({"pos": 3}, "pos must be a str"),
+        ({"model_type": ["x"]}, "model_type must be a string"),
+        ({"lmlab": "x"}, "the field lmlab must be an object"),
+        ({"tie_embeddings": "yes"}, "tie_embeddings must be a bool"),
+    ],
+)
+def test_bad_config_fields_are_named(ckpt, changes, named):
+    _edit_config(ckpt, **changes)
+    with pytest.raises(LmlabError) as e:
+        lmlab.load(ckpt)
+    msg = str(e.value)
+    assert named in msg and "config.json" in msg, msg
+    assert "\n" not in msg
+
+
+def test_bad_config_on_the_command_line_is_one_line(ckpt):
+    _edit_config(ckpt, n_layer=10**9)
+    r = run_lmlab("generate", str(ckpt), "--prompt", "a", "--max-new-tokens", "2", check_rc=2)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmlab: error: ") and "n_layer" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_model_bigger_than_the_machine_is_refused_before_allocating(ckpt, monkeypatch):
+    # In range field by field, but 65M × 4096 × 4 bytes = 1 TB of embeddings: refused from
+    # the estimate (a real allocation would fail or swap for minutes).
+    _edit_config(ckpt, vocab_size=1 << 26, d_model=4096, n_head=32)
+    with pytest.raises(LmlabError, match=r"GiB of weights \(mostly from vocab_size = 67,108,864\)"):
+        lmlab.load(ckpt)
+
+
+def test_the_size_estimate_matches_the_real_parameter_count():
+    for options in ({}, {"tie_embeddings": False}, {"pos": "learned"}, {"n_kv_head": 1, "n_head": 4}):
+        model = tiny_model(97, **options)
+        n_bytes, _ = estimate_bytes(model.config)
+        real = 4 * model.num_parameters()
+        assert real <= n_bytes <= real * 1.2 + 4 * model.config.max_seq_len * model.config.d_model, options
+
+
+# --------------------------------------------------------------------------- paths stay inside
+@pytest.fixture
+def sharded(tmp_path):
+    """A Hugging Face-style Llama folder with an index over two shards (made by hand from
+    an exported lmlab model, no download)."""
+    transformers = pytest.importorskip("transformers")
+    from helpers import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    tok.save(str(folder / "tokenizer.json"))
+    assert (folder / "model.safetensors.index.json").is_file()
+    lmlab.load(folder)  # the intact folder loads
+    return folder
+
+
+def _rewrite_index(folder: Path, fn) -> None:
+    index = folder / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    d["weight_map"] = {k: fn(v) for k, v in d["weight_map"].items()}
+    index.write_text(json.dumps(d))
+
+
+def test_index_with_an_absolute_shard_path_is_refused(sharded, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    first = sorted(sharded.glob("model-*.safetensors"))[0]
+    shutil.copy(first, outside / first.name)
+    _rewrite_index(sharded, lambda v: str(outside / v) if v == first.name else v)
+    with pytest.raises(LmlabError, match="names shards outside the model folder"):
+        lmlab.load(sharded)
+
+
+def test_index_climbing_out_with_dotdot_is_refused(sharded, tmp_path):
+    first = sorted(sharded.glob("model-*.safetensors"))[0]
+    shutil.copy(first, tmp_path / first.name)
+    _rewrite_index(sharded, lambda v: f"../{v}" if v == first.name else v)
+    with pytest.raises(LmlabError, match=r"names shards outside the model folder \(\.\./"):
+        lmlab.load(sharded)
+
+
+def test_a_weight_file_linking_outside_is_refused(sharded, tmp_path):
+    first = sorted(sharded.glob("model-*.safetensors"))[0]
+    moved = tmp_path / "secret.safetensors"
+    shutil.move(first, moved)
+    os.symlink(moved, first)
+    with pytest.raises(LmlabError, match="leads outside the model folder"):
+        lmlab.load(sharded)
+
+
+def test_a_hub_cache_snapshot_linking_to_its_blobs_loads(sharded, tmp_path):
+    """huggingface_hub's cache keeps files in blobs/ and links them from snapshots/<rev>/."""
+    repo = tmp_path / "models--me--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sharded.iterdir():
+        shutil.copy(f, blobs / f.name)
+        os.symlink(Path("..") / ".." / "blobs" / f.name, snap / f.name)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(lmlab.load(snap).logits(ids), lmlab.load(sharded).logits(ids))
+
+
+# --------------------------------------------------------------------------- one checkpoint, whole
+def test_a_reader_racing_saves_always_sees_one_whole_checkpoint(tmp_path):
+    """A writer saves step after step (each step's weights differ) while readers load the
+    run folder: every load succeeds, and the weights match the config of the same step
+    (the step is stored in generation_config.json next to them)."""
+    from helpers import char_tokenizer
+
+    tok = char_tokenizer()
+    run = RunDir(tmp_path / "run")
+    models = [tiny_model(tok.get_vocab_size(), seed=i) for i in range(3)]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def write(step: int) -> None:
+        model = models[step % 3]
+        run.save(step, lambda d: write_checkpoint(d, model, tok, {"step": step, "which": step % 3}))
+
+    write(0)
+
+    def writer() -> None:
+        step = 1
+        while not stop.is_set() and step < 400:
+            write(step)
+            step += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = [m.eval()(ids)[0].detach() for m in models]
+    loads = 0
+    try:
+        while t.is_alive() and loads < 150:
+            try:
+                m = lmlab.load(run.root)
+            except LmlabError as e:  # pragma: no cover - what the test guards against
+                errors.append(str(e))
+                continue
+            loads += 1
+            which = m.generation_config["which"]
+            torch.testing.assert_close(m.logits(ids), expected[which], atol=1e-5, rtol=0)
+    finally:
+        stop.set()
+        t.join()
+    assert loads > 10
+    assert not errors, errors[:3]
+
+
+def test_a_truly_corrupted_file_is_called_corrupted(ckpt):
+    w = ckpt / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(LmlabError, match="corrupted or truncated"):
+        lmlab.load(ckpt)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(ckpt):
+    save_file({"tok_emb.weight": torch.zeros(3, 3)}, str(ckpt / "model.safetensors"))
+    _edit_config(ckpt, lmlab={"format": 1})  # no checksum: the shape check speaks
+    with pytest.raises(LmlabError, match="do not match its config.json"):
+        lmlab.load(ckpt)
+
+
+# --------------------------------------------------------------------------- one writer
+_HOLD = """
+import sys, time
+from lmlab.checkpoint import RunLock
+lock = RunLock(sys.argv[1], "lmlab train --out x").acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from lmlab.checkpoint import RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LmlabError, match=rf"in use by another process \(pid {holder.pid}, lmlab train --out x\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with RunLock(tmp_path, "second") as lock:  # the dead process's lock is free again
+        assert lock._fd is not None
+        with pytest.raises(LmlabError, match="second"):
+            RunLock(tmp_path).acquire()  # and within one process, a second lock is refused too
+    RunLock(tmp_path).acquire().release()
+
+
+def test_stale_temporary_step_folders_are_removed(tmp_path):
+    from helpers import char_tokenizer
+
+    run = RunDir(tmp_path / "run")
+    tok = char_tokenizer()
+    model = tiny_model(tok.get_vocab_size())
+    run.save(1, lambda d: write_checkpoint(d, model, tok, {}))
+    stale = run.store / ".tmp-step-00000002-999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert run.remove_stale_temporaries() == [stale]
+    assert not stale.exists() and (run.root / "config.json").is_file()
