@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -131,11 +133,15 @@ class RunDir:
 
     def save(self, step: int, write: Any, best: bool = False) -> Path:
         """``write(folder)`` fills a new folder; then it becomes ``latest`` atomically."""
-        self.store.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}"
         tmp = self.store / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
+        try:
+            self.store.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            write(tmp)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # the last whole checkpoint stays as it was
+            raise LmlabError(save_failure(self.root, _as_os_error(e))) from None
         # Re-saving a step (e.g. a resumed run saving its first step again) takes a fresh
         # name: moving the old folder aside first would leave `latest` (and `best`)
         # pointing at nothing until the second rename. The old folder is pruned below.
@@ -214,6 +220,31 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise LmlabError(f"{what} {path} should hold a JSON object")
     return d
+
+
+def _as_os_error(e: Exception) -> OSError:
+    """safetensors reports the system's error as text ("... (os error 28)"): recover it."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else 0
+    return OSError(code, os.strerror(code) if code else str(e))
+
+
+def save_failure(root: Path, e: OSError) -> str:
+    """One line for a save that the system refused: what, where, and what to do."""
+    import errno
+
+    last = "the last checkpoint is unchanged" if (root / ".ckpt" / "latest").exists() else "nothing was saved"
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        return (
+            f"no space left on the disk of {root} ({free / 2**20:,.0f} MiB free) while saving a checkpoint; "
+            f"{last}; free some space, then continue with --resume {root}"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write a checkpoint in {root} ({e.strerror}); {last}; make it writable or choose another --out"
+    return f"saving a checkpoint in {root} failed ({e.strerror or e}); {last}"
 
 
 # --------------------------------------------------------------------------- one writer

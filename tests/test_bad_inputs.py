@@ -267,3 +267,37 @@ def test_stale_temporary_step_folders_are_removed(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     assert run.remove_stale_temporaries() == [stale]
     assert not stale.exists() and (run.root / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB tmpfs (needs root and mount rights: skipped with the reason elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'mount failed'})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_leaves_the_last_checkpoint_whole_and_no_temporary(small_disk):
+    from helpers import char_tokenizer
+
+    tok = char_tokenizer()
+    small, big = tiny_model(tok.get_vocab_size(), d_model=16), tiny_model(tok.get_vocab_size(), d_model=256)
+    run = RunDir(small_disk / "run")
+    run.save(1, lambda d: write_checkpoint(d, small, tok, {"step": 1}))
+    with pytest.raises(LmlabError, match=r"no space left on the disk of .* the last checkpoint is unchanged; .*--resume"):
+        run.save(2, lambda d: write_checkpoint(d, big, tok, {"step": 2}))  # ~1.5 MB: does not fit
+    assert not [d for d in run.store.iterdir() if d.name.startswith(".tmp-")]
+    m = lmlab.load(run.root)
+    assert m.generation_config["step"] == 1 and m.config.d_model == 16
+    run.save(3, lambda d: write_checkpoint(d, small, tok, {"step": 3}))  # space is back: saving works
+    assert lmlab.load(run.root).generation_config["step"] == 3
+
