@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, GenerationResult, generate_stream
+from lmlab.messages import warn
 from lmlab.models.base import LanguageModel
 from lmlab.models.loading import ModelParts, write_checkpoint
 from lmlab.tokenizer import UnknownCharWarner
@@ -49,7 +50,9 @@ class Model:
     # --------------------------------------------------------------- tokens
     def encode(self, text: str) -> list[int]:
         """Token ids as the tokenizer's own post-processor makes them (BOS or not)."""
-        ids = self.tokenizer.encode(text).ids
+        if not isinstance(text, str):
+            raise LmlabError(f"the text to encode must be a str, not {type(text).__name__}")
+        ids = self.tokenizer.encode(_valid_unicode(text)).ids
         self._unk.check(ids, text)  # a char tokenizer warns once about unseen characters
         if not ids:
             bos = self.generation_config.get("bos_token_id")
@@ -161,3 +164,15 @@ def load(
     if method is not None:
         quantize_model(parts.module, method)
     return Model.from_parts(parts)
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (bytes that were not UTF-8, decoded with
+    ``surrogateescape``: a shell argument like ``$'\\xff'``) replaced by U+FFFD, with a warning;
+    a tokenizer cannot encode them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        warn("the text holds bytes that are not UTF-8; each became U+FFFD (\ufffd) before tokenizing")
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)

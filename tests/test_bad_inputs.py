@@ -301,3 +301,29 @@ def test_a_full_disk_leaves_the_last_checkpoint_whole_and_no_temporary(small_dis
     run.save(3, lambda d: write_checkpoint(d, small, tok, {"step": 3}))  # space is back: saving works
     assert lmlab.load(run.root).generation_config["step"] == 3
 
+
+
+# --------------------------------------------------------------------------- text that is not UTF-8
+def test_a_prompt_with_lone_surrogates_is_replaced_with_a_warning(ckpt):
+    from lmlab.messages import LmlabWarning
+
+    m = lmlab.load(ckpt)
+    bad = b"ab\xff\xfe".decode("utf-8", "surrogateescape")
+    with pytest.warns(LmlabWarning, match="not UTF-8"):
+        ids = m.encode(bad)
+    assert ids == m.encode("ab\ufffd\ufffd")
+
+
+def test_a_non_utf8_prompt_on_the_command_line_is_not_a_traceback(ckpt):
+    import subprocess
+    import sys
+
+    from helpers import REPO, cli_env
+
+    code = "import sys; from lmlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "generate", str(ckpt).encode(), b"--prompt", b"ab\xff\xfe",
+            b"--max-new-tokens", b"2", b"--seed", b"0"]
+    r = subprocess.run(argv, capture_output=True, env=cli_env(), cwd=REPO, timeout=120)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 0, err
+    assert "Traceback" not in err and "lmlab: warning: the text holds bytes that are not UTF-8" in err
