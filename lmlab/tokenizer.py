@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab.errors import LmlabError
-from lmlab.messages import warn
+from lmlab.messages import say, warn
 
 EOT = "<|endoftext|>"  # separates documents; the end-of-sequence token of our models
 UNK = "<unk>"
@@ -79,6 +79,33 @@ def _warn_short_vocab(got: int, asked: int) -> None:
             f"the corpus gave a BPE vocabulary of {got} tokens, not {asked}: it is too small for more "
             "merges (a merge needs a pair of symbols seen at least twice); more text gives more tokens"
         )
+
+
+#: BPE merges are learned from at most this many characters of a corpus: a sample this big
+#: gives the same merges to within the rare ones, and tokenizer training stays bounded in
+#: time and memory (SentencePiece samples its input the same way).
+BPE_SAMPLE_CHARS = 200_000_000
+
+
+def train_tokenizer(kind: str, chunks: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+    """A ``char`` or ``bpe`` tokenizer trained on a corpus given as text chunks (streamed:
+    the corpus is never whole in memory). End-of-text markers between files are not text:
+    the char tokenizer skips them, BPE sees a line break there."""
+    if kind == "char":
+        return train_char_tokenizer(c.replace(EOT, "") for c in chunks)
+    if kind != "bpe":
+        raise LmlabError(f"unknown tokenizer kind {kind!r} (use char or bpe)")
+
+    def sample() -> Iterator[str]:
+        seen = 0
+        for c in chunks:
+            yield c.replace(EOT, "\n")
+            seen += len(c)
+            if seen >= BPE_SAMPLE_CHARS:
+                say(f"lmlab: BPE merges learned from the first {seen / 1e6:,.0f}M characters of the corpus")
+                return
+
+    return train_bpe_tokenizer(sample(), vocab_size)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -167,15 +167,16 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def count_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls to the real encode_text (a cache hit must not tokenize)."""
+    """Counts corpus encodings by the real encode_chunks (a cache hit must not tokenize)."""
     calls: list[int] = []
-    real = data.encode_text
+    real = data.encode_chunks
 
-    def counting(tok, text, *a, **kw):
-        calls.append(len(text))
-        return real(tok, text, *a, **kw)
+    def counting(tok, chunks, out):
+        result = real(tok, chunks, out)
+        calls.append(result[1])  # characters encoded
+        return result
 
-    monkeypatch.setattr(data, "encode_text", counting)
+    monkeypatch.setattr(data, "encode_chunks", counting)
     return calls
 
 
@@ -226,8 +227,10 @@ def test_cache_is_reused(tmp_path: Path, cache: Path, monkeypatch: pytest.Monkey
     def boom(*a, **kw):
         raise AssertionError("re-tokenized although the cache is valid")
 
+    monkeypatch.setattr(data, "encode_chunks", boom)
     monkeypatch.setattr(data, "encode_text", boom)
     monkeypatch.setattr(data, "read_corpus", boom)
+    monkeypatch.setattr(data, "iter_corpus", boom)
     second = load_corpus(f, tok)
     assert second.cache_path == first.cache_path
     assert np.array_equal(np.asarray(second.ids), np.asarray(first.ids))
@@ -407,3 +410,49 @@ def test_cli_data_errors(tmp_path: Path) -> None:
         for needle in cases[k][1]:
             assert needle in errors[0], (k, needle, errors[0])
         assert not (tmp_path / f"out-{k}" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- streaming
+def test_streamed_corpus_equals_the_joined_text_encoded_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read 7 bytes at a time, chunks of at most 11 characters, 3 chunks per batch: a
+    multi-byte character split between reads, chunk cuts at newlines and around the
+    end-of-text marker between files — the ids equal the char tokenizer's on the whole text."""
+    monkeypatch.setattr(data, "READ_BYTES", 7)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 11)
+    monkeypatch.setattr(data, "BATCH_CHUNKS", 3)
+    a = "学而时习之，不亦说乎？\nabc def\n" * 3
+    b = "有朋自远方来" + "x" * 30 + "\n\n" + TEXT[:200]
+    _write(tmp_path / "d" / "a.txt", a)
+    _write(tmp_path / "d" / "b.txt", b)
+    joined = a + EOT + b
+    tok = train_char_tokenizer([joined.replace(EOT, "")])
+    corpus = load_corpus(tmp_path / "d", tok, use_cache=False)
+    assert np.asarray(corpus.ids).tolist() == tok.encode(joined).ids
+    assert corpus.n_chars == len(joined)
+    chunks = list(data.iter_corpus(resolve_data(tmp_path / "d")))
+    assert "".join(chunks) == joined and max(map(len, chunks)) <= 11 + len(EOT)
+
+
+def test_streamed_utf8_error_names_the_byte_across_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "READ_BYTES", 5)
+    raw = "héllo wörld, ".encode() * 3 + b"\xff\xfe" + b"tail"
+    f = _write(tmp_path / "bad.txt", raw)
+    offset = raw.index(b"\xff")
+    tok = train_char_tokenizer(["helo wrd,"])
+    with pytest.raises(LmlabError, match=rf"bad.txt is not valid UTF-8 \(byte {offset}: "):
+        load_corpus(f, tok, use_cache=False)
+
+
+def test_tokenizer_trained_on_streamed_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmlab import tokenizer as tokmod
+
+    text = TEXT + EOT + "第二个文件。\n" + TEXT
+    chunks = [text[i : i + 50] for i in range(0, len(text), 50)]
+    char = tokmod.train_tokenizer("char", iter(chunks))
+    assert char.get_vocab() == train_char_tokenizer([text.replace(EOT, "")]).get_vocab()
+    # BPE learns its merges from the first BPE_SAMPLE_CHARS characters only
+    monkeypatch.setattr(tokmod, "BPE_SAMPLE_CHARS", 100)
+    sampled = tokmod.train_tokenizer("bpe", iter(chunks), vocab_size=300)
+    assert sampled.get_vocab() == tokmod.train_bpe_tokenizer([c.replace(EOT, "\n") for c in chunks[:2]], 300).get_vocab()
+    with pytest.raises(LmlabError, match="unknown tokenizer kind 'word'"):
+        tokmod.train_tokenizer("word", iter(chunks))
