@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmlab.errors import LmlabError
-from lmlab.messages import is_main_process
+from lmlab.messages import is_main_process, say
 from lmlab.tokenizer import EOT
 
 #: The built-in corpus is capped at this many characters.
@@ -85,6 +85,11 @@ def resolve_data(spec: str | os.PathLike) -> list[Path]:
         if not files:
             raise LmlabError(f"the pattern {spec} matches no files")
         return files
+    if p.is_symlink() and not p.exists():
+        raise LmlabError(f"data path {spec} is a symbolic link to nothing (or a loop of links); point it at a text file")
+    if p.exists():  # neither a file nor a folder
+        kind = "a FIFO (named pipe)" if p.is_fifo() else "a socket" if p.is_socket() else "a device"
+        raise LmlabError(f"data path {spec} is {kind}, not a text file; save the text to a file and give that")
     raise LmlabError(f"data path {spec} does not exist (give a text file, a folder, a glob, or 'builtin')")
 
 
@@ -287,20 +292,27 @@ class TokenCorpus:
     cache_path: Path | None
 
     def split(self, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Train = the first (1 - f) of the tokens, validation = the last f (as nanoGPT)."""
+        """Train = the first (1 - f) of the tokens, validation = the last f (as nanoGPT).
+
+        A validation part shorter than one window (seq_len + 1 tokens) could not be
+        evaluated: on a small corpus it grows to one window, with a line saying so, as long
+        as the training part keeps one window too.
+        """
         n = len(self.ids)
         n_val = int(n * val_fraction)
-        if n - n_val < seq_len + 1:
-            raise LmlabError(
-                f"the corpus {self.name} has {n} tokens; training needs more than one context "
-                f"window ({seq_len + 1} tokens) in its training part — give more text or a "
-                "smaller --max-seq-len"
+        window = seq_len + 1
+        if val_fraction > 0 and n_val < window and n - window >= window:
+            say(
+                f"lmlab: the last {val_fraction:.0%} of {self.name} ({n_val} tokens) is shorter than one "
+                f"context window ({window}); validating on its last {window} tokens ({window / n:.0%}) instead"
             )
-        if val_fraction > 0 and n_val < seq_len + 1:
+            n_val = window
+        if n - n_val < window or (val_fraction > 0 and n_val < window):
+            need = 2 * window if val_fraction > 0 else window
             raise LmlabError(
-                f"the validation part of {self.name} ({n_val} tokens, the last "
-                f"{val_fraction:.0%}) is shorter than one context window ({seq_len + 1}); "
-                "give more text, a larger --val-fraction, or a smaller --max-seq-len"
+                f"the corpus {self.name} has {n} tokens; training needs more than one context window: at "
+                f"least {need} tokens (a window of {window} to train on"
+                f"{' and one to validate on' if val_fraction > 0 else ''}) — give more text or a smaller --max-seq-len"
             )
         return self.ids[: n - n_val], self.ids[n - n_val :]
 

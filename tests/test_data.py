@@ -324,11 +324,26 @@ def test_split_corpus_shorter_than_context() -> None:
     assert "tiny.txt" in msg and "10 tokens" in msg and "--max-seq-len" in msg
 
 
-def test_split_validation_shorter_than_context() -> None:
+def test_split_validation_shorter_than_context_grows_to_one_window(capsys) -> None:
     corpus = TokenCorpus(np.arange(100, dtype=np.uint16), "small.txt", 1, None, None)
+    train, val = corpus.split(0.05, 16)  # 5 validation tokens < 17: the last 17 instead
+    assert train.tolist() == list(range(83)) and val.tolist() == list(range(83, 100))
+    assert "validating on its last 17 tokens (17%) instead" in capsys.readouterr().err
     with pytest.raises(LmlabError) as e:
-        corpus.split(0.05, 16)  # 5 validation tokens < 17
-    assert "--val-fraction" in _one_line(e)
+        TokenCorpus(np.arange(30, dtype=np.uint16), "small.txt", 1, None, None).split(0.05, 16)
+    assert "at least 34 tokens" in _one_line(e) and "--max-seq-len" in _one_line(e)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_data_that_is_a_fifo_or_a_link_loop_is_named_as_such(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(LmlabError, match="is a FIFO"):
+        resolve_data(fifo)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(LmlabError, match="symbolic link to nothing"):
+        resolve_data(loop)
 
 
 def test_load_corpus_short_text_fails_at_split(tmp_path: Path, cache: Path) -> None:
