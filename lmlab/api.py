@@ -14,6 +14,7 @@ from lmlab.generate import GenerationConfig, GenerationResult, generate_stream
 from lmlab.messages import warn
 from lmlab.models.base import LanguageModel
 from lmlab.models.loading import ModelParts, write_checkpoint
+from lmlab.nn import fastpath
 from lmlab.tokenizer import UnknownCharWarner
 
 
@@ -32,12 +33,10 @@ class Model:
         self.generation_config = dict(generation_config or {})
         self.source = source
         self._unk = UnknownCharWarner(tokenizer)
-        # Inference on the CPU runs every matrix product on oneDNN (lmlab.nn.layers.Linear:
+        # Inference on the CPU runs every matrix product on oneDNN (lmlab.nn.fastpath:
         # no-grad forwards only, so training this module is unaffected): decoding and
         # whole-prompt forwards (prefill, eval) both read the weights faster.
-        prepare = getattr(self.module, "prepare_decoding", None)
-        if prepare is not None:
-            prepare()
+        fastpath.prepare(self.module)
 
     @classmethod
     def from_parts(cls, parts: ModelParts) -> Model:

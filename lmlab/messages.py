@@ -52,6 +52,9 @@ def cli_format() -> None:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: Frames of these files sit between lmlab and its caller without being the caller (torch's
+#: decorators that wrap a generator: inference_mode, no_grad).
+_WRAPPERS = (os.sep + os.path.join("torch", "utils", "_contextlib.py"),)
 
 
 def _stacklevel_outside_lmlab() -> int:
@@ -59,6 +62,8 @@ def _stacklevel_outside_lmlab() -> int:
     outside the lmlab package: the depth varies (encode, generate, stream, a list
     comprehension's frame on Python < 3.12), so every lmlab frame is skipped."""
     frame, level = sys._getframe(2), 2  # level 1 would be warn() itself
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.endswith(_WRAPPERS)
+    ):
         frame, level = frame.f_back, level + 1
     return level

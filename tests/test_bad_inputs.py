@@ -40,10 +40,10 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "changes, named",
     [
-        ({"n_layer": "4"}, "n_layer must be a int, not '4'"),
-        ({"n_layer": 2.5}, "n_layer must be a int, not 2.5"),
-        ({"n_head": True}, "n_head must be a int, not true"),
-        ({"vocab_size": 1e12}, "vocab_size must be a int"),
+        ({"n_layer": "4"}, "n_layer must be an int, not '4'"),
+        ({"n_layer": 2.5}, "n_layer must be an int, not 2.5"),
+        ({"n_head": True}, "n_head must be an int, not true"),
+        ({"vocab_size": 1e12}, "vocab_size must be an int"),
         ({"vocab_size": 10**12}, "vocab_size = 1000000000000 is out of range"),
         ({"max_seq_len": 10**12}, "max_seq_len = 1000000000000 is out of range"),
         ({"d_ff": 10**12}, "d_ff = 1000000000000 is out of range"),

@@ -8,50 +8,23 @@ A Transformer's prompts of different lengths are left-padded into one batch, wit
 attention mask and per-row position ids (Hugging Face's ``cumsum(mask) - 1``), so each row
 sees exactly what it would see alone. A recurrent model runs each prompt on its own (its
 state has no mask to skip padding), then decodes the rows together: the states are stacked
-along their batch dimension (dim 1 of the (n_layer, B, H) tensors).
+along their batch dimension (``RecurrentState.cat``). Past that, the loop touches a state
+only through the protocol every state follows (:class:`lmlab.models.base.State`):
+``select(index)`` and ``remaining``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmlab.errors import LmlabError
-from lmlab.models.base import LanguageModel
-
-
-def warn(msg: str) -> None:
-    print(f"lmlab: warning: {msg}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- states
-def select_state(state: Any, index: Tensor) -> Any:
-    """Rows ``index`` of a state: a KV cache reorders itself; tensors (n_layer, B, H) and
-    tuples of them (an LSTM's (h, c)) are indexed on their batch dimension, dim 1."""
-    if state is None:
-        return None
-    if hasattr(state, "reorder"):
-        state.reorder(index)
-        return state
-    if isinstance(state, Tensor):
-        return state.index_select(1, index.to(state.device))
-    if isinstance(state, tuple | list):
-        return type(state)(select_state(s, index) for s in state)
-    raise LmlabError(f"cannot select rows of a model state of type {type(state).__name__}")
-
-
-def cat_states(states: Sequence[Any]) -> Any:
-    """Stack per-row states of a recurrent model along the batch dimension (dim 1)."""
-    first = states[0]
-    if isinstance(first, Tensor):
-        return torch.cat(list(states), dim=1)
-    if isinstance(first, tuple | list):
-        return type(first)(cat_states([s[i] for s in states]) for i in range(len(first)))
-    raise LmlabError(f"cannot batch model states of type {type(first).__name__}")
+from lmlab.messages import warn
+from lmlab.models.base import LanguageModel, State
+from lmlab.models.rnn import RecurrentState
+from lmlab.nn import fastpath
 
 
 def cache_slots(prompt_len: int, max_new_tokens: int, ctx: int) -> int:
@@ -89,14 +62,12 @@ class Runner:
         self.device = model.device
         self.max_new_tokens = max_new_tokens
         self.ctx: int | None = model.config.max_seq_len if model.bounded_context else None
-        self.state: Any = None
+        self.state: State | None = None
         self.padded = False
         self.next_pos: Tensor | None = None  # (N,) the position of each row's next token
         self.sliding = False
         self.warned = False
-        prepare = getattr(model, "prepare_decoding", None)
-        if prepare is not None:  # decoding kernels (a Transformer on the CPU: oneDNN matmuls)
-            prepare()
+        fastpath.prepare(model)  # on the CPU: oneDNN matmuls, unless model.fast_decoding is False
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
@@ -150,15 +121,15 @@ class Runner:
             logits, state = self.model(torch.tensor([list(p)], device=self.device), None, last_only=True)
             rows.append(logits[:, -1])
             states.append(state)
-        self.state = cat_states(states)
+        self.state = RecurrentState.cat(states)
         return torch.cat(rows).float()
 
     # ------------------------------------------------------------------ rows
     def select(self, index: Tensor) -> None:
         """Keep rows ``index`` (a LongTensor, may repeat rows: beams, samples of one prompt)."""
         index = index.to(self.device)
-        if not self.sliding:
-            self.state = select_state(self.state, index)
+        if not self.sliding and self.state is not None:
+            self.state = self.state.select(index)
         if self.next_pos is not None:
             self.next_pos = self.next_pos.index_select(0, index)
 
@@ -170,7 +141,7 @@ class Runner:
         if self.ctx is None:
             logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
             return logits[:, -1].float()
-        if not self.sliding and self.state.length < self.state.max_len:
+        if not self.sliding and self.state.remaining > 0:
             if not self.padded:  # every row's position is its slot: the model's default
                 logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
                 return logits[:, -1].float()

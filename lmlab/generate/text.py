@@ -21,8 +21,8 @@ from typing import Any
 from lmlab.generate.beam import beam_search
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.logits import Penalties
-from lmlab.generate.runner import warn
 from lmlab.generate.sampling import resolve_seed, sample
+from lmlab.messages import warn
 from lmlab.models.base import LanguageModel
 
 _PARTIAL = "\ufffd"  # what decode shows for bytes that do not (yet) form a character

@@ -12,10 +12,28 @@ serve them all, and comparing an LSTM with a Transformer is a fair fight.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+
+@runtime_checkable
+class State(Protocol):
+    """What the decoding loop may do with a model's state, whatever the family: a
+    Transformer's :class:`~lmlab.nn.cache.KVCache`, an RNN's
+    :class:`~lmlab.models.rnn.RecurrentState`. The rest of it is the model's business.
+    """
+
+    def select(self, index: Tensor) -> State:
+        """The state of batch rows ``index`` (kept, repeated or reordered: finished rows
+        leave, beams follow their parents). May update in place and return itself."""
+        ...
+
+    @property
+    def remaining(self) -> int | None:
+        """How many more tokens fit (a KV cache's free slots); None when unbounded (an RNN)."""
+        ...
 
 
 class LanguageModel(nn.Module):
@@ -29,6 +47,9 @@ class LanguageModel(nn.Module):
     hf_origin: dict[str, Any] | None = None
     #: The weight quantization applied after loading ("int8"), None for float weights.
     quantization: str | None = None
+    #: Decode on a CPU with the faster kernel of :mod:`lmlab.nn.fastpath` (oneDNN linear
+    #: layers, the same function); set False to decode on the plain ``F.linear`` path.
+    fast_decoding: bool = True
 
     def forward(  # pragma: no cover - abstract
         self, ids: Tensor, state: Any = None, *, last_only: bool = False, **kw: Any

@@ -36,7 +36,7 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> None:
         optional = "None" in kind
         if value is None:
             if not optional:
-                raise LmlabError(f"{where}: {name} is null; it must be a {_base(kind)}")
+                raise LmlabError(f"{where}: {name} is null; it must be a value of type {_base(kind)}")
             continue
         base = _base(kind)
         ok = {
@@ -46,7 +46,8 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> None:
             "str": isinstance(value, str),
         }.get(base, True)
         if not ok:
-            raise LmlabError(f"{where}: {name} must be a {base}, not {json_repr(value)}")
+            article = "an" if base == "int" else "a"
+            raise LmlabError(f"{where}: {name} must be {article} {base}, not {json_repr(value)}")
         if base == "float" and not math.isfinite(value):
             raise LmlabError(f"{where}: {name} must be a finite number, not {value}")
         if base == "int" and name in SIZE_FIELDS and not 0 < value <= MAX_FIELD:

@@ -5,10 +5,11 @@
     logits_t = W_out · (P h_t) + b                      P: hidden -> d_model, only when tied
 
 The cells run in PyTorch's fused ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (oneDNN / cuDNN
-kernels); :mod:`lmlab.nn.cells` writes out what they compute. A single token on a CPU
-(a decoding step) goes through PyTorch's one-step cell kernels instead, on the same
-weights: the same numbers, without oneDNN's per-call set-up. The state s is the
-hidden vector h (RNN, GRU) or the pair (h, c) (LSTM), each (n_layer, B, hidden_size):
+kernels); :mod:`lmlab.nn.cells` writes out what they compute, and ``explicit = True`` runs
+those equations instead, on the same weights. A single token on a CPU (a decoding step)
+goes through PyTorch's one-step cell kernels, on the same weights: the same numbers,
+without oneDNN's per-call set-up. The state s (:class:`RecurrentState`) is the hidden
+vector h (RNN, GRU) or the pair (h, c) (LSTM), each (n_layer, B, hidden_size):
 it is the whole memory of the past, so generating N tokens costs N single-step
 updates whatever the length of the prefix, and there is no context limit —
 ``max_seq_len`` is only the window of truncated backpropagation through time.
@@ -16,6 +17,7 @@ updates whatever the length of the prefix, and there is no context limit —
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,13 +26,47 @@ from torch import Tensor, nn
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
 from lmlab.models.config import RNNConfig
-from lmlab.nn.cells import GATES
+from lmlab.nn.cells import GATES, CellState, run_layers
 
 _FUSED = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 _NAMES = {"rnn": "an Elman RNN", "gru": "a GRU", "lstm": "an LSTM"}
 
-#: An RNN's or GRU's state is h; an LSTM's is (h, c); each (n_layer, B, hidden_size).
-RNNState = Tensor | tuple[Tensor, Tensor]
+
+class RecurrentState:
+    """An RNN's or GRU's h, an LSTM's (h, c); each (n_layer, B, hidden_size).
+
+    The whole memory of the past, so it never fills: ``remaining`` is None. Rows are
+    dimension 1 of each tensor (``select``; ``cat`` stacks states of separate prompts).
+    """
+
+    remaining: int | None = None
+
+    def __init__(self, h: Tensor, c: Tensor | None = None) -> None:
+        self.h, self.c = h, c
+
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        """(h,) or (h, c): the form ``nn.RNN/GRU`` and ``nn.LSTM`` take."""
+        return (self.h,) if self.c is None else (self.h, self.c)
+
+    def select(self, index: Tensor) -> RecurrentState:
+        """Rows ``index`` of every tensor (dim 1, the batch)."""
+        index = index.to(self.h.device)
+        return RecurrentState(*(t.index_select(1, index) for t in self.tensors))
+
+    def detach(self) -> RecurrentState:
+        """The same values, cut from the graph (truncated backpropagation through time)."""
+        return RecurrentState(*(t.detach() for t in self.tensors))
+
+    @staticmethod
+    def cat(states: Sequence[RecurrentState]) -> RecurrentState:
+        """One batch from the states of separate rows, stacked along dim 1."""
+        parts = zip(*(s.tensors for s in states))
+        return RecurrentState(*(torch.cat(list(p), dim=1) for p in parts))
+
+
+#: What the model accepts as a state: a RecurrentState, or h / (h, c) as PyTorch's layers take.
+RNNState = RecurrentState | Tensor | tuple[Tensor, Tensor]
 
 
 class RNNLanguageModel(LanguageModel):
@@ -38,6 +74,9 @@ class RNNLanguageModel(LanguageModel):
 
     #: The state summarises the whole past: generation never crops the context.
     bounded_context = False
+    #: True: run the equations of :mod:`lmlab.nn.cells` (slow, the same numbers) instead of
+    #: PyTorch's fused layer and one-step kernels, on the same weights.
+    explicit: bool = False
 
     def __init__(self, config: RNNConfig) -> None:
         super().__init__()
@@ -89,17 +128,20 @@ class RNNLanguageModel(LanguageModel):
                     getattr(self.rnn, f"bias_hh_l{k}")[H : 2 * H].zero_()
 
     # ------------------------------------------------------------------ state
-    def init_state(self, batch_size: int, max_len: int | None = None) -> RNNState:
-        """Zeros, (n_layer, B, hidden) — or a pair of them for the LSTM. ``max_len`` is
+    def init_state(self, batch_size: int, max_len: int | None = None) -> RecurrentState:
+        """Zeros, (n_layer, B, hidden) — two of them (h, c) for the LSTM. ``max_len`` is
         accepted for the protocol and ignored: the state's size does not grow."""
         cfg = self.config
         h = torch.zeros(cfg.n_layer, batch_size, cfg.hidden_size, device=self.device, dtype=self.dtype)
-        return (h, h.clone()) if cfg.cell == "lstm" else h
+        return RecurrentState(h, h.clone() if cfg.cell == "lstm" else None)
 
-    def _check_state(self, state: Any, batch_size: int) -> RNNState | None:
-        """The state as the fused layer wants it, or a one-line error saying what is wrong."""
+    def _check_state(self, state: Any, batch_size: int) -> CellState | None:
+        """The state as the fused layer wants it (h, or (h, c)), or a one-line error saying
+        what is wrong."""
         if state is None:
             return None
+        if isinstance(state, RecurrentState):
+            state = state.tensors if state.c is not None else state.h
         cfg = self.config
         want = (cfg.n_layer, batch_size, cfg.hidden_size)
         what = "(h, c)" if cfg.cell == "lstm" else "h"
@@ -129,7 +171,7 @@ class RNNLanguageModel(LanguageModel):
         last_only: bool = False,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,  # noqa: ARG002 - the protocol's; an RNN has no positions
-    ) -> tuple[Tensor, RNNState]:
+    ) -> tuple[Tensor, RecurrentState]:
         """ids: (B, T) continuing the sequence ``state`` summarises (None = start fresh).
 
         Returns logits (B, T, vocab) — (B, 1, vocab) with ``last_only`` — and the state
@@ -143,12 +185,17 @@ class RNNLanguageModel(LanguageModel):
                 f"{_NAMES[self.config.cell]} cannot skip padding tokens; "
                 "give sequences one at a time (or of equal length) without an attention mask"
             )
-        state = self._check_state(state, ids.shape[0])
+        s = self._check_state(state, ids.shape[0])
         x = self.drop(self.tok_emb(ids))  # (B, T) -> (B, T, d_model)
-        if self._steps_cells(ids):
-            out, state = self._step(x, state)  # (B, 1, d_model) -> (B, 1, hidden)
+        if self.explicit or self._steps_cells(ids):
+            # (B, T, d_model) -> (B, T, hidden): the equations, or their one-step kernels
+            out, s = run_layers(
+                self.config.cell, x, self.rnn.all_weights, s, self.rnn.dropout, self.training,
+                kernels=not self.explicit,
+            )  # fmt: skip
         else:
-            out, state = self.rnn(x, state)  # (B, T, d_model) -> (B, T, hidden)
+            out, s = self.rnn(x, s)  # (B, T, d_model) -> (B, T, hidden): the fused layer
+        state = RecurrentState(*s) if isinstance(s, tuple) else RecurrentState(s)
         if last_only:
             out = out[:, -1:]
         out = self.drop(out)
@@ -157,49 +204,24 @@ class RNNLanguageModel(LanguageModel):
         return self.lm_head(out), state  # (B, T, vocab)
 
     def _steps_cells(self, ids: Tensor) -> bool:
-        """Whether this call takes :meth:`_step`: one token on a CPU (a decoding step),
-        where nothing makes the fused layer compute something else — no dropout between
-        layers (training with dropout > 0), no autocast (bf16 training)."""
-        return (
-            ids.shape[1] == 1
-            and ids.device.type == "cpu"
-            and not (self.training and self.rnn.dropout > 0)
-            and not torch.is_autocast_enabled("cpu")
-        )
-
-    def _step(self, x: Tensor, state: RNNState | None) -> tuple[Tensor, RNNState]:
-        """One time step through every layer with PyTorch's one-step cell kernels
-        (``torch.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell``: the equations of
-        :mod:`lmlab.nn.cells`) on the fused layer's own weights; the same numbers as
-        ``self.rnn`` on a sequence of one token.
+        """Whether this call takes PyTorch's one-step cell kernels (``torch.lstm_cell`` /
+        ``gru_cell`` / ``rnn_tanh_cell``, through :func:`~lmlab.nn.cells.run_layers`) on the
+        fused layer's own weights: one token on a CPU (a decoding step), where nothing makes
+        the fused layer compute something else — no dropout between layers (training with
+        dropout > 0), no autocast (bf16 training). The same numbers as ``self.rnn``.
 
         Why: on a CPU ``nn.LSTM`` hands each call to oneDNN, whose set-up for a call
         outweighs one step's arithmetic: a decoding step through it ran 2× (hidden 128)
         to over 10× (hidden 512) slower than through these kernels (one thread; GRU and
         RNN, which do not use oneDNN, run about as fast either way). A window of tokens
         (training, the prompt) keeps the fused kernel: one call runs every step.
-
-        x: (B, 1, d_model); state as :meth:`init_state` (None = zeros).
-        Returns the last layer's output (B, 1, hidden) and the new state.
         """
-        cell = self.config.cell
-        if state is None:
-            state = self.init_state(x.shape[0])
-        h0, c0 = state if cell == "lstm" else (state, None)  # each (n_layer, B, hidden)
-        inp = x[:, 0]  # (B, 1, d_model) -> (B, d_model)
-        hs, cs = [], []
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.rnn.all_weights):
-            if cell == "lstm":
-                h, c = torch.lstm_cell(inp, (h0[k], c0[k]), w_ih, w_hh, b_ih, b_hh)
-                cs.append(c)
-            elif cell == "gru":
-                h = torch.gru_cell(inp, h0[k], w_ih, w_hh, b_ih, b_hh)
-            else:
-                h = torch.rnn_tanh_cell(inp, h0[k], w_ih, w_hh, b_ih, b_hh)
-            hs.append(h)
-            inp = h  # layer k's output is layer k+1's input
-        h_n = torch.stack(hs)  # n_layer × (B, hidden) -> (n_layer, B, hidden)
-        return inp[:, None], ((h_n, torch.stack(cs)) if cell == "lstm" else h_n)
+        return (
+            ids.shape[1] == 1
+            and ids.device.type == "cpu"
+            and not (self.training and self.rnn.dropout > 0)
+            and not torch.is_autocast_enabled("cpu")
+        )
 
     # ------------------------------------------------------------------ loading
     def check_weights(self, tensors: dict[str, Tensor], source: str) -> None:
@@ -224,4 +246,4 @@ class RNNLanguageModel(LanguageModel):
             )
 
 
-__all__ = ["RNNLanguageModel", "RNNState"]
+__all__ = ["RNNLanguageModel", "RNNState", "RecurrentState"]

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
 from lmlab.models.config import TransformerConfig
-from lmlab.nn.attention import CausalSelfAttention, KVCache
-from lmlab.nn.layers import MLP, Linear, make_norm, set_fast_linear
+from lmlab.nn.attention import CausalSelfAttention, causal_padding_mask
+from lmlab.nn.cache import KVCache
+from lmlab.nn.layers import MLP, make_norm
 from lmlab.nn.positional import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
 
@@ -73,7 +74,7 @@ class Transformer(LanguageModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         if self.tok_emb.weight.device.type != "meta":  # on meta, weights come from a file
             self.reset_parameters()
@@ -105,16 +106,6 @@ class Transformer(LanguageModel):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, LearnedPositions):
                 nn.init.normal_(m.weight, 0.0, std)
-
-    # ------------------------------------------------------------------ decoding
-    #: decode with the CPU decoding kernels (set False to decode on the plain path)
-    fast_decoding: bool = True
-
-    def prepare_decoding(self) -> None:
-        """Called by the decoding loop before it starts. On the CPU, with ``fast_decoding``,
-        every matrix product runs on oneDNN (see :class:`~lmlab.nn.layers.Linear`): the same
-        function, logits equal to float rounding."""
-        set_fast_linear(self, self.fast_decoding and self.device.type == "cpu")
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -154,7 +145,7 @@ class Transformer(LanguageModel):
             raise LmlabError(f"token ids must have shape (batch, time), got {tuple(ids.shape)}")
         B, T = ids.shape
         start = state.length if state is not None else 0
-        if state is not None and start + T > state.max_len:
+        if state is not None and T > state.remaining:
             raise LmlabError(
                 f"KV cache holds {state.max_len} positions but {start + T} are needed; "
                 "make a bigger state with model.init_state(batch, max_len)"
@@ -180,49 +171,14 @@ class Transformer(LanguageModel):
             cos, sin = self.rope(position_ids)  # (B or 1, T, rd)
             rope = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))  # broadcast over heads
 
-        mask = self._mask(B, T, start, attention_mask, state, ids.device)
+        if state is not None:
+            state.mark(attention_mask, T)  # which new slots are real tokens (not left padding)
+        mask = causal_padding_mask(T, attention_mask, state, ids.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, state, i)
         if state is not None:
-            state.length = start + T
+            state.advance(T)
         if last_only:
             x = x[:, -1:]
         x = self.norm_f(x)
         return self.lm_head(x), state  # (B, T, vocab)
-
-    @staticmethod
-    def _mask(
-        B: int,
-        T: int,
-        start: int,
-        attention_mask: Tensor | None,
-        state: KVCache | None,
-        device: torch.device,
-    ) -> Tensor | None:
-        """Boolean (B, 1, T, S) mask, True = may attend; None means plain causal.
-
-        Query i (slot start+i) sees key slot j when j ≤ start+i and slot j is a real
-        token. A padding query may always see itself, so no softmax row is empty.
-        """
-        if attention_mask is not None:
-            valid = attention_mask.to(device=device, dtype=torch.bool)
-            if state is not None:
-                state.key_valid[:, start : start + T] = valid
-                state.has_padding = state.has_padding or not bool(valid.all())
-        elif state is not None:
-            state.key_valid[:, start : start + T] = True
-        padded = (attention_mask is not None and not bool(attention_mask.bool().all())) or (
-            state is not None and state.has_padding
-        )
-        if not padded and start == 0:
-            return None  # causal: the fused kernel's is_causal path
-        if not padded and T == 1:
-            return None  # one new token attends to everything before it (T == 1: not causal)
-        S = start + T
-        q_pos = torch.arange(start, S, device=device)[:, None]
-        k_pos = torch.arange(S, device=device)[None, :]
-        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
-        if padded:
-            kv = state.key_valid[:, :S] if state is not None else attention_mask.bool()
-            allowed = allowed & (kv[:, None, None, :] | (k_pos == q_pos)[None, None])
-        return allowed

@@ -1,4 +1,4 @@
-"""Multi-head (and grouped-query) causal self-attention with a static KV cache.
+"""Multi-head (and grouped-query) causal self-attention, its mask, over a static KV cache.
 
 Attention(Q, K, V) = softmax(QKᵀ/√d_k + M) V, computed per head, where the mask M
 is 0 where a query may look and -∞ elsewhere (the future, and padding).
@@ -16,53 +16,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.nn.layers import Linear
+from lmlab.nn.cache import KVCache
 from lmlab.nn.positional import apply_rope
 
 
-class KVCache:
-    """Keys and values of every layer for every position seen so far.
+def causal_padding_mask(
+    T: int, padding: Tensor | None, cache: KVCache | None, device: torch.device
+) -> Tensor | None:
+    """The mask M of T new queries: boolean (B, 1, T, S), True = may attend; None = plain causal.
 
-    Preallocated once at its full size, (n_layer, B, n_kv_head, max_len, head_dim),
-    so that decoding allocates nothing per token: step t writes slot t and attends
-    over slots [0, t]. ``key_valid`` marks real tokens (False for left padding).
+    ``padding`` is the (B, T) attention mask of the new tokens (1 real, 0 left padding) or
+    None; with a ``cache``, the new tokens sit at slots [start, start+T) after the cached
+    ones (call ``cache.mark`` first, so the cache knows which of its slots are real).
 
-    ``max_len`` is what the request needs, not the model's context: the decoding loop asks
-    for P + max_new_tokens - 1 slots (the last new token is never fed back), at most
-    ``max_seq_len``; 2·n_layer·B·n_kv_head·max_len·head_dim numbers in all, so a 20-token
-    prompt on a 32k-context model costs 19 + max_new_tokens slots, not 32k.
+        M[b, i, j] = (j ≤ start+i) ∧ (key j is a real token ∨ j = start+i)
+
+    query i (slot start+i) sees the keys up to itself that are real tokens; a padding
+    query may always see itself, so no softmax row is empty.
     """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.key_valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
-        self.has_padding = False
-        self.length = 0  # slots filled
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search keeps the cache of the surviving beams)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-        self.key_valid = self.key_valid.index_select(0, index)
+    start = cache.length if cache is not None else 0
+    padded = (padding is not None and not bool(padding.bool().all())) or (
+        cache is not None and cache.has_padding
+    )
+    if not padded and start == 0:
+        return None  # causal: the fused kernel's is_causal path
+    if not padded and T == 1:
+        return None  # one new token attends to everything before it (T == 1: not causal)
+    S = start + T
+    q_pos = torch.arange(start, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]  # j ≤ start+i: (1, 1, T, S)
+    if padded:
+        real = cache.key_mask(S) if cache is not None else padding.to(device=device, dtype=torch.bool)
+        allowed = allowed & (real[:, None, None, :] | (k_pos == q_pos)[None, None])  # (B, 1, T, S)
+    return allowed
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -94,8 +81,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.use_rope = use_rope
         self.dropout = dropout
-        self.qkv = Linear(d_model, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
-        self.proj = Linear(n_head * head_dim, d_model, bias=proj_bias)
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(n_head * head_dim, d_model, bias=proj_bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.fast = True  # False: use the explicit path (slower, same result)
 
@@ -110,8 +97,8 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, T, C). mask: bool (B or 1, 1, T, S), True = may attend; None = causal.
 
-        With a cache, the new keys/values are written at slots [length, length+T) and
-        attention runs over slots [0, length+T); the caller advances ``cache.length``.
+        With a cache, the new keys/values are written at the cache's position and attention
+        runs over every slot up to them (``cache.update``); the caller advances the cache.
         """
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
@@ -123,11 +110,7 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            k = cache.k[layer, :, :, : start + T]  # (B, nkv, S, hs)
-            v = cache.v[layer, :, :, : start + T]
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): the cached slots and the new ones
         causal = mask is None and T > 1
         if causal and k.shape[-2] != T:
             # SDPA's is_causal aligns the triangle top-left; a chunk after cached slots needs

@@ -1,11 +1,12 @@
-"""Recurrent cells written out, one equation per line: a teaching reference.
+"""Recurrent cells written out, one equation per line, and the loop that stacks them.
 
-lmlab's recurrent language models run PyTorch's fused ``nn.RNN`` / ``nn.GRU`` /
-``nn.LSTM`` (oneDNN / cuDNN kernels, far faster than a Python loop over time). This
-module says what those kernels compute (and what PyTorch's one-step kernels
-``torch.lstm_cell`` / ``gru_cell`` / ``rnn_tanh_cell`` compute, which the models use
-for a single decoding step on a CPU). It keeps PyTorch's weight layout and names
-(``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, gates
+lmlab's recurrent language models (:mod:`lmlab.models.rnn`) run PyTorch's fused
+``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` over a window of tokens (oneDNN / cuDNN kernels, far
+faster than a Python loop over time), and :func:`run_layers` for a single decoding step
+on a CPU, with PyTorch's one-step kernels ``torch.rnn_tanh_cell`` / ``gru_cell`` /
+``lstm_cell``. This module says what all of those compute; with ``explicit = True`` the
+model runs these very equations, on the same weights. It keeps PyTorch's weight layout and
+names (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, gates
 stacked in PyTorch's order), so :class:`RecurrentStack` loads a fused layer's
 ``state_dict()`` as it is, and the tests check both give the same numbers.
 
@@ -18,6 +19,7 @@ is (H, I) and every W_h· is (H, H); PyTorch stacks them row-wise into one weigh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,16 +77,29 @@ def lstm_cell(
     return h_next, c_next
 
 
+#: The equations above, by cell name: step(x, h or (h, c), w_ih, w_hh, b_ih, b_hh).
+CELLS: dict[str, Callable[..., CellState]] = {"rnn": rnn_cell, "gru": gru_cell, "lstm": lstm_cell}
+
+#: PyTorch's one-step kernels of the same equations, with the same signature.
+KERNELS: dict[str, Callable[..., CellState]] = {
+    "rnn": torch.rnn_tanh_cell,
+    "gru": torch.gru_cell,
+    "lstm": torch.lstm_cell,
+}
+
+
 def run_layers(
     cell: str,
     x: Tensor,
-    weights: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+    weights: Sequence[Sequence[Tensor]],
     state: CellState | None = None,
     dropout: float = 0.0,
     training: bool = False,
+    kernels: bool = False,
 ) -> tuple[Tensor, CellState]:
     """Run a stack of recurrent layers over a sequence, as ``nn.RNN/GRU/LSTM`` with
-    ``batch_first=True`` do.
+    ``batch_first=True`` do: the explicit equations, or (``kernels``) PyTorch's one-step
+    kernels of them.
 
     x: (B, T, I). weights: one ``(w_ih, w_hh, b_ih, b_hh)`` per layer. state: h, or
     (h, c) for the LSTM, each (n_layer, B, H); None = zeros. Layer k+1 reads layer k's
@@ -98,6 +113,7 @@ def run_layers(
     if state is None:
         zeros = x.new_zeros(len(weights), B, H)
         state = (zeros, zeros.clone()) if cell == "lstm" else zeros
+    step = (KERNELS if kernels else CELLS)[cell]
     h_last, c_last = [], []
     for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
         if k > 0 and dropout > 0:
@@ -107,11 +123,9 @@ def run_layers(
         outs = []
         for t in range(T):  # the recurrence: step t needs step t-1, so time is sequential
             if cell == "lstm":
-                h, c = lstm_cell(x[:, t], (h, c), w_ih, w_hh, b_ih, b_hh)
-            elif cell == "gru":
-                h = gru_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
+                h, c = step(x[:, t], (h, c), w_ih, w_hh, b_ih, b_hh)
             else:
-                h = rnn_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
+                h = step(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
             outs.append(h)
         x = torch.stack(outs, dim=1)  # (B, T, H): the next layer's input
         h_last.append(h)
@@ -160,4 +174,4 @@ class RecurrentStack(nn.Module):
         return run_layers(self.cell, x, self.layer_weights(), state, self.dropout, self.training)
 
 
-__all__ = ["GATES", "RecurrentStack", "gru_cell", "lstm_cell", "rnn_cell", "run_layers"]
+__all__ = ["CELLS", "GATES", "KERNELS", "RecurrentStack", "gru_cell", "lstm_cell", "rnn_cell", "run_layers"]

@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from helpers import char_tokenizer, tiny_checkpoint
+from helpers import char_tokenizer, lmlab_warnings, recorded_warnings, tiny_checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import lmlab
@@ -39,6 +39,7 @@ from lmlab.generate import (
 from lmlab.models import build_model
 from lmlab.models.base import LanguageModel
 from lmlab.models.config import RNNConfig
+from lmlab.models.rnn import RecurrentState
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -403,7 +404,7 @@ def test_rows_that_finish_early_leave_the_others_unchanged(hf):
     assert got[0].finish_reason == "length" and len(got[0].token_ids) == 14
 
 
-def test_batch_beyond_the_context_slides_each_row(tmp_path, capsys):
+def test_batch_beyond_the_context_slides_each_row(tmp_path):
     """Rows of different lengths past max_seq_len = nanoGPT's crop-and-recompute, per row."""
     model = lmlab.load(tiny_checkpoint(tmp_path / "c", "char", max_seq_len=CTX))
     prompts = ["To be, or not", "The", "Whether 'tis nobler in the mind"]
@@ -417,10 +418,10 @@ def test_batch_beyond_the_context_slides_each_row(tmp_path, capsys):
                 ids.append(out[-1])
         return out
 
-    capsys.readouterr()
-    got = model.generate(prompts, max_new_tokens=n, temperature=0, return_details=True)
+    with recorded_warnings() as caught:
+        got = model.generate(prompts, max_new_tokens=n, temperature=0, return_details=True)
     assert [r.token_ids for r in got] == [crop_greedy(model.encode(p)) for p in prompts]
-    assert len([line for line in capsys.readouterr().err.splitlines() if "warning" in line]) == 1
+    assert len(lmlab_warnings(caught)) == 1
 
 
 def _rnn_model(cell: str) -> Model:
@@ -454,9 +455,9 @@ class _Rerun(LanguageModel):
         self.inner, self.config = inner, inner.config
 
     def forward(self, ids, state=None, *, last_only=False, **kw):
-        hist = ids[None] if state is None else torch.cat([state, ids[None]], dim=2)
+        hist = ids[None] if state is None else torch.cat([state.h, ids[None]], dim=2)
         logits, _ = self.inner(hist[0], None)
-        return (logits[:, -1:] if last_only else logits), hist
+        return (logits[:, -1:] if last_only else logits), RecurrentState(hist)  # rows on dim 1
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -533,11 +534,11 @@ class _Script(LanguageModel):
 
     def forward(self, ids, state=None, *, last_only=False, **kw):
         B, T = ids.shape
-        seen = (torch.zeros(1, B, 1, dtype=torch.long) if state is None else state) + T
+        seen = (torch.zeros(1, B, 1, dtype=torch.long) if state is None else state.h) + T
         nxt = torch.tensor([self.script[min(int(c) - 1, len(self.script) - 1)] for c in seen[0, :, 0]])
         logits = torch.zeros(B, 1, self.config.vocab_size)
         logits[torch.arange(B), 0, nxt] = 10.0
-        return logits, seen
+        return logits, RecurrentState(seen)
 
 
 SCRIPT = "First Citizen: Before we proceed any further, 学而时习之，hear me speak. All: Speak, speak."

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOKENIZER_KINDS, bpe_tokenizer, make_tokenizer, tiny_checkpoint
+from helpers import (
+    TOKENIZER_KINDS,
+    bpe_tokenizer,
+    lmlab_warnings,
+    make_tokenizer,
+    recorded_warnings,
+    tiny_checkpoint,
+)
 from tokenizers import Tokenizer
 
 import lmlab
@@ -29,7 +36,8 @@ from lmlab.generate import (
     apply_top_p,
     process_logits,
 )
-from lmlab.nn.attention import KVCache
+from lmlab.messages import LmlabWarning
+from lmlab.nn.cache import KVCache
 
 CTX = 16  # a small context, so that going beyond it is cheap
 
@@ -61,10 +69,6 @@ def nanogpt_greedy(module: torch.nn.Module, ids: list[int], n: int, ctx: int) ->
             ids.append(nxt)
             out.append(nxt)
     return out
-
-
-def warning_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if "warning" in line]
 
 
 # --------------------------------------------------------------------------- logits processors
@@ -319,40 +323,41 @@ def test_stream_of_split_chinese_characters(ckpt, monkeypatch):
 
 # --------------------------------------------------------------------------- beyond the context
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_sliding_window_matches_nanogpt_crop(ckpt, pos, capsys):
+def test_sliding_window_matches_nanogpt_crop(ckpt, pos):
     model = lmlab.load(ckpt("char", pos))
     prompt = model.encode("To be")
     n = 3 * CTX
     expected = nanogpt_greedy(model.module, prompt, n, CTX)
-    capsys.readouterr()
-    assert model.generate_ids("To be", max_new_tokens=n, temperature=0) == expected
-    err = capsys.readouterr().err
-    assert len(warning_lines(err)) == 1, err
-    assert str(CTX) in err
+    with recorded_warnings() as caught:
+        assert model.generate_ids("To be", max_new_tokens=n, temperature=0) == expected
+    said = lmlab_warnings(caught)
+    assert len(said) == 1, said
+    assert str(CTX) in said[0]
     # The stream goes beyond the context the same way, and also warns once.
-    text = "".join(model.stream("To be", max_new_tokens=n, temperature=0))
+    with recorded_warnings() as caught:
+        text = "".join(model.stream("To be", max_new_tokens=n, temperature=0))
     assert text == model.tokenizer.decode(expected, skip_special_tokens=True)
-    assert len(warning_lines(capsys.readouterr().err)) == 1
+    assert len(lmlab_warnings(caught)) == 1
     # Sampling beyond the context never fails either.
     assert len(model.generate_ids("To be", max_new_tokens=n, temperature=1.0, seed=0)) == n
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_filling_the_context_exactly_does_not_warn(ckpt, pos, capsys):
+def test_filling_the_context_exactly_does_not_warn(ckpt, pos):
     """The last of n new tokens is predicted from prompt + n - 1 tokens: with
     prompt + n - 1 == max_seq_len nothing is cropped, so nothing to warn about."""
     model = lmlab.load(ckpt("char", pos))
     prompt = model.encode("To be")
     n = CTX - len(prompt) + 1
-    capsys.readouterr()
-    assert model.generate_ids("To be", max_new_tokens=n, temperature=0) == nanogpt_greedy(
-        model.module, prompt, n, CTX
-    )
-    assert warning_lines(capsys.readouterr().err) == []
+    with recorded_warnings() as caught:
+        assert model.generate_ids("To be", max_new_tokens=n, temperature=0) == nanogpt_greedy(
+            model.module, prompt, n, CTX
+        )
+    assert lmlab_warnings(caught) == []
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_prompt_longer_than_context_is_left_truncated(ckpt, pos, capsys):
+def test_prompt_longer_than_context_is_left_truncated(ckpt, pos):
     model = lmlab.load(ckpt("char", pos))
     prompt_text = "To be, or not to be, that is the question"
     prompt = model.encode(prompt_text)
@@ -360,12 +365,13 @@ def test_prompt_longer_than_context_is_left_truncated(ckpt, pos, capsys):
     n = 20
     expected = nanogpt_greedy(model.module, prompt, n, CTX)
     assert expected == nanogpt_greedy(model.module, prompt[-CTX:], n, CTX)
-    capsys.readouterr()
-    assert model.generate_ids(prompt_text, max_new_tokens=n, temperature=0) == expected
-    err = capsys.readouterr().err
-    assert len(warning_lines(err)) == 1, err
-    assert "prompt" in err and str(len(prompt)) in err
-    assert model.generate_ids(prompt_text, max_new_tokens=1, temperature=0) == expected[:1]
+    with recorded_warnings() as caught:
+        assert model.generate_ids(prompt_text, max_new_tokens=n, temperature=0) == expected
+    said = lmlab_warnings(caught)
+    assert len(said) == 1, said
+    assert "prompt" in said[0] and str(len(prompt)) in said[0]
+    with pytest.warns(LmlabWarning, match="prompt"):
+        assert model.generate_ids(prompt_text, max_new_tokens=1, temperature=0) == expected[:1]
 
 
 # --------------------------------------------------------------------------- the KV cache's size
@@ -377,7 +383,7 @@ def caches(monkeypatch):
     class Recorded(KVCache):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            made.append((self, tuple(self.k.shape)))
+            made.append((self, self.shape))
 
     monkeypatch.setattr("lmlab.models.transformer.KVCache", Recorded)
     return made
@@ -401,7 +407,7 @@ def test_kv_cache_holds_what_the_request_needs_not_the_context(tmp_path, caches,
         model.module, short, n, BIG_CTX
     )
     (cache, allocated), *rest = caches
-    assert not rest and allocated == shape(1, len(short) + n - 1) == tuple(cache.v.shape)
+    assert not rest and allocated == shape(1, len(short) + n - 1) == cache.shape
 
     caches.clear()  # a left-padded batch: as many slots as its longest prompt needs
     pair = ["To be", "or not to be, that"]
@@ -414,8 +420,8 @@ def test_kv_cache_holds_what_the_request_needs_not_the_context(tmp_path, caches,
     model.generate(pair, max_new_tokens=n, num_beams=3)
     ((cache, allocated),) = caches
     assert allocated == shape(2, len(long) + n - 1)
-    assert tuple(cache.k.shape) == tuple(cache.v.shape) == shape(2 * 3, len(long) + n - 1)
-    assert tuple(cache.key_valid.shape) == (2 * 3, len(long) + n - 1)
+    assert cache.shape == shape(2 * 3, len(long) + n - 1)
+    assert tuple(cache.key_mask(cache.max_len).shape) == (2 * 3, len(long) + n - 1)
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
@@ -430,7 +436,7 @@ def test_kv_cache_is_static_and_capped_at_the_context(ckpt, caches, pos):
     def spy(module, args, kwargs):
         state = args[1] if len(args) > 1 else kwargs.get("state")
         if state is not None:
-            seen.append((state.k.data_ptr(), state.v.data_ptr()))
+            seen.append((state._k.data_ptr(), state._v.data_ptr()))  # the storage, behind the methods
 
     hook = model.module.register_forward_pre_hook(spy, with_kwargs=True)
     try:
@@ -517,22 +523,23 @@ def test_prompt_of_the_wrong_type_is_a_user_error(ckpt, prompt):
 
 # --------------------------------------------------------------------------- warnings and details
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_sliding_window_warning_comes_before_the_first_delta(ckpt, num_beams, capsys):
+def test_sliding_window_warning_comes_before_the_first_delta(ckpt, num_beams):
     """Whether the window will slide is known before the first token (prompt + max_new_tokens
     - 1 > context): the warning is said then, once per call, not in the middle of the text."""
     model = lmlab.load(ckpt("char", "rope"))
     n = 3 * CTX
-    capsys.readouterr()
-    stream = model.stream("To be", max_new_tokens=n, temperature=0, num_beams=num_beams)
-    first = next(stream)
-    err = capsys.readouterr().err
-    assert first and len(warning_lines(err)) == 1, err
-    assert f"({len(model.encode('To be'))} tokens) + max_new_tokens ({n}) may run past" in err
-    assert f"context of {CTX} tokens" in err and f"sliding window of the last {CTX} tokens" in err
-    rest = "".join(stream)
-    assert warning_lines(capsys.readouterr().err) == []  # once per call
-    assert first + rest == model.generate("To be", max_new_tokens=n, temperature=0, num_beams=num_beams)
-    assert len(warning_lines(capsys.readouterr().err)) == 1  # and once for the next call
+    with recorded_warnings() as caught:
+        stream = model.stream("To be", max_new_tokens=n, temperature=0, num_beams=num_beams)
+        first = next(stream)
+        said = lmlab_warnings(caught)
+        assert first and len(said) == 1, said
+        assert f"({len(model.encode('To be'))} tokens) + max_new_tokens ({n}) may run past" in said[0]
+        assert f"context of {CTX} tokens" in said[0] and f"sliding window of the last {CTX} tokens" in said[0]
+        rest = "".join(stream)
+        assert len(lmlab_warnings(caught)) == 1  # once per call
+        again = model.generate("To be", max_new_tokens=n, temperature=0, num_beams=num_beams)
+        assert first + rest == again
+        assert len(lmlab_warnings(caught)) == 2  # and once for the next call
 
 
 def test_unknown_character_warning_names_the_callers_line(ckpt):

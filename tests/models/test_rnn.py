@@ -20,8 +20,9 @@ from lmlab.data import windows
 from lmlab.errors import LmlabError
 from lmlab.generate import GenerationConfig, generate_tokens
 from lmlab.models import build_model
+from lmlab.models.base import State
 from lmlab.models.config import RNNConfig
-from lmlab.models.rnn import RNNLanguageModel
+from lmlab.models.rnn import RecurrentState, RNNLanguageModel
 from lmlab.nn.cells import RecurrentStack, gru_cell, lstm_cell, rnn_cell
 from lmlab.training import TrainConfig, Trainer
 
@@ -118,7 +119,7 @@ def test_full_sequence_equals_step_by_step(cell):
         last, _ = m(ids, last_only=True)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
-    for a, b in zip(state if cell == "lstm" else [state], s_full if cell == "lstm" else [s_full]):
+    for a, b in zip(state.tensors, s_full.tensors, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert m.lm_head.weight is m.tok_emb.weight
 
@@ -147,7 +148,7 @@ def test_one_token_steps_equal_the_fused_layer_over_the_sequence(cell, monkeypat
             logits, state = m(ids[:, t : t + 1], state)
             steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), ref_logits, atol=1e-5, rtol=0)
-    for a, b in zip(state if cell == "lstm" else [state], ref_state if cell == "lstm" else [ref_state]):
+    for a, b in zip(state.tensors, ref_state if cell == "lstm" else [ref_state], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -160,7 +161,7 @@ def test_one_token_from_a_zero_state_equals_the_fused_layer(cell, monkeypatch):
         monkeypatch.setattr(m.rnn, "forward", _no_fused_call)
         logits, state = m(ids)
     torch.testing.assert_close(logits, m.lm_head(ref_out), atol=1e-5, rtol=0)
-    for a, b in zip(state if cell == "lstm" else [state], ref_state if cell == "lstm" else [ref_state]):
+    for a, b in zip(state.tensors, ref_state if cell == "lstm" else [ref_state], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -421,8 +422,8 @@ def test_stateful_training_carries_the_state_across_chunks(corpus, tmp_path):
     tr.model.eval()
     with torch.no_grad():
         _, h = tr.model(x)
-    carried = torch.cat([tr.carry[0], tr.carry[1]], dim=1)  # two micro-batches of B/2 rows
-    torch.testing.assert_close(carried, h, atol=1e-5, rtol=0)
+    carried = torch.cat([tr.carry[0].h, tr.carry[1].h], dim=1)  # two micro-batches of B/2 rows
+    torch.testing.assert_close(carried, h.h, atol=1e-5, rtol=0)
     assert not carried.requires_grad  # detached between chunks (truncated BPTT)
 
 
@@ -441,3 +442,55 @@ def test_stateful_needs_streams_longer_than_a_window(tmp_path):
         lmlab.train(
             data=str(p), out=str(tmp_path / "o"), steps=2, stateful=True, **{**SMALL, "batch_size": 64}
         )
+
+
+# --------------------------------------------------------------------------- explicit cells, state
+@pytest.mark.parametrize("cell", CELLS)
+def test_explicit_cells_equal_the_fused_layer_with_the_state_carried(cell):
+    """``explicit = True`` runs nn/cells.py's equations on the fused layer's weights: the
+    logits and the state equal the fused path's (a window, then single tokens, then another
+    window, each from the state the last call left), two layers, three rows."""
+    m = tiny(cell, tie_embeddings=True)
+    ids = torch.randint(13, (3, 12))
+    s0 = random_state(cell, 2, 3, 10)
+    runs = {}
+    for explicit in (False, True):
+        m.explicit = explicit
+        with torch.no_grad():
+            state, outs = s0, []
+            for a, b in [(0, 5), (5, 6), (6, 7), (7, 12)]:
+                logits, state = m(ids[:, a:b], state)
+                outs.append(logits)
+        runs[explicit] = torch.cat(outs, dim=1), state
+    (fused, s_fused), (explicit, s_explicit) = runs[False], runs[True]
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+    for a, b in zip(s_explicit.tensors, s_fused.tensors, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_explicit_path_runs_the_cells_of_nn_cells(monkeypatch):
+    import lmlab.nn.cells as cells
+
+    calls = []
+    monkeypatch.setitem(cells.CELLS, "gru", lambda *a: calls.append(1) or cells.gru_cell(*a))
+    m = tiny("gru")
+    m.explicit = True
+    with torch.no_grad():
+        m(torch.randint(13, (2, 4)))
+    assert len(calls) == 2 * 4  # two layers × four steps
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_recurrent_state_select_and_cat_index_the_batch_dimension(cell):
+    h = torch.randn(2, 4, 10)
+    c = torch.randn(2, 4, 10) if cell == "lstm" else None
+    state = RecurrentState(h, c)
+    assert state.remaining is None
+    index = torch.tensor([3, 3, 0])
+    got = state.select(index)
+    want = (h[:, [3, 3, 0]],) if c is None else (h[:, [3, 3, 0]], c[:, [3, 3, 0]])
+    for a, b in zip(got.tensors, want, strict=True):
+        assert torch.equal(a, b)
+    both = RecurrentState.cat([state, got])
+    assert torch.equal(both.h, torch.cat([h, h[:, [3, 3, 0]]], dim=1))
+    assert isinstance(tiny(cell).init_state(4), State)

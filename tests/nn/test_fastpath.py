@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import tiny_model
+from torch import nn
 
 from lmlab.generate import GenerationConfig, beam_search, sample
-from lmlab.nn import layers
-from lmlab.nn.layers import Linear, set_fast_linear
+from lmlab.nn import fastpath
+from lmlab.nn.fastpath import FastLinear
 
-pytestmark = pytest.mark.skipif(not layers._fast_linear_works(), reason="no oneDNN linear in this build")
+pytestmark = pytest.mark.skipif(not fastpath.works(), reason="no oneDNN linear in this build")
 
 LLAMA = dict(pos="rope", norm="rmsnorm", activation="silu", gated_mlp=True, n_kv_head=1, d_model=64, n_head=4)
 GPT2 = dict(
@@ -26,10 +27,10 @@ GPT2 = dict(
 )  # fmt: skip
 
 
-def fast_linear(in_f: int, out_f: int, bias: bool = True, dtype=torch.float32) -> Linear:
+def fast_linear(in_f: int, out_f: int, bias: bool = True, dtype=torch.float32) -> nn.Linear:
     torch.manual_seed(0)
-    lin = Linear(in_f, out_f, bias=bias).to(dtype)
-    assert set_fast_linear(lin) == 1
+    lin = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    assert fastpath.enable(lin) == 1 and type(lin) is FastLinear
     return lin
 
 
@@ -68,7 +69,6 @@ def test_linear_bf16_packed_copy_follows_weight_changes():
                 lin.load_state_dict({"weight": torch.randn(32, 64), "bias": torch.zeros(32)})
 
 
-
 def test_linear_bf16_packed_copy_follows_a_fused_optimizer_step():
     """A fused AdamW step writes W without bumping its version counter: a training step
     (a forward with autograd on) in between must still retire the old packed copy."""
@@ -86,6 +86,7 @@ def test_linear_bf16_packed_copy_follows_a_fused_optimizer_step():
     want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
 
+
 def test_linear_uses_plain_path_with_autograd():
     lin = fast_linear(16, 8)
     x = torch.randn(3, 16, requires_grad=True)
@@ -98,27 +99,57 @@ def test_linear_uses_plain_path_with_autograd():
 def test_preparing_for_decoding_draws_no_random_numbers(monkeypatch):
     """``torch.manual_seed(s)`` then generate must sample the same text on the first call
     (when the kernels are probed and prepared) as on later ones."""
-    monkeypatch.setattr(layers, "_FAST_OK", None)  # probe again
+    monkeypatch.setattr(fastpath, "_WORKS", None)  # probe again
     model = tiny_model(97, **GPT2)
     state = torch.get_rng_state()
-    model.prepare_decoding()
+    assert fastpath.prepare(model) > 0
     assert torch.equal(state, torch.get_rng_state())
 
 
 def test_fast_path_off_when_onednn_is_missing(monkeypatch):
-    monkeypatch.setattr(layers, "_FAST_OK", False)
-    lin = Linear(8, 4)
-    assert set_fast_linear(lin) == 0 and not lin.fast
+    monkeypatch.setattr(fastpath, "_WORKS", False)
+    lin = nn.Linear(8, 4)
+    assert fastpath.enable(lin) == 0 and type(lin) is nn.Linear
+
+
+def test_enable_swaps_the_class_only_and_back():
+    """On: every plain nn.Linear becomes a FastLinear with the very same parameters (same
+    state_dict keys, tied weights still tied); an int8 QuantLinear is left alone. Off: back.
+    The count is the number of layers on the fast path; a repeated call changes nothing."""
+    from lmlab.nn.quantize import QuantLinear
+
+    model = tiny_model(97, **GPT2)
+    model.blocks[0].mlp.down = QuantLinear.from_linear(model.blocks[0].mlp.down)
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+    plain = [m for m in model.modules() if type(m) is nn.Linear]
+    assert fastpath.enable(model, True) == len(plain) > 0
+    assert all(type(m) is FastLinear for m in plain)
+    assert isinstance(model.blocks[0].mlp.down, QuantLinear)
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert fastpath.enable(model, True) == len(plain)
+    assert fastpath.enable(model, False) == 0
+    assert all(type(m) is nn.Linear for m in plain)
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
+
+
+def test_prepare_follows_fast_decoding():
+    model = tiny_model(97, **GPT2)
+    model.fast_decoding = False
+    assert fastpath.prepare(model) == 0
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
+    model.fast_decoding = True
+    assert fastpath.prepare(model) == sum(isinstance(m, nn.Linear) for m in model.modules())
 
 
 # --------------------------------------------------------------------------- whole models
 def logits_both_paths(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
         model.fast_decoding = False
-        model.prepare_decoding()
+        fastpath.prepare(model)
         plain, _ = model(ids)
         model.fast_decoding = True
-        model.prepare_decoding()
+        fastpath.prepare(model)
         fast, _ = model(ids)
     return plain, fast
 
@@ -128,7 +159,7 @@ def test_model_logits_fast_equal_plain(family):
     model = tiny_model(97, max_seq_len=64, **family)
     ids = torch.randint(0, 97, (2, 20))
     plain, fast = logits_both_paths(model, ids)
-    assert any(m.fast for m in model.modules() if isinstance(m, Linear))
+    assert any(isinstance(m, FastLinear) for m in model.modules())
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -195,7 +226,7 @@ def test_imported_gpt2_greedy_equals_hugging_face(tmp_path):
     prompt = "To be, or not"
     ids = torch.tensor([model.encode(prompt)])
     mine = model.generate_ids(prompt, max_new_tokens=20, temperature=0, eos_token_id=[])
-    assert any(m.fast for m in model.module.modules() if isinstance(m, Linear))
+    assert any(isinstance(m, FastLinear) for m in model.module.modules())
     with torch.no_grad():
         ref = hf.generate(
             ids,
@@ -217,7 +248,7 @@ def test_loaded_model_forward_runs_fast_and_equals_the_plain_path(tmp_path):
 
     model = lmlab.load(tiny_checkpoint(tmp_path / "ckpt", **GPT2))
     module = model.module
-    assert all(m.fast for m in module.modules() if isinstance(m, Linear))
+    assert all(isinstance(m, FastLinear) for m in module.modules() if isinstance(m, nn.Linear))
     ids = torch.randint(0, module.config.vocab_size, (2, 12))
     with torch.inference_mode():
         fast, _ = module(ids)

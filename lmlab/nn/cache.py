@@ -1,0 +1,122 @@
+"""The key/value cache: what attention remembers of the positions already seen.
+
+The cache hides its storage (as gpt-fast's and Hugging Face's do): attention hands it the
+new keys and values of one layer and gets back everything to attend over,
+
+    k_all, v_all = cache.update(layer, k, v)      # write at the current position, read [0, pos+T)
+    cache.advance(T)                               # once every layer has written its T slots
+
+and the decoding loop sees only the state protocol (:class:`lmlab.models.base.State`):
+``select(index)`` to keep, repeat or reorder batch rows, ``remaining`` free slots. Nothing
+in it is specific to self-attention: a cross-attention cache (an encoder-decoder's keys and
+values of the source) uses the same methods.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values of every layer for every position seen so far.
+
+    Preallocated once at its full size, (n_layer, B, n_kv_head, max_len, head_dim),
+    so that decoding allocates nothing per token: step t writes slot t and attends
+    over slots [0, t]. A validity mask per slot marks real tokens (False for left padding).
+
+    ``max_len`` is what the request needs, not the model's context: the decoding loop asks
+    for P + max_new_tokens - 1 slots (the last new token is never fed back), at most
+    ``max_seq_len``; 2·n_layer·B·n_kv_head·max_len·head_dim numbers in all, so a 20-token
+    prompt on a 32k-context model costs 19 + max_new_tokens slots, not 32k.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self._k = torch.zeros(shape, device=device, dtype=dtype)
+        self._v = torch.zeros(shape, device=device, dtype=dtype)
+        self._valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
+        self._has_padding = False
+        self._length = 0  # slots filled
+
+    # ------------------------------------------------------------------ size
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(n_layer, B, n_kv_head, max_len, head_dim): the storage of keys (and of values)."""
+        return tuple(self._k.shape)
+
+    @property
+    def batch_size(self) -> int:
+        return self._k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self._k.shape[3]
+
+    @property
+    def length(self) -> int:
+        """Slots filled: the position of the next token."""
+        return self._length
+
+    @property
+    def remaining(self) -> int:
+        """Free slots: how many more tokens fit."""
+        return self.max_len - self._length
+
+    # ------------------------------------------------------------------ writing
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``layer``'s new keys/values (B, n_kv_head, T, head_dim) at slots
+        [length, length+T) and return the keys/values of slots [0, length+T) to attend over.
+
+        Every layer writes the same slots; :meth:`advance` moves past them afterwards.
+        """
+        start, end = self._length, self._length + k.shape[-2]
+        self._k[layer, :, :, start:end] = k
+        self._v[layer, :, :, start:end] = v
+        return self._k[layer, :, :, :end], self._v[layer, :, :, :end]  # (B, n_kv, S, hs)
+
+    def advance(self, n: int) -> None:
+        """The next ``n`` slots are filled (called once per forward, after every layer)."""
+        self._length += n
+
+    # ------------------------------------------------------------------ padding
+    def mark(self, valid: Tensor | None, n: int) -> None:
+        """Record which of the next ``n`` slots hold real tokens: ``valid`` (B, n) bool, or
+        None when all of them do. Call before :meth:`advance`."""
+        start = self._length
+        if valid is None:
+            self._valid[:, start : start + n] = True
+            return
+        valid = valid.to(device=self._valid.device, dtype=torch.bool)
+        self._valid[:, start : start + n] = valid
+        self._has_padding = self._has_padding or not bool(valid.all())
+
+    @property
+    def has_padding(self) -> bool:
+        """Whether any slot written so far is padding (then every query needs a mask)."""
+        return self._has_padding
+
+    def key_mask(self, n: int) -> Tensor:
+        """(B, n) bool: True where slot j < n holds a real token."""
+        return self._valid[:, :n]
+
+    # ------------------------------------------------------------------ rows
+    def select(self, index: Tensor) -> KVCache:
+        """Keep batch rows ``index`` (may repeat or reorder: finished rows, beams); returns self."""
+        index = index.to(self._k.device)
+        self._k = self._k.index_select(1, index)
+        self._v = self._v.index_select(1, index)
+        self._valid = self._valid.index_select(0, index)
+        return self
+
+
+__all__ = ["KVCache"]

@@ -1,0 +1,140 @@
+"""A faster CPU kernel for the linear layers of a model that is decoding: speed code kept
+beside the model, not inside it.
+
+Decoding reads every weight once per token, so its speed is the speed at which the
+matrix-vector kernel streams W from memory. PyTorch's CPU ``F.linear`` goes to MKL, which
+on this project's AMD machine (measured: benchmarks/decode.py) reads an (out, in) fp32
+matrix at about half the speed oneDNN does, and runs prefill-sized products at half of
+oneDNN's FLOP rate. So while a model decodes on the CPU, each of its plain ``nn.Linear``
+layers becomes a :class:`FastLinear` — the same module with the same parameters (only its
+``__class__`` changes, so the ``state_dict`` keys and tied weights stay as they are) whose
+no-grad forwards run on oneDNN's linear kernel.
+
+    fastpath.prepare(model)        # the decoding loop and lmlab.load: on when model.fast_decoding, on a CPU
+    fastpath.enable(model, False)  # every FastLinear back to nn.Linear
+
+Anything that is not exactly ``nn.Linear`` (an int8 ``QuantLinear``, a user's subclass) is
+left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FastLinear(nn.Linear):
+    """y = x Wᵀ + b, exactly ``nn.Linear``, computed by oneDNN when autograd is off on a CPU.
+
+    The same W (fp32: read in place, no copy; bf16: a copy in oneDNN's blocked layout, made
+    once and remade if W changes). Training, and any forward with autograd on, takes the
+    plain path — and drops the bf16 copy, since W is about to change.
+    """
+
+    _packed: Tensor | None = None
+    _packed_key: tuple[int, int, torch.dtype] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and x.device.type == "cpu":
+            return self._onednn_forward(x)
+        # A forward with autograd on is training: W is about to change, possibly in ways its
+        # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
+        self._packed = self._packed_key = None
+        return F.linear(x, self.weight, self.bias)
+
+    def _onednn_forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
+            return F.linear(x, w, self.bias)
+        if w.dtype == torch.bfloat16:  # oneDNN's bf16 kernel wants W pre-blocked (2× faster)
+            key = (w.data_ptr(), _version(w), w.dtype)
+            # An inference tensor (version -1) has no write counter: never trust a copy of it.
+            if self._packed is None or self._packed_key != key or key[1] < 0:
+                with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+                self._packed_key = key
+            w = self._packed
+        # y = x Wᵀ + b on oneDNN (the same formula as F.linear; summation order may differ)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.bias, "none", [], "")
+
+
+def _version(t: Tensor) -> int:
+    """The in-place write counter of ``t`` (an optimizer step or ``copy_`` bumps it);
+    -1 for an inference tensor, which cannot be modified in place outside inference mode."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def available() -> bool:
+    """oneDNN's linear op exists in this PyTorch build (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+#: Set on a module by :func:`enable`: whether its linears are fast, and how many there are.
+_ENABLED_ATTR = "_lmlab_fastpath"
+
+
+def enable(module: nn.Module, on: bool = True) -> int:
+    """Swap every plain ``nn.Linear`` in ``module`` to :class:`FastLinear` (``on``), or back;
+    returns how many layers now take the fast path (0 when off).
+
+    Checked once on a small product against ``F.linear``: where oneDNN is missing or
+    refuses (an old build, an unsupported dtype), everything stays on the plain path.
+    A second call with the same ``on`` returns at once, without walking the modules.
+    """
+    on = on and works()
+    done = module.__dict__.get(_ENABLED_ATTR)
+    if done is not None and done[0] == on:
+        return done[1]
+    n = 0
+    for m in module.modules():
+        if on and type(m) is nn.Linear:
+            m.__class__ = FastLinear  # parameters untouched: only the forward changes
+        elif not on and type(m) is FastLinear:
+            m.__dict__.pop("_packed", None)
+            m.__dict__.pop("_packed_key", None)
+            m.__class__ = nn.Linear
+        n += type(m) is FastLinear
+    module.__dict__[_ENABLED_ATTR] = (on, n)
+    return n
+
+
+def prepare(module: nn.Module) -> int:
+    """What the decoding loop (and ``lmlab.load``) calls before a model runs without
+    gradients: the fast path on when ``module.fast_decoding`` (default True) and the model
+    is on a CPU, off otherwise. Returns how many layers take it."""
+    param = next(module.parameters(), None)
+    on_cpu = param is not None and param.device.type == "cpu"
+    return enable(module, bool(getattr(module, "fast_decoding", True)) and on_cpu)
+
+
+_WORKS: bool | None = None
+
+
+def works() -> bool:
+    """oneDNN's op runs here and agrees with ``F.linear`` on a small fixed product (fp32 and
+    bf16). Uses no random numbers: probing must not move torch's global generator."""
+    global _WORKS
+    if _WORKS is None:
+        _WORKS = False
+        if available():
+            w = torch.linspace(-1, 1, 32).reshape(4, 8)
+            b, x = torch.linspace(0, 1, 4), torch.linspace(-2, 2, 16).reshape(2, 8)
+            try:
+                with torch.no_grad(), torch.inference_mode(False):
+                    for dt in (torch.float32, torch.bfloat16):
+                        wd = w.to(dt)
+                        packed = wd if dt == torch.float32 else torch.ops.mkldnn._reorder_linear_weight(wd, 1)
+                        got = torch.ops.mkldnn._linear_pointwise(x.to(dt), packed, b.to(dt), "none", [], "")
+                        if not torch.allclose(got.float(), F.linear(x, w, b), atol=5e-2):
+                            return False
+                _WORKS = True
+            except (RuntimeError, AttributeError, NotImplementedError):
+                _WORKS = False
+    return _WORKS
+
+
+__all__ = ["FastLinear", "available", "enable", "prepare", "works"]
