@@ -14,11 +14,14 @@ metrics and saved step, and ``lmlab`` started in a subprocess as a user starts i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +250,19 @@ def assert_grads_of_one_batch(
     assert loss == pytest.approx(ref.item(), abs=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=0, msg=n)
+
+
+@contextlib.contextmanager
+def recorded_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Every warning raised inside the block, each time it is raised (not once per line)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def lmlab_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The messages of the LmlabWarnings among ``caught`` (what the CLI prints as
+    ``lmlab: warning: ...``)."""
+    from lmlab.messages import LmlabWarning
+
+    return [str(w.message) for w in caught if issubclass(w.category, LmlabWarning)]

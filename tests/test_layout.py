@@ -150,7 +150,19 @@ def test_cycle_detector_catches_a_cycle(tmp_path, monkeypatch):
         test_no_import_cycles()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["generate", "--help"], ["nonsense"]])
+COMMANDS = ["quickstart", "train", "generate", "eval", "info", "compare", "export"]
+
+
+def test_every_command_is_checked_for_a_quick_help():
+    from lmlab.cli.commands import COMMANDS as REAL
+
+    assert sorted(COMMANDS) == sorted(REAL)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], *([c, "--help"] for c in COMMANDS), ["nonsense"], ["train", "--steps", "x"]],
+)
 def test_help_and_usage_errors_do_not_import_torch(argv):
     code = (
         "import sys\nfrom lmlab.cli import main\n"

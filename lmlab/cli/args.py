@@ -2,82 +2,28 @@
 (:mod:`lmlab.cli`) and the commands (:mod:`lmlab.cli.commands`).
 
 Kept apart from both because the flag lists are long and change with the library's
-options (every ``TrainConfig`` field is a ``train`` flag, every generation option a
-``generate`` flag), while the parser and the commands stay short.
+options (every generation option is a ``generate`` flag), while the parser and the
+commands stay short. ``train``'s flags are generated from ``TrainConfig``'s fields
+(:mod:`lmlab.training.config`, which imports no torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-
-def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
-    p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
+from lmlab.training.config import GROUPS, flag_fields, flag_name, value_type
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="a text file, a folder of text files, a glob, or 'builtin' (default)")
-    g.add_argument("--out", help="folder for checkpoints, metrics.jsonl and loss.png")
-    g.add_argument("--tokenizer", help="char (default), bpe, or a tokenizer.json / Hugging Face folder")
-    g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
-    g.add_argument(
-        "--encoding-errors",
-        choices=["strict", "replace", "ignore"],
-        help="what to do with bytes that are not UTF-8 (default strict: stop with an error)",
-    )
-    g.add_argument("--val-fraction", type=float, help="the last fraction of tokens kept for validation (0.1)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="gpt (the Transformer, default), rnn, gru or lstm (recurrent)")
-    g.add_argument("--n-layer", type=int)
-    g.add_argument("--n-head", type=int)
-    g.add_argument("--n-kv-head", type=int, help="key/value heads (< n-head: grouped-query attention)")
-    g.add_argument("--d-model", type=int)
-    g.add_argument(
-        "--max-seq-len", type=int, help="context length in tokens (recurrent models: the BPTT window)"
-    )
-    g.add_argument("--pos", choices=["sinusoidal", "learned", "rope"])
-    g.add_argument("--norm", choices=["layernorm", "rmsnorm"])
-    g.add_argument("--mlp", choices=["swiglu", "gelu"])
-    _bool_flag(g, "bias", False, "biases in linear layers and LayerNorm")
-    _bool_flag(g, "tie-embeddings", True, "share the input embedding and the output layer")
-    g.add_argument("--dropout", type=float)
-    g.add_argument(
-        "--hidden-size", type=int, help="recurrent models: units per layer (512); --d-model is the embedding"
-    )
-    _bool_flag(
-        g,
-        "stateful",
-        False,
-        "recurrent models: carry the state across consecutive chunks of the text (default: random windows)",
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
-    g.add_argument("--time", help="train for a time budget instead, e.g. 5m, 90s, 1h")
-    g.add_argument("--batch-size", type=int, help="the global batch, in sequences (12)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per step (1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (2e-3)")
-    g.add_argument("--min-lr", type=float, help="final learning rate (lr/10)")
-    g.add_argument("--warmup", type=int, help="warmup steps (100)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--precision", choices=["fp32", "bf16"])
-    g.add_argument("--device", help="cpu, cuda, mps or auto (default)")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--eval-every", type=int, help="steps between validation evaluations (250)")
-    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation (20)")
-    g.add_argument("--save-every", type=int, help="steps between checkpoints (500)")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR with its stored settings")
-    g.add_argument(
-        "--init",
-        metavar="SOURCE",
-        help="fine-tune: start from an lmlab checkpoint, a Hugging Face folder or a Hub id (and its tokenizer)",
-    )
-    pickle_flag(g)
-    g.add_argument("--overwrite", action="store_true", default=None, help="replace a checkpoint in --out")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    g = p.add_argument_group("several processes")
+    """``lmlab train``'s flags, one per TrainConfig field, read from the field: its name,
+    type, choices, help and default (see :func:`lmlab.training.config.option`). Every flag
+    defaults to None, so that the options passed on are those the user set (a default
+    never counts as a choice, see ``TrainConfig._check_given``)."""
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    for f in flag_fields():
+        _add_train_flag(groups[f.metadata["group"]], f)
+    g = p.add_argument_group("several processes")  # not an option of the run: how to start it
     g.add_argument(
         "--nproc",
         type=int,
@@ -85,6 +31,33 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="train on N local processes with PyTorch DDP: runs `torchrun --standalone "
         "--nproc-per-node N -m lmlab train ...` (for several machines, call torchrun yourself)",
     )
+
+
+def _add_train_flag(g: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    meta, name = f.metadata, flag_name(f)
+    kind = meta["flag"]
+    if kind == "bool":  # --bias / --no-bias
+        g.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=_help(f))
+    elif kind == "switch":  # --overwrite
+        g.add_argument(name, action="store_true", default=None, help=_help(f))
+    elif kind == "negated":  # --no-progress
+        g.add_argument("--no-" + name[2:], dest=f.name, action="store_false", default=None, help=_help(f))
+    else:
+        kw = {"choices": meta["choices"], "metavar": meta["metavar"]}
+        g.add_argument(
+            name, type=value_type(f), help=_help(f), **{k: v for k, v in kw.items() if v is not None}
+        )
+
+
+def _help(f: dataclasses.Field) -> str:
+    """The field's help, and its default as TrainConfig has it (so --help cannot disagree)."""
+    meta = f.metadata
+    shown = meta["default_text"]
+    if shown is None and meta["flag"] == "bool":
+        shown = "on" if f.default else "off"
+    elif shown is None and meta["flag"] == "value" and f.default is not None:
+        shown = str(f.default)
+    return meta["help"] + (f" (default {shown})" if shown is not None else "")
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -118,12 +91,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_keys() -> list[str]:
-    """Every TrainConfig field is a flag of `lmlab train` (in kebab-case)."""
-    import dataclasses
-
-    from lmlab.training import TrainConfig
-
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    """The TrainConfig fields that are ``lmlab train`` flags (the parsed namespace's names)."""
+    return [f.name for f in flag_fields()]
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -211,10 +180,3 @@ def pickle_flag(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read a Hugging Face pytorch_model.bin (torch.load(weights_only=True)); only for trusted files",
     )
-
-
-def train_parser() -> argparse.ArgumentParser:
-    """``lmlab train``'s flags alone: what ``--nproc`` turns the options back into for torchrun."""
-    p = argparse.ArgumentParser(prog="lmlab train", add_help=False)
-    add_train_args(p)
-    return p

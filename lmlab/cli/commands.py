@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from lmlab.cli.args import GENERATION_KEYS, train_keys, train_parser
+from lmlab.cli.args import GENERATION_KEYS, train_keys
 from lmlab.errors import LmlabError
 
 
@@ -43,10 +43,11 @@ def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
     """`lmlab train --nproc N`: check the options once, then run this command on N
     processes under torchrun. A failure prints lmlab's own line(s) only: the processes'
     (rank 0's) error, and a line here for what they could not say (one was killed)."""
-    from lmlab.training.launcher import check_before_launch, continue_advice, launch, train_argv
+    from lmlab.training.config import train_argv
+    from lmlab.training.launcher import check_before_launch, continue_advice, launch
 
     check_before_launch(opts, nproc)
-    res = launch(train_argv(opts, train_parser()), nproc, debug=debug)
+    res = launch(train_argv(opts), nproc, debug=debug)
     if res.status == 0 or res.status >= 128:  # >= 128: stopped by a signal; the workers saved, said so
         return res.status
     if res.reason is None:  # each failed process stopped on a user error, printed above

@@ -18,7 +18,6 @@ writes the report.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,13 @@ from lmlab.compare.sizing import (  # noqa: F401 - the sizing API, importable fr
     size_models,
 )
 from lmlab.errors import LmlabError
-from lmlab.training import TrainConfig, parse_duration
+from lmlab.messages import say
+from lmlab.training.config import TrainConfig, parse_duration
 
 
 def log(msg: str) -> None:
-    print(f"lmlab: compare: {msg}", file=sys.stderr, flush=True)
+    """A progress line of the comparison, ``lmlab: compare: ...`` on stderr."""
+    say(f"lmlab: compare: {msg}")
 
 
 # --------------------------------------------------------------------------- runs
@@ -62,12 +63,12 @@ class CompareResult:
 def _make_tokenizer(data: str, tokenizer: str, vocab_size: int, encoding_errors: str, out: Path):
     """Train the tokenizer once (as ``lmlab train`` would) and save it for every run."""
     from lmlab.tokenizer import load_tokenizer
-    from lmlab.training import Trainer
+    from lmlab.training.prepare import make_tokenizer
 
     if tokenizer not in ("char", "bpe"):
         return load_tokenizer(tokenizer), tokenizer
     cfg = TrainConfig(data=data, tokenizer=tokenizer, vocab_size=vocab_size, encoding_errors=encoding_errors)
-    tok = Trainer(cfg)._make_tokenizer()
+    tok = make_tokenizer(cfg)
     path = out / "tokenizer.json"
     tok.save(str(path))
     return tok, str(path)
@@ -99,6 +100,56 @@ def _budget(time: str | None, tokens: int | None, tokens_per_step: int) -> tuple
     return None, math.ceil(tokens / tokens_per_step)  # steps = ⌈tokens / (B·T)⌉
 
 
+def _check_options(names: list[str], margs: dict[str, Any], **positive: int) -> None:
+    """What no run could fix: --model-args for a model not compared, a size that is not
+    positive (``positive``: flag name in snake case -> value)."""
+    stray = sorted(set(margs) - set(names))
+    if stray:
+        raise LmlabError(f"--model-args for {', '.join(stray)}, which --models does not list")
+    for key, v in positive.items():
+        if v <= 0:
+            raise LmlabError(f"--{key.replace('_', '-')} must be positive (got {v})")
+
+
+def _check_out(root: Path, names: list[str], overwrite: bool) -> None:
+    """Refuse to train over finished runs unless --overwrite; make the folder."""
+    from lmlab.checkpoint import RunDir
+
+    taken = [n for n in names if RunDir(root / n).has_checkpoint()]
+    if taken and not overwrite:
+        raise LmlabError(
+            f"{root} already holds runs of {', '.join(taken)}; give another --out or --overwrite"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _train_each(
+    plans: list[Plan],
+    root: Path,
+    base: dict[str, Any],
+    measuring: dict[str, Any],
+    overwrite: bool,
+    progress: bool,
+) -> list[RunResult]:
+    """Train the models one after the other, each in its own ``lmlab train`` child, and
+    measure each (``measuring``: the prompt, sample_tokens, seed and device of ``measure``)."""
+    runs = []
+    for i, p in enumerate(plans, 1):
+        folder = root / p.name
+        folder.mkdir(parents=True, exist_ok=True)
+        opts = {**base, **p.options, "out": str(folder), "overwrite": overwrite or None, "progress": progress}
+        cmd = train_command(opts)
+        log(f"[{i}/{len(plans)}] training {p.name} ({p.n_params:,} parameters) into {folder}/")
+        rc, rss = run_child(cmd, folder / "train.log", echo=progress)
+        if rc != 0:
+            raise LmlabError(f"training {p.name} failed: {error_line(folder / 'train.log')}")
+        measured = measure(
+            folder, measuring["prompt"], measuring["sample_tokens"], base["seed"], base["device"]
+        )
+        runs.append(collect(p, folder, cmd, rss, measured))
+    return runs
+
+
 def compare(
     data: str,
     out: str | Path,
@@ -124,29 +175,22 @@ def compare(
     """Train each model on the same data under the same budget into ``out/<model>/``, then
     write ``out/report.md`` (with ``val_loss_tokens.png``, ``val_loss_time.png`` and
     ``results.json`` beside it). The library form of ``lmlab compare``."""
+    from lmlab.data import load_corpus
+    from lmlab.runtime import resolve_device
+    from lmlab.tokenizer import tokenizer_kind
+
     names = parse_models(models)
     margs = parse_model_args(model_args)
-    stray = sorted(set(margs) - set(names))
-    if stray:
-        raise LmlabError(f"--model-args for {', '.join(stray)}, which --models does not list")
-    for flag, v in (("batch-size", batch_size), ("max-seq-len", max_seq_len), ("eval-batches", eval_batches)):
-        if v <= 0:
-            raise LmlabError(f"--{flag} must be positive (got {v})")
-    if sample_tokens <= 0:
-        raise LmlabError(f"--sample-tokens must be positive (got {sample_tokens})")
+    _check_options(
+        names, margs, batch_size=batch_size, max_seq_len=max_seq_len, eval_batches=eval_batches,
+        sample_tokens=sample_tokens,
+    )  # fmt: skip
     tokens_per_step = batch_size * max_seq_len
     time, steps = _budget(time, tokens, tokens_per_step)
     if eval_every is None:
         eval_every = max(1, steps // 20) if steps else 100
     root = Path(out)
-    from lmlab.checkpoint import RunDir
-
-    taken = [n for n in names if RunDir(root / n).has_checkpoint()]
-    if taken and not overwrite:
-        raise LmlabError(
-            f"{root} already holds runs of {', '.join(taken)}; give another --out or --overwrite"
-        )
-    root.mkdir(parents=True, exist_ok=True)
+    _check_out(root, names, overwrite)
     tok, tok_arg = _make_tokenizer(data, tokenizer, vocab_size, encoding_errors, root)
     vocab = tok.get_vocab_size()
     base = {
@@ -162,10 +206,6 @@ def compare(
         "eval_batches": eval_batches,
         "device": device,
     }
-    from lmlab.data import load_corpus
-    from lmlab.runtime import resolve_device
-    from lmlab.tokenizer import tokenizer_kind
-
     # Tokenized (and cached for the runs) here, so a corpus too short fails before any training.
     corpus = load_corpus(data, tok, encoding_errors)
     train_ids, val_ids = corpus.split(TrainConfig.val_fraction, max_seq_len)
@@ -177,36 +217,24 @@ def compare(
     budget = f"{time} each" if time else f"{steps} steps × {tokens_per_step:,} tokens each"
     log(f"{len(plans)} models ({', '.join(f'{p.name} {p.n_params:,}' for p in plans)}), {budget}")
 
-    runs = []
-    for i, p in enumerate(plans, 1):
-        folder = root / p.name
-        folder.mkdir(parents=True, exist_ok=True)
-        opts = {**base, **p.options, "out": str(folder), "overwrite": overwrite or None, "progress": progress}
-        cmd = train_command(opts)
-        log(f"[{i}/{len(plans)}] training {p.name} ({p.n_params:,} parameters) into {folder}/")
-        rc, rss = run_child(cmd, folder / "train.log", echo=progress)
-        if rc != 0:
-            raise LmlabError(f"training {p.name} failed: {error_line(folder / 'train.log')}")
-        measured = measure(folder, prompt, sample_tokens, seed, device)
-        runs.append(collect(p, folder, cmd, rss, measured))
+    measuring = {"prompt": prompt, "sample_tokens": sample_tokens}
+    runs = _train_each(plans, root, base, measuring, overwrite, progress)
+    split = {"n_tokens": len(corpus.ids), "n_train": len(train_ids), "n_val": len(val_ids)}
     facts = {
         "data": data,
-        "n_tokens": len(corpus.ids),
-        "n_train": len(train_ids),
-        "n_val": len(val_ids),
+        **split,
         "tokenizer": tokenizer_kind(tok),
         "tokenizer_path": tok_arg,
         "vocab": vocab,
-        "time": time,
-        "steps": steps,
         "tokens": (steps or 0) * tokens_per_step,
         "params": params,
-        "prompt": prompt,
-        "sample_tokens": sample_tokens,
-        **{k: base[k] for k in ("batch_size", "max_seq_len", "seed", "eval_batches")},
+        "target": target,
+        "tolerance": TOLERANCE,
+        **measuring,
+        **{k: base[k] for k in ("time", "steps", "batch_size", "max_seq_len", "seed", "eval_batches")},
         "device": str(resolve_device(device)),
     }
-    report, charts = write_report(root, runs, facts | {"target": target, "tolerance": TOLERANCE})
+    report, charts = write_report(root, runs, facts)
     return CompareResult(out=root, report=report, charts=charts, runs=runs, target_params=target)
 
 

@@ -77,18 +77,37 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
     (data, budget, shared settings), with ``target`` (the parameter count aimed at) and
     ``tolerance`` (how far from it each auto-sized model may land)."""
     charts = plot_curves(runs, root)
-    threads = torch.get_num_threads()
-    target = f["target"]
-    counts = [r.n_params for r in runs]
-    spread = max(counts) / min(counts) - 1  # largest / smallest - 1
-    scored = [r for r in runs if r.val_loss is not None]
+    md = [
+        *_setup_section(f),
+        *_results_section(runs, f),
+        *_sizes_section(runs, f),
+        "## Validation loss",
+        "",
+        "![validation loss against tokens seen](val_loss_tokens.png)",
+        "",
+        "![validation loss against training time](val_loss_time.png)",
+        "",
+        *_samples_section(runs, f),
+        *_commands_section(runs),
+    ]
+    report = root / "report.md"
+    report.write_text("\n".join(md), encoding="utf-8")
+    results = [{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"} for r in runs]
+    (root / "results.json").write_text(
+        json.dumps({"target_params": f["target"], "runs": results}, indent=1), encoding="utf-8"
+    )
+    return report, charts
+
+
+def _setup_section(f: dict[str, Any]) -> list[str]:
+    """The title, the data and the budget every run shared."""
     budget = (
         f"{f['time']} of training per model (each run plans its step count from its measured speed and re-plans as it goes)"
         if f["time"]
         else f"{f['tokens']:,} training tokens per model ({f['steps']} steps × {f['batch_size']} sequences "
         f"× {f['max_seq_len']} tokens)"
     )
-    md = [
+    return [
         "# lmlab compare",
         "",
         f"Data: `{f['data']}`: {f['n_tokens']:,} tokens with the {f['tokenizer']} tokenizer "
@@ -99,15 +118,18 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         f"seed {f['seed']}, lmlab's default optimiser (AdamW, warmup then cosine decay), the same "
         f"{f['eval_batches'] * f['batch_size']} validation windows, device {f['device']}.",
         "",
-        "## Results",
-        "",
-        *table(runs),
-        "",
     ]
+
+
+def _results_section(runs: list[RunResult], f: dict[str, Any]) -> list[str]:
+    """The results table, the winner, and what each column measures."""
+    threads = torch.get_num_threads()
+    md = ["## Results", "", *table(runs), ""]
+    scored = [r for r in runs if r.val_loss is not None]
     if scored:
         best = min(scored, key=lambda r: r.val_loss)
         md += [f"Lowest final validation loss: **{best.name}** ({best.val_loss:.4f}).", ""]
-    md += [
+    return md + [
         "- *final val loss*: the validation loss at the last step, as written in `<model>/metrics.jsonl` "
         "(mean next-token cross-entropy in nats over the validation windows; a recurrent model starts "
         "each window from a zero state). *perplexity* = exp(loss).",
@@ -125,6 +147,15 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         "the token arrays together. Every process pays the same few hundred MiB for Python and PyTorch, "
         "so the differences between rows are what the models cost.",
         "",
+    ]
+
+
+def _sizes_section(runs: list[RunResult], f: dict[str, Any]) -> list[str]:
+    """The parameter target, the sizing rule, and where each model landed."""
+    target = f["target"]
+    counts = [r.n_params for r in runs]
+    spread = max(counts) / min(counts) - 1  # largest / smallest - 1
+    return [
         "## Sizes",
         "",
         f"Target: {target:,} parameters ("
@@ -145,12 +176,12 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         "",
         f"Largest / smallest count: {spread:+.1%}.",
         "",
-        "## Validation loss",
-        "",
-        "![validation loss against tokens seen](val_loss_tokens.png)",
-        "",
-        "![validation loss against training time](val_loss_time.png)",
-        "",
+    ]
+
+
+def _samples_section(runs: list[RunResult], f: dict[str, Any]) -> list[str]:
+    """Each model's seeded continuation of the prompt, fenced."""
+    md = [
         "## Samples",
         "",
         f"Each model continues the prompt {json.dumps(f['prompt'], ensure_ascii=False)} with "
@@ -161,16 +192,13 @@ def write_report(root: Path, runs: list[RunResult], f: dict[str, Any]) -> tuple[
         text = f["prompt"] + r.sample
         fence = _fence(text)
         md += [f"### {r.name}", "", f"{fence}text", text, fence, ""]
-    md += ["## Commands", "", "Each model was trained by:", "", "```bash"]
-    md += [shlex.join(["lmlab", *r.command[3:]]) for r in runs]
-    md += ["```", ""]
-    report = root / "report.md"
-    report.write_text("\n".join(md), encoding="utf-8")
-    results = [{k: v for k, v in dataclasses.asdict(r).items() if k != "curve"} for r in runs]
-    (root / "results.json").write_text(
-        json.dumps({"target_params": target, "runs": results}, indent=1), encoding="utf-8"
-    )
-    return report, charts
+    return md
+
+
+def _commands_section(runs: list[RunResult]) -> list[str]:
+    """The ``lmlab train`` command of each run, to repeat any one of them."""
+    commands = [shlex.join(["lmlab", *r.command[3:]]) for r in runs]  # [python, -m, lmlab, train, ...]
+    return ["## Commands", "", "Each model was trained by:", "", "```bash", *commands, "```", ""]
 
 
 __all__ = ["plot_curves", "table", "write_report"]

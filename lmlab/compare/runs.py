@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
-from lmlab.training import TrainConfig
+from lmlab.training.config import TrainConfig, train_argv
 from lmlab.training.plots import read_metrics
 
 if TYPE_CHECKING:
@@ -58,10 +58,7 @@ class RunResult:
 
 def train_command(options: dict[str, Any]) -> list[str]:
     """The ``lmlab train`` command line for these TrainConfig options."""
-    from lmlab.cli.args import train_parser
-    from lmlab.training.launcher import train_argv
-
-    return [sys.executable, "-m", "lmlab", "train", *train_argv(options, train_parser())]
+    return [sys.executable, "-m", "lmlab", "train", *train_argv(options)]
 
 
 #: Runs ``argv[2:]`` as its own child and writes that child's peak resident set size to

@@ -1,19 +1,30 @@
 """``lmlab train``'s options: :class:`TrainConfig` (every flag), their checks, and the
 model config they describe; ``parse_duration`` reads ``--time``.
 
+One source of truth: each field carries its flag's documentation (``option(...)``: help
+text, choices, the kind of flag, its group in ``--help``), so ``lmlab train``'s parser
+(:mod:`lmlab.cli.args`) and the command line that reproduces a set of options
+(:func:`train_argv`, for ``--nproc`` and ``lmlab compare``) are both read from the
+fields, and the help cannot disagree with the real defaults. The module imports no torch
+(the model configs and the process group are imported where they are needed), so
+``lmlab train --help`` answers at once.
+
 A mistake is one :class:`~lmlab.errors.LmlabError` line that names the flag and how to
 fix it, raised before anything is read or written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lmlab.errors import LmlabError
-from lmlab.models.config import RECURRENT, RNNConfig, TransformerConfig
-from lmlab.training import distributed
+
+if TYPE_CHECKING:
+    from lmlab.models.config import RNNConfig, TransformerConfig
 
 #: With --init the model brings these: its architecture and its tokenizer (an error if given).
 INIT_FIXED = (
@@ -21,61 +32,127 @@ INIT_FIXED = (
     "bias", "tie_embeddings", "dropout", "hidden_size",
 )  # fmt: skip
 
+#: How a field appears on the command line (``option(flag=...)``):
+#: "value" ``--name VALUE``; "bool" ``--name`` / ``--no-name``; "switch" ``--name`` (sets True);
+#: "negated" ``--no-name`` (sets False); None: not a flag (set by lmlab itself).
+FLAG_KINDS = ("value", "bool", "switch", "negated", None)
+#: The groups of ``lmlab train --help``, in order.
+GROUPS = ("data", "model", "optimisation", "checkpoints")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    flag: str | None = "value",
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+) -> Any:
+    """A TrainConfig field and its flag's documentation. ``default_text`` is what ``--help``
+    says the default is when the value itself would not say it (None: the value, if any)."""
+    assert flag in FLAG_KINDS and group in GROUPS
+    meta = {"help": help, "group": group, "flag": flag, "choices": choices, "metavar": metavar}
+    meta["default_text"] = default_text
+    return dataclasses.field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
     """Every option of ``lmlab train`` (the CLI flags are these names in kebab-case)."""
 
-    data: str = "builtin"
-    out: str | None = None
-    # tokenizer
-    tokenizer: str = "char"  # char | bpe | PATH to tokenizer.json or a folder
-    vocab_size: int = 4096  # for bpe
-    encoding_errors: str = "strict"
+    #: The optimizer steps of a run given neither --steps nor --time.
+    DEFAULT_STEPS: ClassVar[int] = 2000
+
+    # data
+    data: str = option("builtin", "a text file, a folder of text files, a glob, or 'builtin'", group="data")
+    out: str | None = option(None, "folder for checkpoints, metrics.jsonl and loss.png", group="data")
+    tokenizer: str = option("char", "char, bpe, or a tokenizer.json / Hugging Face folder", group="data")
+    vocab_size: int = option(4096, "BPE vocabulary size", group="data")
+    encoding_errors: str = option(
+        "strict",
+        "what to do with bytes that are not UTF-8 (strict stops with an error), replace or ignore",
+        group="data",
+        choices=("strict", "replace", "ignore"),
+    )
     # model (the default: lmlab's recipe for small CPU runs, see README)
-    model: str = "gpt"  # gpt (the Transformer) | rnn | gru | lstm
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None
-    d_model: int = 128
-    max_seq_len: int = 64
-    pos: str = "rope"
-    norm: str = "rmsnorm"
-    mlp: str = "swiglu"  # swiglu | gelu
-    bias: bool = False
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    hidden_size: int = 512  # recurrent models: units per layer (d_model is the embedding size)
-    stateful: bool = False  # recurrent models: carry the state across consecutive chunks
+    model: str = option("gpt", "gpt (the Transformer), rnn, gru or lstm (recurrent)", group="model")
+    n_layer: int = option(4, "layers", group="model")
+    n_head: int = option(4, "attention heads", group="model")
+    n_kv_head: int | None = option(
+        None, "key/value heads (< n-head: grouped-query attention)", group="model", default_text="n-head"
+    )
+    d_model: int = option(128, "the embedding (and Transformer) width", group="model")
+    max_seq_len: int = option(
+        64, "context length in tokens (recurrent models: the BPTT window)", group="model"
+    )
+    pos: str = option("rope", "positional encoding", group="model", choices=("sinusoidal", "learned", "rope"))
+    norm: str = option("rmsnorm", "normalisation", group="model", choices=("layernorm", "rmsnorm"))
+    mlp: str = option("swiglu", "the feed-forward block", group="model", choices=("swiglu", "gelu"))
+    bias: bool = option(False, "biases in linear layers and LayerNorm", group="model", flag="bool")
+    tie_embeddings: bool = option(
+        True, "share the input embedding and the output layer", group="model", flag="bool"
+    )
+    dropout: float = option(0.0, "dropout probability", group="model")
+    hidden_size: int = option(
+        512, "recurrent models: units per layer; --d-model is the embedding", group="model"
+    )
+    stateful: bool = option(
+        False,
+        "recurrent models: carry the state across consecutive chunks of the text, not random windows",
+        group="model",
+        flag="bool",
+    )
     # optimisation
-    steps: int | None = None  # default 2000 when neither steps nor time is given
-    time: str | None = None  # a budget such as "5m", "90s", "1h"
-    batch_size: int = 12  # the global batch, in sequences
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr: float | None = None  # default lr/10
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    seed: int = 1337
-    # bookkeeping
-    eval_every: int = 250
-    eval_batches: int = 20
-    save_every: int = 500
-    val_fraction: float = 0.1
-    precision: str = "fp32"
-    device: str = "auto"
-    resume: str | None = None
-    extend_time: bool = False  # internal: --resume with --time T trains for T more
-    init: str | None = None  # fine-tune from an lmlab checkpoint, a HF folder or a Hub id
-    allow_pickle: bool = False  # with --init: accept a pickle .bin checkpoint (weights_only)
-    overwrite: bool = False
-    progress: bool = True
+    steps: int | None = option(
+        None, "optimizer steps", group="optimisation", default_text=f"{DEFAULT_STEPS} without --time"
+    )
+    time: str | None = option(None, "train for a time budget instead, e.g. 5m, 90s, 1h", group="optimisation")
+    batch_size: int = option(12, "the global batch, in sequences", group="optimisation")
+    grad_accum: int = option(1, "micro-batches per step", group="optimisation")
+    lr: float = option(2e-3, "peak learning rate", group="optimisation")
+    min_lr: float | None = option(None, "final learning rate", group="optimisation", default_text="lr/10")
+    warmup: int = option(100, "warmup steps", group="optimisation")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", group="optimisation")
+    beta1: float = option(0.9, "AdamW β₁, the decay of the gradient's running mean", group="optimisation")
+    beta2: float = option(
+        0.99, "AdamW β₂, the decay of the squared gradient's running mean", group="optimisation"
+    )
+    grad_clip: float = option(1.0, "clip the gradient's norm to this; 0: no clipping", group="optimisation")
+    seed: int = option(1337, "random seed (initialisation, batches, dropout)", group="optimisation")
+    precision: str = option("fp32", "arithmetic precision", group="optimisation", choices=("fp32", "bf16"))
+    device: str = option("auto", "cpu, cuda, mps or auto", group="optimisation")
+    # checkpoints and bookkeeping
+    eval_every: int = option(250, "steps between validation evaluations", group="checkpoints")
+    eval_batches: int = option(20, "validation batches per evaluation", group="checkpoints")
+    save_every: int = option(500, "steps between checkpoints", group="checkpoints")
+    val_fraction: float = option(0.1, "the last fraction of tokens kept for validation", group="data")
+    resume: str | None = option(
+        None, "continue the run in DIR with its stored settings", group="checkpoints", metavar="DIR"
+    )
+    extend_time: bool = option(
+        False, "--resume with --time T trains for T more", group="checkpoints", flag=None
+    )
+    init: str | None = option(
+        None,
+        "fine-tune: start from an lmlab checkpoint, a Hugging Face folder or a Hub id (and its tokenizer)",
+        group="checkpoints",
+        metavar="SOURCE",
+    )
+    allow_pickle: bool = option(
+        False,
+        "read a Hugging Face pytorch_model.bin (torch.load(weights_only=True)); only for trusted files",
+        group="checkpoints",
+        flag="switch",
+    )
+    overwrite: bool = option(False, "replace a checkpoint in --out", group="checkpoints", flag="switch")
+    progress: bool = option(True, "no progress bar", group="checkpoints", flag="negated")
 
     def validate(self, given: Collection[str] = ()) -> None:
         """Check the options; ``given`` names those set explicitly (see ``_check_given``)."""
+        from lmlab.models.config import RECURRENT
+        from lmlab.training.distributed import env_world_size
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -100,21 +177,9 @@ class TrainConfig:
         )
         need(self.batch_size > 0, f"--batch-size must be positive (got {self.batch_size})")
         need(self.grad_accum > 0, f"--grad-accum must be positive (got {self.grad_accum})")
-        need(
-            self.batch_size % self.grad_accum == 0,
-            f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}",
-        )
-        world = distributed.env_world_size()  # under torchrun, each process takes an equal share
-        need(
-            self.batch_size % (world * self.grad_accum) == 0,
-            f"--batch-size {self.batch_size} (the global batch) is not divisible by {world} processes "
-            f"× --grad-accum {self.grad_accum}; give a multiple of {world * self.grad_accum}",
-        )
+        check_batch_split(self.batch_size, self.grad_accum, env_world_size())
         need(self.steps is None or self.steps > 0, f"--steps must be positive (got {self.steps})")
-        need(
-            self.steps is None or self.time is None,
-            f"give one budget, --steps {self.steps} or --time {self.time}, not both",
-        )
+        check_one_budget(self.steps, self.time)
         need(self.lr > 0, f"--lr must be positive (got {self.lr})")
         need(
             self.min_lr is None or 0 <= self.min_lr <= self.lr,
@@ -136,6 +201,8 @@ class TrainConfig:
         """Flags that make sense only together with others: an error names the flag to
         drop. ``given`` are the options the user set (the CLI passes only those), so a
         default never counts as a choice."""
+        from lmlab.models.config import RECURRENT
+
         if self.init is not None:
             fixed = [k for k in INIT_FIXED if k in given]
             if fixed:
@@ -150,6 +217,8 @@ class TrainConfig:
             )
 
     def model_config(self, vocab_size: int) -> TransformerConfig | RNNConfig:
+        from lmlab.models.config import RECURRENT, RNNConfig, TransformerConfig
+
         if self.model in RECURRENT:
             return RNNConfig(
                 cell=self.model,
@@ -181,6 +250,26 @@ class TrainConfig:
         )
 
 
+def check_one_budget(steps: int | None, time: str | None) -> None:
+    """A run has one budget: --steps or --time (checked on the options given, before a
+    resumed run's stored budget is replaced, and again on the config)."""
+    if steps is not None and time is not None:
+        raise LmlabError(f"give one budget, --steps {steps} or --time {time}, not both")
+
+
+def check_batch_split(batch_size: int, grad_accum: int, world: int) -> None:
+    """The global batch B splits into ``world`` processes × ``grad_accum`` micro-steps of
+    equal size (checked on the options, with torchrun's or --nproc's planned world size,
+    and again once the process group is joined)."""
+    if batch_size % grad_accum:
+        raise LmlabError(f"--batch-size {batch_size} is not divisible by --grad-accum {grad_accum}")
+    if batch_size % (world * grad_accum):
+        raise LmlabError(
+            f"--batch-size {batch_size} (the global batch) is not divisible by {world} processes "
+            f"× --grad-accum {grad_accum}; give a multiple of {world * grad_accum}"
+        )
+
+
 def parse_duration(s: str | float | int) -> float:
     """'90s', '5m', '1.5h', '300' -> seconds."""
     if isinstance(s, int | float):
@@ -189,3 +278,44 @@ def parse_duration(s: str | float | int) -> float:
     if not m:
         raise LmlabError(f"--time {s!r} is not a duration; write e.g. 90s, 5m or 1h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+# --------------------------------------------------------------------------- the flags
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def flag_fields() -> Iterator[dataclasses.Field]:
+    """The TrainConfig fields that are ``lmlab train`` flags, in order (not the internal ones)."""
+    return (f for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag") is not None)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """``--vocab-size`` for ``vocab_size``."""
+    return "--" + f.name.replace("_", "-")
+
+
+def value_type(f: dataclasses.Field) -> type:
+    """The type a flag's text is read as: the annotation's first member (``int | None`` -> int)."""
+    annotation = f.type if isinstance(f.type, str) else f.type.__name__
+    return _TYPES[annotation.split("|")[0].strip()]
+
+
+def train_argv(options: dict[str, Any]) -> list[str]:
+    """The ``lmlab train`` flags that reproduce ``options`` (TrainConfig names; a None
+    value, an unknown name or an internal field gives no flag). Read from the fields, as
+    the parser is, so the two cannot drift apart."""
+    argv: list[str] = []
+    for f in flag_fields():
+        value = options.get(f.name)
+        if value is None:
+            continue
+        kind, name = f.metadata["flag"], flag_name(f)
+        if kind == "bool":
+            argv.append(name if value else "--no-" + name[2:])
+        elif kind == "switch":
+            argv += [name] if value else []
+        elif kind == "negated":
+            argv += [] if value else ["--no-" + name[2:]]
+        else:
+            argv += [name, str(value)]
+    return argv

@@ -1,5 +1,10 @@
-"""What a run says on stderr. Under torchrun every rank runs the same code; rank 0 alone
-speaks for the job, so a message is printed once, not once per process."""
+"""A status line above the training progress bar.
+
+What :func:`lmlab.messages.say` adds nothing for: printed past an active tqdm bar, a
+line would break it, so the trainer's lines written while the bar is drawn go through the
+bar (``tqdm.write``). Warnings go through :func:`lmlab.messages.warn`, which the command
+line also writes above the bar. Under torchrun rank 0 alone speaks for the job.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,10 @@ import sys
 
 from tqdm import tqdm
 
-from lmlab.training import distributed
+from lmlab.messages import is_main_process
 
 
 def bar_log(bar: tqdm, msg: str) -> None:
-    """A line above the progress bar (printing past the bar would break it)."""
-    if distributed.is_main():
+    """``msg`` on stderr, above the progress bar (rank 0 only)."""
+    if is_main_process():
         bar.write(msg, file=sys.stderr)
-
-
-def log(msg: str) -> None:
-    if distributed.is_main():  # under torchrun, rank 0 speaks for the job
-        print(msg, file=sys.stderr, flush=True)

@@ -5,15 +5,15 @@ The launcher side of distributed training, run in the process the user started, 
 in a worker (the workers' side, the process group and the collectives, is
 :mod:`lmlab.training.distributed`). It checks the options once, before any worker starts
 (:func:`check_before_launch`), turns them back into ``lmlab train`` flags
-(:func:`train_argv`), and runs torchrun without its ``ChildFailedError`` traceback and
-log (:func:`torchrun_main`), so that what a failed job prints is lmlab's own lines: the
+(:func:`~lmlab.training.config.train_argv`, read from TrainConfig's fields, re-exported
+here), and runs torchrun without its ``ChildFailedError`` traceback and log
+(:func:`torchrun_main`), so that what a failed job prints is lmlab's own lines: the
 workers' (rank 0's) error, :func:`failure_reason` for what no worker could say, and
 :func:`continue_advice` for what to do next (``--resume`` only if a checkpoint was saved).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.training.config import train_argv
 from lmlab.training.distributed import (
     DEFAULT_STARTUP_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -39,28 +40,6 @@ from lmlab.training.distributed import (
     occupied_out_message,
     planned_world_size,
 )
-
-
-def train_argv(options: dict[str, Any], parser: argparse.ArgumentParser) -> list[str]:
-    """The command-line flags of ``parser`` (``lmlab train``'s) that reproduce ``options``."""
-    argv: list[str] = []
-    for action in parser._actions:
-        if action.dest not in options or not action.option_strings:
-            continue
-        value = options[action.dest]
-        positive = [s for s in action.option_strings if not s.startswith("--no-")]
-        if value is None:
-            continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(positive[0] if value else f"--no-{positive[0][2:]}")
-        elif isinstance(action, argparse._StoreTrueAction):
-            argv += [action.option_strings[0]] if value else []
-        elif isinstance(action, argparse._StoreFalseAction):  # --no-progress
-            argv += [] if value else [action.option_strings[0]]
-        else:
-            argv += [action.option_strings[0], str(value)]
-    return argv
-
 
 #: The exit status of a process that stopped on a user error (printed by it or by rank 0).
 USER_ERROR_STATUS = 2

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from lmlab.checkpoint import RunDir, read_json, unwrap
 from lmlab.data import load_corpus, read_corpus, resolve_data, sample_starts, step_generator
 from lmlab.errors import LmlabError
+from lmlab.messages import say
 from lmlab.models import build_model
 from lmlab.models.config import RECURRENT, RNNConfig
 from lmlab.models.loading import load_weights, read_checkpoint
@@ -32,8 +33,7 @@ from lmlab.tokenizer import (
     train_char_tokenizer,
 )
 from lmlab.training import distributed
-from lmlab.training.config import TrainConfig, parse_duration
-from lmlab.training.console import log
+from lmlab.training.config import TrainConfig, check_batch_split, parse_duration
 from lmlab.training.state import load_training_state, rank_seed
 
 
@@ -117,9 +117,9 @@ class TrainerSetup:
 
             source = load_any(cfg.init, dtype="float32", allow_pickle=cfg.allow_pickle)
             self.tok, mcfg, self.gen_cfg = source.tokenizer, source.module.config, dict(source.generation_config)
-            log(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
+            say(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
         else:
-            self.tok = Tokenizer.from_str(tokenizer) if tokenizer else self._make_tokenizer()
+            self.tok = Tokenizer.from_str(tokenizer) if tokenizer else make_tokenizer(cfg)
             mcfg = cfg.model_config(self.tok.get_vocab_size())
             self.gen_cfg = {
                 "eos_token_id": self.tok.token_to_id(EOT),
@@ -192,11 +192,11 @@ class TrainerSetup:
                 f"{cfg.batch_size} parallel streams, each shorter than one window of --max-seq-len "
                 f"{mcfg.max_seq_len}; give more text, a smaller --batch-size or a smaller --max-seq-len"
             )
-        log(
+        say(
             f"lmlab: corpus {corpus.name}: {len(corpus.ids):,} tokens; train {len(self.train_ids):,} "
             f"(first {1 - cfg.val_fraction:.0%}), validation {len(self.val_ids):,} (last {cfg.val_fraction:.0%})"
         )
-        log(
+        say(
             f"lmlab: model {mcfg.n_params_hint if hasattr(mcfg, 'n_params_hint') else ''} "
             f"{self.model.num_parameters() / 1e6:.2f}M parameters, tokenizer "
             f"{tokenizer_kind(self.tok)} ({self.tok.get_vocab_size()} tokens), device {self.device}"
@@ -227,17 +227,17 @@ class TrainerSetup:
             self.max_steps = None  # measured again: T more seconds from here
             self.time_budget += self.state.get("elapsed", 0.0)
         if self.max_steps is None and cfg.time is None:
-            self.max_steps = self.lr_end = 2000
+            self.max_steps = self.lr_end = cfg.DEFAULT_STEPS
         if resuming:
             done = self.state["step"]
             if self.max_steps is not None and done >= self.max_steps:
-                log(
+                say(
                     f"lmlab: {cfg.resume} is already at step {done} of {self.max_steps}: nothing to train "
                     f"(give --steps N with N > {done}, or --time T, to continue)"
                 )
             else:
                 total = self.max_steps if self.max_steps is not None else f"--time {cfg.time}"
-                log(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
+                say(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
         self.val_starts = (
             sample_starts(
                 len(self.val_ids),
@@ -254,13 +254,9 @@ class TrainerSetup:
         """Say how the global batch is split; under torchrun, wrap the model in DDP."""
         cfg = self.cfg
         W, k = self.dist.world_size, cfg.grad_accum
-        if cfg.batch_size % (W * k):
-            raise LmlabError(
-                f"--batch-size {cfg.batch_size} (the global batch) is not divisible by {W} processes "
-                f"× --grad-accum {k}; give a multiple of {W * k}"
-            )
+        check_batch_split(cfg.batch_size, k, W)  # the world joined, not the one planned
         if W > 1 or k > 1:  # B = W processes × k micro-steps × b sequences
-            log(
+            say(
                 f"lmlab: batch {cfg.batch_size} sequences per step = {W} process{'es' if W > 1 else ''} "
                 f"× {k} micro-step{'s' if k > 1 else ''} × {cfg.batch_size // (W * k)} sequences"
                 + (f" (DDP, {self.dist.backend})" if self.dist.active else "")
@@ -285,16 +281,6 @@ class TrainerSetup:
         if getattr(self, "dist", None) is not None:
             self.dist.close()
 
-    def _make_tokenizer(self):
-        cfg = self.cfg
-        if cfg.tokenizer in ("char", "bpe"):
-            files = resolve_data(cfg.data)
-            text = read_corpus(files, cfg.encoding_errors, builtin=cfg.data == "builtin")
-            if cfg.tokenizer == "char":
-                return train_char_tokenizer([text.replace(EOT, "")])
-            return train_bpe_tokenizer(iter_chunks(text.replace(EOT, "\n")), cfg.vocab_size)
-        return load_tokenizer(cfg.tokenizer)
-
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay only on matrices (embeddings, linear weights), not on
         biases and norm gains, which decay would pull toward zero for no benefit."""
@@ -308,3 +294,15 @@ class TrainerSetup:
             {"params": no_decay, "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def make_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a new run trains (char, bpe: on ``cfg.data``) or reads (a file or
+    folder); ``lmlab compare`` makes its shared tokenizer with it too."""
+    if cfg.tokenizer in ("char", "bpe"):
+        files = resolve_data(cfg.data)
+        text = read_corpus(files, cfg.encoding_errors, builtin=cfg.data == "builtin")
+        if cfg.tokenizer == "char":
+            return train_char_tokenizer([text.replace(EOT, "")])
+        return train_bpe_tokenizer(iter_chunks(text.replace(EOT, "\n")), cfg.vocab_size)
+    return load_tokenizer(cfg.tokenizer)

@@ -14,9 +14,9 @@ from typing import Any
 
 from lmlab.checkpoint import read_json
 from lmlab.errors import LmlabError
+from lmlab.messages import warn
 from lmlab.training import distributed
-from lmlab.training.config import TrainConfig
-from lmlab.training.console import log
+from lmlab.training.config import TrainConfig, check_one_budget
 from lmlab.training.trainer import Trainer, TrainResult
 
 
@@ -33,8 +33,7 @@ def train_config(**options: Any) -> tuple[TrainConfig, Collection[str]]:
     ``lmlab train --nproc N`` calls it too, to find mistakes before it starts N processes."""
     resume = options.get("resume")
     given = {k: v for k, v in options.items() if v is not None}  # the CLI passes only the flags set
-    if "steps" in given and "time" in given:
-        raise LmlabError(f"give one budget, --steps {given['steps']} or --time {given['time']}, not both")
+    check_one_budget(given.get("steps"), given.get("time"))  # before a resumed run's budget is replaced
     if resume is not None:
         stored = _stored_train_config(resume)
         if stored.get("steps") is not None:  # a run stored with both budgets: its steps decided
@@ -49,8 +48,8 @@ def train_config(**options: Any) -> tuple[TrainConfig, Collection[str]]:
             k for k, v in given.items() if k not in allowed and v != stored.get(k) and k != "allow_pickle"
         )
         if ignored:
-            log(
-                "lmlab: warning: a resumed run keeps its stored settings; ignoring "
+            warn(
+                "a resumed run keeps its stored settings; ignoring "
                 + ", ".join("--" + k.replace("_", "-") for k in ignored)
             )
         stored.update({k: v for k, v in given.items() if k in allowed})

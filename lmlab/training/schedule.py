@@ -13,6 +13,9 @@ from typing import Any
 
 from lmlab.training.config import TrainConfig
 
+#: A --time re-plan is printed when it moves the end by this fraction of the announced steps.
+REPLAN_NEWS = 0.05
+
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int, plan: dict[str, Any] | None = None) -> float:
     """Linear warmup to lr over ``warmup`` steps, then cosine decay to min_lr at the end.
@@ -122,3 +125,30 @@ class TimeBudget:
         self.next_at = elapsed + 0.1 * self.session
         self.next_step = step + max(1, (end - self.step0) // 10)
         return end
+
+
+def budget_note(
+    time: str | None, step: int, announced: int | None, ran_out: bool, plan_at_stop: int | None
+) -> str | None:
+    """Why a --time run ended at ``step``, elsewhere than the step count last printed
+    (``announced``): the budget ran out first (the hard stop, ``ran_out``, before the plan's
+    end ``plan_at_stop``), or moves too small to print (less than REPLAN_NEWS, see the
+    Trainer's ``_follow_budget``) shifted the end; None when it ended where it said."""
+    said, head = announced, f"lmlab: --time {time}:"
+    if not ran_out:
+        if said is None or said == step:
+            return None
+        return (
+            f"{head} {step} steps, not the {said} announced: later estimates moved the end by less "
+            f"than {REPLAN_NEWS:.0%}, too little to announce"
+        )
+    plan = plan_at_stop
+    if said is None or plan is None:
+        return f"{head} the time budget ran out at step {step}, before the first estimate of the step count"
+    lead = f"{head} stopped at step {step}, not the {said} announced: "
+    if plan == said:
+        return lead + f"the time budget ran out {plan - step} step{'s' * (plan - step != 1)} before the plan"
+    return lead + (
+        f"later estimates moved the end to {plan} (by less than {REPLAN_NEWS:.0%}, not announced), "
+        f"and the time budget ran out {plan - step} step{'s' * (plan - step != 1)} before it"
+    )

@@ -21,7 +21,7 @@ from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +29,42 @@ from tqdm import tqdm
 
 from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
+from lmlab.messages import warn
 from lmlab.models.loading import write_checkpoint
 from lmlab.training.config import TrainConfig
-from lmlab.training.console import bar_log, log
+from lmlab.training.console import bar_log
 from lmlab.training.prepare import TrainerSetup
-from lmlab.training.schedule import TimeBudget, lr_at, replan_lr
+from lmlab.training.schedule import REPLAN_NEWS, TimeBudget, budget_note, lr_at, replan_lr
 from lmlab.training.signals import STOP_CODES, install_signal_handlers, restore_signal_handlers
 from lmlab.training.state import state_tensors, stored_config, truncate_metrics
 
-#: A --time re-plan is printed when it moves the end by this fraction of the announced steps.
-REPLAN_NEWS = 0.05
 #: The trainer's clock (seconds); tests replace it to make --time runs deterministic.
 _clock = time.perf_counter
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step: the latest figures and the overfitting watch."""
+
+    last_val: float | None = None
+    train_ema: float | None = None  # exponential moving average of the training loss
+    tok_s: float = 0.0
+    prev_eval: tuple[float, float] | None = None  # (validation loss, train_ema) at the last evaluation
+    rises: int = 0  # evaluations in a row where validation rose while training fell
+    warned: bool = False
+
+    def overfitting(self) -> bool:
+        """True once, at the second evaluation in a row where validation rose while training
+        fell (one alone is often the noise of a small validation sample)."""
+        assert self.last_val is not None and self.train_ema is not None  # after a step, an evaluation
+        prev = self.prev_eval
+        rising = prev is not None and self.last_val > prev[0] and self.train_ema < prev[1]
+        self.rises = self.rises + 1 if rising else 0
+        self.prev_eval = (self.last_val, self.train_ema)
+        if self.rises >= 2 and not self.warned:
+            self.warned = True
+            return True
+        return False
 
 
 @dataclass
@@ -66,6 +90,12 @@ class Trainer(TrainerSetup):
         self.given = set(given)  # the options set explicitly (``train`` passes them)
         self.stop_reason: str | None = None
         self.carry: dict[int, Any] = {}  # --stateful: each micro-batch's state, detached
+        # --time (see _follow_budget): the step count last printed, set as the loop starts;
+        # whether the hard stop ended the run before its plan's end, and that end (None:
+        # not yet estimated).
+        self.announced: int | None = None
+        self.ran_out = False
+        self.plan_at_stop: int | None = None
 
     def save(self, best: bool = False) -> None:
         """Every rank calls this (it gathers the RNG states); rank 0 alone writes."""
@@ -171,127 +201,28 @@ class Trainer(TrainerSetup):
 
     # ----------------------------------------------------------------- loop
     def run_loop(self) -> TrainResult:
-        cfg = self.cfg
-        metrics_path = self.run.root / "metrics.jsonl"
+        """Train from the current step to the end of the budget, or until a signal asks to
+        stop; save on schedule, at a new best validation loss and at the end; draw loss.png."""
         main = self.dist.is_main  # rank 0 alone writes metrics.jsonl and draws the bar
+        metrics_path = self.run.root / "metrics.jsonl"
         if main:
             truncate_metrics(metrics_path, self.state["step"])
         mfile = open(metrics_path, "a", encoding="utf-8") if main else None
-        tokens_per_step = cfg.batch_size * self.seq_len
         prev_handlers = install_signal_handlers(self)
-        start_step = self.state["step"]
-        t_start = _clock()
-        elapsed0 = self.state.get("elapsed", 0.0)
-        budget = TimeBudget(self.time_budget, elapsed0, start_step) if self.time_budget is not None else None
         self.announced = self.max_steps  # the step count last printed (a resumed run's "of M")
-        self.ran_out = False  # the hard stop ended the run before its plan's end ...
-        self.plan_at_stop: int | None = None  # ... which was this (None: not yet estimated)
-        bar_total = self.max_steps if self.max_steps else None
         bar = tqdm(
-            total=bar_total,
-            initial=start_step,
+            total=self.max_steps if self.max_steps else None,
+            initial=self.state["step"],
             desc="train",
             unit="step",
             file=sys.stderr,
-            disable=not (cfg.progress and main),
+            disable=not (self.cfg.progress and main),
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        last_val = None
-        prev_eval: tuple[float, float] | None = None
-        overfit_evals = 0
-        warned_overfit = False
-        train_ema = None
-        tok_s = 0.0
-        self.model.train()
-        step = start_step
+        seen = _Progress()
         try:
-            while self.max_steps is None or step < self.max_steps:
-                t0 = _clock()
-                lr = lr_at(step, cfg, self.lr_end or 10**9, self.state.get("lr_plan"))
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                loss = self.train_step(step)
-                if not math.isfinite(loss):
-                    raise LmlabError(
-                        f"the loss or its gradient became {loss} at step {step + 1}; training stopped and "
-                        f"the last good checkpoint (step {self.state.get('saved_step', 'none')}) in {cfg.out} "
-                        "is kept. Try a lower --lr, or --precision fp32"
-                    )
-                # Stop after this step if a signal came. Under torchrun, a signal on any rank
-                # stops every rank after the same step: the ranks act on the all-reduced
-                # flag only (one arriving after it waits for the next step), or one rank
-                # would save while another trains on, each waiting for the other.
-                # The same all-reduce shares the clock: every rank takes the slowest one's
-                # elapsed time, so the --time decisions below agree on every rank.
-                now = _clock()
-                elapsed = elapsed0 + now - t_start
-                stopping = self.stop_reason
-                if self.dist.active:
-                    code, elapsed = self.dist.all_reduce([STOP_CODES.index(stopping), elapsed], op="max")
-                    stopping = STOP_CODES[int(code)]
-                    self.stop_reason = self.stop_reason or stopping
-                dt = now - t0
-                step += 1
-                tok_s = tokens_per_step / dt if dt > 0 else 0.0
-                self.state["step"] = step
-                self.state["tokens"] = self.state.get("tokens", 0) + tokens_per_step
-                self.state["elapsed"] = elapsed
-                train_ema = loss if train_ema is None else 0.9 * train_ema + 0.1 * loss
-                row: dict[str, Any] = {
-                    "step": step,
-                    "loss": round(loss, 6),
-                    "lr": lr,
-                    "tokens_per_s": round(tok_s, 1),
-                    "tokens": self.state["tokens"],
-                    "elapsed_s": round(self.state["elapsed"], 3),
-                }
-                if budget is not None and self._follow_budget(budget, step, elapsed, bar):
-                    bar.total = self.max_steps
-                    bar.refresh()
-                is_last = self.max_steps is not None and step >= self.max_steps
-                is_best = False
-                if step % cfg.eval_every == 0 or is_last:
-                    last_val = self.evaluate()
-                    if last_val is not None:
-                        row["val_loss"] = round(last_val, 6)
-                        best = self.state.get("best_val")
-                        is_best = best is None or last_val < best
-                        if is_best:
-                            self.state["best_val"] = last_val
-                        # Two evaluations in a row where validation rose while training fell:
-                        # one alone is often the noise of a small validation sample.
-                        rising = (
-                            prev_eval is not None and last_val > prev_eval[0] and train_ema < prev_eval[1]
-                        )
-                        overfit_evals = overfit_evals + 1 if rising else 0
-                        if overfit_evals >= 2 and not warned_overfit:
-                            warned_overfit = True
-                            bar_log(
-                                bar,
-                                "lmlab: warning: validation loss rose while training loss fell: the "
-                                "model may be overfitting (more data, --dropout, or fewer --steps help)",
-                            )
-                        prev_eval = (last_val, train_ema)
-                if mfile is not None:
-                    mfile.write(json.dumps(row) + "\n")
-                    mfile.flush()
-                post = {"loss": f"{loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
-                if last_val is not None:
-                    post["val"] = f"{last_val:.4f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-                if step % cfg.save_every == 0 or is_last or is_best or stopping:
-                    self.save(best=is_best)
-                    self.state["saved_step"] = step
-                if stopping:
-                    if main:
-                        bar.write(f"lmlab: {stopping}: saved the checkpoint at step {step}", file=sys.stderr)
-                    break
-            if budget is not None and step > start_step and not self.stop_reason:
-                note = self._budget_note(step)
-                if note:
-                    bar_log(bar, note)
+            step = self._steps(bar, mfile, seen)
         except BaseException:
             # A failing job under torchrun: its agent's SIGTERM must not cut the error
             # message short, so the stop handler stays (the process ends right after).
@@ -303,24 +234,123 @@ class Trainer(TrainerSetup):
             if mfile is not None:
                 mfile.close()
             restore_signal_handlers(prev_handlers)
-        png = None
-        if main:
-            try:
-                from lmlab.training.plots import plot_loss_curve
-
-                png = plot_loss_curve(metrics_path, self.run.root / "loss.png", title=f"lmlab: {cfg.out}")
-            except Exception as e:  # a plot must never cost a training run
-                log(f"lmlab: warning: could not draw the loss curve ({e})")
         return TrainResult(
             out=self.run.root,
             step=step,
-            val_loss=last_val,
+            val_loss=seen.last_val,
             best_val_loss=self.state.get("best_val"),
-            tokens_per_s=tok_s,
-            loss_png=png,
+            tokens_per_s=seen.tok_s,
+            loss_png=self._plot_loss(metrics_path) if main else None,
             stopped_early=self.stop_reason is not None,
             stop_reason=self.stop_reason,
         )
+
+    def _steps(self, bar: tqdm, mfile: IO[str] | None, seen: _Progress) -> int:
+        """The steps, each followed by its metrics row, the --time plan, an evaluation and a
+        save when due; returns the last step."""
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * self.seq_len
+        start_step = step = self.state["step"]
+        t_start, elapsed0 = _clock(), self.state.get("elapsed", 0.0)
+        budget = TimeBudget(self.time_budget, elapsed0, start_step) if self.time_budget is not None else None
+        self.model.train()
+        while self.max_steps is None or step < self.max_steps:
+            t0 = _clock()
+            lr = lr_at(step, cfg, self.lr_end or 10**9, self.state.get("lr_plan"))
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            loss = self.train_step(step)
+            if not math.isfinite(loss):
+                raise LmlabError(
+                    f"the loss or its gradient became {loss} at step {step + 1}; training stopped and "
+                    f"the last good checkpoint (step {self.state.get('saved_step', 'none')}) in {cfg.out} "
+                    "is kept. Try a lower --lr, or --precision fp32"
+                )
+            now = _clock()
+            stopping, elapsed = self._agree_on_stop(elapsed0 + now - t_start)
+            dt = now - t0
+            step += 1
+            seen.tok_s = tokens_per_step / dt if dt > 0 else 0.0
+            self.state["step"] = step
+            self.state["tokens"] = self.state.get("tokens", 0) + tokens_per_step
+            self.state["elapsed"] = elapsed
+            seen.train_ema = loss if seen.train_ema is None else 0.9 * seen.train_ema + 0.1 * loss
+            row: dict[str, Any] = {
+                "step": step,
+                "loss": round(loss, 6),
+                "lr": lr,
+                "tokens_per_s": round(seen.tok_s, 1),
+                "tokens": self.state["tokens"],
+                "elapsed_s": round(self.state["elapsed"], 3),
+            }
+            if budget is not None and self._follow_budget(budget, step, elapsed, bar):
+                bar.total = self.max_steps
+                bar.refresh()
+            is_last = self.max_steps is not None and step >= self.max_steps
+            is_best = self._evaluate_into(row, seen) if step % cfg.eval_every == 0 or is_last else False
+            if mfile is not None:
+                mfile.write(json.dumps(row) + "\n")
+                mfile.flush()
+            post = {"loss": f"{loss:.4f}", "tok/s": f"{seen.tok_s:,.0f}"}
+            if seen.last_val is not None:
+                post["val"] = f"{seen.last_val:.4f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if step % cfg.save_every == 0 or is_last or is_best or stopping:
+                self.save(best=is_best)
+                self.state["saved_step"] = step
+            if stopping:
+                if self.dist.is_main:
+                    bar.write(f"lmlab: {stopping}: saved the checkpoint at step {step}", file=sys.stderr)
+                break
+        if budget is not None and step > start_step and not self.stop_reason:
+            note = budget_note(cfg.time, step, self.announced, self.ran_out, self.plan_at_stop)
+            if note:
+                bar_log(bar, note)
+        return step
+
+    def _agree_on_stop(self, elapsed: float) -> tuple[str | None, float]:
+        """Whether to stop after this step (a signal came), and the run's elapsed time.
+
+        Under torchrun, a signal on any rank stops every rank after the same step: the ranks
+        act on the all-reduced flag only (one arriving after it waits for the next step), or
+        one rank would save while another trains on, each waiting for the other. The same
+        all-reduce shares the clock: every rank takes the slowest one's elapsed time, so the
+        --time decisions agree on every rank."""
+        stopping = self.stop_reason
+        if self.dist.active:
+            code, elapsed = self.dist.all_reduce([STOP_CODES.index(stopping), elapsed], op="max")
+            stopping = STOP_CODES[int(code)]
+            self.stop_reason = self.stop_reason or stopping
+        return stopping, elapsed
+
+    def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
+        """Evaluate, add ``val_loss`` to the metrics row, warn once of overfitting; True
+        when this is the best validation loss so far (the step is then saved as best)."""
+        seen.last_val = self.evaluate()
+        if seen.last_val is None:
+            return False
+        row["val_loss"] = round(seen.last_val, 6)
+        best = self.state.get("best_val")
+        is_best = best is None or seen.last_val < best
+        if is_best:
+            self.state["best_val"] = seen.last_val
+        if seen.overfitting():
+            warn(
+                "validation loss rose while training loss fell: the model may be overfitting "
+                "(more data, --dropout, or fewer --steps help)"
+            )
+        return is_best
+
+    def _plot_loss(self, metrics_path: Path) -> Path | None:
+        """loss.png from metrics.jsonl; None (and a warning) if it cannot be drawn."""
+        try:
+            from lmlab.training.plots import plot_loss_curve
+
+            return plot_loss_curve(metrics_path, self.run.root / "loss.png", title=f"lmlab: {self.cfg.out}")
+        except Exception as e:  # a plot must never cost a training run
+            warn(f"could not draw the loss curve ({e})")
+            return None
 
     def _follow_budget(self, budget: TimeBudget, step: int, elapsed: float, bar: tqdm) -> bool:
         """With --time, after each step: stop when the budget is spent (the hard stop),
@@ -330,7 +360,7 @@ class Trainer(TrainerSetup):
         A new end is printed when it is news: the first, and then one that differs from
         the last printed (``self.announced``, the "was") by at least 5% of that plan's
         steps in this session and at least 2 steps, |T - A| ≥ max(2, 0.05·(A - t₀)).
-        Smaller moves change the plan silently; ``_budget_note`` owns up to them at the end."""
+        Smaller moves change the plan silently; ``budget_note`` owns up to them at the end."""
         if budget.over(elapsed):
             if self.max_steps is None or step < self.max_steps:
                 self.ran_out, self.plan_at_stop = True, self.max_steps
@@ -350,30 +380,3 @@ class Trainer(TrainerSetup):
             )
             self.announced = new_end
         return True
-
-    def _budget_note(self, step: int) -> str | None:
-        """A --time run that ended elsewhere than the step count last printed says why:
-        the budget ran out first (the hard stop), or moves too small to print (see
-        ``_follow_budget``) shifted the end; None when it ended where it said."""
-        said, head = self.announced, f"lmlab: --time {self.cfg.time}:"
-        if not self.ran_out:
-            if said is None or said == step:
-                return None
-            return (
-                f"{head} {step} steps, not the {said} announced: later estimates moved the end by less "
-                f"than {REPLAN_NEWS:.0%}, too little to announce"
-            )
-        plan = self.plan_at_stop
-        if said is None or plan is None:
-            return (
-                f"{head} the time budget ran out at step {step}, before the first estimate of the step count"
-            )
-        lead = f"{head} stopped at step {step}, not the {said} announced: "
-        if plan == said:
-            return (
-                lead + f"the time budget ran out {plan - step} step{'s' * (plan - step != 1)} before the plan"
-            )
-        return lead + (
-            f"later estimates moved the end to {plan} (by less than {REPLAN_NEWS:.0%}, not announced), "
-            f"and the time budget ran out {plan - step} step{'s' * (plan - step != 1)} before it"
-        )

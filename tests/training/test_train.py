@@ -25,8 +25,10 @@ from helpers import (
     finish,
     last_step,
     lmlab_cmd,
+    lmlab_warnings,
     popen,
     read_metrics,
+    recorded_warnings,
     saved_step,
     tiny_checkpoint,
     train_once,
@@ -471,10 +473,12 @@ def test_resume_after_the_hard_stop_goes_on_from_its_lr(tmp_path, corpus_path, m
 
 # --------------------------------------------------------------------------- overfitting
 def _run_with_val_losses(tmp_path, corpus_path, monkeypatch, capsys, values: list[float]) -> str:
+    """stderr and every warning raised (each one, not once per place: "always")."""
     seq = iter(values)
     monkeypatch.setattr(Trainer, "evaluate", lambda self: next(seq))
-    lmlab.train(data=str(corpus_path), out=str(tmp_path / "run"), steps=30, eval_every=10, **SMALL)
-    return capsys.readouterr().err
+    with recorded_warnings() as caught:
+        lmlab.train(data=str(corpus_path), out=str(tmp_path / "run"), steps=30, eval_every=10, **SMALL)
+    return capsys.readouterr().err + "\n".join(f"lmlab: warning: {m}" for m in lmlab_warnings(caught))
 
 
 def test_overfitting_warning_when_val_rises_and_train_falls(
