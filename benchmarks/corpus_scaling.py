@@ -35,7 +35,7 @@ import json, sys, time
 from pathlib import Path
 path, kind, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 from lmlab.data import iter_corpus, load_corpus, read_corpus, resolve_data, encode_text
-from lmlab.tokenizer import EOT, train_tokenizer, train_char_tokenizer, train_bpe_tokenizer, iter_chunks
+from lmlab.tokenizer import EOT, train_tokenizer, train_char_tokenizer, train_bpe_tokenizer
 files = resolve_data(path)
 t0 = time.perf_counter()
 if mode == "lmlab":
@@ -46,7 +46,8 @@ if mode == "lmlab":
 else:  # the whole text in memory, as lmlab did before streaming
     text = read_corpus(files)
     tok = (train_char_tokenizer([text.replace(EOT, "")]) if kind == "char"
-           else train_bpe_tokenizer(iter_chunks(text.replace(EOT, "\n")), 4096))
+           else train_bpe_tokenizer((t[i:i + (1 << 20)] for t in [text.replace(EOT, "\n")]
+                                     for i in range(0, len(t), 1 << 20)), 4096))
     t1 = time.perf_counter()
     chunks = [text[i:i + (1 << 18)] for i in range(0, len(text), 1 << 18)]
     encs = tok.encode_batch(chunks, add_special_tokens=False)

@@ -264,10 +264,12 @@ class RunLock:
         self.path = Path(root) / self.NAME
         self.what = what
         self._fd: int | None = None
+        self.created = False
 
     def acquire(self) -> RunLock:
         import fcntl
 
+        self.created = not self.path.exists()  # a failed start removes only a lock file it made
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         except OSError as e:

@@ -183,9 +183,3 @@ class UnknownCharWarner:
             "(train the tokenizer on text that includes them)"
         )
         warn(msg)  # attributed to the caller's line, not lmlab's
-
-
-def iter_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
-    """Large text in pieces, for tokenizer training without one huge string copy."""
-    for i in range(0, len(text), size):
-        yield text[i : i + size]

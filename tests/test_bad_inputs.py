@@ -327,3 +327,67 @@ def test_a_non_utf8_prompt_on_the_command_line_is_not_a_traceback(ckpt):
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == 0, err
     assert "Traceback" not in err and "lmlab: warning: the text holds bytes that are not UTF-8" in err
+
+
+# --------------------------------------------------------------------------- concurrent writers
+def test_a_second_trainer_on_the_same_out_stops_at_once_naming_the_first(tmp_path, corpus_path):
+    from helpers import cli_env, finish, lmlab_cmd, popen, wait_for_step
+
+    out = tmp_path / "run"
+    args = ("train", "--data", str(corpus_path), "--out", str(out), "--n-layer", "1", "--d-model", "16",
+            "--n-head", "2", "--max-seq-len", "16", "--batch-size", "2", "--eval-every", "1000",
+            "--device", "cpu", "--no-progress")
+    first = popen(lmlab_cmd(*args, "--steps", "100000"), env=cli_env())
+    try:
+        wait_for_step(out, 1, first)
+        second = run_lmlab(*args, "--steps", "5", "--overwrite", check_rc=2)
+        line = second.stderr.strip().splitlines()[-1]
+        assert f"in use by another process (pid {first.pid}, lmlab train --out {out})" in line, second.stderr
+        resume = run_lmlab("train", "--resume", str(out), "--steps", "5", check_rc=2)
+        assert f"pid {first.pid}" in resume.stderr
+    finally:
+        first.kill()
+        finish(first, rc=-9)
+    # the dead process's lock is taken over, its half-written save (if any) removed
+    stale = out / ".ckpt" / ".tmp-step-00000099-999999"
+    stale.mkdir(parents=True, exist_ok=True)
+    run_lmlab("train", "--resume", str(out), "--steps", "3", "--no-progress")
+    assert not stale.exists()
+
+
+def test_a_damaged_trainer_state_is_one_line(tmp_path, corpus_path):
+    out = tmp_path / "run"
+    run_lmlab("train", "--data", str(corpus_path), "--out", str(out), "--n-layer", "1", "--d-model", "16",
+              "--n-head", "2", "--max-seq-len", "16", "--batch-size", "2", "--steps", "2", "--no-progress")
+    state = (out / "trainer_state.json").resolve()
+    good = json.loads(state.read_text())
+    cases = (
+        (json.dumps({**good, "step": "x"}), "step must be a non-negative number, not 'x'"),
+        (json.dumps({**good, "elapsed": -3}), "elapsed must be a non-negative number"),
+        (json.dumps({k: v for k, v in good.items() if k != "train_config"}), "has no train_config"),
+        ("{not json", "damaged or not JSON"),
+    )
+    for bad, named in cases:
+        state.write_text(bad)
+        r = run_lmlab("train", "--resume", str(out), "--steps", "4", check_rc=2)
+        assert named in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_export_racing_another_into_the_same_folder_is_refused(ckpt, tmp_path, monkeypatch):
+    import lmlab.hf as hf
+
+    real = hf._write_hf_folder
+    out = tmp_path / "hf"
+
+    def racing(work, *a, **kw):
+        real(work, *a, **kw)
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text("{}")  # the other export finished first
+
+    monkeypatch.setattr(hf, "_write_hf_folder", racing)
+    model = lmlab.load(tiny_checkpoint(tmp_path / "gpt", pos="learned", norm="layernorm", mlp_bias=True,
+                                       gated_mlp=False, activation="gelu_new"))
+    with pytest.raises(LmlabError, match="was filled by another process while exporting"):
+        hf.export_hf(model, out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp")]
+    assert (out / "config.json").read_text() == "{}"  # the winner's folder is untouched

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from lmlab.checkpoint import read_json, save_safetensors
 from lmlab.errors import LmlabError
@@ -330,17 +331,37 @@ def export_hf(
         "dtype": str(want).removeprefix("torch."),
     }
     hf_cfg.pop("torch_dtype", None)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
+    # Written into a fresh sibling folder, then renamed into place in one step: a reader
+    # never sees half an export, and of two exports racing to one --out exactly one wins
+    # (renaming onto a folder that is no longer empty fails).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
     try:
-        save_safetensors(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
+        work.mkdir()
+        _write_hf_folder(work, model, tensors, hf_cfg, gen, origin, cfg.max_seq_len)
+        try:
+            os.rename(work, out)
+        except OSError as e:
+            raise LmlabError(f"{out} was filled by another process while exporting ({e.strerror}); "
+                             "choose a new --out folder") from None
+    except (OSError, SafetensorError) as e:
+        raise LmlabError(f"cannot write the export to {out} ({getattr(e, 'strerror', None) or e}); "
+                         "check the folder's permissions and free space") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _write_hf_folder(
+    out: Path, model: Any, tensors: dict[str, torch.Tensor], hf_cfg: dict[str, Any], gen: dict[str, Any],
+    origin: dict[str, Any] | None, max_len: int,
+) -> None:
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     model.tokenizer.save(str(out / "tokenizer.json"))
-    tcfg = _tokenizer_config(model, origin, cfg.max_seq_len)
+    tcfg = _tokenizer_config(model, origin, max_len)
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
     if origin and origin.get("special_tokens_map"):
         stm = json.dumps(origin["special_tokens_map"], indent=2)
@@ -349,4 +370,3 @@ def export_hf(
     for extra in ("chat_template.jinja",):  # carried along when the source folder has it
         if src.is_dir() and (src / extra).is_file():
             shutil.copy(src / extra, out / extra)
-    return out

@@ -16,22 +16,15 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.checkpoint import RunDir, read_json, unwrap
-from lmlab.data import load_corpus, read_corpus, resolve_data, sample_starts, step_generator
+from lmlab.checkpoint import RunDir, RunLock, read_json, unwrap
+from lmlab.data import iter_corpus, load_corpus, resolve_data, sample_starts, step_generator
 from lmlab.errors import LmlabError
 from lmlab.messages import say
 from lmlab.models import build_model
 from lmlab.models.config import RECURRENT, RNNConfig
-from lmlab.models.loading import load_weights, read_checkpoint
+from lmlab.models.loading import load_weights, read_checkpoint, step_folder
 from lmlab.runtime import resolve_device
-from lmlab.tokenizer import (
-    EOT,
-    iter_chunks,
-    load_tokenizer,
-    tokenizer_kind,
-    train_bpe_tokenizer,
-    train_char_tokenizer,
-)
+from lmlab.tokenizer import EOT, load_tokenizer, tokenizer_kind, train_tokenizer
 from lmlab.training import distributed
 from lmlab.training.config import TrainConfig, check_batch_split, parse_duration
 from lmlab.training.state import load_training_state, rank_seed
@@ -56,7 +49,14 @@ class TrainerSetup:
 
     def _remove_empty_out(self) -> None:
         """A run that failed before it wrote anything leaves no empty --out behind: the
-        folders it made itself go, if still empty (``rmdir`` removes nothing else)."""
+        folders it made itself go, if still empty (``rmdir`` removes nothing else), and
+        so does its lock file in a folder it made."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
+            self.lock = None
+            if lock.created:
+                lock.path.unlink(missing_ok=True)
         for d in self.created_out:
             try:
                 d.rmdir()
@@ -99,18 +99,22 @@ class TrainerSetup:
     def _prepare(self, resuming: bool, tokenizer: str | None) -> tuple[Any, Any]:
         """Check --out; make or read the tokenizer and the model; tokenize the corpus."""
         cfg = self.cfg
+        if self.dist.is_main:
+            # One writer per run folder, for the whole run: a second `lmlab train` (or
+            # --resume, or export) on it stops here, naming the first (RunLock).
+            self._make_out()
+            self.lock = RunLock(self.run.root, f"lmlab train --out {cfg.out}").acquire()
+            self.run.remove_stale_temporaries()  # half-written saves of a killed run
         if self.dist.is_main and not resuming and self.run.has_checkpoint():
             if not cfg.overwrite:
                 raise LmlabError(distributed.occupied_out_message(cfg.out, f"lmlab train --resume {cfg.out}"))
             self.run.clear()
-        if self.dist.is_main:
-            self._make_out()
         torch.manual_seed(cfg.seed)
 
         self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}
         if resuming:
             mcfg, tensors, self.tok, self.gen_cfg = read_checkpoint(cfg.resume)
-            self.state.update(read_json(Path(cfg.resume) / "trainer_state.json", "trainer state"))
+            self.state.update(read_trainer_state(Path(cfg.resume)))
             self.state["saved_step"] = self.state["step"]  # the checkpoint resumed from
         elif cfg.init is not None:  # fine-tune: an lmlab checkpoint, a HF folder or Hub id
             from lmlab.hf import load_any
@@ -277,9 +281,12 @@ class TrainerSetup:
             )
 
     def close(self) -> None:
-        """Leave the process group this Trainer joined (nothing outside torchrun)."""
+        """Leave the process group this Trainer joined (nothing outside torchrun) and let go
+        of the run folder."""
         if getattr(self, "dist", None) is not None:
             self.dist.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay only on matrices (embeddings, linear weights), not on
@@ -299,10 +306,22 @@ class TrainerSetup:
 def make_tokenizer(cfg: TrainConfig) -> Tokenizer:
     """The tokenizer a new run trains (char, bpe: on ``cfg.data``) or reads (a file or
     folder); ``lmlab compare`` makes its shared tokenizer with it too."""
-    if cfg.tokenizer in ("char", "bpe"):
+    if cfg.tokenizer in ("char", "bpe"):  # trained on the corpus, streamed (never whole in memory)
         files = resolve_data(cfg.data)
-        text = read_corpus(files, cfg.encoding_errors, builtin=cfg.data == "builtin")
-        if cfg.tokenizer == "char":
-            return train_char_tokenizer([text.replace(EOT, "")])
-        return train_bpe_tokenizer(iter_chunks(text.replace(EOT, "\n")), cfg.vocab_size)
+        chunks = iter_corpus(files, cfg.encoding_errors, builtin=cfg.data == "builtin")
+        return train_tokenizer(cfg.tokenizer, chunks, cfg.vocab_size)
     return load_tokenizer(cfg.tokenizer)
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """trainer_state.json, each field the resumed run relies on checked for its type."""
+    path = step_folder(folder) / "trainer_state.json"
+    state = read_json(path, "trainer state")
+    for key, kinds in (("step", int), ("tokens", int), ("elapsed", (int, float))):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+            raise LmlabError(
+                f"{path}: {key} must be a non-negative number, not {value!r}; the file is damaged "
+                "(restore it, or start a new run from this checkpoint with --init)"
+            )
+    return state
