@@ -63,7 +63,8 @@ class Model:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _gen_config(self, **options: Any) -> GenerationConfig:
-        return GenerationConfig.from_dict(self.generation_config, **options)
+        where = f"{self.source}/generation_config.json" if self.source else "the model's generation settings"
+        return GenerationConfig.from_dict(self.generation_config, where=where, **options)
 
     # --------------------------------------------------------------- generation
     def generate_ids(self, prompt: str, **options: Any) -> list[int]:

@@ -36,6 +36,7 @@ class GenerationConfig:
     eos_token_id: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_types({f.name: getattr(self, f.name) for f in fields(self)})
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
         elif self.eos_token_id is None:
@@ -104,6 +105,8 @@ class GenerationConfig:
             raise LmlabError("a bad word is empty (or not a string); give the non-empty strings to forbid")
         if any(len(seq) == 0 or min(seq) < 0 for seq in self.bad_words_ids):
             raise LmlabError("bad_words_ids must be non-empty lists of token ids >= 0")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise LmlabError(f"seed must be in [0, 2**64) (got {self.seed})")
         if self.logprobs is not None and self.logprobs < 0:
             raise LmlabError(
                 f"logprobs must be >= 0 (got {self.logprobs}): the number of alternatives per token"
@@ -137,14 +140,24 @@ class GenerationConfig:
         return self.num_beams > 1
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> GenerationConfig:
+    def from_dict(cls, d: dict[str, Any], where: str = "", **overrides: Any) -> GenerationConfig:
         """Defaults <- a checkpoint's generation_config.json <- explicit options.
 
         Hugging Face names that differ from ours are mapped (``stop_strings`` -> ``stop``);
         ``do_sample=False`` (stored or given) means greedy unless a temperature is given.
+        ``where`` names the stored settings' file in errors: a bad value there is the
+        checkpoint's fault, not the caller's, and the message says which.
         """
         names = {f.name for f in fields(cls)}
         d = dict(d)
+        stored = {k: v for k, v in d.items() if k in names and v is not None and k not in overrides}
+        try:
+            check_types(stored)
+            cls(**stored)
+        except LmlabError as e:
+            if where:
+                raise LmlabError(f"{where}: {e}; fix the file, or override the option") from None
+            raise
         if "stop_strings" in d and "stop" not in d:
             d["stop"] = d["stop_strings"]
         overrides = dict(overrides)
@@ -164,3 +177,71 @@ class GenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: What each option may be, as the annotations say; a bool is not a number here.
+_KINDS: dict[str, tuple[str, ...]] = {
+    "int": ("int",),
+    "int | None": ("int", "None"),
+    "float": ("int", "float"),
+    "float | None": ("int", "float", "None"),
+    "bool | str": ("bool", "str"),
+    "list[str]": ("str", "list[str]", "None"),
+    "list[list[int]]": ("list[list[int]]", "None"),
+    "list[int]": ("int", "list[int]", "None"),
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "list"
+        inner = {_kind(v) for v in value}
+        if inner <= {"int"}:
+            return "list[int]"
+        if inner <= {"str"}:
+            return "list[str]"
+        if all(k in ("list[int]",) for k in inner):
+            return "list[list[int]]"
+        return "list[mixed]"
+    return type(value).__name__
+
+
+def check_types(values: dict[str, Any]) -> None:
+    """An LmlabError naming the first option whose value has the wrong type (a string
+    ``"5"`` for max_new_tokens, ``2.5`` for an int, ``True`` for a number, a NaN), before
+    anything reaches torch, whose errors would not name the option."""
+    hints = {f.name: str(f.type) for f in fields(GenerationConfig)}
+    for name, value in values.items():
+        allowed = _KINDS.get(hints.get(name, ""))
+        if allowed is None:
+            continue
+        kind = _kind(value)
+        if kind == "list" and any(a.startswith("list") for a in allowed):
+            continue  # an empty list is a list of anything
+        if kind not in allowed:
+            raise LmlabError(f"{name} must be {_WANT.get(allowed, ' or '.join(allowed))}, not {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise LmlabError(f"{name} must be a finite number, not {value}")
+
+
+_WANT = {
+    ("int",): "an integer",
+    ("int", "None"): "an integer (or null)",
+    ("int", "float"): "a number",
+    ("int", "float", "None"): "a number (or null)",
+    ("bool", "str"): "true, false or 'never'",
+    ("str", "list[str]", "None"): "a string or a list of strings",
+    ("list[list[int]]", "None"): "a list of lists of token ids",
+    ("int", "list[int]", "None"): "a token id or a list of token ids",
+}
