@@ -14,21 +14,47 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 from lmlab import __version__ as lmlab_version
 from lmlab.cli.args import add_compare_args, add_generation_args, add_train_args, pickle_flag
 from lmlab.cli.commands import COMMANDS
+from lmlab.cli.spelling import explain_usage_error, unknown_arguments
 from lmlab.errors import LmlabError
 from lmlab.messages import cli_format
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line like every other lmlab error (not the
-    usage block plus a message); subcommand parsers inherit this class."""
+    usage block plus a message), with the nearest valid spelling when there is one
+    (:mod:`lmlab.cli.spelling`); subcommand parsers inherit this class.
+
+    Prefix abbreviations are off (``allow_abbrev=False``): ``--step 5`` would otherwise be
+    taken silently as ``--steps 5``, and adding any flag could change what an old command
+    line means. A mistyped flag gets a did-you-mean instead."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        sys.exit(_fail(f"lmlab: error: {message} (see `{self.prog} --help`)"))
+        sys.exit(_fail(f"lmlab: error: {explain_usage_error(self, message)}"))
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an unknown flag is blamed on the subcommand it was given to
+        (``lmlab train --help`` is where the right spelling is), with a did-you-mean."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = self._subcommand_parser(getattr(parsed, "command", None))
+            sys.exit(_fail(f"lmlab: error: {unknown_arguments(sub, extras)}"))
+        return parsed
+
+    def _subcommand_parser(self, command: str | None) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+                return action.choices[command]
+        return self
 
 
 def _torch_version() -> str:
@@ -146,10 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"lmlab: error: {e}")
     except KeyboardInterrupt:
         if not _torchrun_rank():  # under torchrun, rank 0 speaks for the job
-            print("lmlab: interrupted", file=sys.stderr)
+            print("lmlab: interrupted" + _resume_hint(a), file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _resume_hint(a: argparse.Namespace) -> str:
+    """For ``lmlab train`` stopped before its loop could save (while reading the corpus):
+    how to continue, if the run folder holds a checkpoint from before."""
+    out = getattr(a, "resume", None) or getattr(a, "out", None)
+    if a.command != "train" or out is None or not (Path(out) / "trainer_state.json").is_file():
+        return ""
+    nproc = f" --nproc {a.nproc}" if getattr(a, "nproc", None) else ""
+    return f"; the checkpoint in {out} is whole: continue with `lmlab train --resume {out}{nproc}`"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -96,7 +96,14 @@ def train_keys() -> list[str]:
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    which = p.add_mutually_exclusive_group()  # one prompt: on the command line, or from a file
+    which.add_argument("--prompt", default="", help="text to continue (default: empty); - reads standard input")
+    which.add_argument(
+        "--prompt-file",
+        metavar="FILE",
+        help="read the prompt from a UTF-8 file (- for standard input): a prompt too long for the "
+        "command line; one final line break is dropped",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (200)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
     p.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many tokens (0)")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lmlab.cli.args import GENERATION_KEYS, train_keys
+from lmlab.cli.wording import perplexity_sentence
 from lmlab.errors import LmlabError
 
 
@@ -58,6 +59,8 @@ def _train_nproc(opts: dict, nproc: int, debug: bool) -> int:
 
 
 def _report_train(res) -> None:
+    if res.step == res.start_step and res.stop_reason is None:
+        return  # a resumed run already at its end: it said so, and how to go on
     msg = [f"lmlab: trained {res.step} steps"]
     if res.val_loss is not None:
         msg.append(f"validation loss {res.val_loss:.4f} (perplexity {math.exp(res.val_loss):.2f})")
@@ -76,6 +79,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             f"--logprobs {a.logprobs} is printed only in the JSON output: add --json "
             "(one JSON object per sequence, with each token's log-probability and its best alternatives)"
         )
+    prompt = read_prompt(a.prompt, a.prompt_file)  # before the (slow) load: a wrong path fails at once
     model = lmlab.load(
         a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize
     )
@@ -84,16 +88,51 @@ def cmd_generate(a: argparse.Namespace) -> int:
         opts["early_stopping"] = opts["early_stopping"] == "true"
     out = sys.stdout
     if a.json or (a.num_return_sequences or 1) > 1:
-        return _print_results(model.generate(a.prompt, return_details=True, **opts), as_json=a.json)
+        return _print_results(model.generate(prompt, return_details=True, **opts), as_json=a.json)
     if a.stream:
-        for delta in model.stream(a.prompt, **opts):
+        for delta in model.stream(prompt, **opts):
             out.write(delta)
             out.flush()
     else:
-        out.write(model.generate(a.prompt, **opts))
+        out.write(model.generate(prompt, **opts))
     out.write("\n")
     out.flush()
     return 0
+
+
+def read_prompt(prompt: str, prompt_file: str | None) -> str:
+    """The prompt of ``lmlab generate``: ``--prompt TEXT``, or read from ``--prompt-file
+    FILE`` or standard input (``-``), for prompts longer than the shell's argument limit.
+    Read as UTF-8, strictly (a prompt is short enough to fix, and a silent U+FFFD would
+    change what the model continues); one final line break, which editors and ``echo``
+    add, is dropped."""
+    source = prompt_file if prompt_file is not None else (prompt if prompt == "-" else None)
+    if source is None:
+        return prompt
+    flag = f"--prompt-file {source}" if prompt_file is not None else "--prompt -"
+    if source == "-":
+        raw = sys.stdin.buffer.read()
+        where = "standard input"
+    else:
+        path = Path(source).expanduser()
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise LmlabError(f"{flag}: no such file; give the path of a UTF-8 text file") from None
+        except IsADirectoryError:
+            raise LmlabError(f"{flag}: that is a folder; give a UTF-8 text file") from None
+        except OSError as e:
+            raise LmlabError(f"{flag}: cannot read it ({e.strerror})") from None
+        where = "the file"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LmlabError(
+            f"{flag}: {where} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r}); "
+            "save it as UTF-8"
+        ) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 def _print_results(results, as_json: bool) -> int:
@@ -116,10 +155,13 @@ def _print_results(results, as_json: bool) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import lmlab
     from lmlab.eval.perplexity import evaluate_corpus
+    from lmlab.tokenizer import tokenizer_kind
 
     model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
     r = evaluate_corpus(model, a.data, batch_size=a.batch_size, encoding_errors=a.encoding_errors)
     print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  over {r['tokens']:,} tokens of {a.data}")
+    unit = "character" if tokenizer_kind(model.tokenizer) == "char" else "token"
+    print(perplexity_sentence(r["perplexity"], unit, model.tokenizer.get_vocab_size()))
     return 0
 
 
@@ -150,11 +192,15 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"tokenizer    {tokenizer_kind(model.tokenizer)}, {model.tokenizer.get_vocab_size()} tokens")
     st = Path(a.checkpoint) / "trainer_state.json"
     if st.is_file():
-        s = json.loads(st.read_text())
+        from lmlab.training.prepare import read_trainer_state
+
+        s = read_trainer_state(Path(a.checkpoint))  # a damaged file: one line naming it
         best = s.get("best_val")
+        precision = (s.get("train_config") or {}).get("precision")
         print(
             f"training     step {s.get('step')} of {s.get('max_steps')}, {s.get('tokens', 0):,} tokens, "
-            f"{s.get('elapsed', 0):.0f}s" + (f", best validation loss {best:.4f}" if best is not None else "")
+            f"{s.get('elapsed', 0):.0f}s" + (f", precision {precision}" if precision else "")
+            + (f", best validation loss {best:.4f}" if best is not None else "")
         )
     elif origin:
         print("training     (a Hugging Face model, no lmlab training state: fine-tune with train --init)")

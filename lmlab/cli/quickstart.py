@@ -16,10 +16,15 @@ import sys
 from pathlib import Path
 
 from lmlab.checkpoint import RunDir
+from lmlab.cli.wording import perplexity_sentence
 from lmlab.training import train
 
 #: The demo's mark in its --out folder: the step and elapsed seconds it ended at.
 MARK = ".quickstart.json"
+#: The demo model's context, in characters: lmlab's default recipe has 64, code has longer
+#: structure. What the demo suggests (``try_next``) fits in it, so it runs without the
+#: sliding-window warning.
+CONTEXT = 128
 
 
 def _progress(folder: Path) -> dict | None:
@@ -78,9 +83,8 @@ def quickstart(out: str = "runs/quickstart", time: str = "3m") -> None:
     # The old mark goes first: a demo killed before it writes its own must not leave the
     # earlier demo's mark describing a run it no longer describes.
     (Path(out) / MARK).unlink(missing_ok=True)
-    # lmlab's default recipe, with a 128-character context: code has longer structure.
     res = train(
-        data="builtin", out=out, time=time, overwrite=True, max_seq_len=128, eval_every=100, save_every=250
+        data="builtin", out=out, time=time, overwrite=True, max_seq_len=CONTEXT, eval_every=100, save_every=250
     )
     progress = _progress(Path(out))
     if progress is not None:  # this checkpoint is the demo's own: the next demo may replace it
@@ -88,11 +92,8 @@ def quickstart(out: str = "runs/quickstart", time: str = "3m") -> None:
     model = lmlab.load(out)
     vocab = model.tokenizer.get_vocab_size()
     if res.val_loss is not None:
-        ppl = math.exp(res.val_loss)
-        print(
-            f"\nvalidation loss {res.val_loss:.4f} nats/character, perplexity {ppl:.2f}: as unsure as a "
-            f"uniform pick among {ppl:.0f} characters (a uniform guess over all {vocab} would score {vocab})"
-        )
+        plain = perplexity_sentence(math.exp(res.val_loss), "character", vocab)
+        print(f"\nvalidation loss {res.val_loss:.4f}, {plain}")
     prompts = ["def ", "import ", "class "]
     for i, p in enumerate(prompts):
         n = model.config.max_seq_len - len(model.encode(p))  # stay inside the context window
@@ -106,8 +107,16 @@ best model    {out}/best/
 metrics       {out}/metrics.jsonl
 loss curve    {res.loss_png}
 
---- try next ---
-.venv/bin/lmlab generate {out} --prompt "def main(" --max-new-tokens 300
-.venv/bin/lmlab info {out}
-.venv/bin/lmlab train --resume {out} --steps {res.step + 1000}
-.venv/bin/lmlab train --data my_text.txt --out runs/mine --time 5m""")
+--- try next ---""")
+    print("\n".join(try_next(out, res.step)))
+
+
+def try_next(out: str, step: int) -> list[str]:
+    """The commands the demo suggests; the generate one fits the CONTEXT (prompt + new
+    tokens - 1 <= 128 characters), so the first thing a new user runs does not warn."""
+    return [
+        f'.venv/bin/lmlab generate {out} --prompt "def main(" --max-new-tokens 100',
+        f".venv/bin/lmlab info {out}",
+        f".venv/bin/lmlab train --resume {out} --steps {step + 1000}",
+        ".venv/bin/lmlab train --data my_text.txt --out runs/mine --time 5m",
+    ]

@@ -18,7 +18,7 @@ DEFAULT_MODELS = ("rnn", "gru", "lstm", "gpt")
 #: Each auto-sized model lands within this fraction of the target, so any two are
 #: within 1.045/0.955 - 1 < 10% of each other.
 TOLERANCE = 0.045
-RNN_LAYERS = 2  # recurrent models: 2 layers (char-rnn's setting) unless the user says otherwise
+RNN_LAYERS = TrainConfig.RNN_LAYERS  # recurrent models: 2 layers, as `lmlab train` builds them
 #: What ``--model-args`` may set per model, with the type each value is read as.
 MODEL_ARGS: dict[str, type] = {
     "n_layer": int,
@@ -195,7 +195,7 @@ def _size_one(name: str, opts: dict[str, Any], vocab: int, target: int, layers_g
     else:
         # d_model must split into n_head heads of even size (rotary pairs): a multiple of 2·n_head
         step = 2 * opts.get("n_head", TrainConfig.n_head)
-        depth = opts.get("n_layer", TrainConfig.n_layer)
+        depth = opts.get("n_layer", TrainConfig.GPT_LAYERS)
         # the given depth; else 4 layers first, then the depths 1-8 nearest to 4
         layer_choices = [depth] if layers_given else sorted(range(1, 9), key=lambda n: (abs(n - depth), n))
         for n_layer in layer_choices:

@@ -14,7 +14,10 @@ from typing import Any
 from lmlab.training.config import TrainConfig
 
 #: A --time re-plan is printed when it moves the end by this fraction of the announced steps.
-REPLAN_NEWS = 0.05
+#: 20%: a run on a machine whose load varies re-estimates every tenth of its budget, and
+#: at 5% a three-minute run printed up to ten plans; what moves less is summed up once at
+#: the end (``budget_note``).
+REPLAN_NEWS = 0.20
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int, plan: dict[str, Any] | None = None) -> float:

@@ -79,6 +79,7 @@ class TrainResult:
     loss_png: Path | None
     stopped_early: bool = False
     stop_reason: str | None = None  # "interrupted" (SIGINT) or "terminated" (SIGTERM)
+    start_step: int = 0  # where this session began (= step: a resumed run had nothing to train)
 
 
 class Trainer(TrainerSetup):
@@ -220,7 +221,7 @@ class Trainer(TrainerSetup):
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        seen = _Progress()
+        seen, start = _Progress(), self.state["step"]
         try:
             step = self._steps(bar, mfile, seen)
         except BaseException:
@@ -243,6 +244,7 @@ class Trainer(TrainerSetup):
             loss_png=self._plot_loss(metrics_path) if main else None,
             stopped_early=self.stop_reason is not None,
             stop_reason=self.stop_reason,
+            start_step=start,
         )
 
     def _steps(self, bar: tqdm, mfile: IO[str] | None, seen: _Progress) -> int:
@@ -283,10 +285,11 @@ class Trainer(TrainerSetup):
                 "tokens": self.state["tokens"],
                 "elapsed_s": round(self.state["elapsed"], 3),
             }
-            if budget is not None and self._follow_budget(budget, step, elapsed, bar):
-                bar.total = self.max_steps
-                bar.refresh()
+            moved = budget is not None and self._follow_budget(budget, step, elapsed, bar)
             is_last = self.max_steps is not None and step >= self.max_steps
+            if moved or (budget is not None and is_last):  # the bar ends full, where the run ends
+                bar.total = self._bar_total(step)
+                bar.refresh()
             is_best = self._evaluate_into(row, seen) if step % cfg.eval_every == 0 or is_last else False
             if mfile is not None:
                 mfile.write(json.dumps(row) + "\n")
@@ -301,7 +304,8 @@ class Trainer(TrainerSetup):
                 self.state["saved_step"] = step
             if stopping:
                 if self.dist.is_main:
-                    bar.write(f"lmlab: {stopping}: saved the checkpoint at step {step}", file=sys.stderr)
+                    said = f"saved the checkpoint at step {step}; continue with `{self.resume_command()}`"
+                    bar.write(f"lmlab: {stopping}: {said}", file=sys.stderr)
                 break
         if budget is not None and step > start_step and not self.stop_reason:
             note = budget_note(cfg.time, step, self.announced, self.ran_out, self.plan_at_stop)
@@ -352,14 +356,27 @@ class Trainer(TrainerSetup):
             warn(f"could not draw the loss curve ({e})")
             return None
 
+    def resume_command(self) -> str:
+        """The command that continues this run from its last checkpoint."""
+        extra = f" --nproc {self.dist.world_size}" if self.dist.world_size > 1 else ""
+        return f"lmlab train --resume {self.cfg.out}{extra}"
+
+    def _bar_total(self, step: int) -> int | None:
+        """The bar's total: the count last announced, not each silent re-plan; then the plan."""
+        if self.max_steps is not None and step >= self.max_steps:
+            return step
+        if self.announced is not None and step < self.announced:
+            return self.announced
+        return self.max_steps
+
     def _follow_budget(self, budget: TimeBudget, step: int, elapsed: float, bar: tqdm) -> bool:
         """With --time, after each step: stop when the budget is spent (the hard stop),
         else, at an estimate point, move the end (and the lr schedule's, continuously:
         ``replan_lr``). True if the end moved.
 
         A new end is printed when it is news: the first, and then one that differs from
-        the last printed (``self.announced``, the "was") by at least 5% of that plan's
-        steps in this session and at least 2 steps, |T - A| ≥ max(2, 0.05·(A - t₀)).
+        the last printed (``self.announced``, the "was") by at least 20% (REPLAN_NEWS) of
+        that plan's steps in this session and at least 2 steps, |T - A| ≥ max(2, 0.2·(A - t₀)).
         Smaller moves change the plan silently; ``budget_note`` owns up to them at the end."""
         if budget.over(elapsed):
             if self.max_steps is None or step < self.max_steps:
