@@ -87,7 +87,11 @@ class Model:
         """
         single = isinstance(prompt, str)
         if not single and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
-            raise LmlabError(f"prompt must be a str or a list of str, not {type(prompt).__name__}")
+            bad = next((p for p in prompt if not isinstance(p, str)), None) if isinstance(prompt, list) else prompt
+            where = f"item {prompt.index(bad)} of the list is" if isinstance(prompt, list) else "it is"
+            raise LmlabError(
+                f"prompt must be a str or a list of str; {where} {type(bad).__name__} {bad!r}"[:300]
+            )
         prompts = [prompt] if single else prompt
         cfg = self._gen_config(**options)
         if not prompts:
@@ -159,6 +163,8 @@ def load(
     from lmlab.hf import load_any
     from lmlab.nn.quantize import quantize_model, resolve_quantize
 
+    if not isinstance(path, (str, Path)):
+        raise LmlabError(f"lmlab.load takes a folder path or a Hub id (a str), not {type(path).__name__} {path!r}")
     method = resolve_quantize(quantize)  # a bad value fails before anything is read
     parts = load_any(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
     if method is not None:

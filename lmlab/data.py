@@ -8,20 +8,17 @@ and modification times and by the tokenizer, so a second run starts at once.
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
-import io
 import json
 import os
-import struct
 import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +26,15 @@ from tokenizers import Tokenizer
 
 from lmlab.errors import LmlabError
 from lmlab.messages import is_main_process, say
+from lmlab.textstream import (
+    CHUNK_CHARS,
+    cut,
+    decoded_pieces,
+    encode_chunks,
+    encode_text,  # noqa: F401 - part of lmlab.data's API too
+    npy_header,
+    token_dtype,
+)
 from lmlab.tokenizer import EOT
 
 #: The built-in corpus is capped at this many characters.
@@ -94,7 +100,15 @@ def resolve_data(spec: str | os.PathLike) -> list[Path]:
 
 
 def read_text(path: Path, encoding_errors: str = "strict") -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LmlabError(f"cannot read {path} ({e.strerror})") from None
+    if b"\x00" in raw[:8192]:
+        raise LmlabError(
+            f"{path} looks like a binary file, not text (a NUL byte at byte {raw.index(0)}); give "
+            "UTF-8 text files (a UTF-16 text must be converted to UTF-8 first)"
+        )
     try:
         return raw.decode("utf-8", errors=encoding_errors)
     except UnicodeDecodeError as e:
@@ -134,59 +148,6 @@ def fingerprint(files: list[Path], extra: dict) -> str:
 
 
 # --------------------------------------------------------------------------- streaming text
-#: Text is read and encoded this many characters at a time: memory stays bounded whatever
-#: the corpus size (a tokenizer's Encoding objects take ~100 bytes per token while alive).
-CHUNK_CHARS = 1 << 18
-#: Chunks encoded together (in parallel by ``tokenizers``) before their ids go to disk.
-BATCH_CHUNKS = 8
-READ_BYTES = 1 << 22
-
-
-def _cut(text: str, limit: int) -> int:
-    """Where to end a chunk of ``text`` of at most ``limit`` characters: after its last
-    newline (so a chunk ends where a BPE pre-tokenizer would split anyway), and never
-    inside an end-of-text marker, which must stay one special token."""
-    j = min(len(text), limit)
-    if j == len(text):
-        return j
-    nl = text.rfind("\n", 0, j)
-    j = nl + 1 if nl > 0 else j
-    k = text.rfind(EOT, 0, j + len(EOT) - 1)
-    if k != -1 and k < j < k + len(EOT):
-        j = k if k > 0 else k + len(EOT)
-    return j
-
-
-def _decoded_pieces(path: Path, encoding_errors: str, progress: Any = None) -> Iterator[str]:
-    """The text of one file, decoded from UTF-8 a few MB at a time."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=encoding_errors)
-    offset = 0  # bytes of the file handed to the decoder so far
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise LmlabError(f"cannot read {path} ({e.strerror})") from None
-    with f:
-        while True:
-            raw = f.read(READ_BYTES)
-            pending = len(decoder.getstate()[0])
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                at = offset - pending + e.start
-                bad = (e.object[e.start : e.start + 4]) if isinstance(e.object, bytes) else b""
-                raise LmlabError(
-                    f"{path} is not valid UTF-8 (byte {at}: {bad!r}); "
-                    "convert it to UTF-8 or pass --encoding-errors replace"
-                ) from None
-            offset += len(raw)
-            if progress is not None:
-                progress.update(len(raw))
-            if text:
-                yield text
-            if not raw:
-                return
-
-
 def iter_corpus(
     files: list[Path],
     encoding_errors: str = "strict",
@@ -195,13 +156,13 @@ def iter_corpus(
     progress: Any = None,
 ) -> Iterator[str]:
     """The corpus (files joined by the end-of-text token) in chunks of at most
-    ``chunk_chars`` (default CHUNK_CHARS) characters, cut as :func:`_cut` says; never
+    ``chunk_chars`` (default CHUNK_CHARS) characters, cut as :func:`lmlab.textstream.cut` says; never
     whole in memory."""
     chunk_chars = chunk_chars or CHUNK_CHARS
     if builtin:  # 3M characters at most: the capped text, cut the same way
         text = read_corpus(files, encoding_errors, builtin=True)
         while text:
-            j = _cut(text, chunk_chars)
+            j = cut(text, chunk_chars)
             yield text[:j]
             text = text[j:]
         return
@@ -209,60 +170,16 @@ def iter_corpus(
     for n, f in enumerate(files):
         if n:
             buf += EOT
-        for piece in _decoded_pieces(f, encoding_errors, progress):
+        for piece in decoded_pieces(f, encoding_errors, progress):
             buf += piece
             while len(buf) >= chunk_chars:
-                j = _cut(buf, chunk_chars)
+                j = cut(buf, chunk_chars)
                 yield buf[:j]
                 buf = buf[j:]
     while buf:
-        j = _cut(buf, chunk_chars)
+        j = cut(buf, chunk_chars)
         yield buf[:j]
         buf = buf[j:]
-
-
-def token_dtype(tok: Tokenizer) -> np.dtype:
-    return np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32)
-
-
-def encode_chunks(tok: Tokenizer, chunks: Iterable[str], out: BinaryIO) -> tuple[int, int, bool]:
-    """Encode ``chunks`` a batch at a time and append their ids to ``out``: returns (tokens,
-    characters, whether any text besides whitespace and end-of-text markers was seen).
-    Peak memory is a batch's encodings, not the corpus's."""
-    dtype = token_dtype(tok)
-    n_tokens = n_chars = 0
-    has_text = False
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal n_tokens
-        for e in tok.encode_batch_fast(batch, add_special_tokens=False):
-            ids = np.asarray(e.ids, dtype=dtype)
-            out.write(ids.tobytes())
-            n_tokens += len(ids)
-        batch.clear()
-
-    for chunk in chunks:
-        batch.append(chunk)
-        n_chars += len(chunk)
-        has_text = has_text or bool(chunk.replace(EOT, "").strip())
-        if len(batch) >= BATCH_CHUNKS:
-            flush()
-    if batch:
-        flush()
-    return n_tokens, n_chars, has_text
-
-
-def encode_text(tok: Tokenizer, text: str, chunk_chars: int = CHUNK_CHARS) -> np.ndarray:
-    """Token ids of a text held in memory, encoded in parallel chunks (as a corpus is)."""
-    buf = io.BytesIO()
-    pieces = []
-    while text:
-        j = _cut(text, chunk_chars)
-        pieces.append(text[:j])
-        text = text[j:]
-    encode_chunks(tok, pieces, buf)
-    return np.frombuffer(buf.getvalue(), dtype=token_dtype(tok)).copy()
 
 
 def _progress(files: list[Path], what: str) -> Any:
@@ -359,10 +276,10 @@ def load_corpus(
     dtype = token_dtype(tok)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
         try:
-            f.write(_npy_header(dtype, 0))  # the real length is known at the end
+            f.write(npy_header(dtype, 0))  # the real length is known at the end
             n_tokens, n_chars, has_text = encode_chunks(tok, chunks, f)
             f.seek(0)
-            f.write(_npy_header(dtype, n_tokens))
+            f.write(npy_header(dtype, n_tokens))
         except BaseException:
             f.close()
             os.unlink(f.name)
@@ -380,7 +297,7 @@ def load_corpus(
 
 def _split(text: str) -> Iterator[str]:
     while text:
-        j = _cut(text, CHUNK_CHARS)
+        j = cut(text, CHUNK_CHARS)
         yield text[:j]
         text = text[j:]
 
@@ -391,18 +308,6 @@ def _map(path: Path) -> np.ndarray:
         return np.load(path, mmap_mode="r")
     except ValueError:
         return np.load(path)
-
-
-#: Bytes of the .npy header written before the ids: room for any length, so the header
-#: can be rewritten in place once the count is known (numpy allows space padding).
-NPY_HEADER_BYTES = 128
-
-
-def _npy_header(dtype: np.dtype, n: int) -> bytes:
-    """A version-1.0 .npy header for a 1-D array of ``n`` ``dtype`` values."""
-    d = f"{{'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({n},), }}"
-    body = d.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
 
 
 # --------------------------------------------------------------------------- batches

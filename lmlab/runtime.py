@@ -6,6 +6,8 @@ Hugging Face importer) can turn a user's choice into torch objects the same way.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lmlab.errors import LmlabError
@@ -51,3 +53,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and not _mps_available():
         raise LmlabError("--device mps was asked for but this machine has no MPS; use --device cpu")
     return dev
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes, or None where the system does not say: what a model or a
+    KV cache is checked against before it is allocated (an allocation past it swaps the
+    machine for minutes, or fails deep inside torch)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

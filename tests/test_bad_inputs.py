@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -48,7 +49,7 @@ def _edit_config(folder: Path, **changes) -> None:
         ({"max_seq_len": 10**12}, "max_seq_len = 1000000000000 is out of range"),
         ({"d_ff": 10**12}, "d_ff = 1000000000000 is out of range"),
         ({"n_layer": 10**9}, "n_layer = 1000000000 is out of range"),
-        ({"n_layer": -1}, "n_layer = -1 is out of range"),
+        ({"n_layer": -1}, "n_layer must be positive (got -1)"),
         ({"norm_eps": float("nan")}, "norm_eps must be a finite number"),
         ({"norm_eps": -1.0}, "norm_eps must be positive"),
         ({"pos": 3}, "pos must be a str"),
@@ -391,3 +392,143 @@ def test_an_export_racing_another_into_the_same_folder_is_refused(ckpt, tmp_path
         hf.export_hf(model, out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp")]
     assert (out / "config.json").read_text() == "{}"  # the winner's folder is untouched
+
+
+# --------------------------------------------------------------------------- found by a bad-input probe
+def _small_run(tmp_path, corpus_path, steps=2):
+    out = tmp_path / "run"
+    run_lmlab("train", "--data", str(corpus_path), "--out", str(out), "--n-layer", "1", "--d-model", "16",
+              "--n-head", "2", "--max-seq-len", "16", "--batch-size", "2", "--steps", str(steps), "--no-progress")
+    return out
+
+
+def _one_error_line(r):
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("lmlab: error: "), r.stderr
+    return lines[0]
+
+
+def test_a_broken_latest_link_is_named(tmp_path, corpus_path):
+    out = _small_run(tmp_path, corpus_path)
+    latest = out / ".ckpt" / "latest"
+    target = os.readlink(latest)
+    for broken in ("latest", "step-99999999"):  # a loop of links; a step folder that is gone
+        latest.unlink()
+        latest.symlink_to(broken)
+        with pytest.raises(LmlabError, match=r"\.ckpt/latest does not lead to a step folder"):
+            lmlab.load(out)
+        line = _one_error_line(run_lmlab("info", str(out), check_rc=2))
+        assert "ln -sfn" in line
+    latest.unlink()
+    latest.symlink_to(target)
+    lmlab.load(out)
+
+
+def test_damaged_training_state_fields_are_named_on_resume_and_info(tmp_path, corpus_path):
+    out = _small_run(tmp_path, corpus_path)
+    state = (out / "trainer_state.json").resolve()
+    good = json.loads(state.read_text())
+    cases = [
+        ({**good, "best_val": "low"}, "best_val must be a non-negative number, not 'low'"),
+        ({**good, "elapsed": float("nan")}, "elapsed must be a non-negative number"),
+        ({**good, "train_config": {**good["train_config"], "lr": "fast"}}, "train_config: lr must be a number, not 'fast'"),
+        ({**good, "train_config": {**good["train_config"], "batch_size": None}},
+         "train_config: batch_size must be an integer, not None"),
+    ]
+    for bad, named in cases:
+        state.write_text(json.dumps(bad))
+        line = _one_error_line(run_lmlab("train", "--resume", str(out), "--steps", "4", check_rc=2))
+        assert named in line and "trainer_state.json" in line, line
+        if "train_config" not in named:
+            assert named in _one_error_line(run_lmlab("info", str(out), check_rc=2))
+
+
+def test_resuming_when_the_data_is_gone_says_where_it_was_stored(tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(TEXT_SAMPLE * 20)
+    out = _small_run(tmp_path, corpus)
+    corpus.unlink()
+    line = _one_error_line(run_lmlab("train", "--resume", str(out), "--steps", "4", check_rc=2))
+    assert f"{corpus} (stored in {out}/trainer_state.json), is no longer there" in line
+
+
+TEXT_SAMPLE = "It was the best of times, it was the worst of times.\n"
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"steps": "3"}, "--steps must be an integer, not '3'"),
+        ({"lr": "fast"}, "--lr must be a number, not 'fast'"),
+        ({"n_layer": 1.5}, "--n-layer must be an integer, not 1.5"),
+        ({"out": ""}, "--out is empty"),
+        ({"d_model": 100_000_000, "n_head": 1}, "d_model = 100000000 is out of range"),
+        ({"batch_size": 10**9}, "lower --batch-size"),
+    ],
+)
+def test_bad_training_options_from_python_are_one_error(tmp_path, corpus_path, options, named):
+    base = {"data": str(corpus_path), "out": str(tmp_path / "o"), "n_layer": 1, "d_model": 16, "n_head": 2,
+            "max_seq_len": 16, "batch_size": 2, "steps": 2, "progress": False, "device": "cpu"}
+    with pytest.raises(LmlabError, match=re.escape(named)):
+        lmlab.train(**{**base, **options})
+
+
+def test_bad_api_arguments_are_lmlab_errors(ckpt):
+    for path in (123, None):
+        with pytest.raises(LmlabError, match="takes a folder path or a Hub id"):
+            lmlab.load(path)
+    m = lmlab.load(ckpt)
+    with pytest.raises(LmlabError, match=r"item 1 of the list is int 5"):
+        m.generate(["a", 5])
+    with pytest.raises(LmlabError, match="do_sample must be True or False, not 'yes'"):
+        m.generate("a", do_sample="yes")
+    with pytest.raises(LmlabError, match=r"generating 10,000,000 sequences at once .* generate fewer at once"):
+        m.generate("a", max_new_tokens=3, num_return_sequences=10_000_000, temperature=1.0)
+
+
+def test_a_stored_do_sample_of_the_wrong_type_names_the_file(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "c", generation_config={"do_sample": "yes"})
+    with pytest.raises(LmlabError, match=r"generation_config.json: do_sample must be true or false, not 'yes'"):
+        lmlab.load(ckpt).generate("a", max_new_tokens=2)
+
+
+def test_a_newer_checkpoint_format_and_a_config_linking_out_are_refused(ckpt, tmp_path):
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["lmlab"]["format"] = 9
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(LmlabError, match=r"written by a newer lmlab \(checkpoint format 9; this lmlab reads format 1"):
+        lmlab.load(ckpt)
+    raw["lmlab"]["format"] = 1
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(raw))
+    (ckpt / "config.json").unlink()
+    os.symlink(elsewhere, ckpt / "config.json")
+    with pytest.raises(LmlabError, match="config.json leads outside the checkpoint folder"):
+        lmlab.load(ckpt)
+
+
+def test_a_hugging_face_config_with_a_string_field_names_the_file(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from helpers import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=tok.get_vocab_size(), n_positions=32)
+    folder = tmp_path / "hf"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    raw = json.loads((folder / "config.json").read_text())
+    for field, value, named in (("n_layer", "1", "n_layer must be an int, not '1'"), ("n_head", 0, "n_head must be positive")):
+        (folder / "config.json").write_text(json.dumps({**raw, field: value}))
+        with pytest.raises(LmlabError) as e:
+            lmlab.load(folder)
+        assert f"{folder}/config.json does not describe a valid gpt2 model" in str(e.value) and named in str(e.value)
+
+
+def test_a_binary_file_as_data_is_named_as_binary(tmp_path):
+    from lmlab.data import load_corpus
+    from lmlab.tokenizer import train_char_tokenizer
+
+    f = tmp_path / "image.bin"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    with pytest.raises(LmlabError, match=r"image.bin looks like a binary file, not text \(a NUL byte at byte 8\)"):
+        load_corpus(f, train_char_tokenizer(["abc"]), use_cache=False)

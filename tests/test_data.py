@@ -18,6 +18,7 @@ import torch
 from helpers import cli_env, lmlab_cmd, popen
 
 import lmlab.data as data
+import lmlab.textstream as textstream
 from lmlab.data import (
     BUILTIN_CHARS,
     TokenCorpus,
@@ -432,9 +433,9 @@ def test_streamed_corpus_equals_the_joined_text_encoded_whole(tmp_path: Path, mo
     """Read 7 bytes at a time, chunks of at most 11 characters, 3 chunks per batch: a
     multi-byte character split between reads, chunk cuts at newlines and around the
     end-of-text marker between files — the ids equal the char tokenizer's on the whole text."""
-    monkeypatch.setattr(data, "READ_BYTES", 7)
+    monkeypatch.setattr(textstream, "READ_BYTES", 7)
     monkeypatch.setattr(data, "CHUNK_CHARS", 11)
-    monkeypatch.setattr(data, "BATCH_CHUNKS", 3)
+    monkeypatch.setattr(textstream, "BATCH_CHUNKS", 3)
     a = "学而时习之，不亦说乎？\nabc def\n" * 3
     b = "有朋自远方来" + "x" * 30 + "\n\n" + TEXT[:200]
     _write(tmp_path / "d" / "a.txt", a)
@@ -449,7 +450,7 @@ def test_streamed_corpus_equals_the_joined_text_encoded_whole(tmp_path: Path, mo
 
 
 def test_streamed_utf8_error_names_the_byte_across_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "READ_BYTES", 5)
+    monkeypatch.setattr(textstream, "READ_BYTES", 5)
     raw = "héllo wörld, ".encode() * 3 + b"\xff\xfe" + b"tail"
     f = _write(tmp_path / "bad.txt", raw)
     offset = raw.index(b"\xff")

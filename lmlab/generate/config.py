@@ -164,6 +164,10 @@ class GenerationConfig:
         do_sample = overrides.pop("do_sample", None)
         if do_sample is None:
             do_sample = d.get("do_sample")
+            if do_sample is not None and not isinstance(do_sample, bool):
+                raise LmlabError(f"{where or 'generation settings'}: do_sample must be true or false, not {do_sample!r}")
+        elif not isinstance(do_sample, bool):
+            raise LmlabError(f"do_sample must be True or False, not {do_sample!r}")
         merged = {k: v for k, v in d.items() if k in names and v is not None}
         if do_sample is False and overrides.get("temperature") is None:
             merged["temperature"] = 0.0  # Hugging Face: do_sample=False means greedy

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmlab.errors import LmlabError
 from lmlab.generate.beam import beam_search
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.logits import Penalties
@@ -180,6 +181,25 @@ def _logprobs(
     ]
 
 
+#: Bytes of bookkeeping per sequence beside its model state (token lists, text streams,
+#: penalties' counts): a rough, generous figure, only used to refuse absurd batches.
+ROW_OVERHEAD = 16 << 10
+
+
+def check_rows_fit(model: LanguageModel, rows: int, max_len: int) -> None:
+    """Refuse, before anything is allocated, a batch whose states and bookkeeping exceed the
+    machine's memory (``num_return_sequences=10_000_000`` would otherwise grind for minutes)."""
+    from lmlab.runtime import machine_memory
+
+    per_row = ROW_OVERHEAD + model.state_bytes(1, max_len)
+    have = machine_memory()
+    if have is not None and rows * per_row > have:
+        raise LmlabError(
+            f"generating {rows:,} sequences at once (prompts × num_return_sequences × num_beams) needs about "
+            f"{rows * per_row / 2**30:,.0f} GiB, more than this machine's {have / 2**30:,.0f} GiB; generate fewer at once"
+        )
+
+
 def generate_stream(
     model: LanguageModel, tokenizer: Any, prompts: Sequence[Sequence[int]], cfg: GenerationConfig
 ) -> Iterator[tuple[int, str, GenerationResult | None]]:
@@ -191,6 +211,8 @@ def generate_stream(
     cfg.validate()
     cfg.check_token_ids(model.config.vocab_size)  # the logits' width: the ids the model can produce
     n = cfg.num_return_sequences
+    longest = max((len(p) for p in prompts), default=0) + cfg.max_new_tokens
+    check_rows_fit(model, len(prompts) * n * cfg.num_beams, longest)
     penalties = Penalties(cfg, bad_words_to_ids(tokenizer, cfg.bad_words))
     stops = cfg.stop
     if cfg.beam_search:

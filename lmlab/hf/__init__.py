@@ -66,14 +66,19 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _not_available(repo: str, why: str) -> LmlabError:
+def _not_available(repo: str, why: str, offline: bool) -> LmlabError:
+    """The way on is the same download; the last hint names HF_HUB_OFFLINE only when it is
+    what stopped the download (it is set), never a variable the user does not have."""
     name = repo.split("/")[-1]
     files = "config.json generation_config.json 'model*.safetensors*' 'tokenizer*' vocab.json merges.txt"
+    if offline and os.environ.get("HF_HUB_OFFLINE"):
+        last = "or, with network access, unset HF_HUB_OFFLINE and lmlab downloads it into the Hugging Face cache"
+    else:
+        last = "or run the command again once the Hub can be reached: lmlab downloads it into the Hugging Face cache"
     return LmlabError(
         f"{repo!r} is not a local folder and cannot be downloaded ({why}). On a machine with "
         f"network access run `hf download {repo} --include {files} --local-dir {name}`, copy the "
-        f"folder {name}/ here and pass its path (e.g. `lmlab generate ./{name}`); or, with network "
-        "access, unset HF_HUB_OFFLINE and lmlab downloads it into the Hugging Face cache"
+        f"folder {name}/ here and pass its path (e.g. `lmlab generate ./{name}`); {last}"
     )
 
 
@@ -107,12 +112,11 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Path:
     except RevisionNotFoundError as e:  # pragma: no cover - we never pass a revision
         raise LmlabError(f"{source}: {e}") from None
     except Exception as e:  # offline, no network, a cache miss: all say "cannot get it"
-        why = (
-            "offline mode (HF_HUB_OFFLINE=1), and it is not in the cache"
-            if offline
-            else str(e).splitlines()[0]
-        )
-        raise _not_available(source, why) from None
+        why = str(e).splitlines()[0]
+        if offline:
+            mode = f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}" if os.environ.get("HF_HUB_OFFLINE") else ""
+            why = f"offline mode{f' ({mode})' if mode else ''}, and it is not in the cache"
+        raise _not_available(source, why, offline) from None
     if not (path / "config.json").is_file():
         raise LmlabError(
             f"{source} on the Hugging Face Hub has no config.json: it is not a transformers model"
@@ -173,7 +177,12 @@ def load_hf(
     raw = read_json(folder / "config.json", "config")
     family = family_for(raw, source)
     _refuse_quantized(raw, source)
-    cfg = family.to_lmlab(raw)
+    try:
+        cfg = family.to_lmlab(raw)
+    except LmlabError as e:  # the file's fault, not a flag's: name the file
+        raise LmlabError(f"{folder}/config.json does not describe a valid {family.model_type} model: {e}") from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise LmlabError(f"{folder}/config.json has a field of the wrong type or value ({e}); fix or re-download it") from None
     dt = resolve_dtype(dtype) or torch.float32
     tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     weights = CheckpointWeights(folder, allow_pickle)

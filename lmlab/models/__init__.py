@@ -8,7 +8,13 @@ from lmlab.models.config import ModelConfig, RNNConfig, TransformerConfig
 
 
 def build_model(config: ModelConfig) -> LanguageModel:
-    """The model a config describes, freshly initialised."""
+    """The model a config describes, freshly initialised (or on the meta device, shapes
+    only, when the caller builds under ``torch.device("meta")``). A config whose weights
+    exceed the machine's memory is refused before anything is allocated."""
+    from lmlab.models.limits import check_fits_in_memory
+
+    if isinstance(config, (TransformerConfig, RNNConfig)):
+        check_fits_in_memory(config)
     if isinstance(config, TransformerConfig):
         from lmlab.models.transformer import Transformer
 

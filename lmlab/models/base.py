@@ -60,6 +60,11 @@ class LanguageModel(nn.Module):
         """A fresh state for ``batch_size`` sequences of up to ``max_len`` tokens."""
         raise NotImplementedError
 
+    def state_bytes(self, batch_size: int, max_len: int) -> int:
+        """Bytes of the state ``init_state(batch_size, max_len)`` would allocate (checked
+        against the machine's memory before a batch starts)."""
+        return 0
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

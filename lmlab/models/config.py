@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.models.limits import check_field_types
 
 __all__ = [
     "ACTIVATIONS",
@@ -63,6 +64,7 @@ class TransformerConfig:
     model_type: str = field(default="transformer", init=False)
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), _values(self))  # types, signs, sizes: before any arithmetic
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -131,6 +133,7 @@ class RNNConfig:
     model_type: str = field(default="rnn", init=False)
 
     def __post_init__(self) -> None:
+        check_field_types(type(self), _values(self))
         if self.cell not in RECURRENT:
             raise LmlabError(f"cell must be one of {', '.join(RECURRENT)} (got {self.cell!r})")
         for name in ("vocab_size", "d_model", "hidden_size", "n_layer", "max_seq_len"):
@@ -142,6 +145,10 @@ class RNNConfig:
     @property
     def n_params_hint(self) -> str:
         return f"{self.cell.upper()} {self.n_layer}x{self.hidden_size} (embedding {self.d_model})"
+
+
+def _values(cfg: Any) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
 
 
 ModelConfig = TransformerConfig | RNNConfig
@@ -157,8 +164,6 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """A config from its JSON form, every field's type, sign and size checked first (no
     model is built here; the caller checks the weights fit: :mod:`lmlab.models.limits`)."""
-    from lmlab.models.limits import check_field_types
-
     d = {k: v for k, v in d.items() if k != "lmlab"}
     kind = d.pop("model_type", "transformer")
     if not isinstance(kind, str):
@@ -175,7 +180,6 @@ def config_from_dict(d: dict[str, Any], where: str = "config.json") -> ModelConf
             f"{where} has fields this lmlab does not know: {', '.join(unknown)} "
             "(was it written by a newer lmlab?)"
         )
-    check_field_types(cls, d, where)
     try:
         return cls(**d)
     except LmlabError as e:

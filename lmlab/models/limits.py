@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.runtime import machine_memory
 
 #: Integer fields that multiply into the weights' size (the usual suspects of a bad file).
 SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
@@ -28,15 +28,17 @@ SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_
 MAX_FIELD = 1 << 26
 
 
-def check_field_types(cls: type, values: dict[str, Any], where: str) -> None:
-    """Raise an LmlabError naming ``where`` and the field whose value has the wrong type."""
+def check_field_types(cls: type, values: dict[str, Any], where: str = "") -> None:
+    """Raise an LmlabError naming ``where`` (a file, if any) and the field whose value has
+    the wrong type, sign or size."""
     hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    at = f"{where}: " if where else ""
     for name, value in values.items():
         kind = hints.get(name, "")
         optional = "None" in kind
         if value is None:
             if not optional:
-                raise LmlabError(f"{where}: {name} is null; it must be a value of type {_base(kind)}")
+                raise LmlabError(f"{at}{name} is null; it must be a value of type {_base(kind)}")
             continue
         base = _base(kind)
         ok = {
@@ -47,11 +49,13 @@ def check_field_types(cls: type, values: dict[str, Any], where: str) -> None:
         }.get(base, True)
         if not ok:
             article = "an" if base == "int" else "a"
-            raise LmlabError(f"{where}: {name} must be {article} {base}, not {json_repr(value)}")
+            raise LmlabError(f"{at}{name} must be {article} {base}, not {json_repr(value)}")
         if base == "float" and not math.isfinite(value):
-            raise LmlabError(f"{where}: {name} must be a finite number, not {value}")
-        if base == "int" and name in SIZE_FIELDS and not 0 < value <= MAX_FIELD:
-            raise LmlabError(f"{where}: {name} = {value} is out of range (1 to {MAX_FIELD:,})")
+            raise LmlabError(f"{at}{name} must be a finite number, not {value}")
+        if base == "int" and name in SIZE_FIELDS and value <= 0:
+            raise LmlabError(f"{at}{name} must be positive (got {value})")
+        if base == "int" and name in SIZE_FIELDS and value > MAX_FIELD:
+            raise LmlabError(f"{at}{name} = {value} is out of range (1 to {MAX_FIELD:,})")
 
 
 def _base(kind: str) -> str:
@@ -84,15 +88,8 @@ def estimate_bytes(cfg: Any) -> tuple[int, str]:
     return total, max(terms, key=terms.get)
 
 
-def machine_memory() -> int | None:
-    """Physical memory in bytes, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits_in_memory(cfg: Any, where: str) -> None:
+def check_fits_in_memory(cfg: Any, where: str = "this config") -> None:
+    """Refuse, before anything is allocated, a model whose weights exceed the machine's memory."""
     need, field = estimate_bytes(cfg)
     have = machine_memory()
     if have is not None and need > have:

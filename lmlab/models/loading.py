@@ -8,6 +8,7 @@ The storage underneath (atomic step folders, fsync) is :mod:`lmlab.checkpoint`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from lmlab.checkpoint import (
     FORMAT,
+    MODEL_FILES,
     fsync_dir,
     fsync_write,
     model_tensors,
@@ -86,10 +88,13 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
         folder = step_folder(p)
         try:
             return _read_folder(folder, path)
-        except LmlabError:
-            # A save that finished while we read removes the old step folder: if `latest`
-            # moved, read the new one; otherwise the error is about the checkpoint itself.
+        except (LmlabError, OSError, RuntimeError) as e:
+            # A save that finished while we read removes the old step folder (torch and
+            # safetensors report the vanished file as RuntimeError): if `latest` moved, read
+            # the new one; otherwise the error is about the checkpoint itself.
             if folder == p or step_folder(p) == folder:
+                if isinstance(e, OSError):
+                    raise LmlabError(f"cannot read checkpoint {path} ({e.strerror or e}: {e.filename})") from None
                 raise
     return _read_folder(step_folder(p), path)
 
@@ -107,10 +112,21 @@ def _read_folder(p: Path, path: str | Path) -> tuple[ModelConfig, dict[str, torc
         raise LmlabError(
             f"checkpoint {path} has no {', '.join(missing)} (found: {', '.join(found) or 'nothing'}){hint}"
         )
+    outside = [f for f in MODEL_FILES if (p / f).exists() and not _inside(p, p / f)]
+    if outside:
+        raise LmlabError(
+            f"{path}/{outside[0]} leads outside the checkpoint folder (to {(p / outside[0]).resolve()}); "
+            "a checkpoint's files must lie inside it: copy the file in"
+        )
     raw = read_json(p / "config.json", "config")
     marker = raw.get("lmlab", {})
     if not isinstance(marker, dict):
         raise LmlabError(f"{path}/config.json: the field lmlab must be an object, not {marker!r}")
+    if isinstance(marker.get("format", FORMAT), int) and marker.get("format", FORMAT) > FORMAT:
+        raise LmlabError(
+            f"{path} was written by a newer lmlab (checkpoint format {marker['format']}; this lmlab reads "
+            f"format {FORMAT} and older): upgrade lmlab to load it"
+        )
     cfg = config_from_dict(raw, where=f"{path}/config.json")
     check_fits_in_memory(cfg, f"{path}/config.json")
     weights = p / "model.safetensors"
@@ -132,7 +148,16 @@ def _read_folder(p: Path, path: str | Path) -> tuple[ModelConfig, dict[str, torc
         if (p / "generation_config.json").is_file()
         else {}
     )
+    if not (p / "config.json").exists():  # removed while we read: an optional file may have looked absent
+        raise FileNotFoundError(2, "the checkpoint folder was removed while it was read", str(p))
     return cfg, tensors, tok, gen
+
+
+def _inside(folder: Path, f: Path) -> bool:
+    """``f`` lies inside ``folder`` once links are followed (a run folder's top-level links
+    lead into its own ``.ckpt``): a checkpoint must not be a way to read other files."""
+    root, real = folder.resolve(), f.resolve()
+    return real.is_relative_to(root) or real.is_relative_to(folder.absolute())
 
 
 def step_folder(p: Path) -> Path:
@@ -140,7 +165,18 @@ def step_folder(p: Path) -> Path:
     folder (``.ckpt/latest``, resolved now), or the folder itself."""
     latest = p / ".ckpt" / "latest"
     if latest.is_symlink() and (p / "config.json").is_symlink():
-        target = latest.resolve()
+        for _ in range(5):  # a save may swap the link and remove the old folder as we follow it
+            try:
+                target = latest.resolve(strict=True)
+                break
+            except (OSError, RuntimeError):
+                continue
+        else:  # a loop of links, or a step folder that is gone
+            raise LmlabError(
+                f"{p}/.ckpt/latest does not lead to a step folder (it points to {os.readlink(latest)!r}); "
+                f"point it at one of the folders in {p}/.ckpt (e.g. `ln -sfn step-00000500 {p}/.ckpt/latest`) "
+                "or load one of them directly"
+            ) from None
         if target.is_dir():
             return target
     return p

@@ -128,6 +128,10 @@ class RNNLanguageModel(LanguageModel):
                     getattr(self.rnn, f"bias_hh_l{k}")[H : 2 * H].zero_()
 
     # ------------------------------------------------------------------ state
+    def state_bytes(self, batch_size: int, max_len: int) -> int:
+        cfg = self.config  # h (and c): n_layer · B · hidden numbers each, whatever the length
+        return (2 if cfg.cell == "lstm" else 1) * cfg.n_layer * batch_size * cfg.hidden_size * self.dtype.itemsize
+
     def init_state(self, batch_size: int, max_len: int | None = None) -> RecurrentState:
         """Zeros, (n_layer, B, hidden) — two of them (h, c) for the LSTM. ``max_len`` is
         accepted for the protocol and ignored: the state's size does not grow."""

@@ -108,6 +108,12 @@ class Transformer(LanguageModel):
                 nn.init.normal_(m.weight, 0.0, std)
 
     # ------------------------------------------------------------------ state
+    def state_bytes(self, batch_size: int, max_len: int) -> int:
+        # keys and values: 2 · n_layer · B · n_kv_head · S · head_dim numbers
+        cfg = self.config
+        S = min(max_len, cfg.max_seq_len)
+        return 2 * cfg.n_layer * batch_size * cfg.n_kv_head * S * cfg.head_dim * self.dtype.itemsize
+
     def init_state(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache of ``max_len`` positions (default: the whole context, ``max_seq_len``).
 

@@ -16,6 +16,7 @@ fix it, raised before anything is read or written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ class TrainConfig:
 
     #: The optimizer steps of a run given neither --steps nor --time.
     DEFAULT_STEPS: ClassVar[int] = 2000
+    #: Layers when --n-layer is not given: 4 for the Transformer; 2 for a recurrent model
+    #: (char-rnn's setting: a third layer of 512 units mostly adds time on a CPU).
+    GPT_LAYERS: ClassVar[int] = 4
+    RNN_LAYERS: ClassVar[int] = 2
 
     # data
     data: str = option("builtin", "a text file, a folder of text files, a glob, or 'builtin'", group="data")
@@ -78,7 +83,9 @@ class TrainConfig:
     )
     # model (the default: lmlab's recipe for small CPU runs, see README)
     model: str = option("gpt", "gpt (the Transformer), rnn, gru or lstm (recurrent)", group="model")
-    n_layer: int = option(4, "layers", group="model")
+    n_layer: int | None = option(
+        None, "layers", group="model", default_text=f"{GPT_LAYERS} for gpt, {RNN_LAYERS} for rnn, gru and lstm"
+    )
     n_head: int = option(4, "attention heads", group="model")
     n_kv_head: int | None = option(
         None, "key/value heads (< n-head: grouped-query attention)", group="model", default_text="n-head"
@@ -149,6 +156,35 @@ class TrainConfig:
     overwrite: bool = option(False, "replace a checkpoint in --out", group="checkpoints", flag="switch")
     progress: bool = option(True, "no progress bar", group="checkpoints", flag="negated")
 
+    def __post_init__(self) -> None:
+        """--n-layer not given: the model's own default depth (GPT_LAYERS, RNN_LAYERS)."""
+        if self.n_layer is None:
+            from lmlab.models.config import RECURRENT
+
+            self.n_layer = self.RNN_LAYERS if self.model in RECURRENT else self.GPT_LAYERS
+
+    def _check_types(self) -> None:
+        """Each option has its annotated type (``steps="3"``, ``lr="fast"``, ``n_layer=1.5`` from
+        Python or a damaged trainer_state.json are named here, not deep inside torch);
+        floats are finite. An int is a valid float; a bool is not a number."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            ok = any(
+                (k == "int" and isinstance(value, int) and not isinstance(value, bool))
+                or (k == "float" and isinstance(value, (int, float)) and not isinstance(value, bool))
+                or (k == "bool" and isinstance(value, bool))
+                or (k == "str" and isinstance(value, str))
+                or k not in ("int", "float", "bool", "str", "None")
+                for k in kinds
+            )
+            if not ok:
+                want = " or ".join(k for k in kinds if k != "None")
+                raise LmlabError(f"--{f.name.replace('_', '-')} must be {_ARTICLE.get(want, 'a ' + want)}, not {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LmlabError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+
     def validate(self, given: Collection[str] = ()) -> None:
         """Check the options; ``given`` names those set explicitly (see ``_check_given``)."""
         from lmlab.models.config import RECURRENT
@@ -158,7 +194,9 @@ class TrainConfig:
             if not ok:
                 raise LmlabError(msg)
 
+        self._check_types()
         need(self.out is not None, "give --out DIR, the folder to write the checkpoint to")
+        need(str(self.out).strip() != "", "--out is empty; give the folder to write the checkpoint to")
         need(self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16 (got {self.precision})")
         need(self.mlp in ("swiglu", "gelu"), f"--mlp must be swiglu or gelu (got {self.mlp})")
         need(
@@ -282,6 +320,7 @@ def parse_duration(s: str | float | int) -> float:
 
 # --------------------------------------------------------------------------- the flags
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+_ARTICLE = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
 def flag_fields() -> Iterator[dataclasses.Field]:

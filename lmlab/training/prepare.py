@@ -10,6 +10,8 @@ methods and adds the steps and the loop.
 from __future__ import annotations
 
 import inspect
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmlab.checkpoint import RunDir, RunLock, read_json, unwrap
-from lmlab.data import iter_corpus, load_corpus, resolve_data, sample_starts, step_generator
+from lmlab.data import TEXT_SUFFIXES, iter_corpus, load_corpus, resolve_data, sample_starts, step_generator
 from lmlab.errors import LmlabError
 from lmlab.messages import say
 from lmlab.models import build_model
@@ -139,7 +141,16 @@ class TrainerSetup:
         self.seq_len = self._window(mcfg, resuming)
         if cfg.init is not None and not resuming:
             self._adopt_init_config(mcfg)
+        check_step_memory(cfg.batch_size // cfg.grad_accum, self.seq_len, mcfg.vocab_size)
 
+        gone = cfg.data != "builtin" and not any(c in cfg.data for c in "*?[") and not Path(cfg.data).expanduser().exists()
+        if resuming and gone:
+            raise LmlabError(
+                f"the data this run trains on, {cfg.data} (stored in {cfg.resume}/trainer_state.json), is no longer "
+                "there; put it back at that path to resume (a resumed run reads the same text)"
+            )
+        if cfg.data != "builtin" and Path(cfg.data).expanduser().is_dir():
+            say(folder_summary(Path(cfg.data).expanduser()))
         corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
         return mcfg, corpus
 
@@ -203,7 +214,8 @@ class TrainerSetup:
         say(
             f"lmlab: model {mcfg.n_params_hint if hasattr(mcfg, 'n_params_hint') else ''} "
             f"{self.model.num_parameters() / 1e6:.2f}M parameters, tokenizer "
-            f"{tokenizer_kind(self.tok)} ({self.tok.get_vocab_size()} tokens), device {self.device}"
+            f"{tokenizer_kind(self.tok)} ({self.tok.get_vocab_size()} tokens), device {self.device}, "
+            f"precision {cfg.precision}"
         )
         self.optimizer = self._make_optimizer()
         if resuming:
@@ -235,10 +247,7 @@ class TrainerSetup:
         if resuming:
             done = self.state["step"]
             if self.max_steps is not None and done >= self.max_steps:
-                say(
-                    f"lmlab: {cfg.resume} is already at step {done} of {self.max_steps}: nothing to train "
-                    f"(give --steps N with N > {done}, or --time T, to continue)"
-                )
+                say(finished_message(cfg.resume, done, self.max_steps))
             else:
                 total = self.max_steps if self.max_steps is not None else f"--time {cfg.time}"
                 say(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
@@ -303,6 +312,46 @@ class TrainerSetup:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
+def finished_message(folder: str, done: int, end: int) -> str:
+    """``--resume`` on a run already at (or past) its step count: the one thing it says,
+    and the two ways on: a larger total (--steps), or more time (--time, from now)."""
+    where = f"already at its last step, {done}" if done == end else f"at step {done}, past --steps {end}"
+    return (
+        f"lmlab: {folder} is {where}: nothing to train. To train it further, give a new total, "
+        f"`lmlab train --resume {folder} --steps {done + 1000}`, or more time, "
+        f"`lmlab train --resume {folder} --time 5m`"
+    )
+
+
+def folder_summary(folder: Path) -> str:
+    """One line on what ``--data FOLDER`` reads: the files ``resolve_data`` takes (not
+    hidden, a text extension or none) and what it skips and why, so that a folder of PDFs
+    with three notes in it does not silently train on the three notes."""
+    read, other, hidden = 0, [], []
+    for _root, dirs, files in os.walk(folder):
+        hidden += [d + "/" for d in dirs if d.startswith(".")]  # not entered: counted once
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            suffix = Path(name).suffix.lower()
+            if name.startswith("."):
+                hidden.append(name)
+            elif suffix in TEXT_SUFFIXES or suffix == "":
+                read += 1
+            else:
+                other.append(suffix)
+    line = f"lmlab: data: {read} file{'s' * (read != 1)} from {folder}/"
+    reasons = []
+    if other:
+        kinds = sorted(set(other))
+        shown = ", ".join(kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+        reasons.append(f"{len(other)} with other extensions: {shown}")
+    if hidden:
+        reasons.append(f"{len(hidden)} hidden: {', '.join(sorted(hidden)[:3])}" + (", ..." if len(hidden) > 3 else ""))
+    if reasons:
+        line += f" (skipped {len(other) + len(hidden)}: {'; '.join(reasons)})"
+    return line
+
+
 def make_tokenizer(cfg: TrainConfig) -> Tokenizer:
     """The tokenizer a new run trains (char, bpe: on ``cfg.data``) or reads (a file or
     folder); ``lmlab compare`` makes its shared tokenizer with it too."""
@@ -317,11 +366,31 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     """trainer_state.json, each field the resumed run relies on checked for its type."""
     path = step_folder(folder) / "trainer_state.json"
     state = read_json(path, "trainer state")
-    for key, kinds in (("step", int), ("tokens", int), ("elapsed", (int, float))):
+    damaged = "the file is damaged (restore it, or start a new run from this checkpoint with --init)"
+    for key, kinds in (("step", int), ("tokens", int), ("elapsed", (int, float)), ("best_val", (int, float))):
         value = state.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
-            raise LmlabError(
-                f"{path}: {key} must be a non-negative number, not {value!r}; the file is damaged "
-                "(restore it, or start a new run from this checkpoint with --init)"
-            )
+        if key == "best_val" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value < 0:
+            raise LmlabError(f"{path}: {key} must be a non-negative number, not {value!r}; {damaged}")
+    for key in ("max_steps", "lr_end"):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise LmlabError(f"{path}: {key} must be a number, not {value!r}; {damaged}")
     return state
+
+
+def check_step_memory(micro_batch: int, seq_len: int, vocab_size: int) -> None:
+    """A micro-batch's logits (B·T·V floats, with their gradient and softmax: ~3 copies) must
+    fit in memory: a --batch-size of a billion would otherwise fail deep in torch's
+    allocator, or swap the machine, after the whole set-up."""
+    from lmlab.runtime import machine_memory
+
+    need = 3 * 4 * micro_batch * seq_len * vocab_size
+    have = machine_memory()
+    if have is not None and need > have:
+        raise LmlabError(
+            f"a micro-batch of {micro_batch:,} sequences × {seq_len:,} tokens needs about {need / 2**30:,.0f} GiB "
+            f"for its logits alone, more than this machine's {have / 2**30:,.0f} GiB; lower --batch-size "
+            "(or split it with --grad-accum)"
+        )

@@ -36,6 +36,7 @@ def train_config(**options: Any) -> tuple[TrainConfig, Collection[str]]:
     check_one_budget(given.get("steps"), given.get("time"))  # before a resumed run's budget is replaced
     if resume is not None:
         stored = _stored_train_config(resume)
+        _check_stored(stored, resume)
         if stored.get("steps") is not None:  # a run stored with both budgets: its steps decided
             stored["time"] = None
         if given.get("model", stored.get("model")) != stored.get("model"):
@@ -75,6 +76,24 @@ def train_config(**options: Any) -> tuple[TrainConfig, Collection[str]]:
     if cfg.resume is not None and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
         raise LmlabError("--resume continues in its own folder; leave out --out, or give the same folder")
     return cfg, explicit
+
+
+def _check_stored(stored: dict[str, Any], resume: str) -> None:
+    """The stored options of a run, each of its type (a null where a value belongs, ``"fast"``
+    for a learning rate): a damaged trainer_state.json is named, not silently replaced by
+    defaults (which would make the resumed run a different one)."""
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    probe = TrainConfig.__new__(TrainConfig)
+    for name, f in known.items():
+        value = stored.get(name, f.default if f.default is not dataclasses.MISSING else None)
+        object.__setattr__(probe, name, value)
+    try:
+        probe._check_types()
+    except LmlabError as e:
+        raise LmlabError(
+            f"{resume}/trainer_state.json: train_config: {str(e).removeprefix('--').replace('-', '_', 1)}; "
+            "the file is damaged (restore it, or start a new run from this checkpoint with --init)"
+        ) from None
 
 
 def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
