@@ -131,6 +131,10 @@ class TrainerSetup:
                 "eos_token_id": self.tok.token_to_id(EOT),
                 "bos_token_id": self.tok.token_to_id(EOT),
             }
+            if mcfg.model_type == "transformer":
+                # A default that fits the context, so a plain `lmlab generate RUN --prompt ...`
+                # does not slide past it (and warn); --max-new-tokens asks for more.
+                self.gen_cfg["max_new_tokens"] = min(200, mcfg.max_seq_len // 2)
         if cfg.init is not None and not resuming:
             self.model = source.module.train()
         else:

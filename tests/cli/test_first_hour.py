@@ -375,3 +375,17 @@ def test_stored_runs_keep_their_depth(tmp_path, corpus_path) -> None:
     assert json.loads((out / "config.json").read_text())["n_layer"] == 2
     cfg, _ = train_config(resume=str(out), steps=2)
     assert cfg.n_layer == 2
+
+
+def test_a_new_run_stores_a_default_length_that_fits_its_context(tmp_path, corpus_path):
+    """`lmlab generate RUN --prompt ...` with no --max-new-tokens stays inside a 32-token
+    context: the run stores 16 (half of it), and nothing warns about a sliding window."""
+    from helpers import run_lmlab
+
+    out = tmp_path / "run"
+    run_lmlab("train", "--data", str(corpus_path), "--out", str(out), "--n-layer", "1", "--d-model", "16",
+              "--n-head", "2", "--max-seq-len", "32", "--batch-size", "2", "--steps", "2", "--no-progress")
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 16
+    r = run_lmlab("generate", str(out), "--prompt", "the", "--seed", "0", "--json")
+    assert "warning" not in r.stderr, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) <= 16
