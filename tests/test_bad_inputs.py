@@ -532,3 +532,23 @@ def test_a_binary_file_as_data_is_named_as_binary(tmp_path):
     f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
     with pytest.raises(LmlabError, match=r"image.bin looks like a binary file, not text \(a NUL byte at byte 8\)"):
         load_corpus(f, train_char_tokenizer(["abc"]), use_cache=False)
+
+
+def test_a_read_only_disk_is_one_line_and_keeps_the_checkpoint(small_disk):
+    """Root ignores file modes, so the test makes the whole disk read-only instead."""
+    import subprocess
+
+    from helpers import char_tokenizer
+
+    tok = char_tokenizer()
+    model = tiny_model(tok.get_vocab_size(), d_model=16)
+    run = RunDir(small_disk / "run")
+    run.save(1, lambda d: write_checkpoint(d, model, tok, {"step": 1}))
+    r = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount the tmpfs read-only here ({r.stderr.strip()})")
+    with pytest.raises(LmlabError, match=r"cannot write a checkpoint in .*Read-only file system.*the last checkpoint is unchanged"):
+        run.save(2, lambda d: write_checkpoint(d, model, tok, {"step": 2}))
+    assert lmlab.load(run.root).generation_config["step"] == 1
+    out = run_lmlab("train", "--data", "builtin", "--out", str(small_disk / "new"), "--steps", "1", check_rc=2)
+    assert _one_error_line(out).startswith("lmlab: error: cannot create --out")
