@@ -17,6 +17,9 @@ from lmlab.models.loading import ModelParts, write_checkpoint
 from lmlab.nn import fastpath
 from lmlab.tokenizer import UnknownCharWarner
 
+#: A prompt longer than this many characters per context token is cropped before tokenizing.
+CROP_CHARS_PER_TOKEN = 64
+
 
 class Model:
     """A language model with its tokenizer: what ``lmlab.load`` returns."""
@@ -51,6 +54,11 @@ class Model:
         """Token ids as the tokenizer's own post-processor makes them (BOS or not)."""
         if not isinstance(text, str):
             raise LmlabError(f"the text to encode must be a str, not {type(text).__name__}")
+        ctx = getattr(self.config, "max_seq_len", None) if self.module.bounded_context else None
+        if ctx and len(text) > CROP_CHARS_PER_TOKEN * ctx:
+            # The model reads only its last ctx tokens, and a token spans far fewer characters
+            # than this: tokenizing more (~400 bytes of memory per character) buys nothing.
+            text = text[-CROP_CHARS_PER_TOKEN * ctx :]
         ids = self.tokenizer.encode(_valid_unicode(text)).ids
         self._unk.check(ids, text)  # a char tokenizer warns once about unseen characters
         if not ids:

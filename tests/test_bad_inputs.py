@@ -552,3 +552,24 @@ def test_a_read_only_disk_is_one_line_and_keeps_the_checkpoint(small_disk):
     assert lmlab.load(run.root).generation_config["step"] == 1
     out = run_lmlab("train", "--data", "builtin", "--out", str(small_disk / "new"), "--steps", "1", check_rc=2)
     assert _one_error_line(out).startswith("lmlab: error: cannot create --out")
+
+
+def test_export_under_a_file_is_one_line(tmp_path):
+    gpt2 = tiny_checkpoint(tmp_path / "gpt2", norm="layernorm", gated_mlp=False, activation="gelu_new",
+                           mlp_bias=True, qkv_bias=True, proj_bias=True, norm_bias=True)
+    (tmp_path / "afile").write_text("x")
+    line = _one_error_line(run_lmlab("export", str(gpt2), "--out", str(tmp_path / "afile" / "sub"), check_rc=2))
+    assert "cannot create --out" in line and "afile/sub" in line
+
+
+def test_a_huge_prompt_is_cropped_before_tokenizing(ckpt):
+    """A 32-token model reads only its last 32 tokens: a 20M-character prompt must not be
+    tokenized whole (~8 GB); the ids are those of its tail, as the model would see them."""
+    import time
+
+    m = lmlab.load(ckpt)
+    tail = "the quick brown fox. " * 200
+    start = time.perf_counter()
+    ids = m.encode("x" * 20_000_000 + tail)
+    assert time.perf_counter() - start < 5
+    assert ids[-32:] == m.encode(tail)[-32:]

@@ -343,7 +343,10 @@ def export_hf(
     # Written into a fresh sibling folder, then renamed into place in one step: a reader
     # never sees half an export, and of two exports racing to one --out exactly one wins
     # (renaming onto a folder that is no longer empty fails).
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmlabError(f"cannot create --out {out} ({e.strerror}); choose another folder") from None
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
