@@ -150,6 +150,14 @@ class RunDir:
             k += 1
             name = f"step-{step:08d}.{k}"
         final = self.store / name
+        try:
+            self._publish(tmp, final, best)
+        except OSError as e:  # the links could not be made: `latest` still names the last whole step
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LmlabError(save_failure(self.root, e)) from None
+        return final
+
+    def _publish(self, tmp: Path, final: Path, best: bool) -> None:
         os.replace(tmp, final)
         # The fixed top-level links are made once, before the first `latest` exists:
         # until then they dangle, so a kill in between leaves no half-made checkpoint.
@@ -159,12 +167,11 @@ class RunDir:
                 if link.exists():
                     link.unlink()
                 link.symlink_to(Path(".ckpt") / "latest" / f)
-        self._swap_link(self.store / "latest", name)
+        self._swap_link(self.store / "latest", final.name)
         fsync_dir(self.store)
         if best:
-            self._swap_link(self.root / "best", Path(".ckpt") / name)
+            self._swap_link(self.root / "best", Path(".ckpt") / final.name)
         self._prune()
-        return final
 
     def _swap_link(self, link: Path, target: str | Path) -> None:
         tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -280,9 +281,14 @@ def load_corpus(
             n_tokens, n_chars, has_text = encode_chunks(tok, chunks, f)
             f.seek(0)
             f.write(npy_header(dtype, n_tokens))
-        except BaseException:
+        except BaseException as e:
             f.close()
             os.unlink(f.name)
+            if isinstance(e, OSError):  # the cache's disk is full or not writable
+                raise LmlabError(
+                    f"cannot write the token cache in {folder} ({e.strerror}); free space there or point "
+                    "LMLAB_CACHE at another folder"
+                ) from None
             raise
         finally:
             if bar is not None:
@@ -292,7 +298,11 @@ def load_corpus(
         what = files[0] if len(files) == 1 else f"{len(files)} files"
         raise LmlabError(f"the corpus ({what}) is empty; give a file with some text in it")
     os.replace(f.name, path)
-    return TokenCorpus(_map(path), name, len(files), n_chars, path if use_cache else None)
+    if not use_cache:  # a private temporary folder: read the ids into memory and remove it
+        ids = np.load(path)
+        shutil.rmtree(folder, ignore_errors=True)
+        return TokenCorpus(ids, name, len(files), n_chars, None)
+    return TokenCorpus(_map(path), name, len(files), n_chars, path)
 
 
 def _split(text: str) -> Iterator[str]:

@@ -573,3 +573,35 @@ def test_a_huge_prompt_is_cropped_before_tokenizing(ckpt):
     ids = m.encode("x" * 20_000_000 + tail)
     assert time.perf_counter() - start < 5
     assert ids[-32:] == m.encode(tail)[-32:]
+
+
+# --------------------------------------------------------------------------- found by a review
+def test_a_stored_min_length_with_the_callers_larger_max_is_valid():
+    from lmlab.generate import GenerationConfig
+
+    cfg = GenerationConfig.from_dict({"min_new_tokens": 300}, where="x/generation_config.json", max_new_tokens=500)
+    assert (cfg.min_new_tokens, cfg.max_new_tokens) == (300, 500)
+    with pytest.raises(LmlabError, match=r"^min_new_tokens \(300\) is larger than max_new_tokens \(200\)"):
+        GenerationConfig.from_dict({}, where="x/generation_config.json", min_new_tokens=300)
+
+
+def test_a_time_budget_in_seconds_from_python_is_accepted(tmp_path, corpus_path):
+    from lmlab.training.run import train_config
+
+    cfg, _ = train_config(data=str(corpus_path), out=str(tmp_path / "o"), time=60)
+    assert cfg.time == 60
+
+
+def test_an_uncached_corpus_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from lmlab.data import load_corpus
+    from lmlab.tokenizer import train_char_tokenizer
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    f = tmp_path / "c.txt"
+    f.write_text("hello world\n" * 50)
+    corpus = load_corpus(f, train_char_tokenizer(["hello world\n"]), use_cache=False)
+    assert len(corpus.ids) == 600 and list(scratch.iterdir()) == []

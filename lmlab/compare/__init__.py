@@ -76,9 +76,14 @@ def _make_tokenizer(data: str, tokenizer: str, vocab_size: int, encoding_errors:
 
 def _default_prompt(data: str, encoding_errors: str) -> str:
     """The corpus's first line (at most 40 characters), with its newline."""
-    from lmlab.data import read_corpus, resolve_data
+    from lmlab.data import iter_corpus, resolve_data
 
-    text = read_corpus(resolve_data(data), encoding_errors, builtin=data == "builtin")
+    text = ""  # read only as far as the first line (the corpus may be gigabytes)
+    for chunk in iter_corpus(resolve_data(data), encoding_errors, builtin=data == "builtin", chunk_chars=4096):
+        text += chunk
+        head = text.lstrip("\n")
+        if "\n" in head or len(head) >= 40:
+            break
     first = text.lstrip("\n").split("\n", 1)[0][:40]
     return first + "\n" if first else ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -153,11 +154,8 @@ class GenerationConfig:
         stored = {k: v for k, v in d.items() if k in names and v is not None and k not in overrides}
         try:
             check_types(stored)
-            cls(**stored)
         except LmlabError as e:
-            if where:
-                raise LmlabError(f"{where}: {e}; fix the file, or override the option") from None
-            raise
+            raise LmlabError(f"{where}: {e}; fix the file, or override the option" if where else str(e)) from None
         if "stop_strings" in d and "stop" not in d:
             d["stop"] = d["stop_strings"]
         overrides = dict(overrides)
@@ -177,7 +175,12 @@ class GenerationConfig:
             raise LmlabError(
                 f"unknown generation option {unknown[0]!r}; the options are: {', '.join(sorted(names))}"
             )
-        return cls(**merged)
+        try:
+            return cls(**merged)
+        except LmlabError as e:
+            # the file's fault when a value only it gave is named (the caller's would be too)
+            blame = where and any(re.match(rf"{k}\b", str(e)) for k in stored)
+            raise LmlabError(f"{where}: {e}; fix the file, or override the option" if blame else str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,7 +47,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        check_cache_fits(shape, dtype)
+        check_cache_fits(shape, dtype, device)
         self._k = torch.zeros(shape, device=device, dtype=dtype)
         self._v = torch.zeros(shape, device=device, dtype=dtype)
         self._valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
@@ -128,16 +128,17 @@ class KVCache:
 __all__ = ["KVCache"]
 
 
-def check_cache_fits(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+def check_cache_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> None:
     """Keys and values of 2·n_layer·B·n_kv·S·hd numbers: refuse, before allocating, a cache
     bigger than the machine's memory (10 million return sequences, say), which would
     otherwise swap for minutes or fail deep inside torch."""
     n_layer, batch, _, max_len, _ = shape
     need = 2 * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    have = machine_memory()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    have = torch.cuda.mem_get_info(dev)[1] if dev.type == "cuda" else machine_memory()
     if have is not None and need > have:
         raise LmlabError(
             f"the key/value cache for {batch:,} sequences of {max_len:,} positions needs {need / 2**30:,.1f} GiB, "
-            f"more than this machine's {have / 2**30:,.1f} GiB; generate fewer sequences at once "
+            f"more than the {have / 2**30:,.1f} GiB of {dev.type} memory; generate fewer sequences at once "
             "(batch × num_return_sequences × num_beams) or fewer new tokens"
         )

@@ -49,8 +49,9 @@ class FastLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         if w.dtype == torch.bfloat16:  # oneDNN's bf16 kernel wants W pre-blocked (2× faster)
             key = (w.data_ptr(), _version(w), w.dtype)
-            # An inference tensor (version -1) has no write counter: never trust a copy of it.
-            if self._packed is None or self._packed_key != key or key[1] < 0:
+            if key[1] < 0:  # an inference tensor has no write counter: a copy of it can't be trusted,
+                return F.linear(x, w, self.bias)  # and repacking per call would cost more than it saves
+            if self._packed is None or self._packed_key != key:
                 with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
                 self._packed_key = key

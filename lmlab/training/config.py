@@ -115,7 +115,7 @@ class TrainConfig:
     steps: int | None = option(
         None, "optimizer steps", group="optimisation", default_text=f"{DEFAULT_STEPS} without --time"
     )
-    time: str | None = option(None, "train for a time budget instead, e.g. 5m, 90s, 1h", group="optimisation")
+    time: str | float | None = option(None, "train for a time budget instead, e.g. 5m, 90s, 1h", group="optimisation")
     batch_size: int = option(12, "the global batch, in sequences", group="optimisation")
     grad_accum: int = option(1, "micro-batches per step", group="optimisation")
     lr: float = option(2e-3, "peak learning rate", group="optimisation")
