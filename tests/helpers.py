@@ -266,3 +266,19 @@ def lmlab_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     from lmlab.messages import LmlabWarning
 
     return [str(w.message) for w in caught if issubclass(w.category, LmlabWarning)]
+
+
+def fake_clock(monkeypatch: pytest.MonkeyPatch, seconds_per_step: Any) -> list[float]:
+    """A deterministic --time run: the trainer's clock stands still except in a step,
+    which takes ``seconds_per_step(now)`` (and trains nothing: the schedule is the test)."""
+    from lmlab.training.trainer import Trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(sys.modules["lmlab.training.trainer"], "_clock", lambda: clock[0])
+
+    def step(self, step):  # noqa: ARG001
+        clock[0] += seconds_per_step(clock[0])
+        return 2.0
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    return clock

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, tiny_checkpoint
+from helpers import REPO, fake_clock, tiny_checkpoint
 
 import lmlab
 from lmlab.cli import build_parser, main
@@ -169,15 +169,6 @@ def test_train_help_states_both_depths() -> None:
 
 
 # --------------------------------------------------------------------------- 4. --time re-plans
-def _fake_clock(monkeypatch, seconds_per_step) -> None:
-    clock = [0.0]
-    monkeypatch.setattr(sys.modules["lmlab.training.trainer"], "_clock", lambda: clock[0])
-
-    def step(self, step):  # noqa: ARG001
-        clock[0] += seconds_per_step(clock[0])
-        return 2.0
-
-    monkeypatch.setattr(Trainer, "train_step", step)
 
 
 def test_a_jittery_machine_announces_one_plan_and_sums_up_once(tmp_path, corpus_path, monkeypatch, capsys):
@@ -185,7 +176,7 @@ def test_a_jittery_machine_announces_one_plan_and_sums_up_once(tmp_path, corpus_
     steps (under 20% of 92), so the first plan is the only one printed, the progress bar's
     total stays 92 until the run passes it, and one line at the end owns up to the rest.
     The first plan: after 10 steps at 1 s, T = 10 + ⌊(100 - 8 - 10) / 1⌋ = 92."""
-    _fake_clock(monkeypatch, lambda now: 1.1 if int(now // 10) % 2 else 1.0)
+    fake_clock(monkeypatch, lambda now: 1.1 if int(now // 10) % 2 else 1.0)
     totals: list[int | None] = []
     bar_total = Trainer._bar_total
     monkeypatch.setattr(Trainer, "_bar_total", lambda self, step: totals.append(bar_total(self, step)) or totals[-1])

@@ -12,7 +12,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from helpers import SHAKESPEARE_TEXT as TEXT
 from helpers import (
     assert_grads_of_one_batch,
     char_tokenizer,
+    fake_clock,
     finish,
     last_step,
     lmlab_cmd,
@@ -377,18 +377,6 @@ def test_lr_first_estimate_on_the_warmup_ramp_by_hand() -> None:
     assert lr_at(150, cfg, 150, plan) == pytest.approx(1e-4)
 
 
-def _fake_clock(monkeypatch, seconds_per_step) -> list[float]:
-    """A deterministic --time run: the trainer's clock stands still except in a step,
-    which takes ``seconds_per_step(now)`` (and trains nothing: the schedule is the test)."""
-    clock = [0.0]
-    monkeypatch.setattr(sys.modules["lmlab.training.trainer"], "_clock", lambda: clock[0])
-
-    def step(self, step):  # noqa: ARG001
-        clock[0] += seconds_per_step(clock[0])
-        return 2.0
-
-    monkeypatch.setattr(Trainer, "train_step", step)
-    return clock
 
 
 def _timed_run(out: Path, corpus: Path, time: str, **kw) -> tuple[TrainResult, dict, list[dict]]:
@@ -406,7 +394,7 @@ def _assert_smooth_decay(rows: list[dict], lr: float = 3e-3, min_lr: float = 3e-
 def test_time_budget_follows_a_slowdown(tmp_path, corpus_path, monkeypatch, capsys) -> None:
     """Steps take 1 s, then 5 s from t = 50 s. The first estimate (at t = 10 s, 1 s/step)
     is T = 10 + ⌊(100 - 8 - 10)/1⌋ = 92; fixed there, the run would end near 260 s."""
-    _fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else 5.0)
+    fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else 5.0)
     res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
     assert "1000 ms/step, training for 92 steps" in capsys.readouterr().err
     assert 80 <= state["elapsed"] <= 100 + 5  # within the budget, give or take one step
@@ -419,7 +407,7 @@ def test_time_budget_follows_a_slowdown(tmp_path, corpus_path, monkeypatch, caps
 
 def test_time_budget_uses_a_speedup(tmp_path, corpus_path, monkeypatch) -> None:
     """Steps take 1 s, then 0.2 s from t = 50 s: more steps than the first estimate (92)."""
-    _fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else 0.2)
+    fake_clock(monkeypatch, lambda now: 1.0 if now < 50 else 0.2)
     res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
     assert res.step > 92 + 100  # 42 s at 0.2 s/step would be 210 more steps
     assert 85 <= state["elapsed"] <= 100
@@ -429,7 +417,7 @@ def test_time_budget_uses_a_speedup(tmp_path, corpus_path, monkeypatch) -> None:
 def test_time_budget_hard_stop(tmp_path, corpus_path, monkeypatch) -> None:
     """A step that stalls for 40 s at t = 85 s, after the last estimate: the run stops
     right after it (step 86, t = 125 s), with its final evaluation and checkpoint."""
-    _fake_clock(monkeypatch, lambda now: 40.0 if now == 85 else 1.0)
+    fake_clock(monkeypatch, lambda now: 40.0 if now == 85 else 1.0)
     res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
     assert (res.step, state["max_steps"], state["elapsed"]) == (86, 86, 125.0)
     assert rows[-1]["step"] == 86 and "val_loss" in rows[-1]
@@ -437,7 +425,7 @@ def test_time_budget_hard_stop(tmp_path, corpus_path, monkeypatch) -> None:
 
 
 def test_resume_with_time_adds_time_and_keeps_the_lr_continuous(tmp_path, corpus_path, monkeypatch) -> None:
-    _fake_clock(monkeypatch, lambda now: 1.0)
+    fake_clock(monkeypatch, lambda now: 1.0)
     out = tmp_path / "run"
     first, state, rows = _timed_run(out, corpus_path, "50s", min_lr=1e-3)
     assert 45 <= state["elapsed"] <= 50
@@ -456,7 +444,7 @@ def test_resume_after_the_hard_stop_goes_on_from_its_lr(tmp_path, corpus_path, m
     """A run cut short by the hard stop (a 40 s stall at t = 85 s, the plan still ~6 steps
     from its end) resumed with --time: the lr goes on from where it was, falling to min_lr
     over the new time, not at min_lr from the first resumed step."""
-    _fake_clock(monkeypatch, lambda now: 40.0 if now == 85 else 1.0)
+    fake_clock(monkeypatch, lambda now: 40.0 if now == 85 else 1.0)
     out = tmp_path / "run"
     first, state, rows = _timed_run(out, corpus_path, "100s", min_lr=1e-4)
     assert first.step == 86 and state["lr_end"] > 86  # stopped before the schedule's end
@@ -657,7 +645,7 @@ def test_time_plan_lines_say_what_was_printed_last(tmp_path, corpus_path, monkey
     """1 s/step, 0.97 s from t = 20 s (the end moves from 92 by two steps: too little to
     print), 4 s from t = 40 s (a move worth a line: its "was" is the 92 printed, not the
     unprinted 94), and the last small move (less than 20%) is owned up to at the end."""
-    _fake_clock(monkeypatch, lambda now: 1.0 if now < 20 else (0.97 if now < 40 else 4.0))
+    fake_clock(monkeypatch, lambda now: 1.0 if now < 20 else (0.97 if now < 40 else 4.0))
     plans = _record_plans(monkeypatch)
     res, state, rows = _timed_run(tmp_path / "run", corpus_path, "100s")
     lines = _time_lines(capsys.readouterr().err)
@@ -695,7 +683,7 @@ def test_time_plan_lines_say_what_was_printed_last(tmp_path, corpus_path, monkey
     ],
 )  # fmt: skip
 def test_time_run_says_why_it_ended_elsewhere(tmp_path, corpus_path, monkeypatch, capsys, per_step, note):
-    _fake_clock(monkeypatch, per_step)
+    fake_clock(monkeypatch, per_step)
     res, _, _ = _timed_run(tmp_path / "run", corpus_path, "100s")
     lines = _time_lines(capsys.readouterr().err)
     if note is None:
