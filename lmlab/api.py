@@ -30,9 +30,12 @@ class Model:
         tokenizer: Tokenizer,
         generation_config: dict[str, Any] | None = None,
         source: str = "",
+        target_tokenizer: Any = None,
     ) -> None:
         self.module = module.eval()
         self.tokenizer = tokenizer
+        #: what decodes an encoder-decoder's output (Marian: its own SentencePiece model)
+        self.target_tokenizer = target_tokenizer or tokenizer
         self.generation_config = dict(generation_config or {})
         self.source = source
         self._unk = UnknownCharWarner(tokenizer)
@@ -43,7 +46,15 @@ class Model:
 
     @classmethod
     def from_parts(cls, parts: ModelParts) -> Model:
-        return cls(parts.module, parts.tokenizer, parts.generation_config, source=parts.source)
+        return cls(
+            parts.module, parts.tokenizer, parts.generation_config, source=parts.source,
+            target_tokenizer=parts.target_tokenizer,
+        )  # fmt: skip
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """A translator/summarizer (source -> target) rather than a language model."""
+        return bool(getattr(self.module, "is_encoder_decoder", False))
 
     @property
     def config(self) -> Any:
@@ -101,6 +112,8 @@ class Model:
                 f"prompt must be a str or a list of str; {where} {type(bad).__name__} {bad!r}"[:300]
             )
         prompts = [prompt] if single else prompt
+        if self.is_encoder_decoder:  # text-to-text: the prompt is the source
+            return self.translate(prompt, return_details=return_details, prefix="", **options)
         cfg = self._gen_config(**options)
         if not prompts:
             return []
@@ -112,6 +125,42 @@ class Model:
         out = results if return_details else [r.text for r in results]
         per_prompt = [out[i * n : (i + 1) * n] for i in range(len(prompts))] if n > 1 else out
         return per_prompt[0] if single else per_prompt
+
+    def translate(
+        self,
+        text: str | list[str],
+        *,
+        return_details: bool = False,
+        prefix: str | None = None,
+        task: str = "translation",
+        batch_size: int = 16,
+        on_batch: Any = None,
+        **options: Any,
+    ) -> str | list[str] | list[Any]:
+        """Translate (or summarize: any text-to-text) with an encoder-decoder: str -> str,
+        list -> list, row by row what each source gives alone.
+
+        Deterministic unless sampling is asked for (``do_sample=True`` or a temperature > 0):
+        greedy, or beam search with ``num_beams`` > 1 — as ``transformers`` decides. Defaults
+        come from the model's generation settings (T5: also its task prefix and settings for
+        ``task``). Options are :meth:`generate`'s.
+        """
+        from lmlab.generate.seq2seq import Seq2SeqRequest
+
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise LmlabError(f"text must be a str or a list of str, not {type(text).__name__}")
+        if not self.is_encoder_decoder:
+            raise LmlabError(
+                f"{self.source or 'this model'} is a language model, not an encoder-decoder: translation and "
+                "summarization need a seq2seq model (trained with --task translate, or Marian/BART/T5)"
+            )
+        req = Seq2SeqRequest(self.module, self.tokenizer, self.target_tokenizer, self.generation_config, task, prefix)
+        results = req.run([_valid_unicode(t) for t in texts], batch_size=batch_size, on_batch=on_batch, **options)
+        out = [[r if return_details else r.text for r in rs] for rs in results]
+        flat = [rs[0] if len(rs) == 1 else rs for rs in out]
+        return flat[0] if single else flat
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``.

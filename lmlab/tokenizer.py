@@ -148,6 +148,8 @@ def _gpt2_files_tokenizer(d: Path) -> Tokenizer:
 
 def tokenizer_kind(tok: Tokenizer) -> str:
     """'char', 'bpe', or the model type of a foreign tokenizer (for ``lmlab info``)."""
+    if not hasattr(tok, "to_str"):  # not a tokenizers.Tokenizer: Marian's SentencePiece pair
+        return getattr(tok, "kind", "sentencepiece")
     d = json.loads(tok.to_str())
     model = d.get("model", {}).get("type", "?")
     pre = json.dumps(d.get("pre_tokenizer"))

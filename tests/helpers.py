@@ -133,6 +133,26 @@ def tiny_checkpoint(
     return write_checkpoint(folder, model, tok, gen)
 
 
+def tiny_seq2seq_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+    """A random tiny Transformer encoder-decoder with a BPE tokenizer set up as
+    ``lmlab train --task translate`` sets it up (a ``<pad>`` token; sources end with EOS)."""
+    from tokenizers import processors
+
+    from lmlab.models.config import Seq2SeqConfig
+    from lmlab.models.seq2seq import Seq2SeqTransformer
+
+    tok = bpe_tokenizer()
+    tok.add_special_tokens(["<pad>"])
+    eos = tok.token_to_id(EOT)
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOT}", special_tokens=[(EOT, eos)])
+    torch.manual_seed(seed)
+    cfg = Seq2SeqConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32, max_source_len=64,
+                        max_target_len=32, dropout=0.0, init_std=0.3)  # fmt: skip
+    gen = {"eos_token_id": eos, "bos_token_id": eos, "decoder_start_token_id": eos,
+           "pad_token_id": tok.token_to_id("<pad>"), "max_new_tokens": 20}  # fmt: skip
+    return write_checkpoint(folder, Seq2SeqTransformer(cfg).eval(), tok, gen)
+
+
 # --------------------------------------------------------------------------- corpora and runs
 def write_corpus(folder: Path, text: str = SHAKESPEARE_TEXT) -> Path:
     """``folder/corpus.txt`` holding ``text`` (UTF-8): a --data file for a training run."""

@@ -20,6 +20,7 @@ from typing import NoReturn
 from lmlab import __version__ as lmlab_version
 from lmlab.cli.args import add_compare_args, add_generation_args, add_train_args, pickle_flag
 from lmlab.cli.commands import COMMANDS
+from lmlab.cli.seq2seq import add_evaluate_args, add_translate_args, cmd_evaluate, cmd_translate
 from lmlab.cli.spelling import explain_usage_error, unknown_arguments
 from lmlab.errors import LmlabError
 from lmlab.messages import cli_format
@@ -84,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     add_generation_args(p)
 
-    p = sub.add_parser("eval", help="loss and perplexity of a model over a corpus")
+    p = sub.add_parser("translate", help="translate (any text-to-text) with an encoder-decoder")
+    add_translate_args(p)
+
+    p = sub.add_parser("evaluate", help="score a model on a test set: BLEU/chrF (translate), perplexity (lm)")
+    add_evaluate_args(p)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a model over a corpus (= evaluate --task lm)")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=8)
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cli_format()  # every warning as one line, `lmlab: warning: ...`
     try:
-        return COMMANDS[a.command](a)
+        return {**COMMANDS, "translate": cmd_translate, "evaluate": cmd_evaluate}[a.command](a)
     except LmlabError as e:
         if a.debug:
             raise

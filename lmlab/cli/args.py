@@ -104,8 +104,21 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
         help="read the prompt from a UTF-8 file (- for standard input): a prompt too long for the "
         "command line; one final line break is dropped",
     )
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (200)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
+    add_decoding_args(p, seq2seq=False)
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="print at the end")
+
+
+def add_decoding_args(p: argparse.ArgumentParser, seq2seq: bool = True) -> None:
+    """The decoding options (``generate``'s); ``seq2seq``: the defaults of translation and
+    summarization (deterministic unless sampling is asked for)."""
+    if seq2seq:
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help="tokens to generate (the model's max_length - 1, else 256)")  # fmt: skip
+        p.add_argument("--temperature", type=float, default=None, help="> 0 samples (default: greedy or beams)")
+        p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beams")
+    else:
+        p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (200)")
+        p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
     p.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many tokens (0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument(
@@ -153,7 +166,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU) or bf16")
     p.add_argument("--quantize", default=None, metavar="METHOD", help="int8: int8 weights (faster on CPU)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
-    p.add_argument("--no-stream", dest="stream", action="store_false", help="print at the end")
     pickle_flag(p)
 
 

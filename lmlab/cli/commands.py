@@ -154,10 +154,18 @@ def _print_results(results, as_json: bool) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     import lmlab
+
+    return report_perplexity(lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle), a)
+
+
+def report_perplexity(model, a: argparse.Namespace) -> int:
+    """``lmlab eval`` (= ``lmlab evaluate --task lm``): loss and perplexity over --data."""
     from lmlab.eval.perplexity import evaluate_corpus
     from lmlab.tokenizer import tokenizer_kind
 
-    model = lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle)
+    if model.is_encoder_decoder:
+        raise LmlabError(f"{a.checkpoint} is an encoder-decoder: score it with `lmlab evaluate {a.checkpoint} "
+                         "--task translate --data PAIRS` (BLEU and chrF)")  # fmt: skip
     r = evaluate_corpus(model, a.data, batch_size=a.batch_size, encoding_errors=a.encoding_errors)
     print(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  over {r['tokens']:,} tokens of {a.data}")
     unit = "character" if tokenizer_kind(model.tokenizer) == "char" else "token"

@@ -35,6 +35,12 @@ class GenerationConfig:
     logprobs: int | None = None  # None: none; n: the chosen token's and the n best alternatives'
     seed: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
+    # encoder-decoders (Hugging Face's names and meaning): the token the decoder starts from,
+    # a token forced as the first new one (mBART's language code, BART's BOS), and EOS forced
+    # as the last one max_new_tokens allows (Marian, BART)
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_types({f.name: getattr(self, f.name) for f in fields(self)})
@@ -48,6 +54,9 @@ class GenerationConfig:
             elif getattr(self, name) is None:
                 setattr(self, name, [])
         self.eos_token_id = [int(i) for i in self.eos_token_id]
+        if isinstance(self.forced_eos_token_id, int):
+            self.forced_eos_token_id = [self.forced_eos_token_id]
+        self.forced_eos_token_id = [int(i) for i in self.forced_eos_token_id or []]
         self.stop, self.bad_words = list(self.stop), list(self.bad_words)
         self.bad_words_ids = [list(map(int, seq)) for seq in (self.bad_words_ids or [])]
         if isinstance(self.early_stopping, str) and self.early_stopping.lower() in ("true", "false"):
@@ -124,6 +133,10 @@ class GenerationConfig:
                     f"eos_token_id {i} is not a token id of this model: its vocabulary has {vocab_size} "
                     f"tokens (ids 0 to {last}); give an id in that range, or leave it out for the model's own"
                 )
+        for name in ("forced_bos_token_id", "decoder_start_token_id"):
+            i = getattr(self, name)
+            if i is not None and not 0 <= i <= last:
+                raise LmlabError(f"{name} {i} is not a token id of this model (ids 0 to {last})")
         for seq in self.bad_words_ids:
             bad = [i for i in seq if i > last]
             if bad:

@@ -107,6 +107,14 @@ def apply_min_new_tokens(
     return out
 
 
+def apply_forced(logits: Tensor, token_ids: Sequence[int]) -> Tensor:
+    """Only ``token_ids`` remain possible (score 0, the rest -∞): Hugging Face's forced
+    BOS/EOS processors, which leave the chosen token a log-probability of 0."""
+    out = torch.full_like(logits, NEG_INF)
+    out[:, [t for t in token_ids if t < logits.shape[-1]]] = 0.0
+    return out
+
+
 # --------------------------------------------------------------------------- warpers (sampling)
 def apply_temperature(logits: Tensor, t: float) -> Tensor:
     """p_i ∝ exp(z_i / T): T < 1 sharpens, T > 1 flattens."""
@@ -174,7 +182,8 @@ def process_logits(logits: Tensor, cfg: GenerationConfig) -> Tensor:
 
 class Penalties:
     """The history-dependent processors a config asks for, applied in Hugging Face's order:
-    repetition, (OpenAI presence/frequency,) no-repeat n-gram, bad words, min_new_tokens."""
+    repetition, (OpenAI presence/frequency,) no-repeat n-gram, bad words, min_new_tokens,
+    forced BOS (the first new token), forced EOS (the last one max_new_tokens allows)."""
 
     def __init__(self, cfg: GenerationConfig, bad_words_ids: Sequence[Sequence[int]] = ()) -> None:
         self.cfg = cfg
@@ -193,6 +202,8 @@ class Penalties:
             or c.no_repeat_ngram_size
             or self.bad_words_ids
             or (c.min_new_tokens and c.eos_token_id)
+            or c.forced_bos_token_id is not None
+            or c.forced_eos_token_id
         )
 
     def __call__(
@@ -211,4 +222,8 @@ class Penalties:
             logits = apply_bad_words(logits, seqs, self.bad_words_ids)
         if c.min_new_tokens:
             logits = apply_min_new_tokens(logits, n_new, c.min_new_tokens, c.eos_token_id)
+        if c.forced_bos_token_id is not None and n_new == 0:
+            logits = apply_forced(logits, [c.forced_bos_token_id])
+        if c.forced_eos_token_id and n_new == c.max_new_tokens - 1:
+            logits = apply_forced(logits, c.forced_eos_token_id)
         return logits

@@ -168,6 +168,8 @@ def load_hf(
     from the memory-mapped safetensors in ``dtype`` (default float32), so loading needs
     about the weights' size in memory, once.
     """
+    from lmlab.hf.seq2seq import SEQ2SEQ_FAMILIES
+    from lmlab.models.seq2seq import Seq2SeqTransformer
     from lmlab.models.transformer import Transformer
     from lmlab.tokenizer import load_tokenizer
 
@@ -175,7 +177,8 @@ def load_hf(
     if not (folder / "config.json").is_file():
         raise LmlabError(f"{folder} has no config.json; a Hugging Face model folder needs one")
     raw = read_json(folder / "config.json", "config")
-    family = family_for(raw, source)
+    seq2seq = SEQ2SEQ_FAMILIES.get(str(raw.get("model_type")))
+    family = seq2seq or family_for(raw, source)
     _refuse_quantized(raw, source)
     try:
         cfg = family.to_lmlab(raw)
@@ -184,11 +187,20 @@ def load_hf(
     except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
         raise LmlabError(f"{folder}/config.json has a field of the wrong type or value ({e}); fix or re-download it") from None
     dt = resolve_dtype(dtype) or torch.float32
-    tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
+    target_tok = None
+    if seq2seq and not (folder / "tokenizer.json").is_file():
+        from lmlab.spm import load_seq2seq_tokenizers  # SentencePiece files (Marian, T5)
+
+        tok, target_tok = load_seq2seq_tokenizers(folder)
+        target_tok = None if target_tok is tok else target_tok
+    else:
+        tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     weights = CheckpointWeights(folder, allow_pickle)
     try:
+        if seq2seq:
+            seq2seq.untie_if_stored(cfg, weights)
         with torch.device("meta"):
-            module = Transformer(cfg)
+            module = Seq2SeqTransformer(cfg) if seq2seq else Transformer(cfg)
         fill_model(module, family, weights, dt, source)
     finally:
         weights.close()
@@ -202,7 +214,10 @@ def load_hf(
     }
     if device is not None:
         module = module.to(resolve_device(device))
-    return ModelParts(module, tok, _generation_config(folder, raw), source=str(source))
+    gen = _generation_config(folder, raw)
+    if seq2seq:  # config.json's generation keys first; generation_config.json wins
+        gen = {**seq2seq.generation_defaults(raw), **gen}
+    return ModelParts(module, tok, gen, source=str(source), target_tokenizer=target_tok)
 
 
 def load_any(

@@ -32,7 +32,7 @@ def family_for(d: dict[str, Any], source: str) -> Family:
     need(
         fam is not None,
         f"{source} is a Hugging Face {mt!r} model, which lmlab cannot load "
-        f"(supported model_type: {', '.join(FAMILIES)})",
+        f"(supported model_type: {', '.join(FAMILIES)}; encoder-decoders: marian, bart, mbart, t5)",
     )
     return fam
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
-from lmlab.models.config import ModelConfig, RNNConfig, TransformerConfig
+from lmlab.models.config import ModelConfig, RNNConfig, RNNSeq2SeqConfig, Seq2SeqConfig, TransformerConfig
 
 
 def build_model(config: ModelConfig) -> LanguageModel:
@@ -13,7 +13,7 @@ def build_model(config: ModelConfig) -> LanguageModel:
     exceed the machine's memory is refused before anything is allocated."""
     from lmlab.models.limits import check_fits_in_memory
 
-    if isinstance(config, (TransformerConfig, RNNConfig)):
+    if isinstance(config, (TransformerConfig, RNNConfig, Seq2SeqConfig, RNNSeq2SeqConfig)):
         check_fits_in_memory(config)
     if isinstance(config, TransformerConfig):
         from lmlab.models.transformer import Transformer
@@ -23,6 +23,14 @@ def build_model(config: ModelConfig) -> LanguageModel:
         from lmlab.models.rnn import RNNLanguageModel
 
         return RNNLanguageModel(config)
+    if isinstance(config, Seq2SeqConfig):
+        from lmlab.models.seq2seq import Seq2SeqTransformer
+
+        return Seq2SeqTransformer(config)
+    if isinstance(config, RNNSeq2SeqConfig):
+        from lmlab.models.rnn_seq2seq import RNNSeq2Seq
+
+        return RNNSeq2Seq(config)
     raise LmlabError(f"no model for config of type {type(config).__name__}")
 
 

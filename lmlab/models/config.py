@@ -22,6 +22,8 @@ __all__ = [
     "RECURRENT",
     "ModelConfig",
     "RNNConfig",
+    "RNNSeq2SeqConfig",
+    "Seq2SeqConfig",
     "TransformerConfig",
     "config_from_dict",
     "config_to_dict",
@@ -147,12 +149,190 @@ class RNNConfig:
         return f"{self.cell.upper()} {self.n_layer}x{self.hidden_size} (embedding {self.d_model})"
 
 
+SEQ2SEQ_POSITIONS = ("sinusoidal", "learned", "relative")
+
+
+@dataclass
+class Seq2SeqConfig:
+    """The encoder-decoder Transformer (Vaswani et al. 2017) and, by setting fields, Marian
+    (opus-mt), BART and T5: every difference between them is a field, as for the decoder-only
+    :class:`TransformerConfig`. Lengths are in tokens; ``n_layer`` sizes both stacks unless
+    ``n_decoder_layer`` is given.
+    """
+
+    vocab_size: int = 256  # the source vocabulary (and the target's when shared)
+    target_vocab_size: int | None = None  # None: one vocabulary for both sides
+    n_layer: int = 3  # encoder layers (and decoder layers unless n_decoder_layer)
+    n_decoder_layer: int | None = None
+    n_head: int = 4
+    d_model: int = 256
+    head_dim: int | None = None  # None = d_model // n_head (T5 sets d_kv)
+    d_ff: int | None = None  # None = 4·d_model
+    max_source_len: int = 256
+    max_target_len: int = 256
+    pos: str = "sinusoidal"  # sinusoidal | learned | relative (T5's bucketed bias)
+    sinusoidal_layout: str = "interleaved"  # interleaved (the paper) | halves (Marian: sin | cos)
+    pos_offset: int = 0  # BART's learned positions start at row 2
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    prenorm: bool = True  # x + f(Norm(x)); False: the paper's Norm(x + f(x)) (Marian, BART)
+    final_norm: bool | None = None  # a norm after each stack; None = prenorm
+    embed_norm: bool = False  # a norm right after the embeddings (BART's layernorm_embedding)
+    scale_embedding: bool = True  # embeddings × √d_model (the paper, Marian)
+    activation: str = "gelu"  # gelu | gelu_tanh | gelu_new | silu | relu
+    gated_mlp: bool = False  # T5 v1.1: down(act(gate x) ⊙ up x)
+    attn_bias: bool = True  # biases in q, k, v and the output projection
+    mlp_bias: bool = True
+    attn_scale: bool = True  # scores / √d_k; False: T5 (no scaling)
+    share_embeddings: bool = True  # one embedding for source and target (needs one vocabulary)
+    tie_embeddings: bool = True  # output layer = target embedding
+    logits_bias: bool = False  # a bias on the logits (Marian and BART's final_logits_bias)
+    head_scale: float = 1.0  # the decoder output × this before the output layer (tied T5: d^-0.5)
+    dropout: float = 0.1
+    init_std: float = 0.02
+    model_type: str = field(default="seq2seq", init=False)
+
+    def __post_init__(self) -> None:
+        check_field_types(type(self), _values(self))
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        if self.head_dim is None:
+            if self.n_head <= 0 or self.d_model % self.n_head:
+                raise LmlabError(
+                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                    "choose --d-model as a multiple of --n-head"
+                )
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.final_norm is None:
+            self.final_norm = self.prenorm
+        self.validate()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        """The target vocabulary: the width of the logits."""
+        return self.target_vocab_size or self.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """What the decoding loop calls the context: the target's length."""
+        return self.max_target_len
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise LmlabError(msg)
+
+        for name in ("vocab_size", "n_layer", "n_decoder_layer", "n_head", "d_model", "head_dim", "d_ff",
+                     "max_source_len", "max_target_len"):
+            need(getattr(self, name) > 0, f"{name} must be positive (got {getattr(self, name)})")
+        need(self.target_vocab_size is None or self.target_vocab_size > 0,
+             f"target_vocab_size must be positive (got {self.target_vocab_size})")
+        need(self.pos in SEQ2SEQ_POSITIONS, f"pos must be one of {', '.join(SEQ2SEQ_POSITIONS)} (got {self.pos!r})")
+        need(self.sinusoidal_layout in ("interleaved", "halves"),
+             f"sinusoidal_layout must be interleaved or halves (got {self.sinusoidal_layout!r})")
+        need(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)} (got {self.norm!r})")
+        need(self.activation in ACTIVATIONS,
+             f"activation must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
+        need(self.norm_eps > 0, f"norm_eps must be positive (got {self.norm_eps})")
+        need(self.pos_offset >= 0, f"pos_offset must be >= 0 (got {self.pos_offset})")
+        need(self.pos != "sinusoidal" or self.d_model % 2 == 0, "sinusoidal positions need an even d_model")
+        need(self.pos != "relative" or (self.relative_buckets >= 4 and self.relative_max_distance > 1),
+             "relative positions need relative_buckets >= 4 and relative_max_distance > 1")
+        need(not self.share_embeddings or self.target_vocab_size in (None, self.vocab_size),
+             f"shared embeddings need one vocabulary (vocab_size={self.vocab_size}, "
+             f"target_vocab_size={self.target_vocab_size}); set share_embeddings false")
+
+    @property
+    def n_params_hint(self) -> str:
+        return f"{self.n_layer}+{self.n_decoder_layer}L/{self.n_head}H/{self.d_model}d"
+
+
+ATTENTION_SCORES = ("additive", "dot", "general")
+
+
+@dataclass
+class RNNSeq2SeqConfig:
+    """The RNN encoder-decoder with attention (Bahdanau et al. 2015; Luong et al. 2015):
+    a bidirectional GRU/LSTM reads the source, a GRU/LSTM decoder attends over its states.
+    ``attention`` picks the paper: additive = Bahdanau (the previous state queries, the
+    context enters the cell), dot | general = Luong (the new state queries, input feeding).
+    """
+
+    cell: str = "gru"  # rnn | gru | lstm
+    vocab_size: int = 256  # the source vocabulary (and the target's when shared)
+    target_vocab_size: int | None = None  # None: one vocabulary for both sides
+    d_model: int = 128  # embeddings, and the readout before the output layer (so it can be tied)
+    hidden_size: int = 256  # the decoder's state and each encoder state (both directions together)
+    n_layer: int = 2  # recurrent layers of the encoder and of the decoder
+    attention: str = "additive"  # additive (Bahdanau) | dot | general (Luong)
+    attention_size: int | None = None  # the additive score's hidden layer; None = hidden_size
+    bidirectional: bool = True  # the encoder reads the source both ways (hidden_size/2 each)
+    dropout: float = 0.1
+    share_embeddings: bool = True  # one embedding for source and target (needs one vocabulary)
+    tie_embeddings: bool = True  # output layer = target embedding
+    max_source_len: int = 256  # the longest source the pipelines pass (the encoder reads any length)
+    max_target_len: int = 256  # the most target tokens the decoder produces
+    init_std: float = 0.1  # embeddings and attention/readout weights ~ N(0, init_std)
+    model_type: str = field(default="rnn_seq2seq", init=False)
+
+    def __post_init__(self) -> None:
+        check_field_types(type(self), _values(self))
+        if self.attention_size is None:
+            self.attention_size = self.hidden_size
+        self.validate()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        """The target vocabulary: the width of the logits."""
+        return self.target_vocab_size or self.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """What the decoding loop calls the context: the target's length."""
+        return self.max_target_len
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise LmlabError(msg)
+
+        need(self.cell in RECURRENT, f"cell must be one of {', '.join(RECURRENT)} (got {self.cell!r})")
+        need(self.attention in ATTENTION_SCORES,
+             f"attention must be one of {', '.join(ATTENTION_SCORES)} (got {self.attention!r})")
+        for name in ("vocab_size", "d_model", "hidden_size", "n_layer", "attention_size",
+                     "max_source_len", "max_target_len"):
+            need(getattr(self, name) > 0, f"{name} must be positive (got {getattr(self, name)})")
+        need(self.target_vocab_size is None or self.target_vocab_size > 0,
+             f"target_vocab_size must be positive (got {self.target_vocab_size})")
+        need(not self.bidirectional or self.hidden_size % 2 == 0,
+             f"a bidirectional encoder splits hidden_size={self.hidden_size} over two directions; "
+             "choose an even hidden_size (or bidirectional false)")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
+        need(self.init_std > 0, f"init_std must be positive (got {self.init_std})")
+        need(not self.share_embeddings or self.target_vocab_size in (None, self.vocab_size),
+             f"shared embeddings need one vocabulary (vocab_size={self.vocab_size}, "
+             f"target_vocab_size={self.target_vocab_size}); set share_embeddings false")
+
+    @property
+    def n_params_hint(self) -> str:
+        return f"{self.cell.upper()} {self.n_layer}x{self.hidden_size} + {self.attention} attention"
+
+
 def _values(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
 
 
-ModelConfig = TransformerConfig | RNNConfig
-_BY_TYPE: dict[str, type] = {"transformer": TransformerConfig, "rnn": RNNConfig}
+ModelConfig = TransformerConfig | RNNConfig | Seq2SeqConfig | RNNSeq2SeqConfig
+_BY_TYPE: dict[str, type] = {
+    "transformer": TransformerConfig, "rnn": RNNConfig, "seq2seq": Seq2SeqConfig,
+    "rnn_seq2seq": RNNSeq2SeqConfig,
+}
 
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:

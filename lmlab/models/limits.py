@@ -22,7 +22,9 @@ from lmlab.runtime import machine_memory
 
 #: Integer fields that multiply into the weights' size (the usual suspects of a bad file).
 SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
-               "max_seq_len", "hidden_size", "rotary_dim")
+               "max_seq_len", "hidden_size", "rotary_dim", "target_vocab_size", "n_decoder_layer",
+               "max_source_len", "max_target_len", "relative_buckets", "relative_max_distance",
+               "attention_size")
 #: A sanity bound on any one size field, far above every real model (GPT-3: 96 layers,
 #: d_model 12288; the largest vocabularies ~256k; the longest contexts ~10M).
 MAX_FIELD = 1 << 26
@@ -79,6 +81,27 @@ def estimate_bytes(cfg: Any) -> tuple[int, str]:
         terms["vocab_size"] = V * d * (1 if cfg.tie_embeddings else 2)
         terms["n_layer"] = L * (attn + mlp + 4 * d)
         terms["max_seq_len"] = cfg.max_seq_len * (d if cfg.pos != "rope" else cfg.rotary_dim)
+    elif cfg.model_type == "seq2seq":
+        d, V = cfg.d_model, cfg.vocab_size
+        attn = 4 * cfg.n_head * cfg.head_dim * d
+        mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_ff
+        terms["vocab_size"] = V * d * (1 if cfg.share_embeddings else 2)
+        terms["n_layer"] = cfg.n_layer * (attn + mlp)
+        terms["n_decoder_layer"] = cfg.n_decoder_layer * (2 * attn + mlp)
+        terms["max_source_len"] = (cfg.max_source_len + cfg.max_target_len) * d
+    elif cfg.model_type == "rnn_seq2seq":
+        d, H, A, L = cfg.d_model, cfg.hidden_size, cfg.attention_size, cfg.n_layer
+        g = {"rnn": 1, "gru": 3, "lstm": 4}.get(cfg.cell, 4)
+        He = H // 2 if cfg.bidirectional else H  # each encoder direction
+        tables = (not cfg.share_embeddings) + (not cfg.tie_embeddings)
+        terms["vocab_size"] = cfg.vocab_size * d + cfg.tgt_vocab_size * (d * tables + 1)
+        # encoder layers (input d, then H) + decoder layers (input [E y; c or h̃], then H) + W_init
+        enc = g * H * (d + He + 2) + (L - 1) * g * H * (H + He + 2)
+        fed = H if cfg.attention == "additive" else d  # beside E y: c_i (Bahdanau) or h̃_{i-1} (Luong)
+        dec = g * H * (d + fed + H + 2) + (L - 1) * g * H * (2 * H + 2)
+        terms["n_layer"] = enc + dec + L * H * (H + 1)
+        attn = {"additive": 2 * H * A + 2 * A, "general": H * H}.get(cfg.attention, 0)
+        terms["hidden_size"] = attn + (2 * H + (d if cfg.attention == "additive" else 0) + 1) * d  # + readout
     else:
         d, H, V, L = cfg.d_model, cfg.hidden_size, cfg.vocab_size, cfg.n_layer
         gates = {"rnn": 1, "gru": 3, "lstm": 4}.get(cfg.cell, 4)

@@ -217,6 +217,8 @@ class ModelParts:
     tokenizer: Tokenizer
     generation_config: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    #: an encoder-decoder's target tokenizer when it differs from the source's (Marian)
+    target_tokenizer: Any = None
 
 
 def reinit_buffers(module: nn.Module) -> None:
@@ -229,7 +231,7 @@ def reinit_buffers(module: nn.Module) -> None:
             fresh = RotaryEmbedding(m.rotary_dim, m.cos.shape[0], m.base)
             m.inv_freq, m.cos, m.sin = fresh.inv_freq, fresh.cos, fresh.sin
         elif isinstance(m, SinusoidalPositions):
-            m.table = sinusoidal_table(*m.table.shape)
+            m.table = sinusoidal_table(*m.table.shape, getattr(m, "layout", "interleaved"))
 
 
 def build_from_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> LanguageModel:

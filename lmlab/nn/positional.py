@@ -7,31 +7,41 @@ Sinusoidal and learned tables are *added* to the token embedding; RoPE instead
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_table(n_pos: int, d_model: int) -> Tensor:
+def sinusoidal_table(n_pos: int, d_model: int, layout: str = "interleaved") -> Tensor:
     """Vaswani et al. (2017), section 3.5.
 
     PE(pos, 2i)   = sin(pos / 10000^(2i/d))
     PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
+
+    ``layout="halves"`` puts the same numbers as [all sines | all cosines] (Marian, fairseq):
+    PE(pos, i) = sin(pos/10000^(2i/d)) and PE(pos, d/2 + i) = cos(...) for i < d/2.
     """
     pos = torch.arange(n_pos, dtype=torch.float64)[:, None]  # (P, 1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (d/2,)
     angle = pos / (10000.0 ** (two_i / d_model))  # (P, d/2)
     pe = torch.zeros(n_pos, d_model, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(angle)
-    pe[:, 1::2] = torch.cos(angle)
+    if layout == "halves":
+        half = d_model // 2
+        pe[:, :half], pe[:, half:] = torch.sin(angle), torch.cos(angle)
+    else:
+        pe[:, 0::2] = torch.sin(angle)
+        pe[:, 1::2] = torch.cos(angle)
     return pe.float()
 
 
 class SinusoidalPositions(nn.Module):
     """A fixed table, stored as a non-persistent buffer (nothing to learn or save)."""
 
-    def __init__(self, max_seq_len: int, d_model: int) -> None:
+    def __init__(self, max_seq_len: int, d_model: int, layout: str = "interleaved") -> None:
         super().__init__()
-        self.register_buffer("table", sinusoidal_table(max_seq_len, d_model), persistent=False)
+        self.layout = layout
+        self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, layout), persistent=False)
 
     def forward(self, position_ids: Tensor) -> Tensor:
         return self.table[position_ids]
@@ -100,3 +110,47 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def rope_reference_angle(m: int, i: int, d: int, base: float = 10000.0) -> float:
     """m·θ_i with θ_i = base^(-2i/d): used by tests to check the table by hand."""
     return m * base ** (-2 * i / d)
+
+
+def relative_bucket(rel: Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of each relative position ``rel = key position − query position``.
+
+    Near offsets get a bucket each; far ones share logarithmically wider buckets, up to
+    ``max_distance`` (Raffel et al. 2020, §2.1). With ``bidirectional`` (the encoder) half
+    the buckets are for keys after the query; a decoder sees only the past (rel ≤ 0).
+
+        n = |rel|                      (decoder: n = max(−rel, 0))
+        bucket = n                                           if n < n_exact
+               = n_exact + ⌊log(n/n_exact)/log(max_distance/n_exact) · (N − n_exact)⌋  (≤ N−1)
+    with N the buckets per direction and n_exact = N/2.
+    """
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        n_buckets //= 2
+        bucket = bucket + (rel > 0).long() * n_buckets
+        n = rel.abs()
+    else:
+        n = (-rel).clamp(min=0)
+    exact = n_buckets // 2
+    far = exact + (
+        torch.log(n.float() / exact) / math.log(max_distance / exact) * (n_buckets - exact)
+    ).long()
+    far = far.clamp(max=n_buckets - 1)
+    return bucket + torch.where(n < exact, n, far)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (bucket, head), added to the attention scores: T5's only position
+    signal. Computed once per forward and shared by every layer of the stack."""
+
+    def __init__(self, n_buckets: int, max_distance: int, n_head: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(n_buckets, n_head))
+
+    def forward(self, q_start: int, T: int, S: int) -> Tensor:
+        """(1, nh, T, S): the bias of queries at positions [q_start, q_start+T) over keys [0, S)."""
+        q = torch.arange(q_start, q_start + T, device=self.weight.device)[:, None]
+        k = torch.arange(S, device=self.weight.device)[None, :]
+        b = relative_bucket(k - q, self.bidirectional, self.n_buckets, self.max_distance)  # (T, S)
+        return self.weight[b].permute(2, 0, 1)[None]  # (T, S, nh) -> (1, nh, T, S)

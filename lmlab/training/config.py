@@ -20,12 +20,13 @@ import math
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from lmlab.errors import LmlabError
 
-if TYPE_CHECKING:
-    from lmlab.models.config import RNNConfig, TransformerConfig
+#: What ``lmlab train`` can train (--task); the models each task takes.
+TASKS = ("lm", "translate")
+SEQ2SEQ_MODELS = ("transformer", "rnn-attention")
 
 #: With --init the model brings these: its architecture and its tokenizer (an error if given).
 INIT_FIXED = (
@@ -71,7 +72,25 @@ class TrainConfig:
     RNN_LAYERS: ClassVar[int] = 2
 
     # data
-    data: str = option("builtin", "a text file, a folder of text files, a glob, or 'builtin'", group="data")
+    task: str = option(
+        "lm", "what to train: lm (next-token prediction on text) or translate (source -> target pairs)",
+        group="data", choices=TASKS,
+    )
+    data: str = option(
+        "builtin",
+        "a text file, a folder of text files, a glob, or 'builtin'; --task translate: a .tsv, a .jsonl, "
+        "or the source side of two line-aligned files (each may be .gz)",
+        group="data",
+    )
+    target_data: str | None = option(
+        None, "--task translate: the target side, line-aligned with --data", group="data", metavar="FILE"
+    )
+    source_field: str = option("src", "--task translate with a .jsonl: the source's key", group="data")
+    target_field: str = option("tgt", "--task translate with a .jsonl: the target's key", group="data")
+    valid: str | None = option(
+        None, "--task translate: a dev set in --data's forms", group="data", metavar="PAIRS",
+        default_text="a held-out slice of the training pairs (--val-fraction, at most 1000)",
+    )
     out: str | None = option(None, "folder for checkpoints, metrics.jsonl and loss.png", group="data")
     tokenizer: str = option("char", "char, bpe, or a tokenizer.json / Hugging Face folder", group="data")
     vocab_size: int = option(4096, "BPE vocabulary size", group="data")
@@ -82,7 +101,20 @@ class TrainConfig:
         choices=("strict", "replace", "ignore"),
     )
     # model (the default: lmlab's recipe for small CPU runs, see README)
-    model: str = option("gpt", "gpt (the Transformer), rnn, gru or lstm (recurrent)", group="model")
+    model: str = option(
+        "gpt",
+        "gpt (the Transformer), rnn, gru or lstm (recurrent); --task translate: transformer or rnn-attention",
+        group="model",
+    )
+    cell: str = option("gru", "--model rnn-attention: the recurrent cell", group="model", choices=("gru", "lstm"))
+    post_norm: bool = option(
+        False, "--task translate: the paper's post-norm Norm(x + f(x)) instead of pre-norm x + f(Norm(x))",
+        group="model", flag="switch",
+    )
+    attention: str = option(
+        "additive", "--model rnn-attention: Bahdanau's additive or Luong's dot/general score", group="model",
+        choices=("additive", "dot", "general"),
+    )
     n_layer: int | None = option(
         None, "layers", group="model", default_text=f"{GPT_LAYERS} for gpt, {RNN_LAYERS} for rnn, gru and lstm"
     )
@@ -117,6 +149,13 @@ class TrainConfig:
     )
     time: str | float | None = option(None, "train for a time budget instead, e.g. 5m, 90s, 1h", group="optimisation")
     batch_size: int = option(12, "the global batch, in sequences", group="optimisation")
+    batch_tokens: int | None = option(
+        None, "--task translate: batches of about this many (padded) tokens instead of --batch-size pairs",
+        group="optimisation",
+    )
+    label_smoothing: float = option(
+        0.1, "--task translate: label smoothing ε of the loss (Vaswani et al. use 0.1)", group="optimisation"
+    )
     grad_accum: int = option(1, "micro-batches per step", group="optimisation")
     lr: float = option(2e-3, "peak learning rate", group="optimisation")
     min_lr: float | None = option(None, "final learning rate", group="optimisation", default_text="lr/10")
@@ -134,6 +173,9 @@ class TrainConfig:
     eval_every: int = option(250, "steps between validation evaluations", group="checkpoints")
     eval_batches: int = option(20, "validation batches per evaluation", group="checkpoints")
     save_every: int = option(500, "steps between checkpoints", group="checkpoints")
+    bleu_samples: int = option(
+        200, "--task translate: dev pairs translated (greedy) for BLEU at each evaluation", group="checkpoints"
+    )
     val_fraction: float = option(0.1, "the last fraction of tokens kept for validation", group="data")
     resume: str | None = option(
         None, "continue the run in DIR with its stored settings", group="checkpoints", metavar="DIR"
@@ -161,7 +203,13 @@ class TrainConfig:
         if self.n_layer is None:
             from lmlab.models.config import RECURRENT
 
-            self.n_layer = self.RNN_LAYERS if self.model in RECURRENT else self.GPT_LAYERS
+            recurrent = self.model in (*RECURRENT, "rnn-attention")
+            self.n_layer = self.RNN_LAYERS if recurrent else self.GPT_LAYERS
+        if self.task == "translate" and self.model == "gpt":
+            self.model = "transformer"  # the default --model, for an encoder-decoder
+        if self.task == "translate" and self.pos == "rope":
+            self.pos = "sinusoidal"  # the paper's; RoPE is a decoder-only default
+            self._rope_default = True
 
     def _check_types(self) -> None:
         """Each option has its annotated type (``steps="3"``, ``lr="fast"``, ``n_layer=1.5`` from
@@ -199,10 +247,26 @@ class TrainConfig:
         need(str(self.out).strip() != "", "--out is empty; give the folder to write the checkpoint to")
         need(self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16 (got {self.precision})")
         need(self.mlp in ("swiglu", "gelu"), f"--mlp must be swiglu or gelu (got {self.mlp})")
-        need(
-            self.model in ("gpt", *RECURRENT),
-            f"--model must be gpt, {', '.join(RECURRENT)} (got {self.model!r})",
-        )
+        need(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})")
+        if self.task == "translate":
+            need(
+                self.model in (*SEQ2SEQ_MODELS, "gpt"),
+                f"--task translate trains an encoder-decoder: --model transformer or rnn-attention (got {self.model!r})",
+            )
+            need(self.batch_tokens is None or self.batch_tokens > 0, f"--batch-tokens must be positive (got {self.batch_tokens})")
+            need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
+            need(self.bleu_samples >= 0, f"--bleu-samples must be >= 0 (got {self.bleu_samples})")
+            need(not self.stateful, "--stateful is for language models; drop it with --task translate")
+            need(self.data != "builtin", "--task translate needs parallel text: --data PAIRS (a .tsv, a .jsonl, or "
+                 "two line-aligned files --data SRC --target-data TGT)")
+        else:
+            need(
+                self.model in ("gpt", *RECURRENT),
+                f"--model must be gpt, {', '.join(RECURRENT)} (got {self.model!r})"
+                + ("; rnn-attention and transformer are for --task translate" if self.model in SEQ2SEQ_MODELS else ""),
+            )
+            need(self.target_data is None and self.valid is None,
+                 "--target-data and --valid are for --task translate (parallel text)")
         need(self.n_layer > 0, f"--n-layer must be positive (got {self.n_layer})")
         need(
             self.model not in RECURRENT or self.hidden_size > 0,
@@ -241,6 +305,8 @@ class TrainConfig:
         default never counts as a choice."""
         from lmlab.models.config import RECURRENT
 
+        if self.task == "translate" and "pos" in given and getattr(self, "_rope_default", False):
+            raise LmlabError("--task translate: the encoder-decoder takes --pos sinusoidal or learned, not rope")
         if self.init is not None:
             fixed = [k for k in INIT_FIXED if k in given]
             if fixed:
@@ -248,14 +314,35 @@ class TrainConfig:
                     "--init uses the model's own architecture and tokenizer; drop "
                     + ", ".join("--" + k.replace("_", "-") for k in fixed)
                 )
-        elif "hidden_size" in given and self.model not in RECURRENT:
+        elif "hidden_size" in given and self.model not in (*RECURRENT, "rnn-attention"):
             raise LmlabError(
                 f"--hidden-size is for recurrent models (--model {', '.join(RECURRENT)}); "
                 f"--model {self.model} takes its width from --d-model: drop --hidden-size"
             )
 
-    def model_config(self, vocab_size: int) -> TransformerConfig | RNNConfig:
-        from lmlab.models.config import RECURRENT, RNNConfig, TransformerConfig
+    def model_config(self, vocab_size: int) -> Any:
+        from lmlab.models.config import RECURRENT, RNNConfig, Seq2SeqConfig, TransformerConfig
+
+        if self.task == "translate" and self.model == "rnn-attention":
+            from lmlab.models.config import RNNSeq2SeqConfig
+
+            return RNNSeq2SeqConfig(
+                cell=self.cell, vocab_size=vocab_size, d_model=self.d_model, hidden_size=self.hidden_size,
+                n_layer=self.n_layer, attention=self.attention, dropout=self.dropout,
+                max_source_len=self.max_seq_len, max_target_len=self.max_seq_len,
+            )  # fmt: skip
+        if self.task == "translate":
+            return Seq2SeqConfig(
+                vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
+                max_source_len=self.max_seq_len, max_target_len=self.max_seq_len, pos=self.pos, norm=self.norm,
+                norm_bias=self.bias, activation="silu" if self.mlp == "swiglu" else "gelu",
+                gated_mlp=self.mlp == "swiglu", attn_bias=self.bias, mlp_bias=self.bias, prenorm=not self.post_norm,
+                # learned positions in BART's layout (2 spare rows, a norm after the embeddings), so
+                # the model exports as BART/mBART; sinusoidal as Marian's [sin | cos]
+                pos_offset=2 if self.pos == "learned" else 0, embed_norm=self.pos == "learned",
+                sinusoidal_layout="halves",
+                tie_embeddings=self.tie_embeddings, dropout=self.dropout,
+            )  # fmt: skip
 
         if self.model in RECURRENT:
             return RNNConfig(

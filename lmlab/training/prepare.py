@@ -125,16 +125,9 @@ class TrainerSetup:
             self.tok, mcfg, self.gen_cfg = source.tokenizer, source.module.config, dict(source.generation_config)
             say(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
         else:
-            self.tok = Tokenizer.from_str(tokenizer) if tokenizer else make_tokenizer(cfg)
+            self.tok = Tokenizer.from_str(tokenizer) if tokenizer else self._new_tokenizer()
             mcfg = cfg.model_config(self.tok.get_vocab_size())
-            self.gen_cfg = {
-                "eos_token_id": self.tok.token_to_id(EOT),
-                "bos_token_id": self.tok.token_to_id(EOT),
-            }
-            if mcfg.model_type == "transformer":
-                # A default that fits the context, so a plain `lmlab generate RUN --prompt ...`
-                # does not slide past it (and warn); --max-new-tokens asks for more.
-                self.gen_cfg["max_new_tokens"] = min(200, mcfg.max_seq_len // 2)
+            self.gen_cfg = self._new_generation_config(mcfg)
         if cfg.init is not None and not resuming:
             self.model = source.module.train()
         else:
@@ -146,7 +139,25 @@ class TrainerSetup:
         if cfg.init is not None and not resuming:
             self._adopt_init_config(mcfg)
         check_step_memory(cfg.batch_size // cfg.grad_accum, self.seq_len, mcfg.vocab_size)
+        return mcfg, self._load_data(resuming)
 
+    # ------------------------------------------------------------------ task hooks
+    # What differs between tasks (language modelling here; translation in
+    # lmlab.training.seq2seq): the tokenizer a new run trains, the generation settings it
+    # stores, the data, and how the data splits into training and validation.
+    def _new_tokenizer(self) -> Tokenizer:
+        return make_tokenizer(self.cfg)
+
+    def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
+        gen: dict[str, Any] = {"eos_token_id": self.tok.token_to_id(EOT), "bos_token_id": self.tok.token_to_id(EOT)}
+        if mcfg.model_type == "transformer":
+            # A default that fits the context, so a plain `lmlab generate RUN --prompt ...`
+            # does not slide past it (and warn); --max-new-tokens asks for more.
+            gen["max_new_tokens"] = min(200, mcfg.max_seq_len // 2)
+        return gen
+
+    def _load_data(self, resuming: bool) -> Any:
+        cfg = self.cfg
         gone = cfg.data != "builtin" and not any(c in cfg.data for c in "*?[") and not Path(cfg.data).expanduser().exists()
         if resuming and gone:
             raise LmlabError(
@@ -155,8 +166,32 @@ class TrainerSetup:
             )
         if cfg.data != "builtin" and Path(cfg.data).expanduser().is_dir():
             say(folder_summary(Path(cfg.data).expanduser()))
-        corpus = load_corpus(cfg.data, self.tok, cfg.encoding_errors)
-        return mcfg, corpus
+        return load_corpus(cfg.data, self.tok, cfg.encoding_errors)
+
+    def _split_data(self, mcfg: Any, corpus: Any) -> None:
+        """Training and validation tokens, and the validation windows."""
+        cfg = self.cfg
+        self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, self.seq_len)
+        if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < self.seq_len:
+            raise LmlabError(
+                f"--stateful reads the {len(self.train_ids):,} training tokens as --batch-size "
+                f"{cfg.batch_size} parallel streams, each shorter than one window of --max-seq-len "
+                f"{mcfg.max_seq_len}; give more text, a smaller --batch-size or a smaller --max-seq-len"
+            )
+        say(
+            f"lmlab: corpus {corpus.name}: {len(corpus.ids):,} tokens; train {len(self.train_ids):,} "
+            f"(first {1 - cfg.val_fraction:.0%}), validation {len(self.val_ids):,} (last {cfg.val_fraction:.0%})"
+        )
+        self.val_starts = (
+            sample_starts(
+                len(self.val_ids),
+                self.seq_len,
+                cfg.eval_batches * cfg.batch_size,
+                step_generator(cfg.seed, 0, stream=1),
+            )
+            if len(self.val_ids) > self.seq_len
+            else None
+        )
 
     def _window(self, mcfg: Any, resuming: bool) -> int:
         """The training window: the model's context; with --init, --max-seq-len (default 64:
@@ -204,17 +239,7 @@ class TrainerSetup:
 
     def _setup_rest(self, mcfg: Any, corpus: Any, resuming: bool) -> None:
         cfg = self.cfg
-        self.train_ids, self.val_ids = corpus.split(cfg.val_fraction, self.seq_len)
-        if cfg.stateful and (len(self.train_ids) - 1) // cfg.batch_size < self.seq_len:
-            raise LmlabError(
-                f"--stateful reads the {len(self.train_ids):,} training tokens as --batch-size "
-                f"{cfg.batch_size} parallel streams, each shorter than one window of --max-seq-len "
-                f"{mcfg.max_seq_len}; give more text, a smaller --batch-size or a smaller --max-seq-len"
-            )
-        say(
-            f"lmlab: corpus {corpus.name}: {len(corpus.ids):,} tokens; train {len(self.train_ids):,} "
-            f"(first {1 - cfg.val_fraction:.0%}), validation {len(self.val_ids):,} (last {cfg.val_fraction:.0%})"
-        )
+        self._split_data(mcfg, corpus)
         say(
             f"lmlab: model {mcfg.n_params_hint if hasattr(mcfg, 'n_params_hint') else ''} "
             f"{self.model.num_parameters() / 1e6:.2f}M parameters, tokenizer "
@@ -255,16 +280,6 @@ class TrainerSetup:
             else:
                 total = self.max_steps if self.max_steps is not None else f"--time {cfg.time}"
                 say(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
-        self.val_starts = (
-            sample_starts(
-                len(self.val_ids),
-                self.seq_len,
-                cfg.eval_batches * cfg.batch_size,
-                step_generator(cfg.seed, 0, stream=1),
-            )
-            if len(self.val_ids) > self.seq_len
-            else None
-        )
         self._setup_ddp()
 
     def _setup_ddp(self) -> None:

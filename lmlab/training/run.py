@@ -97,7 +97,12 @@ def _check_stored(stored: dict[str, Any], resume: str) -> None:
 
 
 def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
-    trainer = Trainer(cfg, explicit)
+    if cfg.task == "translate":
+        from lmlab.training.seq2seq import Seq2SeqTrainer
+
+        trainer: Trainer = Seq2SeqTrainer(cfg, explicit)
+    else:
+        trainer = Trainer(cfg, explicit)
     try:
         trainer.setup()
         return trainer.run_loop()

@@ -153,6 +153,12 @@ class Trainer(TrainerSetup):
             parts.append(loss.detach())
         # One host-device sync per step, not one per micro-step (.item() each); summed as floats.
         total = self.dist.mean(sum(torch.stack(parts).tolist()))  # the global loss: (1/W) Σ_r L_r
+        return self._apply_gradients(total)
+
+    def _apply_gradients(self, total: float) -> float:
+        """Clip and step on the accumulated gradients; a non-finite loss or gradient skips the
+        step (the caller stops the run) and returns NaN/inf."""
+        cfg = self.cfg
         if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             return total
@@ -272,9 +278,10 @@ class Trainer(TrainerSetup):
             stopping, elapsed = self._agree_on_stop(elapsed0 + now - t_start)
             dt = now - t0
             step += 1
-            seen.tok_s = tokens_per_step / dt if dt > 0 else 0.0
+            tokens = getattr(self, "step_tokens", None) or tokens_per_step  # (pairs: this step's own)
+            seen.tok_s = tokens / dt if dt > 0 else 0.0
             self.state["step"] = step
-            self.state["tokens"] = self.state.get("tokens", 0) + tokens_per_step
+            self.state["tokens"] = self.state.get("tokens", 0) + tokens
             self.state["elapsed"] = elapsed
             seen.train_ema = loss if seen.train_ema is None else 0.9 * seen.train_ema + 0.1 * loss
             row: dict[str, Any] = {
@@ -297,6 +304,8 @@ class Trainer(TrainerSetup):
             post = {"loss": f"{loss:.4f}", "tok/s": f"{seen.tok_s:,.0f}"}
             if seen.last_val is not None:
                 post["val"] = f"{seen.last_val:.4f}"
+            if "bleu" in row:
+                post["bleu"] = f"{row['bleu']:.1f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
             if step % cfg.save_every == 0 or is_last or is_best or stopping:

@@ -37,7 +37,11 @@ FLAGS = {
     "--device": ("device", "cpu"), "--eval-every": ("eval_every", 9), "--eval-batches": ("eval_batches", 4),
     "--save-every": ("save_every", 11), "--resume": ("resume", "r"), "--init": ("init", "gpt2"),
     "--allow-pickle": ("allow_pickle", True), "--overwrite": ("overwrite", True),
-    "--no-progress": ("progress", False),
+    "--no-progress": ("progress", False), "--task": ("task", "translate"), "--target-data": ("target_data", "t.de"),
+    "--source-field": ("source_field", "en"), "--target-field": ("target_field", "de"), "--valid": ("valid", "v.tsv"),
+    "--batch-tokens": ("batch_tokens", 900), "--label-smoothing": ("label_smoothing", 0.2),
+    "--bleu-samples": ("bleu_samples", 50), "--cell": ("cell", "lstm"), "--attention": ("attention", "dot"),
+    "--post-norm": ("post_norm", True),
 }  # fmt: skip
 
 

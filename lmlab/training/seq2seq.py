@@ -1,0 +1,227 @@
+"""Training an encoder-decoder on parallel text (``lmlab train --task translate``).
+
+The same Trainer as every model (schedule, ``--time``, bf16, resume, torchrun, metrics,
+loss plot); what differs is here: the data are (source, target) pairs, a batch is a set
+of pairs of similar length (``bucket_batches``: little padding), and the loss is the
+label-smoothed cross-entropy of the target given the source, over real target tokens:
+
+    L = −(1/N) Σ_{b,t: y_bt ≠ pad} [(1−ε) log p(y_bt | y_b,<t, x_b) + (ε/V) Σ_v log p(v | ...)]
+
+(Szegedy et al. 2016; ε = 0.1 in Vaswani et al. 2017). Targets are read as
+``[EOS] y₁ … y_n`` (decoder input, EOS doubling as the decoder start) → ``y₁ … y_n [EOS]``
+(labels). Each evaluation reports the validation loss and the BLEU of greedy translations
+of a fixed dev sample; ``DIR/best`` keeps the checkpoint with the best dev BLEU.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, processors
+
+from lmlab.checkpoint import unwrap
+from lmlab.errors import LmlabError
+from lmlab.messages import say, warn
+from lmlab.pairs import Pairs, bucket_batches, pad_batch, read_pairs
+from lmlab.tokenizer import EOT, load_tokenizer, train_tokenizer
+from lmlab.training.trainer import Trainer, _Progress
+
+#: the padding token added to a tokenizer trained for translation
+PAD = "<pad>"
+#: dev pairs held out when no --valid is given (at most)
+MAX_VALID = 1000
+
+
+class Seq2SeqTrainer(Trainer):
+    """A Trainer whose data are sentence pairs (see the module's docstring)."""
+
+    # ------------------------------------------------------------------ data
+    def _read(self) -> Pairs:
+        cfg = self.cfg
+        return read_pairs(cfg.data, cfg.target_data, cfg.source_field, cfg.target_field)
+
+    def _new_tokenizer(self) -> Tokenizer:
+        """One vocabulary over both sides (char or byte-level BPE), with a padding token; or an
+        existing tokenizer (a tokenizer.json or a folder holding one)."""
+        cfg = self.cfg
+        if cfg.tokenizer in ("char", "bpe"):
+            pairs = self._pairs = self._read()
+            tok = train_tokenizer(cfg.tokenizer, (t for pair in zip(pairs.sources, pairs.targets) for t in pair),
+                                  cfg.vocab_size)  # fmt: skip
+        else:
+            tok = load_tokenizer(cfg.tokenizer)
+        if tok.token_to_id(PAD) is None:
+            tok.add_special_tokens([PAD])
+        eos = tok.token_to_id(EOT)
+        if tok.post_processor is None and eos is not None:
+            # a source ends with EOS, as Marian's and T5's do: whoever encodes a source with
+            # this tokenizer (lmlab translate, transformers' AutoTokenizer) gets it too
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"$A {EOT}", pair=f"$A {EOT} $B {EOT}", special_tokens=[(EOT, eos)]
+            )
+        return tok
+
+    def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
+        eos = self.tok.token_to_id(EOT)
+        if eos is None:
+            raise LmlabError(f"the tokenizer has no {EOT} token, which marks a sentence's end; use --tokenizer char or bpe")
+        return {
+            "eos_token_id": eos, "bos_token_id": eos, "decoder_start_token_id": eos,
+            "pad_token_id": self.tok.token_to_id(PAD), "max_new_tokens": mcfg.max_target_len - 1,
+        }  # fmt: skip
+
+    def _load_data(self, resuming: bool) -> Any:
+        cfg = self.cfg
+        pairs = getattr(self, "_pairs", None) or self._read()
+        if cfg.valid is not None:
+            valid = read_pairs(cfg.valid, None, cfg.source_field, cfg.target_field, what="--valid")
+            train = pairs
+        else:
+            train, valid = pairs.split(cfg.val_fraction or 0.05, seed=cfg.seed, max_valid=MAX_VALID)
+        return train, valid
+
+    def _encode(self, pairs: Pairs, what: str) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids: sources end with EOS; targets are bare (EOS is added around them)."""
+        m = unwrap(self.model).config
+        eos = self.gen_cfg["eos_token_id"]
+        src = [e.ids if e.ids[-1:] == [eos] else e.ids + [eos] for e in self.tok.encode_batch(pairs.sources)]
+        tgt = [e.ids for e in self.tok.encode_batch(pairs.targets, add_special_tokens=False)]
+        long_src = sum(len(s) > m.max_source_len for s in src)
+        long_tgt = sum(len(t) + 1 > m.max_target_len for t in tgt)
+        if long_src or long_tgt:
+            warn(f"{what}: {long_src} sources and {long_tgt} targets are longer than the model's {m.max_source_len} "
+                 f"tokens and were cut (raise --max-seq-len to keep them whole)")  # fmt: skip
+        src = [s if len(s) <= m.max_source_len else s[: m.max_source_len - 1] + [eos] for s in src]
+        tgt = [t[: m.max_target_len - 1] for t in tgt]
+        return src, tgt
+
+    def _split_data(self, mcfg: Any, corpus: Any) -> None:
+        train, valid = corpus
+        self.train_pairs, self.valid_pairs = train, valid
+        self.train_src, self.train_tgt = self._encode(train, "training pairs")
+        self.val_src, self.val_tgt = self._encode(valid, "dev pairs")
+        self.seq_len = mcfg.max_target_len
+        self.val_starts = None
+        self._plan_lens: list[int] = []
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+        say(f"lmlab: {len(train):,} training pairs, {len(valid):,} dev pairs"
+            + (f" ({self.cfg.valid})" if self.cfg.valid else " (held out from --data)"))  # fmt: skip
+
+    # ------------------------------------------------------------------ batches
+    def _batches(self, epoch: int) -> list[list[int]]:
+        cfg = self.cfg
+        src_lens = [len(s) for s in self.train_src]
+        tgt_lens = [len(t) + 1 for t in self.train_tgt]
+        if cfg.batch_tokens:
+            return bucket_batches(src_lens, tgt_lens, batch_tokens=cfg.batch_tokens, seed=cfg.seed, epoch=epoch)
+        return bucket_batches(src_lens, tgt_lens, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch)
+
+    def _batch_at(self, step: int) -> list[int]:
+        """The pairs of step ``step``: a pure function of the step (so --resume continues with
+        the very batch it stopped before), walking the epochs' shuffled plans in order. Only
+        the current epoch's plan is kept, and the number of batches of each epoch before it."""
+        epoch = 0
+        while True:
+            if epoch == len(self._plan_lens):
+                self._plan_lens.append(len(self._plan(epoch)))
+            if step < self._plan_lens[epoch]:
+                return self._plan(epoch)[step]
+            step -= self._plan_lens[epoch]
+            epoch += 1
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self._batches(epoch))
+        return self._cached[1]
+
+    def _tensors(self, rows: list[int], src: list[list[int]], tgt: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        eos, pad = self.gen_cfg["eos_token_id"], self.gen_cfg["pad_token_id"]
+        s, s_mask = pad_batch([src[i] for i in rows], pad)
+        tin, _ = pad_batch([[eos] + tgt[i] for i in rows], pad)
+        lab, lab_mask = pad_batch([tgt[i] + [eos] for i in rows], pad)
+        lab = lab.masked_fill(~lab_mask, -100)  # ignored by the loss
+        return s.to(self.device), s_mask.to(self.device), tin.to(self.device), lab.to(self.device)
+
+    def _seq2seq_loss(self, rows: list[int], src: list[list[int]], tgt: list[list[int]], smoothing: float) -> torch.Tensor:
+        s, s_mask, tin, lab = self._tensors(rows, src, tgt)
+        with self._autocast():
+            logits, _ = self.model(tin, src=s, src_mask=s_mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=-100, label_smoothing=smoothing)
+
+    def train_step(self, step: int) -> float:
+        cfg = self.cfg
+        rows = self._batch_at(step)
+        W, rank = self.dist.world_size, self.dist.rank
+        parts = [p.tolist() for p in np.array_split(np.array(rows), W * cfg.grad_accum)]
+        mine = parts[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
+        self.step_tokens = sum(len(self.train_src[i]) + len(self.train_tgt[i]) + 1 for i in rows)
+        losses = []
+        for i, micro in enumerate(mine):
+            if not micro:
+                continue
+            last = i == len(mine) - 1
+            with self.model.no_sync() if self.dist.active and not last else nullcontext():
+                loss = self._seq2seq_loss(micro, self.train_src, self.train_tgt, cfg.label_smoothing) / cfg.grad_accum
+                loss.backward()
+            losses.append(loss.detach())
+        total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
+        return self._apply_gradients(total)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """The validation loss (no label smoothing: the true cross-entropy), over at most
+        ``--eval-batches`` batches of the dev pairs."""
+        if not self.val_src:
+            return None
+        self.model.eval()
+        B = self.cfg.batch_size
+        n = min(len(self.val_src), self.cfg.eval_batches * B)
+        losses = [float(self._seq2seq_loss(list(range(i, min(i + B, n))), self.val_src, self.val_tgt, 0.0))
+                  for i in range(0, n, B)]  # fmt: skip
+        self.model.train()
+        return self.dist.mean(sum(losses) / len(losses))
+
+    def dev_bleu(self) -> float | None:
+        """BLEU (sacreBLEU) of greedy translations of the first ``--bleu-samples`` dev pairs."""
+        k = min(self.cfg.bleu_samples, len(self.valid_pairs))
+        if k == 0 or not self.dist.is_main:
+            return None
+        from lmlab.eval.bleu import translation_scores
+        from lmlab.generate.config import GenerationConfig
+        from lmlab.generate.seq2seq import seq2seq_generate
+
+        model = unwrap(self.model)
+        model.eval()
+        cfg = GenerationConfig.from_dict(self.gen_cfg, temperature=0.0)
+        try:
+            results = seq2seq_generate(model, self.tok, self.val_src[:k], cfg, self.gen_cfg["pad_token_id"], 32)
+        finally:
+            model.train()
+        hyps = [r[0].text for r in results]
+        return translation_scores(hyps, self.valid_pairs.targets[:k])["bleu"]
+
+    def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
+        """Validation loss and dev BLEU into the metrics row; True at a new best BLEU (or, with
+        --bleu-samples 0, a new best validation loss)."""
+        best_by_loss = super()._evaluate_into(row, seen)
+        if self.cfg.bleu_samples == 0:
+            return best_by_loss
+        bleu = self.dev_bleu()  # rank 0 translates; the others learn the verdict below
+        is_best = False
+        if bleu is not None:
+            row["bleu"] = round(bleu, 2)
+            best = self.state.get("best_bleu")
+            is_best = best is None or bleu > best
+            if is_best:
+                self.state["best_bleu"] = bleu
+        if self.dist.active:  # every rank must agree to save (saving gathers from all ranks)
+            is_best = bool(self.dist.all_reduce([float(is_best)], op="max")[0])
+        return is_best
+
+
+__all__ = ["PAD", "Seq2SeqTrainer"]
