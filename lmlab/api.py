@@ -195,7 +195,14 @@ class Model:
                 f"this model is {self.module.quantization}-quantized and lmlab saves float checkpoints "
                 "only; save the float model and quantize when loading (lmlab.load(path, quantize=...))"
             )
-        return write_checkpoint(path, self.module, self.tokenizer, self.generation_config)
+        tokenizers = [self.tokenizer] + ([self.target_tokenizer] if self.target_tokenizer is not self.tokenizer else [])
+        if any(not hasattr(t, "to_str") for t in tokenizers):
+            raise LmlabError(
+                "this model's tokenizer is a pair of SentencePiece models (Marian), which an lmlab checkpoint cannot "
+                "hold; keep using its Hugging Face folder, or write it back with lmlab.hf.export_hf"
+            )
+        target = self.target_tokenizer if self.target_tokenizer is not self.tokenizer else None
+        return write_checkpoint(path, self.module, self.tokenizer, self.generation_config, target_tokenizer=target)
 
     def __repr__(self) -> str:
         n = self.module.num_parameters()

@@ -33,6 +33,8 @@ from lmlab.errors import LmlabError
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 STATE_FILES = ("trainer_state.json", "training_state.safetensors")
+#: files a checkpoint has only for some models (an encoder-decoder with its own target vocabulary)
+OPTIONAL_FILES = ("target_tokenizer.json",)
 FORMAT = 1
 
 
@@ -161,7 +163,7 @@ class RunDir:
         os.replace(tmp, final)
         # The fixed top-level links are made once, before the first `latest` exists:
         # until then they dangle, so a kill in between leaves no half-made checkpoint.
-        for f in (*MODEL_FILES, *STATE_FILES):
+        for f in (*MODEL_FILES, *STATE_FILES, *(o for o in OPTIONAL_FILES if (final / o).exists())):
             link = self.root / f
             if not link.is_symlink():
                 if link.exists():
@@ -209,7 +211,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove a previous run's checkpoints and logs (``--overwrite``)."""
-        for f in (*MODEL_FILES, *STATE_FILES, "best", "metrics.jsonl", "loss.png"):
+        for f in (*MODEL_FILES, *STATE_FILES, *OPTIONAL_FILES, "best", "metrics.jsonl", "loss.png"):
             p = self.root / f
             if p.is_symlink() or p.is_file():
                 p.unlink()

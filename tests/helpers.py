@@ -133,9 +133,16 @@ def tiny_checkpoint(
     return write_checkpoint(folder, model, tok, gen)
 
 
-def tiny_seq2seq_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+#: the Seq2SeqConfig settings of a model that exports as Marian (``lmlab train --task translate
+#: --post-norm --norm layernorm --mlp gelu --bias``)
+MARIAN_SHAPE = dict(prenorm=False, sinusoidal_layout="halves", norm="layernorm", norm_bias=True, attn_bias=True,
+                    mlp_bias=True, activation="gelu", gated_mlp=False)  # fmt: skip
+
+
+def tiny_seq2seq_checkpoint(folder: str | Path, seed: int = 0, **shape: Any) -> Path:
     """A random tiny Transformer encoder-decoder with a BPE tokenizer set up as
-    ``lmlab train --task translate`` sets it up (a ``<pad>`` token; sources end with EOS)."""
+    ``lmlab train --task translate`` sets it up (a ``<pad>`` token; sources end with EOS);
+    ``shape``: Seq2SeqConfig settings (e.g. MARIAN_SHAPE)."""
     from tokenizers import processors
 
     from lmlab.models.config import Seq2SeqConfig
@@ -147,7 +154,7 @@ def tiny_seq2seq_checkpoint(folder: str | Path, seed: int = 0) -> Path:
     tok.post_processor = processors.TemplateProcessing(single=f"$A {EOT}", special_tokens=[(EOT, eos)])
     torch.manual_seed(seed)
     cfg = Seq2SeqConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=32, max_source_len=64,
-                        max_target_len=32, dropout=0.0, init_std=0.3)  # fmt: skip
+                        max_target_len=32, dropout=0.0, init_std=0.3, **shape)  # fmt: skip
     gen = {"eos_token_id": eos, "bos_token_id": eos, "decoder_start_token_id": eos,
            "pad_token_id": tok.token_to_id("<pad>"), "max_new_tokens": 20}  # fmt: skip
     return write_checkpoint(folder, Seq2SeqTransformer(cfg).eval(), tok, gen)

@@ -63,7 +63,16 @@ def _help(f: dataclasses.Field) -> str:
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a text file, a folder, a glob, or 'builtin'")
     p.add_argument("--out", required=True, help="folder for one run per model, report.md and its charts")
-    p.add_argument("--models", default="rnn,gru,lstm,gpt", help="comma-separated (default rnn,gru,lstm,gpt)")
+    p.add_argument("--task", choices=["lm", "translate"], default="lm",
+                   help="lm (default): language models on text; translate: encoder-decoders on pairs")  # fmt: skip
+    p.add_argument("--models", default=None,
+                   help="comma-separated (default rnn,gru,lstm,gpt; --task translate: rnn-attention,transformer)")  # fmt: skip
+    p.add_argument("--target-data", default=None, help="--task translate: the target side of two aligned files")
+    p.add_argument("--valid", default=None, help="--task translate: a dev set (default: a held-out slice)")
+    p.add_argument("--source-field", default=None, help="--task translate with a .jsonl: the source key (src)")
+    p.add_argument("--target-field", default=None, help="--task translate with a .jsonl: the target key (tgt)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="--task translate: batches of about N tokens")
+    p.add_argument("--bleu-samples", type=int, default=None, help="--task translate: dev pairs for BLEU (200)")
     p.add_argument("--time", help="training time per model, e.g. 5m (default 5m)")
     p.add_argument(
         "--tokens", type=int, help="or a budget of training tokens per model (steps x batch x window)"
@@ -116,6 +125,8 @@ def add_decoding_args(p: argparse.ArgumentParser, seq2seq: bool = True) -> None:
                        help="tokens to generate (the model's max_length - 1, else 256)")  # fmt: skip
         p.add_argument("--temperature", type=float, default=None, help="> 0 samples (default: greedy or beams)")
         p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beams")
+        p.add_argument("--forced-bos-token-id", type=int, default=None, metavar="ID",
+                       help="the first new token (mBART-50: the target language's code)")  # fmt: skip
     else:
         p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (200)")
         p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")

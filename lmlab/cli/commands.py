@@ -191,24 +191,30 @@ def cmd_info(a: argparse.Namespace) -> int:
     dtype = str(model.module.dtype).removeprefix("torch.")
     stored = origin and (origin["config"].get("dtype") or origin["config"].get("torch_dtype"))
     print(f"dtype        {dtype}" + (f" (stored as {stored})" if stored else ""))
-    if cfg.model_type == "transformer":
+    if model.is_encoder_decoder:
+        print(f"lengths      sources up to {cfg.max_source_len:,} tokens, targets up to {cfg.max_target_len:,}")
+    elif cfg.model_type == "transformer":
         print(f"context      {cfg.max_seq_len:,} tokens")
     else:  # a recurrent state has no length limit; max_seq_len is the training window
         print(f"context      unbounded (trained on {cfg.max_seq_len:,}-token windows)")
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     print("config       " + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "model_type"))
     print(f"tokenizer    {tokenizer_kind(model.tokenizer)}, {model.tokenizer.get_vocab_size()} tokens")
+    if model.target_tokenizer is not model.tokenizer:
+        tt = model.target_tokenizer
+        print(f"target       {tokenizer_kind(tt)}, {tt.get_vocab_size()} tokens (the decoder's own vocabulary)")
     st = Path(a.checkpoint) / "trainer_state.json"
     if st.is_file():
         from lmlab.training.prepare import read_trainer_state
 
         s = read_trainer_state(Path(a.checkpoint))  # a damaged file: one line naming it
-        best = s.get("best_val")
+        best, bleu = s.get("best_val"), s.get("best_bleu")
         precision = (s.get("train_config") or {}).get("precision")
         print(
             f"training     step {s.get('step')} of {s.get('max_steps')}, {s.get('tokens', 0):,} tokens, "
             f"{s.get('elapsed', 0):.0f}s" + (f", precision {precision}" if precision else "")
             + (f", best validation loss {best:.4f}" if best is not None else "")
+            + (f", best dev BLEU {bleu:.2f}" if isinstance(bleu, (int, float)) else "")
         )
     elif origin:
         print("training     (a Hugging Face model, no lmlab training state: fine-tune with train --init)")

@@ -50,7 +50,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _options(a: argparse.Namespace) -> dict[str, Any]:
-    opts = {k: getattr(a, k) for k in (*GENERATION_KEYS, "do_sample") if getattr(a, k, None) is not None}
+    keys = (*GENERATION_KEYS, "do_sample", "forced_bos_token_id")
+    opts = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     if "early_stopping" in opts and opts["early_stopping"] != "never":
         opts["early_stopping"] = opts["early_stopping"] == "true"
     return opts
@@ -165,9 +166,28 @@ def cmd_translate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_kind(source: str) -> str | None:
+    """'translate' or 'lm' from a local folder's config.json, read without loading the model
+    (so a wrong --data fails before a slow load); None when it cannot tell (a Hub id)."""
+    f = Path(source).expanduser() / "config.json"
+    try:
+        mt = json.loads(f.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "translate" if mt in ("seq2seq", "rnn_seq2seq", "marian", "bart", "mbart", "t5") else "lm"
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from lmlab.pairs import read_pairs
+
+    task = a.task or _stored_kind(a.checkpoint)
+    if task == "lm" and (a.target_data or a.max_samples is not None or a.output):
+        raise LmlabError("--target-data, --max-samples and --output are for --task translate; drop them for perplexity")
+    if a.max_samples is not None and a.max_samples < 1:
+        raise LmlabError(f"--max-samples must be >= 1 (got {a.max_samples})")
+    pairs = read_pairs(a.data, a.target_data, a.source_field, a.target_field) if task == "translate" else None
     model = _load(a)
-    task = a.task or ("translate" if model.is_encoder_decoder else "lm")
+    task = task or ("translate" if model.is_encoder_decoder else "lm")
     if task == "lm":
         from lmlab.cli.commands import report_perplexity
 
@@ -176,12 +196,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise LmlabError(f"{a.checkpoint} is a language model: --task translate needs an encoder-decoder "
                          "(use --task lm for perplexity)")  # fmt: skip
     from lmlab.eval.bleu import translation_scores
-    from lmlab.pairs import read_pairs
 
-    pairs = read_pairs(a.data, a.target_data, a.source_field, a.target_field)
+    if pairs is None:
+        pairs = read_pairs(a.data, a.target_data, a.source_field, a.target_field)
     if a.max_samples is not None:
-        if a.max_samples < 1:
-            raise LmlabError(f"--max-samples must be >= 1 (got {a.max_samples})")
         pairs = pairs.head(a.max_samples)
     a.num_return_sequences = None  # one hypothesis per source
     hyps = [_one_line(h) for h in translate_lines(model, pairs.sources, a)]

@@ -158,7 +158,7 @@ def _train_each(
 def compare(
     data: str,
     out: str | Path,
-    models: str | Iterable[str] = DEFAULT_MODELS,
+    models: str | Iterable[str] | None = None,
     time: str | None = None,
     tokens: int | None = None,
     tokenizer: str = "char",
@@ -176,15 +176,36 @@ def compare(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    task: str = "lm",
+    **translate: Any,
 ) -> CompareResult:
     """Train each model on the same data under the same budget into ``out/<model>/``, then
     write ``out/report.md`` (with ``val_loss_tokens.png``, ``val_loss_time.png`` and
-    ``results.json`` beside it). The library form of ``lmlab compare``."""
+    ``results.json`` beside it). The library form of ``lmlab compare``. ``task="translate"``
+    compares encoder-decoders on parallel text instead (:mod:`lmlab.compare.translate`;
+    ``translate``: its options, e.g. ``target_data``, ``valid``, ``bleu_samples``)."""
     from lmlab.data import load_corpus
     from lmlab.runtime import resolve_device
     from lmlab.tokenizer import tokenizer_kind
 
-    names = parse_models(models)
+    if task == "translate":
+        from lmlab.compare.translate import compare_translate
+
+        if tokens is not None:
+            raise LmlabError("--task translate compares under a time budget: give --time, not --tokens")
+        extra = {k: v for k, v in translate.items() if v is not None}
+        return compare_translate(
+            data, out, models=models or "rnn-attention,transformer", time=time, tokenizer=tokenizer,
+            vocab_size=vocab_size, seed=seed, params=params, model_args=model_args, max_seq_len=max_seq_len,
+            batch_size=batch_size, eval_every=eval_every, device=device, overwrite=overwrite, progress=progress,
+            **extra,
+        )  # fmt: skip
+    if task != "lm":
+        raise LmlabError(f"--task must be lm or translate (got {task!r})")
+    unknown = sorted(k for k, v in translate.items() if v is not None)
+    if unknown:
+        raise LmlabError(f"{', '.join('--' + k.replace('_', '-') for k in unknown)}: for --task translate only")
+    names = parse_models(models if models is not None else DEFAULT_MODELS)
     margs = parse_model_args(model_args)
     _check_options(
         names, margs, batch_size=batch_size, max_seq_len=max_seq_len, eval_batches=eval_batches,

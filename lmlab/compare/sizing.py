@@ -15,6 +15,10 @@ from lmlab.training import TrainConfig
 
 MODELS = ("gpt", *RECURRENT)
 DEFAULT_MODELS = ("rnn", "gru", "lstm", "gpt")
+#: ``--task translate``: the encoder-decoders, and the default comparison
+SEQ2SEQ_MODELS = ("rnn-attention", "transformer")
+#: models sized by their hidden size (the rest by d_model)
+SIZED_BY_HIDDEN = (*RECURRENT, "rnn-attention")
 #: Each auto-sized model lands within this fraction of the target, so any two are
 #: within 1.045/0.955 - 1 < 10% of each other.
 TOLERANCE = 0.045
@@ -42,15 +46,15 @@ MODEL_ARGS: dict[str, type] = {
 
 
 # --------------------------------------------------------------------------- inputs
-def parse_models(spec: str | Iterable[str]) -> list[str]:
+def parse_models(spec: str | Iterable[str], allowed: tuple[str, ...] = MODELS) -> list[str]:
     """'rnn,gru,lstm,gpt' (or a list) -> the names, checked and without repeats."""
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     names = [n for n in names if n]
     if not names:
-        raise LmlabError(f"--models is empty; give a comma-separated list such as {','.join(DEFAULT_MODELS)}")
+        raise LmlabError(f"--models is empty; give a comma-separated list such as {','.join(allowed)}")
     for n in names:
-        if n not in MODELS:
-            raise LmlabError(f"--models: unknown model {n!r}; choose from {', '.join(MODELS)}")
+        if n not in allowed:
+            raise LmlabError(f"--models: unknown model {n!r}; choose from {', '.join(allowed)}")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise LmlabError(f"--models names {', '.join(dup)} twice; each model is trained once")
@@ -95,8 +99,8 @@ def parse_model_args(items: Iterable[str] | dict[str, dict[str, Any]] | None) ->
                 pairs.append((name.strip(), k.strip().replace("-", "_"), v))
     out: dict[str, dict[str, Any]] = {}
     for name, k, v in pairs:
-        if name not in MODELS:
-            raise LmlabError(f"--model-args: unknown model {name!r}; choose from {', '.join(MODELS)}")
+        if name not in (*MODELS, *SEQ2SEQ_MODELS):
+            raise LmlabError(f"--model-args: unknown model {name!r}; choose from {', '.join(MODELS + SEQ2SEQ_MODELS)}")
         if k not in MODEL_ARGS:
             raise LmlabError(f"--model-args: {name} has no setting {k!r}; settable: {', '.join(MODEL_ARGS)}")
         out.setdefault(name, {})[k] = _parse_value(k, v) if isinstance(v, str) else v
@@ -144,7 +148,8 @@ class Plan:
 
 def default_target(vocab_size: int, base: dict[str, Any]) -> int:
     """The parameter count of ``lmlab train``'s default Transformer for this vocabulary."""
-    return count_parameters({**base, "model": "gpt"}, vocab_size)
+    model = "transformer" if base.get("task") == "translate" else "gpt"
+    return count_parameters({**base, "model": model}, vocab_size)
 
 
 def size_models(
@@ -172,8 +177,8 @@ def size_models(
     plans = []
     for name in models:
         user = dict(model_args.get(name, {}))
-        opts = {**base, "model": name, **({"n_layer": RNN_LAYERS} if name in RECURRENT else {}), **user}
-        fixed = "hidden_size" in user if name in RECURRENT else "d_model" in user
+        opts = {**base, "model": name, **({"n_layer": RNN_LAYERS} if name in SIZED_BY_HIDDEN else {}), **user}
+        fixed = "hidden_size" in user if name in SIZED_BY_HIDDEN else "d_model" in user
         if not fixed:
             opts = _size_one(name, opts, vocab_size, target, "n_layer" in user)
         plans.append(Plan(name, opts, count_parameters(opts, vocab_size), sized=not fixed))
@@ -181,13 +186,15 @@ def size_models(
 
 
 def _size_one(name: str, opts: dict[str, Any], vocab: int, target: int, layers_given: bool) -> dict[str, Any]:
-    key = "hidden_size" if name in RECURRENT else "d_model"
+    key = "hidden_size" if name in SIZED_BY_HIDDEN else "d_model"
 
     def count_with(**kw: Any) -> Callable[[int], int]:
         return lambda v: count_parameters({**opts, **kw, key: v}, vocab)
 
-    if name in RECURRENT:
-        for step in (8, 1):  # a multiple of 8 suits the kernels; any integer if none is close
+    if name in SIZED_BY_HIDDEN:
+        # a multiple of 8 suits the kernels; any integer if none is close (an even one for a
+        # bidirectional encoder, whose two directions share the hidden size)
+        for step in (8, 2 if name == "rnn-attention" else 1):
             value = _nearest(count_with(), step, target)
             if _miss(count_with()(value), target) <= TOLERANCE:
                 return {**opts, key: value}

@@ -127,7 +127,7 @@ class GenerationConfig:
         past the vocabulary would never end a sequence, a bad word past it never be forbidden,
         and both would be silently ignored (Hugging Face refuses such ids too)."""
         last = vocab_size - 1
-        for i in self.eos_token_id:
+        for i in [*self.eos_token_id, *self.forced_eos_token_id]:
             if not 0 <= i <= last:
                 raise LmlabError(
                     f"eos_token_id {i} is not a token id of this model: its vocabulary has {vocab_size} "

@@ -158,8 +158,8 @@ class Seq2SeqRequest:
         if any(not t.strip() for t in texts):
             i = next(i for i, t in enumerate(texts) if not t.strip())
             raise LmlabError(f"input {i + 1} is empty; give a non-empty text to each input")
-        pad = self.stored.get("pad_token_id")
-        pad = 0 if not isinstance(pad, int) else pad
+        pad = self.stored.get("pad_token_id")  # any id the encoder can embed: padding is masked out
+        pad = pad if isinstance(pad, int) and 0 <= pad < self.model.config.vocab_size else 0
         return seq2seq_generate(self.model, self.target_tokenizer, self.encode(texts), cfg, pad, batch_size, on_batch)
 
 

@@ -25,7 +25,7 @@ from lmlab.checkpoint import read_json, save_safetensors
 from lmlab.errors import LmlabError
 from lmlab.hf.families import FAMILIES, choose_family, family_for, same_architecture
 from lmlab.hf.weights import CheckpointWeights, export_tensors, fill_model
-from lmlab.models.config import TransformerConfig
+from lmlab.models.config import Seq2SeqConfig, TransformerConfig
 from lmlab.models.loading import ModelParts, is_lmlab_checkpoint, load_checkpoint, reinit_buffers
 from lmlab.runtime import resolve_device, resolve_dtype
 
@@ -324,29 +324,37 @@ def export_hf(
             "`lmlab export PATH --out OUT`)"
         )
     cfg = module.config
-    if not isinstance(cfg, TransformerConfig):
+    if not isinstance(cfg, (TransformerConfig, Seq2SeqConfig)):
         raise LmlabError(
             f"only Transformers export to Hugging Face; this is a {cfg.model_type} model "
             "(transformers has no matching recurrent architecture)"
         )
     origin = module.hf_origin
-    family = choose_family(cfg, origin["model_type"] if origin else None)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmlabError(f"{out} already exists and is not empty; choose a new --out folder or remove it")
-    ecfg = family.export_config(cfg)
-    hf_cfg = family.to_hf(ecfg)
-    if origin and origin["model_type"] == family.model_type:
-        base = dict(origin["config"])
-        if not same_architecture(family.to_lmlab(base), cfg):
-            base.update(hf_cfg)  # the model was changed since import: its settings win
-        hf_cfg = base
     want = resolve_dtype(dtype) or module.dtype
-    tensors = export_tensors(module, family, ecfg, want)
+    if isinstance(cfg, Seq2SeqConfig):
+        from lmlab.hf.seq2seq import seq2seq_export
+
+        family, hf_cfg, tensors = seq2seq_export(module, cfg, origin, want)
+    else:
+        family = choose_family(cfg, origin["model_type"] if origin else None)
+        ecfg = family.export_config(cfg)
+        hf_cfg = family.to_hf(ecfg)
+        if origin and origin["model_type"] == family.model_type:
+            base = dict(origin["config"])
+            if not same_architecture(family.to_lmlab(base), cfg):
+                base.update(hf_cfg)  # the model was changed since import: its settings win
+            hf_cfg = base
+        tensors = export_tensors(module, family, ecfg, want)
     gen = _hf_generation_config(model.generation_config)
     # config.json: the model's own ids only (a pad id there marks an embedding row as padding)
     own = model.generation_config
-    ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if own.get(k) is not None}
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    if isinstance(cfg, Seq2SeqConfig):
+        keys += ("decoder_start_token_id", "forced_eos_token_id")
+    ids = {k: gen[k] for k in keys if own.get(k) is not None}
     hf_cfg = {
         **ids,  # an lmlab model's token ids; an imported config keeps its own
         **hf_cfg,

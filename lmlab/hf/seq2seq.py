@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lmlab.errors import LmlabError
 from lmlab.hf.base import ACT_OUT, Family, Rule, act_in, need
+from lmlab.hf.weights import export_tensors
 from lmlab.models.config import Seq2SeqConfig
+from lmlab.nn.positional import sinusoidal_table
 
 #: the generation settings an encoder-decoder's config.json may hold (older checkpoints keep
 #: them there; generation_config.json, when present, wins)
@@ -148,10 +152,10 @@ class Marian(Seq2SeqFamily):
 
     def _needs(self, cfg: Seq2SeqConfig) -> list[str]:
         out = []
-        if cfg.prenorm:
+        if cfg.prenorm or cfg.final_norm:
             out.append("--post-norm")
-        if cfg.pos != "sinusoidal":
-            out.append("--pos sinusoidal")
+        if cfg.pos != "sinusoidal" or cfg.sinusoidal_layout != "halves" or cfg.pos_offset or cfg.embed_norm:
+            out.append("--pos sinusoidal (laid out as [sin | cos], no norm after the embeddings)")
         out += _common_needs(cfg)
         return out
 
@@ -177,11 +181,26 @@ def _common_needs(cfg: Seq2SeqConfig) -> list[str]:
         out.append("--bias")
     if cfg.gated_mlp:
         out.append("--mlp gelu")
-    if not (cfg.share_embeddings and cfg.tie_embeddings):
+    if not cfg.share_embeddings:
+        out.append("one vocabulary for both sides (no --separate-vocab)")
+    elif not cfg.tie_embeddings:
         out.append("--tie-embeddings")
-    if not cfg.attn_scale or cfg.head_scale != 1.0 or cfg.relative_buckets and cfg.pos == "relative":
+    if not cfg.attn_scale or cfg.head_scale != 1.0 or cfg.pos == "relative":
         out.append("scaled attention without relative positions (a T5-style model exports as T5 only)")
+    if cfg.n_head * cfg.head_dim != cfg.d_model:
+        out.append(f"n_head × head_dim = d_model (has {cfg.n_head} × {cfg.head_dim} ≠ {cfg.d_model})")
+    if cfg.max_source_len != cfg.max_target_len:
+        out.append("one position table for both sides (max_source_len = max_target_len)")
+    if not cfg.scale_embedding and cfg.pos == "sinusoidal":
+        out.append("embeddings × √d (scale_embedding)")
     return out
+
+
+def _learned_needs(cfg: Seq2SeqConfig) -> list[str]:
+    """BART's positions: learned, two spare rows, a LayerNorm after the embeddings."""
+    if cfg.pos != "learned" or cfg.pos_offset != 2 or not cfg.embed_norm:
+        return ["--pos learned (BART's layout: offset 2, a norm after the embeddings)"]
+    return []
 
 
 class Bart(Marian):
@@ -202,10 +221,8 @@ class Bart(Marian):
         return cfg
 
     def _needs(self, cfg: Seq2SeqConfig) -> list[str]:
-        out = ["--post-norm"] if cfg.prenorm else []
-        if cfg.pos != "learned":
-            out.append("--pos learned")
-        return out + _common_needs(cfg)
+        out = ["--post-norm"] if cfg.prenorm or cfg.final_norm else []
+        return out + _learned_needs(cfg) + _common_needs(cfg)
 
     def to_hf(self, cfg: Seq2SeqConfig) -> dict[str, Any]:
         out = super().to_hf(cfg)
@@ -233,10 +250,8 @@ class MBart(Bart):
         return cfg
 
     def _needs(self, cfg: Seq2SeqConfig) -> list[str]:
-        out = [] if cfg.prenorm else ["pre-norm (the default)"]
-        if cfg.pos != "learned":
-            out.append("--pos learned")
-        return out + _common_needs(cfg)
+        out = [] if cfg.prenorm and cfg.final_norm else ["pre-norm with a final norm (the default, no --post-norm)"]
+        return out + _learned_needs(cfg) + _common_needs(cfg)
 
 
 class T5(Seq2SeqFamily):
@@ -322,4 +337,42 @@ def choose_seq2seq_family(cfg: Seq2SeqConfig, origin: str | None) -> Seq2SeqFami
     why = "; ".join(SEQ2SEQ_FAMILIES[n].misfit(cfg) or "" for n in SEQ2SEQ_EXPORT)
     raise LmlabError(f"this encoder-decoder has no exact Hugging Face equivalent: {why}")
 
-__all__ = ["GENERATION_KEYS", "SEQ2SEQ_FAMILIES", "Seq2SeqFamily", "choose_seq2seq_family"]
+def seq2seq_export(
+    module: Any, cfg: Seq2SeqConfig, origin: dict[str, Any] | None, dtype: torch.dtype
+) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """An encoder-decoder as Marian, BART or mBART (an imported one: its own family): the
+    family, its config.json and its tensors. Marian's sinusoidal tables are written out
+    (transformers keeps them as weights); a model without a logits bias gets zeros."""
+    family = choose_seq2seq_family(cfg, origin["model_type"] if origin else None)
+    if origin and origin["model_type"] == family.model_type:
+        hf_cfg = dict(origin["config"])
+    else:
+        hf_cfg = family.to_hf(cfg)
+    rules = family.rules(cfg)
+    if not cfg.logits_bias:
+        family = _WithoutRule(family, "logits_bias")
+    tensors = export_tensors(module, family, cfg, dtype)
+    if "final_logits_bias" in {h for r in rules for h in r.hf} and "final_logits_bias" not in tensors:
+        tensors["final_logits_bias"] = torch.zeros(1, cfg.tgt_vocab_size, dtype=dtype)
+    if family.model_type == "marian":
+        n = int(hf_cfg.get("max_position_embeddings", cfg.max_target_len))
+        table = sinusoidal_table(n, cfg.d_model, "halves").to(dtype)
+        for side in ("encoder", "decoder"):
+            tensors[f"model.{side}.embed_positions.weight"] = table.clone()
+    return family, hf_cfg, tensors
+
+
+class _WithoutRule:
+    """A family whose ``rules`` leave out one lmlab tensor (one the model does not have)."""
+
+    def __init__(self, family: Any, lm: str) -> None:
+        self._family, self._lm = family, lm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._family, name)
+
+    def rules(self, cfg: Any) -> list[Any]:
+        return [r for r in self._family.rules(cfg) if r.lm != self._lm]
+
+
+__all__ = ["GENERATION_KEYS", "SEQ2SEQ_FAMILIES", "Seq2SeqFamily", "choose_seq2seq_family", "seq2seq_export"]

@@ -89,9 +89,14 @@ class Conditioned(LanguageModel):
         return self.model.init_state(batch_size, max_len or self.config.max_seq_len, self._rows(batch_size))
 
     def state_bytes(self, batch_size: int, max_len: int) -> int:
-        return self.model.state_bytes(batch_size, max_len) + batch_size * self.memory.states[0].numel() * (
-            self.memory.states.element_size()
-        )
+        """The decoder's state for these sources (its cache and what it keeps of each source),
+        and the encoder's output repeated for every row."""
+        S = self.memory.states.shape[1]
+        try:
+            own = self.model.state_bytes(batch_size, max_len, source_len=S)
+        except TypeError:  # a model whose state does not depend on the source length
+            own = self.model.state_bytes(batch_size, max_len)
+        return own + batch_size * self.memory.states[0].numel() * self.memory.states.element_size()
 
     def forward(
         self, ids: Tensor, state: Any = None, *, last_only: bool = False, **_: Any

@@ -44,8 +44,10 @@ def write_checkpoint(
     generation_config: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     state_tensors: dict[str, torch.Tensor] | None = None,
+    target_tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Write a complete checkpoint into ``folder`` (which must not exist yet)."""
+    """Write a complete checkpoint into ``folder`` (which must not exist yet); an
+    encoder-decoder with its own target vocabulary also gets ``target_tokenizer.json``."""
     folder = Path(folder)
     folder.mkdir(parents=True)
     cfg: ModelConfig = unwrap(model).config
@@ -53,6 +55,8 @@ def write_checkpoint(
     meta = {"format": FORMAT, "model_sha256": sha256_file(folder / "model.safetensors")}
     fsync_write(folder / "config.json", json.dumps({"lmlab": meta, **config_to_dict(cfg)}, indent=2))
     fsync_write(folder / "tokenizer.json", tokenizer.to_str(pretty=True))
+    if target_tokenizer is not None:
+        fsync_write(folder / "target_tokenizer.json", target_tokenizer.to_str(pretty=True))
     fsync_write(folder / "generation_config.json", json.dumps(generation_config or {}, indent=2))
     if trainer_state is not None:
         save_safetensors(state_tensors or {}, folder / "training_state.safetensors")
@@ -255,4 +259,19 @@ def load_checkpoint(
     dev = resolve_device(device) if device is not None else torch.device("cpu")
     module = build_from_weights(cfg, tensors, str(path))
     module = module.to(device=dev, dtype=resolve_dtype(dtype) or torch.float32)
-    return ModelParts(module, tok, gen, str(path))
+    target = read_target_tokenizer(path)
+    if target is None and getattr(cfg, "target_vocab_size", None) is not None:
+        raise LmlabError(
+            f"{path} is an encoder-decoder with its own target vocabulary but has no target_tokenizer.json; "
+            "copy that file back from where the checkpoint was trained"
+        )
+    return ModelParts(module, tok, gen, str(path), target_tokenizer=target)
+
+
+def read_target_tokenizer(path: str | Path) -> Tokenizer | None:
+    """An encoder-decoder's target tokenizer (``target_tokenizer.json``), None when the model
+    has one vocabulary. (A run's tokenizers are the same at every step: no race with a save.)"""
+    from lmlab.tokenizer import load_tokenizer
+
+    f = step_folder(Path(path)) / "target_tokenizer.json"
+    return load_tokenizer(f) if f.is_file() else None

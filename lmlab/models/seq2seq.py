@@ -206,10 +206,14 @@ class Seq2SeqTransformer(EncoderDecoderModel):
         return Memory(x, real)
 
     # ------------------------------------------------------------------ state
-    def state_bytes(self, batch_size: int, max_len: int) -> int:
+    def state_bytes(self, batch_size: int, max_len: int, source_len: int | None = None) -> int:
+        """Self-attention keys/values of ``max_len`` target positions, and the cross-attention
+        keys/values of ``source_len`` source positions (default: the longest source):
+        2·L·B·nh·(T + S)·hs numbers."""
         cfg = self.config
-        S = min(max_len, cfg.max_target_len)
-        return 2 * cfg.n_decoder_layer * batch_size * cfg.n_head * S * cfg.head_dim * self.dtype.itemsize
+        T = min(max_len, cfg.max_target_len)
+        S = cfg.max_source_len if source_len is None else source_len
+        return 2 * cfg.n_decoder_layer * batch_size * cfg.n_head * (T + S) * cfg.head_dim * self.dtype.itemsize
 
     def init_state(self, batch_size: int, max_len: int, memory: Memory | None = None) -> Seq2SeqState:
         if memory is None:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lmlab.errors import LmlabError
+from lmlab.training.budget import check_batch_split, check_one_budget, parse_duration  # noqa: F401 - re-exported
+from lmlab.training.tasks import check_task_flags, check_translate_options
 
 #: What ``lmlab train`` can train (--task); the models each task takes.
 TASKS = ("lm", "translate")
@@ -84,6 +85,10 @@ class TrainConfig:
     )
     target_data: str | None = option(
         None, "--task translate: the target side, line-aligned with --data", group="data", metavar="FILE"
+    )
+    separate_vocab: bool = option(
+        False, "--task translate: a tokenizer per side (source, target) instead of one joint vocabulary",
+        group="data", flag="switch",
     )
     source_field: str = option("src", "--task translate with a .jsonl: the source's key", group="data")
     target_field: str = option("tgt", "--task translate with a .jsonl: the target's key", group="data")
@@ -249,24 +254,15 @@ class TrainConfig:
         need(self.mlp in ("swiglu", "gelu"), f"--mlp must be swiglu or gelu (got {self.mlp})")
         need(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})")
         if self.task == "translate":
-            need(
-                self.model in (*SEQ2SEQ_MODELS, "gpt"),
-                f"--task translate trains an encoder-decoder: --model transformer or rnn-attention (got {self.model!r})",
-            )
-            need(self.batch_tokens is None or self.batch_tokens > 0, f"--batch-tokens must be positive (got {self.batch_tokens})")
-            need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
-            need(self.bleu_samples >= 0, f"--bleu-samples must be >= 0 (got {self.bleu_samples})")
-            need(not self.stateful, "--stateful is for language models; drop it with --task translate")
-            need(self.data != "builtin", "--task translate needs parallel text: --data PAIRS (a .tsv, a .jsonl, or "
-                 "two line-aligned files --data SRC --target-data TGT)")
+            check_translate_options(self)
         else:
             need(
                 self.model in ("gpt", *RECURRENT),
                 f"--model must be gpt, {', '.join(RECURRENT)} (got {self.model!r})"
                 + ("; rnn-attention and transformer are for --task translate" if self.model in SEQ2SEQ_MODELS else ""),
             )
-            need(self.target_data is None and self.valid is None,
-                 "--target-data and --valid are for --task translate (parallel text)")
+            need(self.target_data is None and self.valid is None and not self.separate_vocab,
+                 "--target-data, --valid and --separate-vocab are for --task translate (parallel text)")
         need(self.n_layer > 0, f"--n-layer must be positive (got {self.n_layer})")
         need(
             self.model not in RECURRENT or self.hidden_size > 0,
@@ -307,6 +303,7 @@ class TrainConfig:
 
         if self.task == "translate" and "pos" in given and getattr(self, "_rope_default", False):
             raise LmlabError("--task translate: the encoder-decoder takes --pos sinusoidal or learned, not rope")
+        check_task_flags(self, given)
         if self.init is not None:
             fixed = [k for k in INIT_FIXED if k in given]
             if fixed:
@@ -320,7 +317,7 @@ class TrainConfig:
                 f"--model {self.model} takes its width from --d-model: drop --hidden-size"
             )
 
-    def model_config(self, vocab_size: int) -> Any:
+    def model_config(self, vocab_size: int, target_vocab_size: int | None = None) -> Any:
         from lmlab.models.config import RECURRENT, RNNConfig, Seq2SeqConfig, TransformerConfig
 
         if self.task == "translate" and self.model == "rnn-attention":
@@ -330,6 +327,7 @@ class TrainConfig:
                 cell=self.cell, vocab_size=vocab_size, d_model=self.d_model, hidden_size=self.hidden_size,
                 n_layer=self.n_layer, attention=self.attention, dropout=self.dropout,
                 max_source_len=self.max_seq_len, max_target_len=self.max_seq_len,
+                target_vocab_size=target_vocab_size, share_embeddings=target_vocab_size is None,
             )  # fmt: skip
         if self.task == "translate":
             return Seq2SeqConfig(
@@ -342,6 +340,7 @@ class TrainConfig:
                 pos_offset=2 if self.pos == "learned" else 0, embed_norm=self.pos == "learned",
                 sinusoidal_layout="halves",
                 tie_embeddings=self.tie_embeddings, dropout=self.dropout,
+                target_vocab_size=target_vocab_size, share_embeddings=target_vocab_size is None,
             )  # fmt: skip
 
         if self.model in RECURRENT:
@@ -373,36 +372,6 @@ class TrainConfig:
             tie_embeddings=self.tie_embeddings,
             dropout=self.dropout,
         )
-
-
-def check_one_budget(steps: int | None, time: str | None) -> None:
-    """A run has one budget: --steps or --time (checked on the options given, before a
-    resumed run's stored budget is replaced, and again on the config)."""
-    if steps is not None and time is not None:
-        raise LmlabError(f"give one budget, --steps {steps} or --time {time}, not both")
-
-
-def check_batch_split(batch_size: int, grad_accum: int, world: int) -> None:
-    """The global batch B splits into ``world`` processes × ``grad_accum`` micro-steps of
-    equal size (checked on the options, with torchrun's or --nproc's planned world size,
-    and again once the process group is joined)."""
-    if batch_size % grad_accum:
-        raise LmlabError(f"--batch-size {batch_size} is not divisible by --grad-accum {grad_accum}")
-    if batch_size % (world * grad_accum):
-        raise LmlabError(
-            f"--batch-size {batch_size} (the global batch) is not divisible by {world} processes "
-            f"× --grad-accum {grad_accum}; give a multiple of {world * grad_accum}"
-        )
-
-
-def parse_duration(s: str | float | int) -> float:
-    """'90s', '5m', '1.5h', '300' -> seconds."""
-    if isinstance(s, int | float):
-        return float(s)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(s))
-    if not m:
-        raise LmlabError(f"--time {s!r} is not a duration; write e.g. 90s, 5m or 1h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 # --------------------------------------------------------------------------- the flags
@@ -445,3 +414,4 @@ def train_argv(options: dict[str, Any]) -> list[str]:
         else:
             argv += [name, str(value)]
     return argv
+

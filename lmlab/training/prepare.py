@@ -87,13 +87,14 @@ class TrainerSetup:
         self.dist = distributed.setup(resolve_device(cfg.device))
         self.device = self.dist.device
         shared = {} if self.dist.is_main else self.dist.wait_for_main()
+        self.shared = shared  # what rank 0 made for every rank (its tokenizers)
         try:
             mcfg, corpus = self._prepare(resuming, shared.get("tokenizer"))
         except BaseException as e:
             self.dist.release(error=str(e) if isinstance(e, LmlabError) else f"rank 0 failed: {e!r}")
             raise
         if self.dist.active:
-            self.dist.release(tokenizer=self.tok.to_str())
+            self.dist.release(tokenizer=self.tok.to_str(), **self._shared_extras())
         if self.dist.rank > 0:  # dropout: each rank its own stream (rank 0 keeps one process's)
             torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
         self._setup_rest(mcfg, corpus, resuming)
@@ -126,7 +127,7 @@ class TrainerSetup:
             say(f"lmlab: starting from {cfg.init} ({source.module.num_parameters() / 1e6:.1f}M parameters)")
         else:
             self.tok = Tokenizer.from_str(tokenizer) if tokenizer else self._new_tokenizer()
-            mcfg = cfg.model_config(self.tok.get_vocab_size())
+            mcfg = self._new_model_config()
             self.gen_cfg = self._new_generation_config(mcfg)
         if cfg.init is not None and not resuming:
             self.model = source.module.train()
@@ -147,6 +148,13 @@ class TrainerSetup:
     # stores, the data, and how the data splits into training and validation.
     def _new_tokenizer(self) -> Tokenizer:
         return make_tokenizer(self.cfg)
+
+    def _shared_extras(self) -> dict[str, str]:
+        """More that rank 0 hands every rank under torchrun (an encoder-decoder's target tokenizer)."""
+        return {}
+
+    def _new_model_config(self) -> Any:
+        return self.cfg.model_config(self.tok.get_vocab_size())
 
     def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
         gen: dict[str, Any] = {"eos_token_id": self.tok.token_to_id(EOT), "bos_token_id": self.tok.token_to_id(EOT)}

@@ -123,9 +123,10 @@ def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
 def _absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
     """Store paths absolute, so that --resume works from any folder."""
     out = dict(options)
-    data = out.get("data")
-    if data is not None and str(data) != "builtin":
-        out["data"] = os.path.abspath(os.path.expanduser(str(data)))
+    for key in ("data", "target_data", "valid"):
+        value = out.get(key)
+        if value is not None and str(value) != "builtin":
+            out[key] = os.path.abspath(os.path.expanduser(str(value)))
     tok = out.get("tokenizer")
     if tok is not None and tok not in ("char", "bpe"):
         out["tokenizer"] = os.path.abspath(os.path.expanduser(str(tok)))

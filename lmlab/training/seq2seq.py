@@ -16,6 +16,7 @@ of a fixed dev sample; ``DIR/best`` keeps the checkpoint with the best dev BLEU.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer, processors
 from lmlab.checkpoint import unwrap
 from lmlab.errors import LmlabError
 from lmlab.messages import say, warn
+from lmlab.models.loading import read_target_tokenizer
 from lmlab.pairs import Pairs, bucket_batches, pad_batch, read_pairs
 from lmlab.tokenizer import EOT, load_tokenizer, train_tokenizer
 from lmlab.training.trainer import Trainer, _Progress
@@ -34,6 +36,42 @@ from lmlab.training.trainer import Trainer, _Progress
 PAD = "<pad>"
 #: dev pairs held out when no --valid is given (at most)
 MAX_VALID = 1000
+
+
+#: what ends a sentence, in the order looked for: lmlab's own, then SentencePiece's (T5, Marian)
+END_TOKENS = (EOT, "</s>")
+
+
+def end_token_id(tok: Tokenizer) -> int | None:
+    return next((i for i in (tok.token_to_id(t) for t in END_TOKENS) if i is not None), None)
+
+
+def pairs_tokenizer(kind: str, pairs: Pairs | None, vocab_size: int, side: str = "both") -> Tokenizer:
+    """One vocabulary over both sides (``char`` or byte-level ``bpe`` trained on ``pairs``;
+    ``side`` "source" or "target": on that side only), with a padding token; or an existing
+    tokenizer (``kind`` = a tokenizer.json or a folder holding one). Sources end with EOS (a
+    post-processor adds it), as Marian's and T5's do: whoever encodes a source with it
+    (lmlab translate, transformers' AutoTokenizer) gets it."""
+    if kind in ("char", "bpe"):
+        assert pairs is not None
+        texts = {"source": pairs.sources, "target": pairs.targets}.get(side)
+        chunks = texts if texts is not None else (t for pair in zip(pairs.sources, pairs.targets) for t in pair)
+        tok = train_tokenizer(kind, chunks, vocab_size)
+    elif Path(kind).is_dir() and not (Path(kind) / "tokenizer.json").is_file() and (Path(kind) / "spiece.model").is_file():
+        from lmlab.spm import load_spm_tokenizer  # a T5-style SentencePiece folder
+
+        tok = load_spm_tokenizer(kind)
+    else:
+        tok = load_tokenizer(kind)
+    if tok.token_to_id(PAD) is None:
+        tok.add_special_tokens([PAD])
+    eos = end_token_id(tok)
+    if tok.post_processor is None and eos is not None:
+        end = tok.id_to_token(eos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {end}", pair=f"$A {end} $B {end}", special_tokens=[(end, eos)]
+        )
+    return tok
 
 
 class Seq2SeqTrainer(Trainer):
@@ -45,34 +83,56 @@ class Seq2SeqTrainer(Trainer):
         return read_pairs(cfg.data, cfg.target_data, cfg.source_field, cfg.target_field)
 
     def _new_tokenizer(self) -> Tokenizer:
-        """One vocabulary over both sides (char or byte-level BPE), with a padding token; or an
-        existing tokenizer (a tokenizer.json or a folder holding one)."""
         cfg = self.cfg
         if cfg.tokenizer in ("char", "bpe"):
-            pairs = self._pairs = self._read()
-            tok = train_tokenizer(cfg.tokenizer, (t for pair in zip(pairs.sources, pairs.targets) for t in pair),
-                                  cfg.vocab_size)  # fmt: skip
-        else:
-            tok = load_tokenizer(cfg.tokenizer)
-        if tok.token_to_id(PAD) is None:
-            tok.add_special_tokens([PAD])
-        eos = tok.token_to_id(EOT)
-        if tok.post_processor is None and eos is not None:
-            # a source ends with EOS, as Marian's and T5's do: whoever encodes a source with
-            # this tokenizer (lmlab translate, transformers' AutoTokenizer) gets it too
-            tok.post_processor = processors.TemplateProcessing(
-                single=f"$A {EOT}", pair=f"$A {EOT} $B {EOT}", special_tokens=[(EOT, eos)]
-            )
+            self._pairs = self._read()
+        elif cfg.separate_vocab:
+            raise LmlabError("--separate-vocab trains a tokenizer per side: give --tokenizer char or bpe")
+        return pairs_tokenizer(cfg.tokenizer, getattr(self, "_pairs", None), cfg.vocab_size,
+                               "source" if cfg.separate_vocab else "both")  # fmt: skip
+
+    @property
+    def target_tok(self) -> Tokenizer:
+        """The decoder's tokenizer: the source's, or with --separate-vocab its own (trained on
+        the targets; a resumed run reads its target_tokenizer.json)."""
+        tok = getattr(self, "_target_tok", None)
+        if tok is None:
+            cfg = self.cfg
+            shared = getattr(self, "shared", {}).get("target_tokenizer")
+            if shared:  # a torchrun rank > 0: rank 0's, as for the source tokenizer
+                tok = Tokenizer.from_str(shared)
+            elif cfg.resume is not None:
+                tok = read_target_tokenizer(cfg.resume)
+            elif cfg.separate_vocab:
+                pairs = getattr(self, "_pairs", None) or self._read()
+                tok = pairs_tokenizer(cfg.tokenizer, pairs, cfg.vocab_size, "target")
+            self._target_tok = tok = tok or self.tok
         return tok
 
+    def _target_tokenizer_to_save(self) -> Tokenizer | None:
+        return None if self.target_tok is self.tok else self.target_tok
+
+    def _shared_extras(self) -> dict[str, str]:
+        extra = self._target_tokenizer_to_save()
+        return {"target_tokenizer": extra.to_str()} if extra is not None else {}
+
+    def _new_model_config(self) -> Any:
+        tv = None if self.target_tok is self.tok else self.target_tok.get_vocab_size()
+        return self.cfg.model_config(self.tok.get_vocab_size(), target_vocab_size=tv)
+
     def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
-        eos = self.tok.token_to_id(EOT)
-        if eos is None:
-            raise LmlabError(f"the tokenizer has no {EOT} token, which marks a sentence's end; use --tokenizer char or bpe")
+        eos = end_token_id(self.target_tok)
+        if eos is None or end_token_id(self.tok) is None:
+            raise LmlabError(f"the tokenizer has no end-of-sentence token ({' or '.join(END_TOKENS)}); "
+                             "use --tokenizer char or bpe")  # fmt: skip
         return {
             "eos_token_id": eos, "bos_token_id": eos, "decoder_start_token_id": eos,
-            "pad_token_id": self.tok.token_to_id(PAD), "max_new_tokens": mcfg.max_target_len - 1,
+            "pad_token_id": self.target_tok.token_to_id(PAD), "max_new_tokens": mcfg.max_target_len - 1,
         }  # fmt: skip
+
+    @property
+    def _source_pad(self) -> int:
+        return self.tok.token_to_id(PAD) or 0
 
     def _load_data(self, resuming: bool) -> Any:
         cfg = self.cfg
@@ -87,23 +147,24 @@ class Seq2SeqTrainer(Trainer):
     def _encode(self, pairs: Pairs, what: str) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids: sources end with EOS; targets are bare (EOS is added around them)."""
         m = unwrap(self.model).config
-        eos = self.gen_cfg["eos_token_id"]
-        src = [e.ids if e.ids[-1:] == [eos] else e.ids + [eos] for e in self.tok.encode_batch(pairs.sources)]
-        tgt = [e.ids for e in self.tok.encode_batch(pairs.targets, add_special_tokens=False)]
-        long_src = sum(len(s) > m.max_source_len for s in src)
-        long_tgt = sum(len(t) + 1 > m.max_target_len for t in tgt)
-        if long_src or long_tgt:
-            warn(f"{what}: {long_src} sources and {long_tgt} targets are longer than the model's {m.max_source_len} "
-                 f"tokens and were cut (raise --max-seq-len to keep them whole)")  # fmt: skip
-        src = [s if len(s) <= m.max_source_len else s[: m.max_source_len - 1] + [eos] for s in src]
+        src_eos = end_token_id(self.tok)
+        src = [e.ids if e.ids[-1:] == [src_eos] else e.ids + [src_eos] for e in self.tok.encode_batch(pairs.sources)]
+        tgt = [e.ids for e in self.target_tok.encode_batch(pairs.targets, add_special_tokens=False)]
+        self._cut[0] += sum(len(s) > m.max_source_len for s in src)
+        self._cut[1] += sum(len(t) + 1 > m.max_target_len for t in tgt)
+        src = [s if len(s) <= m.max_source_len else s[: m.max_source_len - 1] + [src_eos] for s in src]
         tgt = [t[: m.max_target_len - 1] for t in tgt]
         return src, tgt
 
     def _split_data(self, mcfg: Any, corpus: Any) -> None:
         train, valid = corpus
         self.train_pairs, self.valid_pairs = train, valid
+        self._cut = [0, 0]  # sources, targets longer than the model takes (one warning for both sets)
         self.train_src, self.train_tgt = self._encode(train, "training pairs")
         self.val_src, self.val_tgt = self._encode(valid, "dev pairs")
+        if any(self._cut):
+            warn(f"{self._cut[0]} sources and {self._cut[1]} targets (training and dev pairs) are longer than the "
+                 f"model's {mcfg.max_source_len} tokens and were cut (raise --max-seq-len to keep them whole)")  # fmt: skip
         self.seq_len = mcfg.max_target_len
         self.val_starts = None
         self._plan_lens: list[int] = []
@@ -140,8 +201,9 @@ class Seq2SeqTrainer(Trainer):
 
     def _tensors(self, rows: list[int], src: list[list[int]], tgt: list[list[int]]) -> tuple[torch.Tensor, ...]:
         eos, pad = self.gen_cfg["eos_token_id"], self.gen_cfg["pad_token_id"]
-        s, s_mask = pad_batch([src[i] for i in rows], pad)
-        tin, _ = pad_batch([[eos] + tgt[i] for i in rows], pad)
+        start = self.gen_cfg["decoder_start_token_id"]
+        s, s_mask = pad_batch([src[i] for i in rows], self._source_pad)
+        tin, _ = pad_batch([[start] + tgt[i] for i in rows], pad)
         lab, lab_mask = pad_batch([tgt[i] + [eos] for i in rows], pad)
         lab = lab.masked_fill(~lab_mask, -100)  # ignored by the loss
         return s.to(self.device), s_mask.to(self.device), tin.to(self.device), lab.to(self.device)
@@ -161,11 +223,13 @@ class Seq2SeqTrainer(Trainer):
         self.step_tokens = sum(len(self.train_src[i]) + len(self.train_tgt[i]) + 1 for i in rows)
         losses = []
         for i, micro in enumerate(mine):
-            if not micro:
-                continue
+            # A batch smaller than W × grad_accum leaves some parts empty: they still run (a row
+            # of the batch, weighted 0), so every rank joins every gradient all-reduce.
+            weight = 1.0 if micro else 0.0
             last = i == len(mine) - 1
             with self.model.no_sync() if self.dist.active and not last else nullcontext():
-                loss = self._seq2seq_loss(micro, self.train_src, self.train_tgt, cfg.label_smoothing) / cfg.grad_accum
+                loss = self._seq2seq_loss(micro or rows[:1], self.train_src, self.train_tgt, cfg.label_smoothing)
+                loss = loss * (weight / cfg.grad_accum)
                 loss.backward()
             losses.append(loss.detach())
         total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
@@ -179,10 +243,13 @@ class Seq2SeqTrainer(Trainer):
         if not self.val_src:
             return None
         self.model.eval()
-        B = self.cfg.batch_size
-        n = min(len(self.val_src), self.cfg.eval_batches * B)
-        losses = [float(self._seq2seq_loss(list(range(i, min(i + B, n))), self.val_src, self.val_tgt, 0.0))
-                  for i in range(0, n, B)]  # fmt: skip
+        cfg = self.cfg
+        lens = ([len(s) for s in self.val_src], [len(t) + 1 for t in self.val_tgt])
+        if cfg.batch_tokens:  # the training batches' size, so long dev pairs fit as training pairs do
+            batches = bucket_batches(*lens, batch_tokens=cfg.batch_tokens, seed=cfg.seed, epoch=0)
+        else:
+            batches = bucket_batches(*lens, batch_size=cfg.batch_size, seed=cfg.seed, epoch=0)
+        losses = [float(self._seq2seq_loss(b, self.val_src, self.val_tgt, 0.0)) for b in batches[: cfg.eval_batches]]
         self.model.train()
         return self.dist.mean(sum(losses) / len(losses))
 
@@ -199,7 +266,7 @@ class Seq2SeqTrainer(Trainer):
         model.eval()
         cfg = GenerationConfig.from_dict(self.gen_cfg, temperature=0.0)
         try:
-            results = seq2seq_generate(model, self.tok, self.val_src[:k], cfg, self.gen_cfg["pad_token_id"], 32)
+            results = seq2seq_generate(model, self.target_tok, self.val_src[:k], cfg, self._source_pad, 32)
         finally:
             model.train()
         hyps = [r[0].text for r in results]
@@ -224,4 +291,4 @@ class Seq2SeqTrainer(Trainer):
         return is_best
 
 
-__all__ = ["PAD", "Seq2SeqTrainer"]
+__all__ = ["PAD", "Seq2SeqTrainer", "pairs_tokenizer"]

@@ -108,9 +108,14 @@ class Trainer(TrainerSetup):
 
         def write(folder: Path) -> None:
             tensors = state_tensors(self.model, self.optimizer, rank_rngs)
-            write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, tensors)
+            write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, tensors,
+                             target_tokenizer=self._target_tokenizer_to_save())  # fmt: skip
 
         self.run.save(step, write, best=best)
+
+    def _target_tokenizer_to_save(self) -> Any:
+        """A second tokenizer the checkpoint keeps (an encoder-decoder's target side); None."""
+        return None
 
     # ----------------------------------------------------------------- steps
     def _autocast(self):

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SHAKESPEARE_TEXT, bpe_tokenizer, tiny_checkpoint, tiny_seq2seq_checkpoint
+from helpers import (
+    MARIAN_SHAPE,
+    REPO,
+    SHAKESPEARE_TEXT,
+    bpe_tokenizer,
+    tiny_checkpoint,
+    tiny_seq2seq_checkpoint,
+)
 
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
@@ -274,7 +281,7 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch, gpt2_local):
     trained = set(re.findall(r"""out\s*=\s*["'](runs/[\w.-]+)["']""", block.text))
     for name in set(re.findall(r"""["'](runs/[\w.-]+)["']""", block.text)) - trained:
         if name.startswith("runs/translator"):  # an encoder-decoder
-            tiny_seq2seq_checkpoint(tmp_path / name)
+            tiny_seq2seq_checkpoint(tmp_path / name, **(MARIAN_SHAPE if "marian" in name else {}))
         else:
             tiny_checkpoint(tmp_path / name, "bpe", max_seq_len=64)
     (tmp_path / "gpt2-local").symlink_to(gpt2_local, target_is_directory=True)

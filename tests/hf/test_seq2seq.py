@@ -268,3 +268,11 @@ def test_lmlab_translate_equals_transformers_text(marian_with_spm: Path, tmp_pat
         ids = tok(t, return_tensors="pt").input_ids
         want.append(tok.decode(ref_model.generate(ids)[0], skip_special_tokens=True))
     assert out.stdout.splitlines() == want
+
+
+def test_forced_token_ids_past_the_vocabulary_are_refused() -> None:
+    from lmlab.generate.config import GenerationConfig
+
+    for key in ("forced_eos_token_id", "forced_bos_token_id", "decoder_start_token_id"):
+        with pytest.raises(LmlabError, match=key.split("_token")[0] if key != "forced_eos_token_id" else "eos_token_id"):
+            GenerationConfig(**{key: 500}).check_token_ids(50)

@@ -41,7 +41,7 @@ FLAGS = {
     "--source-field": ("source_field", "en"), "--target-field": ("target_field", "de"), "--valid": ("valid", "v.tsv"),
     "--batch-tokens": ("batch_tokens", 900), "--label-smoothing": ("label_smoothing", 0.2),
     "--bleu-samples": ("bleu_samples", 50), "--cell": ("cell", "lstm"), "--attention": ("attention", "dot"),
-    "--post-norm": ("post_norm", True),
+    "--post-norm": ("post_norm", True), "--separate-vocab": ("separate_vocab", True),
 }  # fmt: skip
 
 

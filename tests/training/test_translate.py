@@ -95,8 +95,14 @@ def test_two_line_aligned_files_and_batch_tokens(tmp_path: Path) -> None:
         (dict(model="rnn-attention"), "rnn-attention and transformer are for --task translate"),
         (dict(task="translate", pos="rope"), "sinusoidal or learned, not rope"),
         (dict(task="translate", data="builtin"), "needs parallel text"),
-        (dict(target_data="x.de"), "--target-data and --valid are for --task translate"),
+        (dict(target_data="x.de"), "--target-data, --valid and --separate-vocab are for --task translate"),
         (dict(task="translate", label_smoothing=1.5), "--label-smoothing must be in"),
+        (dict(task="translate", cell="lstm"), "--cell: for --model rnn-attention, not transformer; drop it"),
+        (dict(task="translate", model="rnn-attention", n_head=8), "--n-head: for --model transformer"),
+        (dict(bleu_samples=5, batch_tokens=100), "--batch-tokens, --bleu-samples: for --task translate only"),
+        (dict(task="translate", init="gpt2"), "--init with --task translate is not supported yet"),
+        (dict(task="translate", val_fraction=0.0), "--val-fraction 0 leaves no dev pairs"),
+        (dict(task="translate", n_kv_head=2), "--n-kv-head: not used by an encoder-decoder"),
     ],
 )
 def test_bad_options_are_one_line(options: dict, message: str, tmp_path: Path, pairs_tsv: Path) -> None:
@@ -113,3 +119,64 @@ def test_the_rnn_with_attention_trains_and_translates(pairs_tsv: Path, tmp_path:
     m = lmlab.load(res.out)
     assert type(m.module).__name__ == "RNNSeq2Seq" and m.config.cell == "lstm" and m.config.attention == "general"
     assert isinstance(m.translate("the cat", num_beams=2), str)
+
+
+def test_long_sources_are_cut_with_one_warning_at_training_and_at_inference(pairs_tsv: Path, tmp_path: Path) -> None:
+    from helpers import lmlab_warnings, recorded_warnings
+
+    long = tmp_path / "long.tsv"
+    long.write_text("".join(f"{'the cat ' * 40}\tder katze\n" for _ in range(3)) + pairs_tsv.read_text(), encoding="utf-8")
+    with recorded_warnings() as caught:
+        res = lmlab.train(data=str(long), out=str(tmp_path / "r"), steps=2, max_seq_len=24, bleu_samples=0,
+                          **{k: v for k, v in SMALL.items()})  # fmt: skip
+    cut = [w for w in lmlab_warnings(caught) if "longer than the model's 24" in w]
+    assert len(cut) == 1 and "3 sources" in cut[0]
+    m = lmlab.load(res.out)
+    with recorded_warnings() as caught:
+        out = m.translate(["the cat " * 40, "the dog", "a cat " * 30], max_new_tokens=3)
+    said = [w for w in lmlab_warnings(caught) if "source tokens" in w]
+    assert len(out) == 3 and len(said) == 1 and said[0].startswith("2 of 3 inputs were longer than the model's 24")
+
+
+def test_a_sentencepiece_folder_is_a_tokenizer_for_translation(pairs_tsv: Path, tmp_path: Path) -> None:
+    """--tokenizer FOLDER with a T5-style spiece.model (no tokenizer.json): its </s> ends sources."""
+    import sentencepiece
+
+    lines = [line for line in pairs_tsv.read_text().splitlines()[1:] for line in line.split("\t")]
+    folder = tmp_path / "spm"
+    folder.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"), vocab_size=40, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, minloglevel=2,
+    )  # fmt: skip
+    res = lmlab.train(data=str(pairs_tsv), out=str(tmp_path / "r"), steps=2, bleu_samples=2,
+                      **{**SMALL, "tokenizer": str(folder)})  # fmt: skip
+    m = lmlab.load(res.out)
+    assert m.generation_config["eos_token_id"] == m.tokenizer.token_to_id("</s>") == 1
+    assert m.tokenizer.encode("the cat").ids[-1] == 1
+    assert isinstance(m.translate("the cat"), str)
+
+
+def test_separate_vocabularies_train_save_resume_and_translate(pairs_tsv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sep"
+    opts = dict(SMALL, tokenizer="char", separate_vocab=True, bleu_samples=4, eval_every=2, save_every=2)
+    lmlab.train(data=str(pairs_tsv), out=str(out), steps=2, **opts)
+    assert (out / "target_tokenizer.json").is_file() and (out / "best" / "target_tokenizer.json").is_file()
+    m = lmlab.load(out)
+    src_chars = set("".join(m.tokenizer.get_vocab()))
+    assert m.target_tokenizer is not m.tokenizer and "z" in m.target_tokenizer.get_vocab()  # katze: German only
+    assert "z" not in src_chars  # the English side has no z
+    assert m.config.target_vocab_size == m.target_tokenizer.get_vocab_size() and not m.config.share_embeddings
+    assert isinstance(m.translate("the cat"), str)
+    lmlab.train(resume=str(out), steps=4)
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 4
+    m.save(tmp_path / "saved")  # Model.save keeps the target side too
+    again = lmlab.load(tmp_path / "saved")
+    assert again.target_tokenizer.get_vocab() == m.target_tokenizer.get_vocab()
+    (tmp_path / "saved" / "target_tokenizer.json").unlink()
+    with pytest.raises(LmlabError, match="has no target_tokenizer.json"):
+        lmlab.load(tmp_path / "saved")
+    with pytest.raises(LmlabError, match="one vocabulary for both sides"):
+        from lmlab.hf import export_hf
+
+        export_hf(str(out), tmp_path / "hf")
