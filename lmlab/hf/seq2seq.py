@@ -189,8 +189,6 @@ def _common_needs(cfg: Seq2SeqConfig) -> list[str]:
         out.append("scaled attention without relative positions (a T5-style model exports as T5 only)")
     if cfg.n_head * cfg.head_dim != cfg.d_model:
         out.append(f"n_head × head_dim = d_model (has {cfg.n_head} × {cfg.head_dim} ≠ {cfg.d_model})")
-    if cfg.max_source_len != cfg.max_target_len:
-        out.append("one position table for both sides (max_source_len = max_target_len)")
     if not cfg.scale_embedding and cfg.pos == "sinusoidal":
         out.append("embeddings × √d (scale_embedding)")
     return out
@@ -200,6 +198,8 @@ def _learned_needs(cfg: Seq2SeqConfig) -> list[str]:
     """BART's positions: learned, two spare rows, a LayerNorm after the embeddings."""
     if cfg.pos != "learned" or cfg.pos_offset != 2 or not cfg.embed_norm:
         return ["--pos learned (BART's layout: offset 2, a norm after the embeddings)"]
+    if cfg.max_source_len != cfg.max_target_len:
+        return ["one position table for both sides (max_source_len = max_target_len)"]
     return []
 
 

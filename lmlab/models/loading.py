@@ -260,7 +260,8 @@ def load_checkpoint(
     module = build_from_weights(cfg, tensors, str(path))
     module = module.to(device=dev, dtype=resolve_dtype(dtype) or torch.float32)
     target = read_target_tokenizer(path)
-    if target is None and getattr(cfg, "target_vocab_size", None) is not None:
+    tv = getattr(cfg, "target_vocab_size", None)
+    if target is None and tv is not None and tv != tok.get_vocab_size():
         raise LmlabError(
             f"{path} is an encoder-decoder with its own target vocabulary but has no target_tokenizer.json; "
             "copy that file back from where the checkpoint was trained"
