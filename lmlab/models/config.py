@@ -152,8 +152,26 @@ class RNNConfig:
 SEQ2SEQ_POSITIONS = ("sinusoidal", "learned", "relative")
 
 
+class TargetSide:
+    """What the decoding loop reads of an encoder-decoder's config (both kinds share it)."""
+
+    target_vocab_size: int | None
+    vocab_size: int
+    max_target_len: int
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        """The target vocabulary: the width of the logits."""
+        return self.target_vocab_size or self.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """What the decoding loop calls the context: the target's length."""
+        return self.max_target_len
+
+
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(TargetSide):
     """The encoder-decoder Transformer (Vaswani et al. 2017) and, by setting fields, Marian
     (opus-mt), BART and T5: every difference between them is a field, as for the decoder-only
     :class:`TransformerConfig`. Lengths are in tokens; ``n_layer`` sizes both stacks unless
@@ -212,16 +230,6 @@ class Seq2SeqConfig:
             self.final_norm = self.prenorm
         self.validate()
 
-    @property
-    def tgt_vocab_size(self) -> int:
-        """The target vocabulary: the width of the logits."""
-        return self.target_vocab_size or self.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        """What the decoding loop calls the context: the target's length."""
-        return self.max_target_len
-
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -257,7 +265,7 @@ ATTENTION_SCORES = ("additive", "dot", "general")
 
 
 @dataclass
-class RNNSeq2SeqConfig:
+class RNNSeq2SeqConfig(TargetSide):
     """The RNN encoder-decoder with attention (Bahdanau et al. 2015; Luong et al. 2015):
     a bidirectional GRU/LSTM reads the source, a GRU/LSTM decoder attends over its states.
     ``attention`` picks the paper: additive = Bahdanau (the previous state queries, the
@@ -286,16 +294,6 @@ class RNNSeq2SeqConfig:
         if self.attention_size is None:
             self.attention_size = self.hidden_size
         self.validate()
-
-    @property
-    def tgt_vocab_size(self) -> int:
-        """The target vocabulary: the width of the logits."""
-        return self.target_vocab_size or self.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        """What the decoding loop calls the context: the target's length."""
-        return self.max_target_len
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
