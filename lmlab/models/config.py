@@ -35,6 +35,15 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "silu", "relu")
 RECURRENT = ("rnn", "gru", "lstm")
 
 
+def head_dim_of(d_model: int, n_head: int) -> int:
+    """d_model split evenly over the heads (the default head size of both Transformers)."""
+    if n_head <= 0 or d_model % n_head:
+        raise LmlabError(
+            f"d_model={d_model} is not divisible by n_head={n_head}; choose --d-model as a multiple of --n-head"
+        )
+    return d_model // n_head
+
+
 @dataclass
 class TransformerConfig:
     """A decoder-only Transformer (GPT-2, Llama, Qwen2, ... by setting fields)."""
@@ -70,12 +79,7 @@ class TransformerConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
-            if self.n_head <= 0 or self.d_model % self.n_head:
-                raise LmlabError(
-                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                    "choose --d-model as a multiple of --n-head"
-                )
-            self.head_dim = self.d_model // self.n_head
+            self.head_dim = head_dim_of(self.d_model, self.n_head)
         if self.d_ff is None:
             if self.gated_mlp:  # keep parameters ~ equal to a 4x plain MLP, rounded to 8
                 self.d_ff = int(8 * self.d_model / 3 + 7) // 8 * 8
@@ -218,12 +222,7 @@ class Seq2SeqConfig(TargetSide):
         if self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
         if self.head_dim is None:
-            if self.n_head <= 0 or self.d_model % self.n_head:
-                raise LmlabError(
-                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
-                    "choose --d-model as a multiple of --n-head"
-                )
-            self.head_dim = self.d_model // self.n_head
+            self.head_dim = head_dim_of(self.d_model, self.n_head)
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.final_norm is None:
