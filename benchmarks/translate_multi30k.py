@@ -51,7 +51,7 @@ PAIRS = {
     ),
     "tatoeba": dict(
         train=("tatoeba_cmn_train.tsv.gz", None), valid=("tatoeba_cmn_dev.tsv", None),
-        tests={"test": ("tatoeba_cmn_test.tsv", None)}, vocab=8000, tokenize="zh",
+        tests={"test": ("tatoeba_cmn_test.tsv", None)}, vocab=8000, tokenize="zh", separate_vocab=True,
     ),
 }  # fmt: skip
 
@@ -90,7 +90,7 @@ def run_one(name: str, pair_name: str, minutes: float, out: Path, test_limit: in
     res = lmlab.train(
         task="translate", data=str(MT / src), target_data=str(MT / tgt) if tgt else None,
         valid=_valid_tsv(pair, run), out=str(run / "run"), overwrite=True, tokenizer="bpe",
-        vocab_size=pair["vocab"], time=f"{minutes}m", eval_every=max(50, int(minutes * 7)), bleu_samples=300,
+        vocab_size=pair["vocab"], separate_vocab=pair.get("separate_vocab", False), time=f"{minutes}m", eval_every=max(50, int(minutes * 7)), bleu_samples=300,
         progress=False, **RECIPES[name],
     )  # fmt: skip
     wall_train = time.perf_counter() - t0

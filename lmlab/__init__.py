@@ -28,14 +28,16 @@ _LAZY = {
     "LmlabError": "lmlab.errors",
     "Model": "lmlab.api",
     "load": "lmlab.api",
+    "pipeline": "lmlab.tasks",
     "train": "lmlab.training",
 }
 
-__all__ = ["LmlabError", "Model", "load", "train", "__version__"]
+__all__ = ["LmlabError", "Model", "load", "pipeline", "train", "__version__"]
 
 if TYPE_CHECKING:
     from lmlab.api import Model, load
     from lmlab.errors import LmlabError
+    from lmlab.tasks import pipeline
     from lmlab.training import train
 
 

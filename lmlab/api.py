@@ -112,6 +112,7 @@ class Model:
                 f"prompt must be a str or a list of str; {where} {type(bad).__name__} {bad!r}"[:300]
             )
         prompts = [prompt] if single else prompt
+        self._refuse_task_head("text generation")
         if self.is_encoder_decoder:  # text-to-text: the prompt is the source
             return self.translate(prompt, return_details=return_details, prefix="", **options)
         cfg = self._gen_config(**options)
@@ -151,6 +152,7 @@ class Model:
         texts = [text] if single else text
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise LmlabError(f"text must be a str or a list of str, not {type(text).__name__}")
+        self._refuse_task_head("translation and summarization")
         if not self.is_encoder_decoder:
             raise LmlabError(
                 f"{self.source or 'this model'} is a language model, not an encoder-decoder: translation and "
@@ -161,6 +163,13 @@ class Model:
         out = [[r if return_details else r.text for r in rs] for rs in results]
         flat = [rs[0] if len(rs) == 1 else rs for rs in out]
         return flat[0] if single else flat
+
+    def _refuse_task_head(self, what: str) -> None:
+        head = getattr(self.config, "head", None)
+        if head is not None:
+            kind, use = {"classify": ("a text classifier", "lmlab.pipeline('sentiment-analysis', ...) or `lmlab classify`"),
+                         "span": ("a question-answering model", "lmlab.pipeline('question-answering', ...) or `lmlab qa`")}[head]  # fmt: skip
+            raise LmlabError(f"{self.source or 'this model'} is {kind}, which does not write text ({what}); use {use}")
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``.
@@ -173,6 +182,7 @@ class Model:
                 f"stream takes one prompt (a str), not {type(prompt).__name__}; "
                 "for several prompts call generate with a list"
             )
+        self._refuse_task_head("text generation")
         cfg = self._gen_config(**options)
         if cfg.num_return_sequences > 1:
             raise LmlabError("stream gives one sequence; for num_return_sequences > 1 call generate")

@@ -309,3 +309,100 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch, seconds_per_step: Any) -> list[f
 
     monkeypatch.setattr(Trainer, "train_step", step)
     return clock
+
+
+# --------------------------------------------------------------------------- tiny HF encoders
+#: words of the tiny encoders' WordPiece vocabulary (English and Chinese; tests pick from them)
+ENCODER_WORDS = (
+    "the a an cat dog sat on mat in house great film bad awful good movie what where who is was did it not "
+    "very and of to zebra 猫 坐 在 垫 子 上 谁 什 么 斑 马 电 影 很 好"
+).split()
+ENCODER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def wordpiece_vocab() -> dict[str, int]:
+    pieces = ENCODER_SPECIALS + ENCODER_WORDS + ["##s", "##ed", "##ing", ".", ",", "?", "!"]
+    return {t: i for i, t in enumerate(pieces)}
+
+
+def wordpiece_tokenizer() -> Tokenizer:
+    """BERT's WordPiece over ``wordpiece_vocab()``, with [CLS] A [SEP] B [SEP]."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    return BertWordPieceTokenizer(wordpiece_vocab(), lowercase=True)._tokenizer
+
+
+def roberta_tokenizer() -> Tokenizer:
+    """A byte-level BPE trained on a few KB, specials at RoBERTa's ids, <s> A </s></s> B </s>."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+
+    bpe = ByteLevelBPETokenizer()
+    text = [TOKENIZER_TEXT, " ".join(ENCODER_WORDS) * 20]
+    bpe.train_from_iterator(text, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                            show_progress=False)  # fmt: skip
+    tok = bpe._tokenizer
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True)
+    return tok
+
+
+def randomize_(m: torch.nn.Module, std: float = 0.3) -> None:
+    """Weights far from their init (norm weights near 1, biases nonzero), so that a mapping
+    error anywhere shows in the outputs."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+            elif "norm" in name.lower():
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0, 0.1)
+
+
+def tiny_hf_encoder(
+    folder: str | Path, family: str = "bert", task: str = "classify", seed: int = 0,
+    labels: tuple[str, ...] = ("negative", "positive"), tokenizer_files: str = "json", **config: Any,
+) -> Path:  # fmt: skip
+    """A random ``{Bert,DistilBert,Roberta,XLMRoberta}For{SequenceClassification,QuestionAnswering}``
+    saved with its fast tokenizer (``tokenizer_files="vocab"``: BERT's vocab.txt / RoBERTa's
+    vocab.json + merges.txt only, no tokenizer.json)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    roberta = family in ("roberta", "xlm-roberta")
+    tok = roberta_tokenizer() if roberta else wordpiece_tokenizer()
+    V = tok.get_vocab_size()
+    label_kw = dict(id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
+    if task == "span":
+        label_kw = {}
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=V)
+    cfg = {
+        "bert": lambda: T.BertConfig(**size, max_position_embeddings=64, **label_kw, **config),
+        "distilbert": lambda: T.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=V,
+                                                 max_position_embeddings=64, **label_kw, **config),
+        "roberta": lambda: T.RobertaConfig(**size, max_position_embeddings=66, pad_token_id=1, type_vocab_size=1,
+                                           **label_kw, **config),
+        "xlm-roberta": lambda: T.XLMRobertaConfig(**size, max_position_embeddings=66, pad_token_id=1,
+                                                  type_vocab_size=1, **label_kw, **config),
+    }[family]()  # fmt: skip
+    prefix = {"bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[family]
+    head = "ForSequenceClassification" if task == "classify" else "ForQuestionAnswering"
+    model = getattr(T, prefix + head)(cfg).eval()
+    randomize_(model)
+    model.save_pretrained(folder)
+    if roberta:
+        fast = T.RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                      cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")  # fmt: skip
+    else:
+        fast = T.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                   cls_token="[CLS]", mask_token="[MASK]")  # fmt: skip
+    fast.model_max_length = cfg.max_position_embeddings - (2 if roberta else 0)
+    fast.save_pretrained(folder)
+    if tokenizer_files == "vocab":
+        (folder / "tokenizer.json").unlink()
+        if roberta:
+            tok.model.save(str(folder))  # vocab.json + merges.txt
+        else:
+            (folder / "vocab.txt").write_text("".join(t + "\n" for t in sorted(wordpiece_vocab(), key=wordpiece_vocab().get)),
+                                              encoding="utf-8")  # fmt: skip
+    return folder

@@ -21,7 +21,8 @@ PKG = REPO / "lmlab"
 #: Bottom to top. A module belongs to the first prefix that matches its dotted name.
 LAYERS: list[tuple[str, ...]] = [
     ("lmlab.errors", "lmlab.messages", "lmlab.runtime"),
-    ("lmlab.tokenizer", "lmlab.spm", "lmlab.textstream", "lmlab.data", "lmlab.pairs", "lmlab.checkpoint"),
+    ("lmlab.tokenizer", "lmlab.spm", "lmlab.textstream", "lmlab.data", "lmlab.pairs", "lmlab.labeled",
+     "lmlab.qa_data", "lmlab.checkpoint"),
     ("lmlab.nn",),
     ("lmlab.models",),
     ("lmlab.generate", "lmlab.training", "lmlab.hf", "lmlab.eval"),
@@ -151,6 +152,7 @@ def test_cycle_detector_catches_a_cycle(tmp_path, monkeypatch):
 
 
 COMMANDS = ["quickstart", "train", "generate", "eval", "info", "compare", "export"]
+APP_COMMANDS = ["translate", "summarize", "classify", "sentiment", "qa", "evaluate"]
 
 
 def test_every_command_is_checked_for_a_quick_help():
@@ -161,7 +163,7 @@ def test_every_command_is_checked_for_a_quick_help():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], *([c, "--help"] for c in COMMANDS), ["nonsense"], ["train", "--steps", "x"]],
+    [["--help"], *([c, "--help"] for c in COMMANDS + APP_COMMANDS), ["nonsense"], ["train", "--steps", "x"]],
 )
 def test_help_and_usage_errors_do_not_import_torch(argv):
     code = (

@@ -18,9 +18,18 @@ from pathlib import Path
 from typing import NoReturn
 
 from lmlab import __version__ as lmlab_version
+from lmlab.cli.apps import (
+    add_classify_args,
+    add_qa_args,
+    add_summarize_args,
+    add_task_eval_args,
+    cmd_classify,
+    cmd_evaluate_task,
+    cmd_qa,
+)
 from lmlab.cli.args import add_compare_args, add_generation_args, add_train_args, pickle_flag
 from lmlab.cli.commands import COMMANDS
-from lmlab.cli.seq2seq import add_evaluate_args, add_translate_args, cmd_evaluate, cmd_translate
+from lmlab.cli.seq2seq import add_evaluate_args, add_translate_args, cmd_translate
 from lmlab.cli.spelling import explain_usage_error, unknown_arguments
 from lmlab.errors import LmlabError
 from lmlab.messages import cli_format
@@ -88,8 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate (any text-to-text) with an encoder-decoder")
     add_translate_args(p)
 
-    p = sub.add_parser("evaluate", help="score a model on a test set: BLEU/chrF (translate), perplexity (lm)")
+    p = sub.add_parser("summarize", help="summarize texts with an encoder-decoder (BART, T5, or trained here)")
+    add_summarize_args(p)
+
+    for name in ("classify", "sentiment"):
+        p = sub.add_parser(name, help="label texts with a classifier (sentiment analysis)" if name == "classify"
+                           else "= classify")  # fmt: skip
+        add_classify_args(p)
+
+    p = sub.add_parser("qa", help="answer a question from a context (extractive question answering)")
+    add_qa_args(p)
+
+    p = sub.add_parser("evaluate", help="score a model on a test set: BLEU, ROUGE, accuracy, EM/F1 or perplexity")
     add_evaluate_args(p)
+    add_task_eval_args(p)
 
     p = sub.add_parser("eval", help="loss and perplexity of a model over a corpus (= evaluate --task lm)")
     p.add_argument("checkpoint")
@@ -172,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cli_format()  # every warning as one line, `lmlab: warning: ...`
     try:
-        return {**COMMANDS, "translate": cmd_translate, "evaluate": cmd_evaluate}[a.command](a)
+        extra = {"translate": cmd_translate, "summarize": cmd_translate, "evaluate": cmd_evaluate_task,
+                 "classify": cmd_classify, "sentiment": cmd_classify, "qa": cmd_qa}  # fmt: skip
+        return {**COMMANDS, **extra}[a.command](a)
     except LmlabError as e:
         if a.debug:
             raise

@@ -193,12 +193,18 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"dtype        {dtype}" + (f" (stored as {stored})" if stored else ""))
     if model.is_encoder_decoder:
         print(f"lengths      sources up to {cfg.max_source_len:,} tokens, targets up to {cfg.max_target_len:,}")
+    elif cfg.model_type == "task":
+        kind = "classifier" if cfg.head == "classify" else "extractive QA (span) head"
+        print(f"task         {kind}" + (f", labels: {', '.join(cfg.labels)}" if cfg.head == "classify" else ""))
+        print(f"context      {cfg.max_seq_len:,} tokens (longer texts are cut, with a warning; QA reads windows)")
     elif cfg.model_type == "transformer":
         print(f"context      {cfg.max_seq_len:,} tokens")
     else:  # a recurrent state has no length limit; max_seq_len is the training window
         print(f"context      unbounded (trained on {cfg.max_seq_len:,}-token windows)")
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    print("config       " + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "model_type"))
+    for label, c in ([("body", cfg.body), ("head", cfg)] if cfg.model_type == "task" else [("config", cfg)]):
+        fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+        skip = ("model_type", "body", "id2label")
+        print(f"{label:<13}" + ", ".join(f"{k}={v}" for k, v in fields.items() if k not in skip))
     print(f"tokenizer    {tokenizer_kind(model.tokenizer)}, {model.tokenizer.get_vocab_size()} tokens")
     if model.target_tokenizer is not model.tokenizer:
         tt = model.target_tokenizer

@@ -33,9 +33,12 @@ def add_translate_args(p: argparse.ArgumentParser) -> None:
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="an lmlab run, a Hugging Face folder or a Hub id")
-    p.add_argument("--task", choices=["translate", "lm"], default=None,
-                   help="translate: BLEU and chrF; lm: loss and perplexity (default: by the model)")  # fmt: skip
-    p.add_argument("--data", required=True, help="translate: a .tsv, .jsonl or the sources of two aligned files")
+    p.add_argument("--task", choices=["translate", "summarize", "classify", "qa", "lm"], default=None,
+                   help="translate: BLEU, chrF; summarize: ROUGE; classify: accuracy, macro-F1; qa: EM, F1; "
+                   "lm: perplexity (default: by the model)")  # fmt: skip
+    p.add_argument("--data", required=True,
+                   help="translate/summarize: .tsv, .jsonl or two aligned files; classify: text<TAB>label .tsv "
+                   "or .jsonl; qa: SQuAD JSON or .jsonl")  # fmt: skip
     p.add_argument("--target-data", metavar="FILE", help="the references, line-aligned with --data")
     p.add_argument("--source-field", default="src", help="a .jsonl's source key (src)")
     p.add_argument("--target-field", default="tgt", help="a .jsonl's reference key(s), comma-separated (tgt)")
@@ -87,7 +90,7 @@ def read_inputs(a: argparse.Namespace) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-class _Bar:
+class ProgressBar:
     """A progress bar over inputs on stderr (tqdm), advanced a batch at a time."""
 
     def __init__(self, total: int, on: bool) -> None:
@@ -102,7 +105,7 @@ class _Bar:
         self.bar.close()
 
 
-def _load(a: argparse.Namespace) -> Any:
+def load_model(a: argparse.Namespace) -> Any:
     import lmlab
 
     return lmlab.load(a.checkpoint, dtype=getattr(a, "dtype", None), device=getattr(a, "device", None),
@@ -112,9 +115,10 @@ def _load(a: argparse.Namespace) -> Any:
 def translate_lines(model: Any, texts: list[str], a: argparse.Namespace, return_details: bool = False) -> list[Any]:
     """One result per input, in order; empty inputs give empty results without decoding."""
     keep = [i for i, t in enumerate(texts) if t.strip()]
-    bar = _Bar(len(keep), a.progress)
+    bar = ProgressBar(len(keep), a.progress)
+    task = getattr(a, "hf_task", "translation")
     try:
-        got = model.translate([texts[i] for i in keep], return_details=return_details, prefix=a.prefix,
+        got = model.translate([texts[i] for i in keep], return_details=return_details, prefix=a.prefix, task=task,
                               batch_size=a.batch_size, on_batch=bar, **_options(a)) if keep else []  # fmt: skip
     finally:
         bar.close()
@@ -124,11 +128,11 @@ def translate_lines(model: Any, texts: list[str], a: argparse.Namespace, return_
     return out
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
-def _write(lines: list[str], output: str | None) -> None:
+def write_lines(lines: list[str], output: str | None) -> None:
     """stdout, or a file written whole then renamed into place (no half-written file)."""
     body = "".join(line + "\n" for line in lines)
     if output is None:
@@ -147,7 +151,12 @@ def _write(lines: list[str], output: str | None) -> None:
 
 def cmd_translate(a: argparse.Namespace) -> int:
     texts = read_inputs(a)  # before the (slow) load: a wrong path fails at once
-    model = _load(a)
+    model = load_model(a)
+    key = "summary_text" if getattr(a, "hf_task", "") == "summarization" else "translation_text"
+    if not model.is_encoder_decoder:
+        what = "summarization" if key == "summary_text" else "translation"
+        raise LmlabError(f"{a.checkpoint} is not an encoder-decoder; {what} needs a seq2seq model (trained with "
+                         "--task translate or --task summarize, or a Marian/BART/T5 folder)")  # fmt: skip
     if a.json:
         import dataclasses
 
@@ -155,14 +164,14 @@ def cmd_translate(a: argparse.Namespace) -> int:
         rows = []
         for r in results:
             rs = r if isinstance(r, list) else [r]
-            items = [{"translation_text": x.text, **({"details": dataclasses.asdict(x)} if a.logprobs is not None else {})}
-                     if x is not None else {"translation_text": ""} for x in rs]  # fmt: skip
+            items = [{key: x.text, **({"details": dataclasses.asdict(x)} if a.logprobs is not None else {})}
+                     if x is not None else {key: ""} for x in rs]  # fmt: skip
             rows.append(json.dumps(items if len(items) > 1 else items[0], ensure_ascii=False))
-        _write(rows, a.output)
+        write_lines(rows, a.output)
         return 0
     results = translate_lines(model, texts, a)
-    lines = [_one_line(" ||| ".join(r) if isinstance(r, list) else r) for r in results]
-    _write(lines, a.output)
+    lines = [one_line(" ||| ".join(r) if isinstance(r, list) else r) for r in results]
+    write_lines(lines, a.output)
     return 0
 
 
@@ -186,7 +195,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.max_samples is not None and a.max_samples < 1:
         raise LmlabError(f"--max-samples must be >= 1 (got {a.max_samples})")
     pairs = read_pairs(a.data, a.target_data, a.source_field, a.target_field) if task == "translate" else None
-    model = _load(a)
+    model = load_model(a)
     task = task or ("translate" if model.is_encoder_decoder else "lm")
     if task == "lm":
         from lmlab.cli.commands import report_perplexity
@@ -202,11 +211,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.max_samples is not None:
         pairs = pairs.head(a.max_samples)
     a.num_return_sequences = None  # one hypothesis per source
-    hyps = [_one_line(h) for h in translate_lines(model, pairs.sources, a)]
+    hyps = [one_line(h) for h in translate_lines(model, pairs.sources, a)]
     refs = pairs.references if pairs.references is not None else pairs.targets
     scores = translation_scores(hyps, refs, tokenize=a.tokenize)
     if a.output:
-        _write(hyps, a.output)
+        write_lines(hyps, a.output)
     if a.json:
         print(json.dumps({k: scores[k] for k in ("bleu", "chrf", "signature", "n")}, ensure_ascii=False))
         return 0

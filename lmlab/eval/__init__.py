@@ -1,11 +1,18 @@
-"""Scoring models with the field's metrics.
+"""Scoring models with the field's metrics, one module each:
 
-Today: a language model's loss and perplexity over a corpus (:mod:`lmlab.eval.perplexity`,
-``lmlab eval``). Each task's metric joins here as its own module (BLEU and chrF for
-translation, ROUGE for summaries, accuracy and F1 for classification, SQuAD EM/F1).
+    perplexity.py      a language model's loss and perplexity over a corpus (lmlab eval)
+    bleu.py            translation: sacreBLEU BLEU and chrF
+    rouge.py           summarization: ROUGE-1/2/L/Lsum F1 (rouge-score; Chinese by character)
+    classification.py  accuracy, macro-F1, the confusion matrix (and its picture)
+    squad.py           question answering: SQuAD v1.1 EM/F1, CMRC 2018 for Chinese
+
+The metric libraries are imported on first use.
 """
 
-from lmlab.eval.bleu import translation_scores  # light: sacreBLEU is imported on first use
+from lmlab.eval.bleu import translation_scores
+from lmlab.eval.classification import classification_scores
 from lmlab.eval.perplexity import evaluate_corpus
+from lmlab.eval.rouge import rouge_scores
+from lmlab.eval.squad import qa_scores
 
-__all__ = ["evaluate_corpus", "translation_scores"]
+__all__ = ["classification_scores", "evaluate_corpus", "qa_scores", "rouge_scores", "translation_scores"]

@@ -168,7 +168,9 @@ def load_hf(
     from the memory-mapped safetensors in ``dtype`` (default float32), so loading needs
     about the weights' size in memory, once.
     """
+    from lmlab.hf.encoder import ENCODER_FAMILIES, load_encoder_tokenizer
     from lmlab.hf.seq2seq import SEQ2SEQ_FAMILIES
+    from lmlab.models.heads import TaskModel
     from lmlab.models.seq2seq import Seq2SeqTransformer
     from lmlab.models.transformer import Transformer
     from lmlab.tokenizer import load_tokenizer
@@ -178,7 +180,8 @@ def load_hf(
         raise LmlabError(f"{folder} has no config.json; a Hugging Face model folder needs one")
     raw = read_json(folder / "config.json", "config")
     seq2seq = SEQ2SEQ_FAMILIES.get(str(raw.get("model_type")))
-    family = seq2seq or family_for(raw, source)
+    encoder = ENCODER_FAMILIES.get(str(raw.get("model_type")))
+    family = seq2seq or encoder or family_for(raw, source)
     _refuse_quantized(raw, source)
     try:
         cfg = family.to_lmlab(raw)
@@ -193,6 +196,8 @@ def load_hf(
 
         tok, target_tok = load_seq2seq_tokenizers(folder)
         target_tok = None if target_tok is tok else target_tok
+    elif encoder:
+        tok = load_encoder_tokenizer(folder, encoder)
     else:
         tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     weights = CheckpointWeights(folder, allow_pickle)
@@ -200,7 +205,7 @@ def load_hf(
         if seq2seq:
             seq2seq.untie_if_stored(cfg, weights)
         with torch.device("meta"):
-            module = Seq2SeqTransformer(cfg) if seq2seq else Transformer(cfg)
+            module = Seq2SeqTransformer(cfg) if seq2seq else TaskModel(cfg) if encoder else Transformer(cfg)
         fill_model(module, family, weights, dt, source)
     finally:
         weights.close()

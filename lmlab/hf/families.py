@@ -32,7 +32,8 @@ def family_for(d: dict[str, Any], source: str) -> Family:
     need(
         fam is not None,
         f"{source} is a Hugging Face {mt!r} model, which lmlab cannot load "
-        f"(supported model_type: {', '.join(FAMILIES)}; encoder-decoders: marian, bart, mbart, t5)",
+        f"(supported model_type: {', '.join(FAMILIES)}; encoder-decoders: marian, bart, mbart, t5; "
+        "encoders with a task head: bert, distilbert, roberta, xlm-roberta)",
     )
     return fam
 

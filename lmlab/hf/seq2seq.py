@@ -32,7 +32,7 @@ GENERATION_KEYS = (
 )  # fmt: skip
 
 
-def _linear(lm: str, hf: str | tuple[str, ...], bias: bool, sizes: tuple[int, ...] = ()) -> list[Rule]:
+def linear_rules(lm: str, hf: str | tuple[str, ...], bias: bool, sizes: tuple[int, ...] = ()) -> list[Rule]:
     """lmlab Linear ``lm`` from the Hugging Face Linear(s) ``hf`` (several: fused along dim 0)."""
     parts = (hf,) if isinstance(hf, str) else hf
     op = "cat" if len(parts) > 1 else "copy"
@@ -42,7 +42,7 @@ def _linear(lm: str, hf: str | tuple[str, ...], bias: bool, sizes: tuple[int, ..
     return rules
 
 
-def _norm(lm: str, hf: str, bias: bool) -> list[Rule]:
+def norm_rules(lm: str, hf: str, bias: bool) -> list[Rule]:
     return [Rule(f"{lm}.weight", (f"{hf}.weight",))] + ([Rule(f"{lm}.bias", (f"{hf}.bias",))] if bias else [])
 
 
@@ -113,22 +113,22 @@ class Marian(Seq2SeqFamily):
         qkv = (d, d, d)
         for i in range(cfg.n_layer):
             p, q = f"model.encoder.layers.{i}.", f"encoder.{i}."
-            r += _linear(q + "attn.qkv", tuple(p + f"self_attn.{x}_proj" for x in "qkv"), True, qkv)
-            r += _linear(q + "attn.proj", p + "self_attn.out_proj", True)
-            r += _norm(q + "norm1", p + "self_attn_layer_norm", True)
-            r += _linear(q + "mlp.up", p + "fc1", True) + _linear(q + "mlp.down", p + "fc2", True)
-            r += _norm(q + "norm2", p + "final_layer_norm", True)
+            r += linear_rules(q + "attn.qkv", tuple(p + f"self_attn.{x}_proj" for x in "qkv"), True, qkv)
+            r += linear_rules(q + "attn.proj", p + "self_attn.out_proj", True)
+            r += norm_rules(q + "norm1", p + "self_attn_layer_norm", True)
+            r += linear_rules(q + "mlp.up", p + "fc1", True) + linear_rules(q + "mlp.down", p + "fc2", True)
+            r += norm_rules(q + "norm2", p + "final_layer_norm", True)
         for i in range(cfg.n_decoder_layer):
             p, q = f"model.decoder.layers.{i}.", f"decoder.{i}."
-            r += _linear(q + "attn.qkv", tuple(p + f"self_attn.{x}_proj" for x in "qkv"), True, qkv)
-            r += _linear(q + "attn.proj", p + "self_attn.out_proj", True)
-            r += _norm(q + "norm1", p + "self_attn_layer_norm", True)
-            r += _linear(q + "cross.q", p + "encoder_attn.q_proj", True)
-            r += _linear(q + "cross.kv", (p + "encoder_attn.k_proj", p + "encoder_attn.v_proj"), True, (d, d))
-            r += _linear(q + "cross.proj", p + "encoder_attn.out_proj", True)
-            r += _norm(q + "norm2", p + "encoder_attn_layer_norm", True)
-            r += _linear(q + "mlp.up", p + "fc1", True) + _linear(q + "mlp.down", p + "fc2", True)
-            r += _norm(q + "norm3", p + "final_layer_norm", True)
+            r += linear_rules(q + "attn.qkv", tuple(p + f"self_attn.{x}_proj" for x in "qkv"), True, qkv)
+            r += linear_rules(q + "attn.proj", p + "self_attn.out_proj", True)
+            r += norm_rules(q + "norm1", p + "self_attn_layer_norm", True)
+            r += linear_rules(q + "cross.q", p + "encoder_attn.q_proj", True)
+            r += linear_rules(q + "cross.kv", (p + "encoder_attn.k_proj", p + "encoder_attn.v_proj"), True, (d, d))
+            r += linear_rules(q + "cross.proj", p + "encoder_attn.out_proj", True)
+            r += norm_rules(q + "norm2", p + "encoder_attn_layer_norm", True)
+            r += linear_rules(q + "mlp.up", p + "fc1", True) + linear_rules(q + "mlp.down", p + "fc2", True)
+            r += norm_rules(q + "norm3", p + "final_layer_norm", True)
         return r
 
     def rules(self, cfg: Seq2SeqConfig) -> list[Rule]:
@@ -233,9 +233,9 @@ class Bart(Marian):
         r = super().rules(cfg)
         for side, lm in (("encoder", "enc"), ("decoder", "dec")):
             r.append(Rule(f"{lm}_pos.weight", (f"model.{side}.embed_positions.weight",)))
-            r += _norm(f"{lm}_emb_norm", f"model.{side}.layernorm_embedding", True)
+            r += norm_rules(f"{lm}_emb_norm", f"model.{side}.layernorm_embedding", True)
             if cfg.final_norm:
-                r += _norm(f"{lm}_norm", f"model.{side}.layer_norm", True)
+                r += norm_rules(f"{lm}_norm", f"model.{side}.layer_norm", True)
         return r
 
 
@@ -294,28 +294,28 @@ class T5(Seq2SeqFamily):
 
         def mlp(q: str, p: str) -> list[Rule]:
             up = (p + "wi_0", p + "wi_1") if cfg.gated_mlp else p + "wi"
-            return _linear(q + "mlp.up", up, False, (cfg.d_ff, cfg.d_ff)) + _linear(q + "mlp.down", p + "wo", False)
+            return linear_rules(q + "mlp.up", up, False, (cfg.d_ff, cfg.d_ff)) + linear_rules(q + "mlp.down", p + "wo", False)
 
         r = [Rule("src_emb.weight", ("shared.weight",))]
         for i in range(cfg.n_layer):
             p, q = f"encoder.block.{i}.layer.", f"encoder.{i}."
-            r += _linear(q + "attn.qkv", tuple(p + f"0.SelfAttention.{x}" for x in "qkv"), False, qkv)
-            r += _linear(q + "attn.proj", p + "0.SelfAttention.o", False)
-            r += _norm(q + "norm1", p + "0.layer_norm", False) + mlp(q, p + "1.DenseReluDense.")
-            r += _norm(q + "norm2", p + "1.layer_norm", False)
+            r += linear_rules(q + "attn.qkv", tuple(p + f"0.SelfAttention.{x}" for x in "qkv"), False, qkv)
+            r += linear_rules(q + "attn.proj", p + "0.SelfAttention.o", False)
+            r += norm_rules(q + "norm1", p + "0.layer_norm", False) + mlp(q, p + "1.DenseReluDense.")
+            r += norm_rules(q + "norm2", p + "1.layer_norm", False)
         for i in range(cfg.n_decoder_layer):
             p, q = f"decoder.block.{i}.layer.", f"decoder.{i}."
-            r += _linear(q + "attn.qkv", tuple(p + f"0.SelfAttention.{x}" for x in "qkv"), False, qkv)
-            r += _linear(q + "attn.proj", p + "0.SelfAttention.o", False)
-            r += _norm(q + "norm1", p + "0.layer_norm", False)
-            r += _linear(q + "cross.q", p + "1.EncDecAttention.q", False)
-            r += _linear(q + "cross.kv", (p + "1.EncDecAttention.k", p + "1.EncDecAttention.v"), False, (inner, inner))
-            r += _linear(q + "cross.proj", p + "1.EncDecAttention.o", False)
-            r += _norm(q + "norm2", p + "1.layer_norm", False) + mlp(q, p + "2.DenseReluDense.")
-            r += _norm(q + "norm3", p + "2.layer_norm", False)
+            r += linear_rules(q + "attn.qkv", tuple(p + f"0.SelfAttention.{x}" for x in "qkv"), False, qkv)
+            r += linear_rules(q + "attn.proj", p + "0.SelfAttention.o", False)
+            r += norm_rules(q + "norm1", p + "0.layer_norm", False)
+            r += linear_rules(q + "cross.q", p + "1.EncDecAttention.q", False)
+            r += linear_rules(q + "cross.kv", (p + "1.EncDecAttention.k", p + "1.EncDecAttention.v"), False, (inner, inner))
+            r += linear_rules(q + "cross.proj", p + "1.EncDecAttention.o", False)
+            r += norm_rules(q + "norm2", p + "1.layer_norm", False) + mlp(q, p + "2.DenseReluDense.")
+            r += norm_rules(q + "norm3", p + "2.layer_norm", False)
         for side, lm in (("encoder", "enc"), ("decoder", "dec")):
             r.append(Rule(f"{lm}_pos.weight", (f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)))
-            r += _norm(f"{lm}_norm", f"{side}.final_layer_norm", False)
+            r += norm_rules(f"{lm}_norm", f"{side}.final_layer_norm", False)
         if not cfg.tie_embeddings:
             r.append(Rule("lm_head.weight", ("lm_head.weight",)))
         return r

@@ -27,6 +27,8 @@ __all__ = [
     "TransformerConfig",
     "config_from_dict",
     "config_to_dict",
+    "head_dim_of",
+    "register_config",
 ]
 
 POSITIONS = ("sinusoidal", "learned", "rope")
@@ -325,14 +327,23 @@ def _values(cfg: Any) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
 
 
-ModelConfig = TransformerConfig | RNNConfig | Seq2SeqConfig | RNNSeq2SeqConfig
+#: every config (the encoder and task-head configs of :mod:`lmlab.models.task_config` too)
+ModelConfig = Any
 _BY_TYPE: dict[str, type] = {
     "transformer": TransformerConfig, "rnn": RNNConfig, "seq2seq": Seq2SeqConfig,
     "rnn_seq2seq": RNNSeq2SeqConfig,
 }
 
 
+def register_config(cls: type) -> type:
+    """Make ``config_from_dict`` read ``model_type == cls.model_type`` as ``cls``."""
+    _BY_TYPE[cls.__dataclass_fields__["model_type"].default] = cls
+    return cls
+
+
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    if hasattr(cfg, "to_dict"):  # a config with a nested one (a task head's body)
+        return cfg.to_dict()
     d = dataclasses.asdict(cfg)
     d["model_type"] = cfg.model_type
     return d

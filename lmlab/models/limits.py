@@ -24,7 +24,7 @@ from lmlab.runtime import machine_memory
 SIZE_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
                "max_seq_len", "hidden_size", "rotary_dim", "target_vocab_size", "n_decoder_layer",
                "max_source_len", "max_target_len", "relative_buckets", "relative_max_distance",
-               "attention_size")
+               "attention_size", "num_labels")
 #: A sanity bound on any one size field, far above every real model (GPT-3: 96 layers,
 #: d_model 12288; the largest vocabularies ~256k; the longest contexts ~10M).
 MAX_FIELD = 1 << 26
@@ -74,7 +74,16 @@ def json_repr(value: Any) -> str:
 def estimate_bytes(cfg: Any) -> tuple[int, str]:
     """float32 bytes of the weights and fixed tables, and the field contributing most."""
     terms: dict[str, int] = {}
-    if cfg.model_type == "transformer":
+    if cfg.model_type == "task":  # the body, plus a d×d layer and the classifier
+        total, field = estimate_bytes(cfg.body)
+        return total + 4 * (cfg.d_model + 1) * (cfg.d_model + max(cfg.num_labels, 2)), field
+    if cfg.model_type == "encoder":
+        d = cfg.d_model
+        attn = 4 * cfg.n_head * cfg.head_dim * d
+        terms["vocab_size"] = (cfg.vocab_size + cfg.type_vocab_size) * d
+        terms["n_layer"] = cfg.n_layer * (attn + (3 if cfg.gated_mlp else 2) * d * cfg.d_ff + 4 * d)
+        terms["max_seq_len"] = (cfg.max_seq_len + cfg.pos_offset) * d
+    elif cfg.model_type == "transformer":
         d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layer
         attn = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim * d + cfg.n_head * cfg.head_dim * d
         mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_ff

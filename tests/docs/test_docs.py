@@ -25,6 +25,7 @@ from helpers import (
     SHAKESPEARE_TEXT,
     bpe_tokenizer,
     tiny_checkpoint,
+    tiny_hf_encoder,
     tiny_seq2seq_checkpoint,
 )
 
@@ -280,11 +281,14 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch, gpt2_local):
     corpus.write_text(SHAKESPEARE_TEXT, encoding="utf-8")
     trained = set(re.findall(r"""out\s*=\s*["'](runs/[\w.-]+)["']""", block.text))
     for name in set(re.findall(r"""["'](runs/[\w.-]+)["']""", block.text)) - trained:
-        if name.startswith("runs/translator"):  # an encoder-decoder
+        if name.startswith(("runs/translator", "runs/summarizer")):  # an encoder-decoder
             tiny_seq2seq_checkpoint(tmp_path / name, **(MARIAN_SHAPE if "marian" in name else {}))
         else:
             tiny_checkpoint(tmp_path / name, "bpe", max_seq_len=64)
     (tmp_path / "gpt2-local").symlink_to(gpt2_local, target_is_directory=True)
+    for name, task in (("sentiment-bert", "classify"), ("qa-bert", "span")):  # tiny Hugging Face encoders
+        if f"./{name}" in block.text:
+            tiny_hf_encoder(tmp_path / name, "bert", task)
     monkeypatch.setattr(lmlab, "train", _short_train(corpus))
     code = compile(block.text, block.where, "exec")
     with redirect_stdout(io.StringIO()) as out:
