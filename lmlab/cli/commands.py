@@ -62,8 +62,12 @@ def _report_train(res) -> None:
     if res.step == res.start_step and res.stop_reason is None:
         return  # a resumed run already at its end: it said so, and how to go on
     msg = [f"lmlab: trained {res.step} steps"]
-    if res.val_loss is not None:
+    if res.val_loss is not None and getattr(res, "task", "lm") == "lm":
         msg.append(f"validation loss {res.val_loss:.4f} (perplexity {math.exp(res.val_loss):.2f})")
+    elif res.val_loss is not None:
+        msg.append(f"dev loss {res.val_loss:.4f}")
+    for key, value in (getattr(res, "best", None) or {}).items():
+        msg.append(f"best dev {key} {value:.4f}" if key == "accuracy" else f"best dev {key} {value:.2f}")
     print(", ".join(msg), file=sys.stderr)
     print(f"lmlab: checkpoint: {res.out}/  (best: {res.out}/best/)", file=sys.stderr)
     print(f"lmlab: metrics:    {res.out}/metrics.jsonl", file=sys.stderr)

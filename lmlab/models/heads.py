@@ -56,8 +56,6 @@ class TaskModel(LanguageModel):
     """A body with a classification or span head. ``forward`` keeps the protocol's shape,
     ``logits, state = model(ids)``, with no state: (B, num_labels) or (B, T, 2) logits."""
 
-    bounded_context = True
-
     def __init__(self, config: TaskConfig) -> None:
         super().__init__()
         self.config = cfg = config
@@ -87,6 +85,11 @@ class TaskModel(LanguageModel):
     @property
     def task(self) -> str:
         return self.config.head
+
+    @property
+    def bounded_context(self) -> bool:  # type: ignore[override]
+        """A recurrent body reads any length (its max_seq_len is the training window)."""
+        return getattr(self.body, "bounded_context", True)
 
     def features(self, ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None) -> Tensor:
         body = self.body

@@ -175,6 +175,7 @@ class RNNLanguageModel(LanguageModel):
         last_only: bool = False,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,  # noqa: ARG002 - the protocol's; an RNN has no positions
+        hidden: bool = False,
     ) -> tuple[Tensor, RecurrentState]:
         """ids: (B, T) continuing the sequence ``state`` summarises (None = start fresh).
 
@@ -203,9 +204,18 @@ class RNNLanguageModel(LanguageModel):
         if last_only:
             out = out[:, -1:]
         out = self.drop(out)
+        if hidden:  # the top layer's outputs (a task head's input)
+            return out, state
         if self.proj is not None:
             out = self.proj(out)  # (B, T, hidden) -> (B, T, d_model)
         return self.lm_head(out), state  # (B, T, vocab)
+
+    def features(self, ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+        """(B, T) right-padded ids -> (B, T, hidden): the top layer's output at every step (a task
+        head's input). The recurrence runs forward, so padding at the end never reaches a real
+        token's output; the head reads real tokens only."""
+        del attention_mask, token_type_ids
+        return self.forward(ids, hidden=True)[0]
 
     def _steps_cells(self, ids: Tensor) -> bool:
         """Whether this call takes PyTorch's one-step cell kernels (``torch.lstm_cell`` /

@@ -140,6 +140,7 @@ class Transformer(LanguageModel):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
         """ids: (B, T). attention_mask: (B, T), 1 for real tokens, 0 for (left) padding.
 
@@ -187,4 +188,12 @@ class Transformer(LanguageModel):
         if last_only:
             x = x[:, -1:]
         x = self.norm_f(x)
+        if hidden:  # the states the output layer reads (a task head's input)
+            return x, state
         return self.lm_head(x), state  # (B, T, vocab)
+
+    def features(self, ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+        """(B, T) right-padded ids -> (B, T, C): the states the output layer reads (a task head's
+        input). Causal attention keeps padding at the end out of every real token's state."""
+        del attention_mask, token_type_ids  # right padding is never attended to by a real token
+        return self.forward(ids, hidden=True)[0]

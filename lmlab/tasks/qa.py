@@ -25,6 +25,7 @@ import torch
 from tokenizers import Encoding
 
 from lmlab.errors import LmlabError
+from lmlab.eval.bleu import _HAN
 from lmlab.messages import warn
 from lmlab.tasks.batching import batches, pad_id_of, padded, task_tokenizer
 from lmlab.tasks.classify import require_head
@@ -92,6 +93,26 @@ def decode_spans(
     return starts, ends, candidates[starts, ends]
 
 
+def widen_to_words(text: str, a: int, b: int) -> tuple[int, int]:
+    """[a, b) grown to the whitespace-delimited words it touches; a Han character is a word of
+    its own (Chinese has no spaces), so a span of Han characters stays as it is."""
+
+    def inside(i: int) -> bool:
+        return 0 <= i < len(text) and not text[i].isspace() and not _HAN.match(text[i])
+
+    if a < b and inside(a):
+        while inside(a - 1):
+            a -= 1
+    if a < b and inside(b - 1):
+        while inside(b):
+            b += 1
+    while a < b and text[a].isspace():  # a span that began or ended on a space: the words alone
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
 class QuestionAnsweringPipeline:
     """``qa = lmlab.pipeline("question-answering", MODEL)``; ``qa(question=Q, context=C)``."""
 
@@ -112,6 +133,10 @@ class QuestionAnsweringPipeline:
         tok = model.tokenizer
         cls = next((tok.token_to_id(t) for t in ("[CLS]", "<s>") if tok.token_to_id(t) is not None), None)
         self.cls_id = cls
+        from lmlab.tokenizer import tokenizer_kind
+
+        #: a character tokenizer makes every character a "word": whole words are then found in the text
+        self.char_level = tokenizer_kind(tok) == "char"
 
     def options(self, given: dict[str, Any]) -> dict[str, Any]:
         opts = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
@@ -193,7 +218,9 @@ class QuestionAnsweringPipeline:
             starts, ends, scores = decode_spans(start, end, opts["top_k"], opts["max_answer_len"], in_context)
             for s, t, score in zip(starts, ends, scores):
                 a, b = e.offsets[s][0], e.offsets[t][1]
-                if opts["align_to_words"]:
+                if opts["align_to_words"] and self.char_level:
+                    a, b = widen_to_words(context, a, b)
+                elif opts["align_to_words"]:
                     ws, we = e.token_to_word(int(s)), e.token_to_word(int(t))
                     cs = e.word_to_chars(ws, 1) if ws is not None else None
                     ce = e.word_to_chars(we, 1) if we is not None else None

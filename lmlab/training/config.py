@@ -23,11 +23,19 @@ from typing import Any, ClassVar
 
 from lmlab.errors import LmlabError
 from lmlab.training.budget import check_batch_split, check_one_budget, parse_duration  # noqa: F401 - re-exported
-from lmlab.training.tasks import check_task_flags, check_translate_options
+from lmlab.training.tasks import (
+    SEQ2SEQ_MODELS,
+    SEQ2SEQ_TASKS,
+    check_classify_options,
+    check_qa_options,
+    check_task_flags,
+    check_translate_options,
+    classify_model_config,
+    qa_model_config,
+)
 
 #: What ``lmlab train`` can train (--task); the models each task takes.
-TASKS = ("lm", "translate")
-SEQ2SEQ_MODELS = ("transformer", "rnn-attention")
+TASKS = ("lm", "translate", "summarize", "classify", "qa")
 
 #: With --init the model brings these: its architecture and its tokenizer (an error if given).
 INIT_FIXED = (
@@ -74,8 +82,8 @@ class TrainConfig:
 
     # data
     task: str = option(
-        "lm", "what to train: lm (next-token prediction on text) or translate (source -> target pairs)",
-        group="data", choices=TASKS,
+        "lm", "what to train: lm (next-token prediction on text), translate or summarize (source -> target "
+        "pairs), classify (text -> label), qa (question + context -> answer span)", group="data", choices=TASKS,
     )
     data: str = option(
         "builtin",
@@ -90,10 +98,12 @@ class TrainConfig:
         False, "--task translate: a tokenizer per side (source, target) instead of one joint vocabulary",
         group="data", flag="switch",
     )
-    source_field: str = option("src", "--task translate with a .jsonl: the source's key", group="data")
-    target_field: str = option("tgt", "--task translate with a .jsonl: the target's key", group="data")
+    source_field: str = option("src", "--task translate/summarize with a .jsonl: the source's key", group="data")
+    target_field: str = option("tgt", "--task translate/summarize with a .jsonl: the target's key", group="data")
+    text_field: str = option("text", "--task classify with a .jsonl: the text's key", group="data")
+    label_field: str = option("label", "--task classify with a .jsonl: the label's key", group="data")
     valid: str | None = option(
-        None, "--task translate: a dev set in --data's forms", group="data", metavar="PAIRS",
+        None, "--task translate, summarize or classify: a dev set in --data's forms", group="data", metavar="FILE",
         default_text="a held-out slice of the training pairs (--val-fraction, at most 1000)",
     )
     out: str | None = option(None, "folder for checkpoints, metrics.jsonl and loss.png", group="data")
@@ -108,8 +118,12 @@ class TrainConfig:
     # model (the default: lmlab's recipe for small CPU runs, see README)
     model: str = option(
         "gpt",
-        "gpt (the Transformer), rnn, gru or lstm (recurrent); --task translate: transformer or rnn-attention",
-        group="model",
+        "gpt (the Transformer), rnn, gru or lstm (recurrent); --task translate/summarize: transformer or "
+        "rnn-attention; --task classify: also encoder (bidirectional, BERT-style)", group="model",
+    )
+    pooling: str | None = option(
+        None, "--task classify: one vector from the token states: first, last, mean or max", group="model",
+        choices=("first", "last", "mean", "max"), default_text="mean for encoder, last for gpt, max for rnn/gru/lstm",
     )
     cell: str = option("gru", "--model rnn-attention: the recurrent cell", group="model", choices=("gru", "lstm"))
     post_norm: bool = option(
@@ -171,6 +185,8 @@ class TrainConfig:
         0.99, "AdamW β₂, the decay of the squared gradient's running mean", group="optimisation"
     )
     grad_clip: float = option(1.0, "clip the gradient's norm to this; 0: no clipping", group="optimisation")
+    class_weight: str = option("none", "--task classify: balanced weighs each class's loss by n / (k · n_class)",
+                               group="optimisation", choices=("none", "balanced"))  # fmt: skip
     seed: int = option(1337, "random seed (initialisation, batches, dropout)", group="optimisation")
     precision: str = option("fp32", "arithmetic precision", group="optimisation", choices=("fp32", "bf16"))
     device: str = option("auto", "cpu, cuda, mps or auto", group="optimisation")
@@ -210,9 +226,11 @@ class TrainConfig:
 
             recurrent = self.model in (*RECURRENT, "rnn-attention")
             self.n_layer = self.RNN_LAYERS if recurrent else self.GPT_LAYERS
-        if self.task == "translate" and self.model == "gpt":
+        if self.task in SEQ2SEQ_TASKS and self.model == "gpt":
             self.model = "transformer"  # the default --model, for an encoder-decoder
-        if self.task == "translate" and self.pos == "rope":
+        if self.task == "qa" and self.model == "gpt":
+            self.model = "encoder"  # the default --model, for a reader
+        if self.task in SEQ2SEQ_TASKS and self.pos == "rope":
             self.pos = "sinusoidal"  # the paper's; RoPE is a decoder-only default
             self._rope_default = True
 
@@ -253,8 +271,12 @@ class TrainConfig:
         need(self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16 (got {self.precision})")
         need(self.mlp in ("swiglu", "gelu"), f"--mlp must be swiglu or gelu (got {self.mlp})")
         need(self.task in TASKS, f"--task must be one of {', '.join(TASKS)} (got {self.task!r})")
-        if self.task == "translate":
+        if self.task in SEQ2SEQ_TASKS:
             check_translate_options(self)
+        elif self.task == "classify":
+            check_classify_options(self)
+        elif self.task == "qa":
+            check_qa_options(self)
         else:
             need(
                 self.model in ("gpt", *RECURRENT),
@@ -301,8 +323,8 @@ class TrainConfig:
         default never counts as a choice."""
         from lmlab.models.config import RECURRENT
 
-        if self.task == "translate" and "pos" in given and getattr(self, "_rope_default", False):
-            raise LmlabError("--task translate: the encoder-decoder takes --pos sinusoidal or learned, not rope")
+        if self.task in SEQ2SEQ_TASKS and "pos" in given and getattr(self, "_rope_default", False):
+            raise LmlabError(f"--task {self.task}: the encoder-decoder takes --pos sinusoidal or learned, not rope")
         check_task_flags(self, given)
         if self.init is not None:
             fixed = [k for k in INIT_FIXED if k in given]
@@ -317,10 +339,14 @@ class TrainConfig:
                 f"--model {self.model} takes its width from --d-model: drop --hidden-size"
             )
 
-    def model_config(self, vocab_size: int, target_vocab_size: int | None = None) -> Any:
+    def model_config(self, vocab_size: int, target_vocab_size: int | None = None, labels: list[str] | None = None) -> Any:
         from lmlab.models.config import RECURRENT, RNNConfig, Seq2SeqConfig, TransformerConfig
 
-        if self.task == "translate" and self.model == "rnn-attention":
+        if self.task == "classify":  # a body (an lm's config, or the encoder's) under a head
+            return classify_model_config(self, vocab_size, labels or [])
+        if self.task == "qa":
+            return qa_model_config(self, vocab_size)
+        if self.task in SEQ2SEQ_TASKS and self.model == "rnn-attention":
             from lmlab.models.config import RNNSeq2SeqConfig
 
             return RNNSeq2SeqConfig(
@@ -329,7 +355,7 @@ class TrainConfig:
                 max_source_len=self.max_seq_len, max_target_len=self.max_seq_len,
                 target_vocab_size=target_vocab_size, share_embeddings=target_vocab_size is None,
             )  # fmt: skip
-        if self.task == "translate":
+        if self.task in SEQ2SEQ_TASKS:
             return Seq2SeqConfig(
                 vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                 max_source_len=self.max_seq_len, max_target_len=self.max_seq_len, pos=self.pos, norm=self.norm,

@@ -130,7 +130,7 @@ class TrainerSetup:
             mcfg = self._new_model_config()
             self.gen_cfg = self._new_generation_config(mcfg)
         if cfg.init is not None and not resuming:
-            self.model = source.module.train()
+            self.model, mcfg = self._init_model(source)
         else:
             self.model = build_model(mcfg)
         if resuming:
@@ -138,7 +138,7 @@ class TrainerSetup:
         self.model.to(self.device)
         self.seq_len = self._window(mcfg, resuming)
         if cfg.init is not None and not resuming:
-            self._adopt_init_config(mcfg)
+            self._adopt_init_config(getattr(mcfg, "body", mcfg))
         check_step_memory(cfg.batch_size // cfg.grad_accum, self.seq_len, mcfg.vocab_size)
         return mcfg, self._load_data(resuming)
 
@@ -155,6 +155,10 @@ class TrainerSetup:
 
     def _new_model_config(self) -> Any:
         return self.cfg.model_config(self.tok.get_vocab_size())
+
+    def _init_model(self, source: Any) -> tuple[Any, Any]:
+        """The model --init starts from, and its config (a task wraps it: a classifier's body)."""
+        return source.module.train(), source.module.config
 
     def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
         gen: dict[str, Any] = {"eos_token_id": self.tok.token_to_id(EOT), "bos_token_id": self.tok.token_to_id(EOT)}
@@ -224,6 +228,8 @@ class TrainerSetup:
         cfg = self.cfg
         if isinstance(mcfg, RNNConfig):
             arch = dict(model=mcfg.cell, hidden_size=mcfg.hidden_size)
+        elif getattr(mcfg, "model_type", "") == "encoder":
+            arch = dict(model="encoder", n_head=mcfg.n_head, norm=mcfg.norm, tie_embeddings=False)
         else:
             arch = dict(
                 model="gpt",
@@ -234,7 +240,7 @@ class TrainerSetup:
                 mlp="swiglu" if mcfg.gated_mlp else "gelu",
                 bias=any((mcfg.norm_bias, mcfg.qkv_bias, mcfg.proj_bias, mcfg.mlp_bias)),
             )
-        arch.update(n_layer=mcfg.n_layer, d_model=mcfg.d_model, tie_embeddings=mcfg.tie_embeddings)
+        arch.update(n_layer=mcfg.n_layer, d_model=mcfg.d_model, tie_embeddings=getattr(mcfg, "tie_embeddings", False))
         arch.update(dropout=mcfg.dropout, tokenizer=cfg.init, vocab_size=self.tok.get_vocab_size())
         for k, v in arch.items():
             setattr(cfg, k, v)

@@ -97,10 +97,18 @@ def _check_stored(stored: dict[str, Any], resume: str) -> None:
 
 
 def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
-    if cfg.task == "translate":
+    if cfg.task in ("translate", "summarize"):
         from lmlab.training.seq2seq import Seq2SeqTrainer
 
         trainer: Trainer = Seq2SeqTrainer(cfg, explicit)
+    elif cfg.task == "classify":
+        from lmlab.training.classify import ClassifyTrainer
+
+        trainer = ClassifyTrainer(cfg, explicit)
+    elif cfg.task == "qa":
+        from lmlab.training.qa import QATrainer
+
+        trainer = QATrainer(cfg, explicit)
     else:
         trainer = Trainer(cfg, explicit)
     try:

@@ -30,6 +30,7 @@ from lmlab.messages import say, warn
 from lmlab.models.loading import read_target_tokenizer
 from lmlab.pairs import Pairs, bucket_batches, pad_batch, read_pairs
 from lmlab.tokenizer import EOT, load_tokenizer, train_tokenizer
+from lmlab.training.buckets import BucketPlan
 from lmlab.training.trainer import Trainer, _Progress
 
 #: the padding token added to a tokenizer trained for translation
@@ -74,7 +75,7 @@ def pairs_tokenizer(kind: str, pairs: Pairs | None, vocab_size: int, side: str =
     return tok
 
 
-class Seq2SeqTrainer(Trainer):
+class Seq2SeqTrainer(BucketPlan, Trainer):
     """A Trainer whose data are sentence pairs (see the module's docstring)."""
 
     # ------------------------------------------------------------------ data
@@ -167,8 +168,6 @@ class Seq2SeqTrainer(Trainer):
                  f"model's {mcfg.max_source_len} tokens and were cut (raise --max-seq-len to keep them whole)")  # fmt: skip
         self.seq_len = mcfg.max_target_len
         self.val_starts = None
-        self._plan_lens: list[int] = []
-        self._cached: tuple[int, list[list[int]]] = (-1, [])
         say(f"lmlab: {len(train):,} training pairs, {len(valid):,} dev pairs"
             + (f" ({self.cfg.valid})" if self.cfg.valid else " (held out from --data)"))  # fmt: skip
 
@@ -180,24 +179,6 @@ class Seq2SeqTrainer(Trainer):
         if cfg.batch_tokens:
             return bucket_batches(src_lens, tgt_lens, batch_tokens=cfg.batch_tokens, seed=cfg.seed, epoch=epoch)
         return bucket_batches(src_lens, tgt_lens, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch)
-
-    def _batch_at(self, step: int) -> list[int]:
-        """The pairs of step ``step``: a pure function of the step (so --resume continues with
-        the very batch it stopped before), walking the epochs' shuffled plans in order. Only
-        the current epoch's plan is kept, and the number of batches of each epoch before it."""
-        epoch = 0
-        while True:
-            if epoch == len(self._plan_lens):
-                self._plan_lens.append(len(self._plan(epoch)))
-            if step < self._plan_lens[epoch]:
-                return self._plan(epoch)[step]
-            step -= self._plan_lens[epoch]
-            epoch += 1
-
-    def _plan(self, epoch: int) -> list[list[int]]:
-        if self._cached[0] != epoch:
-            self._cached = (epoch, self._batches(epoch))
-        return self._cached[1]
 
     def _tensors(self, rows: list[int], src: list[list[int]], tgt: list[list[int]]) -> tuple[torch.Tensor, ...]:
         eos, pad = self.gen_cfg["eos_token_id"], self.gen_cfg["pad_token_id"]
@@ -253,12 +234,17 @@ class Seq2SeqTrainer(Trainer):
         self.model.train()
         return self.dist.mean(sum(losses) / len(losses))
 
+    @property
+    def dev_metric(self) -> str:
+        """What picks DIR/best: BLEU for translation, ROUGE-L for summaries."""
+        return "rougeL" if self.cfg.task == "summarize" else "bleu"
+
     def dev_bleu(self) -> float | None:
-        """BLEU (sacreBLEU) of greedy translations of the first ``--bleu-samples`` dev pairs."""
+        """BLEU (sacreBLEU) — ROUGE-L for --task summarize — of greedy outputs for the first
+        ``--bleu-samples`` dev pairs."""
         k = min(self.cfg.bleu_samples, len(self.valid_pairs))
         if k == 0 or not self.dist.is_main:
             return None
-        from lmlab.eval.bleu import translation_scores
         from lmlab.generate.config import GenerationConfig
         from lmlab.generate.seq2seq import seq2seq_generate
 
@@ -270,22 +256,30 @@ class Seq2SeqTrainer(Trainer):
         finally:
             model.train()
         hyps = [r[0].text for r in results]
-        return translation_scores(hyps, self.valid_pairs.targets[:k])["bleu"]
+        refs = (self.valid_pairs.references or self.valid_pairs.targets)[:k]
+        if self.dev_metric == "rougeL":
+            from lmlab.eval.rouge import rouge_scores
+
+            return rouge_scores(hyps, refs)["rougeL"]
+        from lmlab.eval.bleu import translation_scores
+
+        return translation_scores(hyps, refs)["bleu"]
 
     def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
-        """Validation loss and dev BLEU into the metrics row; True at a new best BLEU (or, with
-        --bleu-samples 0, a new best validation loss)."""
+        """Validation loss and dev BLEU (ROUGE-L) into the metrics row; True at a new best (or,
+        with --bleu-samples 0, a new best validation loss)."""
         best_by_loss = super()._evaluate_into(row, seen)
         if self.cfg.bleu_samples == 0:
             return best_by_loss
-        bleu = self.dev_bleu()  # rank 0 translates; the others learn the verdict below
+        score = self.dev_bleu()  # rank 0 decodes; the others learn the verdict below
         is_best = False
-        if bleu is not None:
-            row["bleu"] = round(bleu, 2)
-            best = self.state.get("best_bleu")
-            is_best = best is None or bleu > best
+        if score is not None:
+            key = self.dev_metric
+            row[key] = round(score, 2)
+            best = self.state.get(f"best_{key}")
+            is_best = best is None or score > best
             if is_best:
-                self.state["best_bleu"] = bleu
+                self.state[f"best_{key}"] = score
         if self.dist.active:  # every rank must agree to save (saving gathers from all ranks)
             is_best = bool(self.dist.all_reduce([float(is_best)], op="max")[0])
         return is_best

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Collection
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +80,9 @@ class TrainResult:
     stopped_early: bool = False
     stop_reason: str | None = None  # "interrupted" (SIGINT) or "terminated" (SIGTERM)
     start_step: int = 0  # where this session began (= step: a resumed run had nothing to train)
+    task: str = "lm"
+    #: the best dev score of a task that keeps one ({"accuracy": 0.91}, {"bleu": 35.0}), else empty
+    best: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer(TrainerSetup):
@@ -256,6 +259,8 @@ class Trainer(TrainerSetup):
             stopped_early=self.stop_reason is not None,
             stop_reason=self.stop_reason,
             start_step=start,
+            task=self.cfg.task,
+            best={k[5:]: v for k, v in self.state.items() if k.startswith("best_") and k != "best_val" and v is not None},
         )
 
     def _steps(self, bar: tqdm, mfile: IO[str] | None, seen: _Progress) -> int:

@@ -286,6 +286,10 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch, gpt2_local):
         else:
             tiny_checkpoint(tmp_path / name, "bpe", max_seq_len=64)
     (tmp_path / "gpt2-local").symlink_to(gpt2_local, target_is_directory=True)
+    for name in ("train.tsv", "dev.tsv"):  # labelled text for --task classify
+        if f'"{name}"' in block.text:
+            rows = [("a great film", "positive"), ("an awful film", "negative")] * 20
+            (tmp_path / name).write_text("".join(f"{t}\t{lab}\n" for t, lab in rows), encoding="utf-8")
     for name, task in (("sentiment-bert", "classify"), ("qa-bert", "span")):  # tiny Hugging Face encoders
         if f"./{name}" in block.text:
             tiny_hf_encoder(tmp_path / name, "bert", task)

@@ -344,7 +344,7 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
         ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding_window=16"),
         (
             "gpt2",
-            dict(model_type="bert"),
+            dict(model_type="bloom"),
             "supported model_type: gpt2, llama, mistral, qwen2, gemma, gpt_neox",
         ),
     ],

@@ -149,3 +149,12 @@ def test_bad_questions_get_one_line_errors(pointer, tmp_path):
     clf = tiny_hf_encoder(tmp_path / "clf", "bert", "classify")
     with pytest.raises(LmlabError, match="is a text classifier; question answering needs a QA model"):
         lmlab.pipeline("question-answering", str(clf))
+
+
+def test_a_character_model_answers_with_whole_words():
+    from lmlab.tasks.qa import widen_to_words
+
+    text = "Anna went to the library 在北京 yesterday."
+    assert text[slice(*widen_to_words(text, 7, 17))] == "went to the"  # "nt to the " -> the words it touches
+    assert text[slice(*widen_to_words(text, 26, 27))] == "北"  # a Han character is a word of its own
+    assert text[slice(*widen_to_words(text, 35, 37))] == "yesterday."

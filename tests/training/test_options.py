@@ -42,6 +42,8 @@ FLAGS = {
     "--batch-tokens": ("batch_tokens", 900), "--label-smoothing": ("label_smoothing", 0.2),
     "--bleu-samples": ("bleu_samples", 50), "--cell": ("cell", "lstm"), "--attention": ("attention", "dot"),
     "--post-norm": ("post_norm", True), "--separate-vocab": ("separate_vocab", True),
+    "--text-field": ("text_field", "review"), "--label-field": ("label_field", "stars"), "--pooling": ("pooling", "max"),
+    "--class-weight": ("class_weight", "balanced"),
 }  # fmt: skip
 
 

@@ -99,7 +99,7 @@ def test_two_line_aligned_files_and_batch_tokens(tmp_path: Path) -> None:
         (dict(task="translate", label_smoothing=1.5), "--label-smoothing must be in"),
         (dict(task="translate", cell="lstm"), "--cell: for --model rnn-attention, not transformer; drop it"),
         (dict(task="translate", model="rnn-attention", n_head=8), "--n-head: for --model transformer"),
-        (dict(bleu_samples=5, batch_tokens=100), "--batch-tokens, --bleu-samples: for --task translate only"),
+        (dict(bleu_samples=5, batch_tokens=100), "--batch-tokens, --bleu-samples: for --task translate or summarize only"),
         (dict(task="translate", init="gpt2"), "--init with --task translate is not supported yet"),
         (dict(task="translate", val_fraction=0.0), "--val-fraction 0 leaves no dev pairs"),
         (dict(task="translate", n_kv_head=2), "--n-kv-head: not used by an encoder-decoder"),

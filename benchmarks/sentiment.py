@@ -1,0 +1,135 @@
+"""Sentiment classification from scratch, and with language-model pretraining (--init).
+
+SST-2 (``sst2_train.tsv.gz``, 67,349 phrases; model selection on a held-out 2,000 of them;
+scored on ``sst2_dev.tsv``, 872 sentences: GLUE's test labels are not public) and
+ChnSentiCorp (``chnsenticorp_train.tsv``; model selection on ``chnsenticorp_dev.tsv``; scored
+on ``chnsenticorp_test.tsv``), each with an LSTM, the encoder and the decoder-only
+Transformer under one wall-clock budget (``--minutes``), and with pretraining: a language
+model of the same body trained first on unlabelled text — the training sentences without
+their labels (+ ``wikitext2_valid.txt`` for English) — for ``--pretrain-minutes``, then
+fine-tuned on the labels (``--init``). Reported: accuracy and macro-F1 on the scored split,
+steps, and the wall time of each stage (pretraining apart from the classifier's).
+
+Run alone on an otherwise idle machine (2-core timings are meaningless under load):
+
+    .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm,encoder --minutes 30
+    .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm+lm,gpt+lm --pretrain-minutes 20
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs lstm,encoder
+    .venv/bin/python benchmarks/sentiment.py --minutes 0.3 --pretrain-minutes 0.2 --out /tmp/sa-smoke   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EVAL = HERE.parent.parent / "shared" / "data" / "eval"
+
+DATASETS = {
+    "sst2": dict(train="sentiment/sst2_train.tsv.gz", valid=None, test="sentiment/sst2_dev.tsv",
+                 tokenizer="bpe", vocab_size=16000, max_seq_len=64, extra_text=["lm/wikitext2_valid.txt"]),
+    "chnsenticorp": dict(train="sentiment/chnsenticorp_train.tsv", valid="sentiment/chnsenticorp_dev.tsv",
+                         test="sentiment/chnsenticorp_test.tsv", tokenizer="char", vocab_size=8000, max_seq_len=256,
+                         extra_text=[]),
+}  # fmt: skip
+
+# one recipe per body: the classifier's options (the language model of a +lm run shares the body's)
+BODIES = {
+    "lstm": dict(model="lstm", d_model=300, hidden_size=512, n_layer=1, dropout=0.3, lr=2e-3, warmup=200, batch_size=64),
+    "gru": dict(model="gru", d_model=300, hidden_size=512, n_layer=1, dropout=0.3, lr=2e-3, warmup=200, batch_size=64),
+    "encoder": dict(model="encoder", d_model=256, n_layer=4, n_head=4, dropout=0.1, lr=5e-4, warmup=500, batch_size=64,
+                    mlp="gelu", norm="layernorm"),
+    "gpt": dict(model="gpt", d_model=256, n_layer=4, n_head=4, dropout=0.1, lr=5e-4, warmup=500, batch_size=64),
+}  # fmt: skip
+
+
+def _lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def unlabelled_corpus(ds: dict, out: Path) -> Path:
+    """The training texts without their labels (+ extra plain text): the pretraining corpus."""
+    texts = [row.rsplit("\t", 1)[0] for row in _lines(EVAL / ds["train"])[1:] if "\t" in row]
+    for extra in ds["extra_text"]:
+        texts += [line for line in _lines(EVAL / extra) if line.strip()]
+    path = out / "unlabelled.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return path
+
+
+def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out: Path) -> dict:
+    import lmlab
+    from lmlab.eval.classification import classification_scores
+    from lmlab.labeled import read_labeled
+
+    ds = DATASETS[dataset]
+    body_name, pretrain = run.removesuffix("+lm"), run.endswith("+lm")
+    body = BODIES[body_name]
+    folder = out / f"{dataset}-{run.replace('+', '-')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"dataset": dataset, "run": run, "minutes_budget": minutes}
+    common = dict(progress=False, overwrite=True, max_seq_len=ds["max_seq_len"])
+    init = None
+    if pretrain:
+        if body_name == "encoder":
+            raise SystemExit("an encoder has no language model to pretrain here: use lstm+lm or gpt+lm")
+        corpus = unlabelled_corpus(ds, folder)
+        lm_opts = {k: v for k, v in body.items() if k not in ("batch_size",)}
+        t0 = time.perf_counter()
+        res = lmlab.train(data=str(corpus), out=str(folder / "lm"), tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"],
+                          time=f"{pretrain_minutes}m", batch_size=32, eval_every=500, **lm_opts, **common)  # fmt: skip
+        result["pretrain"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step,
+                              "val_loss": res.val_loss, "corpus_chars": corpus.stat().st_size}  # fmt: skip
+        init = str(folder / "lm")
+    opts = dict(body) if init is None else {k: v for k, v in body.items() if k in ("lr", "warmup", "batch_size")}
+    if init is None:
+        opts.update(tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"])
+    valid = str(EVAL / ds["valid"]) if ds["valid"] else None
+    t0 = time.perf_counter()
+    res = lmlab.train(task="classify", data=str(EVAL / ds["train"]), valid=valid, init=init, out=str(folder / "clf"),
+                      time=f"{minutes}m", eval_every=200, val_fraction=0.03, **opts, **common)  # fmt: skip
+    result["train"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step, "best_dev": res.best}
+    test = read_labeled(EVAL / ds["test"])
+    clf = lmlab.pipeline("sentiment-analysis", str(folder / "clf" / "best"), batch_size=64)
+    t0 = time.perf_counter()
+    predicted = [r["label"] for r in clf(test.texts)]
+    scores = classification_scores(predicted, test.labels, clf.model.config.labels)
+    result["test"] = {"split": ds["test"], "accuracy": round(scores["accuracy"], 4), "macro_f1": round(scores["macro_f1"], 4),
+                      "n": scores["n"], "confusion_matrix": scores["confusion_matrix"],
+                      "predict_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    result["parameters"] = clf.model.module.num_parameters()
+    (folder / "result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", default="sst2,chnsenticorp")
+    ap.add_argument("--runs", default="lstm,encoder,gpt,lstm+lm,gpt+lm", help="bodies; +lm: with LM pretraining")
+    ap.add_argument("--minutes", type=float, default=30.0, help="the classifier's budget")
+    ap.add_argument("--pretrain-minutes", type=float, default=20.0, help="the language model's budget (+lm runs)")
+    ap.add_argument("--out", default="runs/bench-sentiment")
+    a = ap.parse_args()
+    out = Path(a.out)
+    print(f"load average before: {os.getloadavg()}")
+    for dataset in a.datasets.split(","):
+        for run in a.runs.split(","):
+            r = run_one(dataset, run, a.minutes, a.pretrain_minutes, out)
+            pre = r.get("pretrain")
+            pre_txt = f"; pretraining {pre['wall_s']} s, {pre['steps']} steps (val loss {pre['val_loss']:.3f})" if pre else ""
+            t = r["test"]
+            print(f"{dataset:13s} {run:9s} {r['parameters'] / 1e6:5.2f}M  {t['split']}: accuracy {t['accuracy']:.4f}  "
+                  f"macro-F1 {t['macro_f1']:.4f}  | classifier {r['train']['wall_s']} s, {r['train']['steps']} steps, "
+                  f"best dev {r['train']['best_dev']}{pre_txt}", flush=True)  # fmt: skip
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

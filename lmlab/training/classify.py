@@ -1,0 +1,198 @@
+"""Training a text classifier (``lmlab train --task classify``).
+
+The same Trainer as every model (schedule, ``--time``, bf16, resume, torchrun, metrics,
+loss plot); what differs is here: the data are labelled texts (``text<TAB>label`` or JSON
+lines), a batch is a set of texts of similar length (little padding), and the loss is the
+cross-entropy of the label given the pooled states of the body,
+
+    L = −(1/N) Σ_b w_{y_b} log softmax(W · pool(h_b))_{y_b}        (w = 1, or n / (k · n_c): --class-weight balanced)
+
+Each evaluation reports the dev loss and accuracy; ``DIR/best`` keeps the most accurate step.
+The body is any lmlab model (``--model gpt | rnn | gru | lstm | encoder``), or a language
+model trained here (``--init RUN``): the GPT-1/ULMFiT recipe, pretrain on plain text, then
+fine-tune on labels.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lmlab.checkpoint import unwrap
+from lmlab.errors import LmlabError
+from lmlab.labeled import Labeled, read_labeled
+from lmlab.messages import say, warn
+from lmlab.pairs import bucket_batches, pad_batch
+from lmlab.tokenizer import load_tokenizer, train_tokenizer
+from lmlab.training.buckets import BucketPlan
+from lmlab.training.tasks import classifier_config
+from lmlab.training.trainer import Trainer, _Progress
+
+#: dev texts held out when no --valid is given (at most)
+MAX_VALID = 2000
+
+
+class ClassifyTrainer(BucketPlan, Trainer):
+    """A Trainer whose data are labelled texts (see the module's docstring)."""
+
+    # ------------------------------------------------------------------ data
+    @property
+    def data(self) -> Labeled:
+        if getattr(self, "_data", None) is None:
+            cfg = self.cfg
+            self._data = read_labeled(cfg.data, cfg.text_field, cfg.label_field)
+        return self._data
+
+    def _new_tokenizer(self) -> Tokenizer:
+        cfg = self.cfg
+        if cfg.tokenizer in ("char", "bpe"):
+            return train_tokenizer(cfg.tokenizer, self.data.texts, cfg.vocab_size)
+        return load_tokenizer(cfg.tokenizer)
+
+    def _new_model_config(self) -> Any:
+        return self.cfg.model_config(self.tok.get_vocab_size(), labels=self.data.label_set)
+
+    def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
+        return {}
+
+    def _init_model(self, source: Any) -> tuple[Any, Any]:
+        """--init: a language model trained here becomes the body of a fresh head; a classifier
+        (lmlab or Hugging Face) goes on training as it is, if it knows every label."""
+        from lmlab.models import build_model
+
+        module = source.module
+        cfg = getattr(module.config, "head", None)
+        if cfg == "classify":
+            unknown = sorted(set(self.data.labels) - set(module.config.labels))
+            if unknown:
+                raise LmlabError(f"{self.cfg.init} classifies into {', '.join(module.config.labels)}; the data has "
+                                 f"label {unknown[0]!r}: start a new classifier from a language model instead")  # fmt: skip
+            return module.train(), module.config
+        if cfg is not None or getattr(module, "is_encoder_decoder", False):
+            raise LmlabError(f"--init {self.cfg.init}: a classifier starts from a language model (or a classifier); "
+                             "this is another kind of model")  # fmt: skip
+        self.cfg.model = "rnn" if module.config.model_type == "rnn" else "gpt"
+        mcfg = classifier_config(self.cfg, module.config, self.data.label_set)
+        model = build_model(mcfg)
+        model.body.load_state_dict(module.state_dict())
+        return model.train(), mcfg
+
+    def _load_data(self, resuming: bool) -> Any:
+        cfg = self.cfg
+        data = self.data
+        if cfg.valid is not None:
+            return data, read_labeled(cfg.valid, cfg.text_field, cfg.label_field)
+        n = len(data)
+        k = min(MAX_VALID, max(1, int(n * (cfg.val_fraction or 0.1))))
+        order = np.random.default_rng(cfg.seed).permutation(n)
+        pick = lambda idx: Labeled([data.texts[i] for i in idx], [data.labels[i] for i in idx], data.name)  # noqa: E731
+        return pick(sorted(order[k:])), pick(sorted(order[:k]))
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        limit = unwrap(self.model).config.max_seq_len
+        ids = [e.ids or [0] for e in self.tok.encode_batch(texts)]
+        self._cut += sum(len(x) > limit for x in ids)
+        return [x[:limit] for x in ids]
+
+    def _label_ids(self, labels: list[str], what: str) -> list[int]:
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        unknown = sorted({lab for lab in labels if lab not in index})
+        if unknown:
+            raise LmlabError(f"the {what} have label {unknown[0]!r}, which the training data do not "
+                             f"(labels: {', '.join(self.labels)}); fix the data or add training examples of it")  # fmt: skip
+        return [index[lab] for lab in labels]
+
+    def _split_data(self, mcfg: Any, corpus: Any) -> None:
+        cfg = self.cfg
+        train, valid = corpus
+        self.labels = mcfg.labels
+        self._cut = 0
+        self.train_x, self.val_x = self._encode(train.texts), self._encode(valid.texts)
+        self.train_y = self._label_ids(train.labels, "training texts")
+        self.val_y = self._label_ids(valid.labels, "dev texts" if cfg.valid is None else f"--valid texts ({cfg.valid})")
+        if self._cut:
+            warn(f"{self._cut} texts are longer than the model's {mcfg.max_seq_len} tokens and were cut to their "
+                 "first tokens (raise --max-seq-len to read more)")  # fmt: skip
+        counts = np.bincount(self.train_y, minlength=len(self.labels))
+        self.class_weights = None
+        if cfg.class_weight == "balanced":  # w_c = n / (k · n_c): every class weighs the same in total
+            w = len(self.train_y) / (len(self.labels) * np.maximum(counts, 1))
+            self.class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
+        self.seq_len = mcfg.max_seq_len
+        self.val_starts = None
+        shares = ", ".join(f"{lab} {c:,}" for lab, c in zip(self.labels, counts))
+        say(f"lmlab: {len(train):,} training texts ({shares}), {len(valid):,} dev texts"
+            + (f" ({cfg.valid})" if cfg.valid else " (held out from --data)"))  # fmt: skip
+
+    # ------------------------------------------------------------------ batches
+    def _batches(self, epoch: int) -> list[list[int]]:
+        lens = [len(x) for x in self.train_x]
+        return bucket_batches(lens, [1] * len(lens), batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch)
+
+    def _logits(self, rows: list[int], xs: list[list[int]]) -> torch.Tensor:
+        ids, mask = pad_batch([xs[i] for i in rows], 0)
+        with self._autocast():
+            logits, _ = self.model(ids.to(self.device), attention_mask=mask.to(self.device))
+        return logits.float()
+
+    def _classify_loss(self, rows: list[int], xs: list[list[int]], ys: list[int]) -> torch.Tensor:
+        y = torch.tensor([ys[i] for i in rows], device=self.device)
+        return F.cross_entropy(self._logits(rows, xs), y, weight=self.class_weights)
+
+    def train_step(self, step: int) -> float:
+        cfg = self.cfg
+        rows = self._batch_at(step)
+        W, rank = self.dist.world_size, self.dist.rank
+        parts = [p.tolist() for p in np.array_split(np.array(rows), W * cfg.grad_accum)]
+        mine = parts[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
+        self.step_tokens = sum(len(self.train_x[i]) for i in rows)
+        losses = []
+        for i, micro in enumerate(mine):
+            weight = 1.0 if micro else 0.0  # an empty share still runs (weighted 0): every rank joins the all-reduce
+            last = i == len(mine) - 1
+            with self.model.no_sync() if self.dist.active and not last else nullcontext():
+                loss = self._classify_loss(micro or rows[:1], self.train_x, self.train_y) * (weight / cfg.grad_accum)
+                loss.backward()
+            losses.append(loss.detach())
+        total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
+        return self._apply_gradients(total)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """The dev loss (unweighted) and accuracy over every dev text (each rank the same)."""
+        if not self.val_x:
+            return None
+        self.model.eval()
+        lens = [len(x) for x in self.val_x]
+        batches = bucket_batches(lens, [1] * len(lens), batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=0)
+        total, correct = 0.0, 0
+        for rows in batches:
+            logits = self._logits(rows, self.val_x)
+            y = torch.tensor([self.val_y[i] for i in rows], device=self.device)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+        self.model.train()
+        self.dev_accuracy = correct / len(self.val_x)
+        return total / len(self.val_x)
+
+    def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
+        """Dev loss and accuracy into the metrics row; True at a new best accuracy."""
+        super()._evaluate_into(row, seen)
+        acc = getattr(self, "dev_accuracy", None)
+        if acc is None:
+            return False
+        row["accuracy"] = round(acc, 4)
+        best = self.state.get("best_accuracy")
+        is_best = best is None or acc > best
+        if is_best:
+            self.state["best_accuracy"] = acc
+        return is_best
+
+
+__all__ = ["ClassifyTrainer"]

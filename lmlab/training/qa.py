@@ -1,0 +1,215 @@
+"""Training an extractive question-answering model (``lmlab train --task qa``).
+
+The same Trainer as every model; what differs is here. The data are SQuAD-format questions
+(:mod:`lmlab.qa_data`); each becomes windows ``[CLS] question [SEP] part of the context [SEP]``
+(the context read in overlapping parts, as the QA pipeline reads it), and a window's labels
+are the token positions of the answer's first and last character — or [CLS] (position 0)
+when the answer is not wholly inside it (Devlin et al. 2019's SQuAD recipe). The loss is
+
+    L = ½ [CE(start logits, s) + CE(end logits, e)]      over the window's real tokens
+
+Each evaluation reports the dev loss and ``span_f1``: over the dev windows that hold the
+answer, the token-overlap F1 of the best span (s ≤ e < s + 30) with the answer's;
+``DIR/best`` keeps the best. ``lmlab evaluate --task qa`` scores the run with the official
+EM/F1 (SQuAD v1.1, or CMRC 2018 for Chinese).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, processors
+
+from lmlab.checkpoint import unwrap
+from lmlab.errors import LmlabError
+from lmlab.messages import say
+from lmlab.pairs import bucket_batches, pad_batch
+from lmlab.qa_data import QAExample, read_qa
+from lmlab.tokenizer import load_tokenizer, train_tokenizer
+from lmlab.training.buckets import BucketPlan
+from lmlab.training.trainer import Trainer, _Progress
+
+SPECIALS = ("[PAD]", "[CLS]", "[SEP]")
+#: dev questions held out when no --valid is given (at most)
+MAX_VALID = 500
+#: the longest answer the dev metric considers, in tokens
+MAX_ANSWER_TOKENS = 30
+
+
+def qa_tokenizer(kind: str, examples: list[QAExample] | None, vocab_size: int) -> Tokenizer:
+    """``char`` or ``bpe`` trained on the questions and contexts, with [PAD], [CLS], [SEP] and
+    BERT's pair template (segment 0 the question, 1 the context); or an existing tokenizer."""
+    if kind in ("char", "bpe"):
+        assert examples is not None
+        texts = (t for e in examples for t in (e.question, e.context))
+        tok = train_tokenizer(kind, texts, vocab_size)
+    else:
+        tok = load_tokenizer(kind)
+    if tok.post_processor is None:
+        tok.add_special_tokens(list(SPECIALS))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+    return tok
+
+
+class QATrainer(BucketPlan, Trainer):
+    """A Trainer whose data are questions with answers in their contexts (see the docstring)."""
+
+    @property
+    def examples(self) -> list[QAExample]:
+        if getattr(self, "_examples", None) is None:
+            self._examples = [e for e in read_qa(self.cfg.data) if e.answers and e.starts[0] is not None]
+            if not self._examples:
+                raise LmlabError(f"{self.cfg.data} has no question with an answer and its answer_start to learn from")
+        return self._examples
+
+    def _new_tokenizer(self) -> Tokenizer:
+        return qa_tokenizer(self.cfg.tokenizer, self.examples if self.cfg.tokenizer in ("char", "bpe") else None,
+                            self.cfg.vocab_size)  # fmt: skip
+
+    def _new_model_config(self) -> Any:
+        return self.cfg.model_config(self.tok.get_vocab_size())
+
+    def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:
+        return {"pad_token_id": self.tok.token_to_id("[PAD]") or 0}
+
+    def _init_model(self, source: Any) -> tuple[Any, Any]:
+        if getattr(source.module.config, "head", None) != "span":
+            raise LmlabError(f"--init {self.cfg.init}: --task qa continues a QA model (a span head: lmlab or "
+                             "...ForQuestionAnswering); this is another kind of model")  # fmt: skip
+        return source.module.train(), source.module.config
+
+    def _load_data(self, resuming: bool) -> Any:
+        cfg = self.cfg
+        if cfg.valid is not None:
+            return self.examples, [e for e in read_qa(cfg.valid) if e.answers]
+        order = np.random.default_rng(cfg.seed).permutation(len(self.examples))
+        k = min(MAX_VALID, max(1, int(len(order) * (cfg.val_fraction or 0.1))))
+        return [self.examples[i] for i in sorted(order[k:])], [self.examples[i] for i in sorted(order[:k])]
+
+    def _windows(self, examples: list[QAExample]) -> list[tuple[list[int], list[int], int, int]]:
+        """(ids, type ids, start, end) of every window of every question."""
+        limit = unwrap(self.model).config.max_seq_len
+        tok = Tokenizer.from_str(self.tok.to_str())
+        tok.no_padding()
+        tok.enable_truncation(limit, stride=min(128, limit // 4), strategy="only_second")
+        out = []
+        for ex in examples:
+            a = ex.starts[0] if ex.starts and ex.starts[0] is not None else None
+            if a is None:  # no offset: the first occurrence of the answer's text
+                a = ex.context.find(ex.answers[0])
+            b = a + len(ex.answers[0]) - 1
+            try:
+                enc = tok.encode(ex.question, ex.context)
+            except Exception as e:  # the question alone fills the window
+                raise LmlabError(f"question {ex.id}: {str(e).splitlines()[0]}; raise --max-seq-len") from None
+            for w in [enc, *enc.overflowing]:
+                s = w.char_to_token(a, 1) if a >= 0 else None
+                t = w.char_to_token(b, 1) if a >= 0 else None
+                s, t = (s, t) if s is not None and t is not None and s <= t else (0, 0)
+                out.append((w.ids, w.type_ids, s, t))
+        return out
+
+    def _split_data(self, mcfg: Any, corpus: Any) -> None:
+        train, valid = corpus
+        self.train_w, self.val_w = self._windows(train), self._windows(valid)
+        self.seq_len = mcfg.max_seq_len
+        self.val_starts = None
+        held = sum(1 for w in self.train_w if w[2] > 0)
+        say(f"lmlab: {len(train):,} training questions -> {len(self.train_w):,} windows ({held:,} hold the answer), "
+            f"{len(valid):,} dev questions" + (f" ({self.cfg.valid})" if self.cfg.valid else " (held out from --data)"))  # fmt: skip
+
+    # ------------------------------------------------------------------ batches
+    def _batches(self, epoch: int) -> list[list[int]]:
+        lens = [len(w[0]) for w in self.train_w]
+        return bucket_batches(lens, [1] * len(lens), batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch)
+
+    def _logits(self, rows: list[int], ws: list) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = pad_batch([ws[i][0] for i in rows], self.gen_cfg.get("pad_token_id") or 0)
+        types, _ = pad_batch([ws[i][1] for i in rows], 0)
+        mask = mask.to(self.device)
+        with self._autocast():
+            logits, _ = self.model(ids.to(self.device), attention_mask=mask, token_type_ids=types.to(self.device))
+        return logits.float().masked_fill(~mask.bool()[..., None], float("-inf")), mask  # (B, T, 2): padding never wins
+
+    def _qa_loss(self, rows: list[int], ws: list) -> torch.Tensor:
+        logits, _ = self._logits(rows, ws)
+        s = torch.tensor([ws[i][2] for i in rows], device=self.device)
+        e = torch.tensor([ws[i][3] for i in rows], device=self.device)
+        return (F.cross_entropy(logits[..., 0], s) + F.cross_entropy(logits[..., 1], e)) / 2
+
+    def train_step(self, step: int) -> float:
+        cfg = self.cfg
+        rows = self._batch_at(step)
+        W, rank = self.dist.world_size, self.dist.rank
+        parts = [p.tolist() for p in np.array_split(np.array(rows), W * cfg.grad_accum)]
+        mine = parts[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
+        self.step_tokens = sum(len(self.train_w[i][0]) for i in rows)
+        losses = []
+        for i, micro in enumerate(mine):
+            weight = 1.0 if micro else 0.0  # an empty share still runs (weighted 0): every rank joins the all-reduce
+            last = i == len(mine) - 1
+            with self.model.no_sync() if self.dist.active and not last else nullcontext():
+                loss = self._qa_loss(micro or rows[:1], self.train_w) * (weight / cfg.grad_accum)
+                loss.backward()
+            losses.append(loss.detach())
+        total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
+        return self._apply_gradients(total)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Dev loss over every dev window; span F1 over the windows that hold the answer."""
+        if not self.val_w:
+            return None
+        self.model.eval()
+        lens = [len(w[0]) for w in self.val_w]
+        total, f1s = 0.0, []
+        for rows in bucket_batches(lens, [1] * len(lens), batch_size=self.cfg.batch_size, seed=0, epoch=0):
+            logits, _ = self._logits(rows, self.val_w)
+            total += float(self._qa_loss(rows, self.val_w)) * len(rows)
+            for j, i in enumerate(rows):
+                _, types, s, e = self.val_w[i]
+                if s == 0:
+                    continue
+                context = torch.tensor(types, device=self.device).bool()
+                context[-1] = False  # the closing [SEP] is in segment 1 too
+                ps, pe = best_span(logits[j, : len(types)], context)
+                overlap = max(0, min(e, pe) - max(s, ps) + 1)
+                f1s.append(0.0 if overlap == 0 else 2 * overlap / ((pe - ps + 1) + (e - s + 1)))
+        self.model.train()
+        self.dev_span_f1 = 100 * sum(f1s) / len(f1s) if f1s else None
+        return total / len(self.val_w)
+
+    def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
+        super()._evaluate_into(row, seen)
+        f1 = getattr(self, "dev_span_f1", None)
+        if f1 is None:
+            return False
+        row["span_f1"] = round(f1, 2)
+        best = self.state.get("best_span_f1")
+        is_best = best is None or f1 > best
+        if is_best:
+            self.state["best_span_f1"] = f1
+        return is_best
+
+
+def best_span(logits: torch.Tensor, context: torch.Tensor) -> tuple[int, int]:
+    """argmax over s ≤ e < s + MAX_ANSWER_TOKENS, both in the context, of start[s] + end[e]."""
+    T = context.shape[0]
+    start = logits[:T, 0].masked_fill(~context, float("-inf"))
+    end = logits[:T, 1].masked_fill(~context, float("-inf"))
+    scores = start[:, None] + end[None, :]  # (T, T)
+    i = torch.arange(T, device=logits.device)
+    ok = (i[None, :] >= i[:, None]) & (i[None, :] < i[:, None] + MAX_ANSWER_TOKENS)
+    flat = int(scores.masked_fill(~ok, float("-inf")).argmax())
+    return flat // T, flat % T
+
+
+__all__ = ["QATrainer", "best_span", "qa_tokenizer"]

@@ -1,0 +1,181 @@
+"""``lmlab train --task classify`` (and ``--task summarize``, ``--task qa``): a classifier on each kind of
+body learns a toy sentiment task, resumes exactly, starts from a language model trained here
+(--init), weighs unbalanced classes, and refuses bad data in one line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmlab
+from lmlab.errors import LmlabError
+
+POS = ["a great film", "very good movie", "i loved it", "wonderful and moving", "great acting", "这部电影很好看"]
+NEG = ["an awful film", "very bad movie", "i hated it", "boring and dull", "terrible acting", "房间太小服务很差"]
+SMALL = dict(task="classify", d_model=32, n_layer=1, batch_size=16, progress=False, overwrite=True, lr=3e-3, warmup=5)
+
+
+def toy_rows(n: int, seed: int = 0, share_pos: float = 0.5) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        pos = rng.random() < share_pos
+        words = POS if pos else NEG
+        rows.append((f"{rng.choice(words)} , {rng.choice(words)}", "positive" if pos else "negative"))
+    return rows
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]], header: bool = True) -> Path:
+    path.write_text(("text\tlabel\n" if header else "") + "".join(f"{t}\t{lab}\n" for t, lab in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("cls")
+    return write_tsv(d / "train.tsv", toy_rows(400)), write_tsv(d / "dev.tsv", toy_rows(80, seed=1), header=False)
+
+
+@pytest.mark.parametrize("model", ["encoder", "lstm", "gru", "gpt"])
+def test_each_body_learns_to_classify(data, tmp_path, model):
+    train, dev = data
+    out = tmp_path / model
+    res = lmlab.train(data=str(train), valid=str(dev), out=str(out), model=model, steps=60, eval_every=30, **SMALL)
+    assert res.best["accuracy"] >= 0.95, res.best
+    clf = lmlab.pipeline("sentiment-analysis", str(out / "best"))
+    assert [r["label"] for r in clf(["i loved it , great acting", "boring and dull , very bad movie"])] == ["positive", "negative"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "task" and cfg["id2label"] == {"0": "negative", "1": "positive"}
+    assert cfg["pooling"] == {"encoder": "mean", "gpt": "last"}.get(model, "max")
+
+
+def test_resume_continues_exactly(data, tmp_path, monkeypatch):
+    from lmlab.training.classify import ClassifyTrainer
+
+    train, dev = data
+    a, b = tmp_path / "a", tmp_path / "b"
+    opts = dict(SMALL, data=str(train), valid=str(dev), model="encoder", steps=20, eval_every=10, save_every=10, dropout=0.1)
+    lmlab.train(out=str(a), **opts)
+    real = ClassifyTrainer.train_step
+
+    def crash_after_15(self, step):
+        if step == 15:
+            raise RuntimeError("power cut")
+        return real(self, step)
+
+    monkeypatch.setattr(ClassifyTrainer, "train_step", crash_after_15)
+    with pytest.raises(RuntimeError, match="power cut"):
+        lmlab.train(out=str(b), **opts)
+    monkeypatch.setattr(ClassifyTrainer, "train_step", real)
+    lmlab.train(resume=str(b))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_from_a_language_model_trained_here(data, tmp_path):
+    train, dev = data
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(t for t, _ in toy_rows(400, seed=3)) * 3, encoding="utf-8")
+    lm = tmp_path / "lm"
+    lmlab.train(data=str(plain), out=str(lm), steps=10, d_model=32, n_layer=1, max_seq_len=64, progress=False)
+    out = tmp_path / "clf"
+    lmlab.train(task="classify", init=str(lm), data=str(train), valid=str(dev), out=str(out), steps=1, lr=1e-12,
+                warmup=0, progress=False)  # fmt: skip
+    body, start = load_file(out / "model.safetensors"), load_file(lm / "model.safetensors")
+    for name, t in start.items():  # the body starts as the language model (lr ~ 0: one step moves nothing)
+        torch.testing.assert_close(body["body." + name], t, atol=1e-6, rtol=0)
+    assert {"out.weight", "out.bias"} <= body.keys()
+    assert lmlab.load(out).tokenizer.to_str() == lmlab.load(lm).tokenizer.to_str()
+
+
+def test_balanced_class_weights(tmp_path):
+    from lmlab.training.classify import ClassifyTrainer
+    from lmlab.training.run import train_config
+
+    rows = toy_rows(100, share_pos=0.8)
+    npos = sum(lab == "positive" for _, lab in rows)
+    cfg, given = train_config(data=str(write_tsv(tmp_path / "t.tsv", rows)), out=str(tmp_path / "o"),
+                              class_weight="balanced", steps=1, **{k: v for k, v in SMALL.items() if k != "overwrite"})  # fmt: skip
+    trainer = ClassifyTrainer(cfg, given)
+    trainer.setup()
+    try:
+        n = len(trainer.train_y)
+        kept_pos = sum(trainer.train_y)  # label 1 = positive (sorted)
+        want = [n / (2 * (n - kept_pos)), n / (2 * kept_pos)]  # n / (k · n_c)
+        assert trainer.class_weights.tolist() == pytest.approx(want)
+        assert 0.7 < kept_pos / n < 0.9 and npos > 50
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("good film\tpositive\nbad film\n", r"t\.tsv line 2 has 1 tab-separated field; a row is text<TAB>label"),
+        ("good film\t\n", r"line 1 has an empty label"),
+    ],
+)
+def test_bad_data_is_one_line(tmp_path, content, message):
+    (tmp_path / "t.tsv").write_text(content, encoding="utf-8")
+    with pytest.raises(LmlabError, match=message):
+        lmlab.train(data=str(tmp_path / "t.tsv"), out=str(tmp_path / "o"), steps=1, **SMALL)
+
+
+def test_a_dev_label_never_trained_on_and_bad_options_are_named(data, tmp_path):
+    train, _ = data
+    dev = write_tsv(tmp_path / "dev.tsv", [("so so", "neutral")])
+    with pytest.raises(LmlabError, match="have label 'neutral', which the training data do not"):
+        lmlab.train(data=str(train), valid=str(dev), out=str(tmp_path / "o"), steps=1, **SMALL)
+    with pytest.raises(LmlabError, match="--task classify puts a classifier on --model gpt, rnn, gru, lstm, encoder"):
+        lmlab.train(data=str(train), out=str(tmp_path / "o"), model="rnn-attention", steps=1, **SMALL)
+    with pytest.raises(LmlabError, match="--pooling: for --task classify only"):
+        lmlab.train(data=str(train), out=str(tmp_path / "o"), pooling="max", steps=1, progress=False)
+
+
+def test_summarize_trains_with_rouge_on_the_dev_set(tmp_path):
+    rows = [{"dialogue": f"#Person1#: where is {n}?\n#Person2#: {n} went home.", "summary": f"{n} went home."}
+            for n in ["Tom", "Mary", "Anna", "Li"] * 30]  # fmt: skip
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    res = lmlab.train(task="summarize", data=str(f), source_field="dialogue", target_field="summary", out=str(tmp_path / "s"),
+                      steps=4, eval_every=2, d_model=32, n_layer=1, batch_size=8, bleu_samples=4, progress=False)  # fmt: skip
+    assert "rougeL" in res.best
+    assert any("rougeL" in json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines())
+
+
+def toy_squad(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    names, places = ["Tom", "Mary", "Anna", "Li"], ["the market", "the park", "Paris", "北京"]
+    out = []
+    for i in range(n):
+        name, place = rng.choice(names), rng.choice(places)
+        filler = " ".join(rng.choice(["It was sunny.", "Birds sang.", "The bus was late."]) for _ in range(rng.randint(0, 4)))
+        ctx = f"{filler} {name} went to {place} yesterday. {filler}".strip()
+        start = ctx.index(f"{name} went to ") + len(f"{name} went to ")
+        out.append({"id": str(i), "question": f"Where did {name} go?", "context": ctx,
+                    "answers": [{"text": place, "answer_start": start}]})  # fmt: skip
+    return out
+
+
+def test_qa_trains_an_encoder_to_point_at_answers(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in toy_squad(300)), encoding="utf-8")
+    res = lmlab.train(task="qa", data=str(f), out=str(tmp_path / "qa"), steps=150, eval_every=50, d_model=64, n_layer=2,
+                      max_seq_len=64, batch_size=16, lr=2e-3, progress=False)  # fmt: skip
+    assert res.best["span_f1"] > 50, res.best
+    cfg = json.loads((tmp_path / "qa" / "config.json").read_text())
+    assert cfg["head"] == "span" and cfg["body"]["type_vocab_size"] == 2
+    qa = lmlab.pipeline("question-answering", str(tmp_path / "qa" / "best"))
+    got = qa(question="Where did Anna go?", context="Birds sang. Anna went to the park yesterday.")
+    context = "Birds sang. Anna went to the park yesterday."
+    assert context[got["start"] : got["end"]] == got["answer"] and got["answer"]
+
+
+def test_qa_refuses_a_decoder_body(tmp_path):
+    with pytest.raises(LmlabError, match="--task qa trains an extractive reader: --model encoder"):
+        lmlab.train(task="qa", model="lstm", data=str(tmp_path / "x.json"), out=str(tmp_path / "o"), steps=1)
