@@ -43,7 +43,12 @@ def _label_key(label: str) -> tuple[int, float | str]:
 
 def read_labeled(spec: str | os.PathLike, text_field: str = "text", label_field: str = "label") -> Labeled:
     path = _existing_file(spec, "--data")
-    kind = _kind(path)
+    suffixes = [x.lower() for x in path.suffixes if x.lower() != ".gz"]
+    last = suffixes[-1] if suffixes else ""
+    if last == ".csv":
+        raise LmlabError(f"{path} is a .csv file; lmlab reads text<TAB>label .tsv files or JSON lines (.jsonl): "
+                         "save it with tab separators")  # fmt: skip
+    kind = "jsonl" if last == ".json" else _kind(path)  # datasets' to_json writes JSON lines as .json
     rows = _jsonl(path, text_field, label_field) if kind == "jsonl" else _tsv(path, text_field, label_field)
     empty = sum(1 for t, _ in rows if not t.strip())
     if empty:

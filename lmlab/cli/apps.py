@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +170,14 @@ def evaluate_classify(a: argparse.Namespace) -> int:
     a.top_k = None
     got = _labels(model, data.texts, a)
     predicted = [r["label"] for r in got]
-    scores = classification_scores(predicted, data.labels, model.config.labels)
+    labels, gold = model.config.labels, data.labels
+    if not set(gold) <= set(labels) and all(g.isdigit() and int(g) < len(labels) for g in gold):
+        gold = [labels[int(g)] for g in gold]  # 0/1 data for a model that names its labels: ids
+        print("lmlab: the data's labels are ids; read as the model's: "
+              + ", ".join(f"{i} = {lab}" for i, lab in enumerate(labels)), file=sys.stderr)  # fmt: skip
+    scores = classification_scores(predicted, gold, labels)
     if a.output:
-        write_lines([f"{p}\t{g}\t{one_line(t)}" for p, g, t in zip(predicted, data.labels, data.texts)], a.output)
+        write_lines([f"{p}\t{g}\t{one_line(t)}" for p, g, t in zip(predicted, gold, data.texts)], a.output)
     if a.plot:
         plot_confusion(scores, a.plot)
     if a.json:
@@ -219,7 +225,7 @@ def evaluate_qa(a: argparse.Namespace) -> int:
     from lmlab.eval.squad import qa_scores
     from lmlab.qa_data import read_qa
 
-    examples = read_qa(a.data, strict=a.strict)
+    examples = read_qa(a.data, strict=a.strict, check_offsets=False)  # scored as the official scripts: texts only
     if a.max_samples is not None:
         examples = examples[: a.max_samples]
     unanswered = [e.id for e in examples if not e.answers]
@@ -252,6 +258,11 @@ def cmd_evaluate_task(a: argparse.Namespace) -> int:
     task = a.task or stored_task(a.checkpoint)
     if a.max_samples is not None and a.max_samples < 1:
         raise LmlabError(f"--max-samples must be >= 1 (got {a.max_samples})")
+    if task is None:  # a Hub id: the model itself says what it does
+        model = load_model(a)
+        head = getattr(model.config, "head", None)
+        task = {"classify": "classify", "span": "qa"}.get(head) or ("translate" if model.is_encoder_decoder else "lm")
+        a._model = model
     if task in ("classify", "summarize", "qa"):
         return {"classify": evaluate_classify, "summarize": evaluate_summarize, "qa": evaluate_qa}[task](a)
     a.task = task

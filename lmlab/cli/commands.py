@@ -164,6 +164,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def report_perplexity(model, a: argparse.Namespace) -> int:
     """``lmlab eval`` (= ``lmlab evaluate --task lm``): loss and perplexity over --data."""
+    head = getattr(model.config, "head", None)
+    if head is not None:
+        task = "classify" if head == "classify" else "qa"
+        raise LmlabError(f"{a.checkpoint} is a {'classifier' if head == 'classify' else 'QA model'}, not a language "
+                         f"model: score it with `lmlab evaluate {a.checkpoint} --task {task} --data ...`")  # fmt: skip
     from lmlab.eval.perplexity import evaluate_corpus
     from lmlab.tokenizer import tokenizer_kind
 

@@ -106,7 +106,11 @@ class ProgressBar:
 
 
 def load_model(a: argparse.Namespace) -> Any:
+    """The model of ``a.checkpoint`` (loaded once: ``evaluate`` may have loaded it to learn its task)."""
     import lmlab
+
+    if getattr(a, "_model", None) is not None:
+        return a._model
 
     return lmlab.load(a.checkpoint, dtype=getattr(a, "dtype", None), device=getattr(a, "device", None),
                       allow_pickle=a.allow_pickle, quantize=getattr(a, "quantize", None))  # fmt: skip

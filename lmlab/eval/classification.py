@@ -2,7 +2,8 @@
 
     accuracy = correct / total                          (a fraction, 0 to 1)
     F1_c     = 2·P_c·R_c / (P_c + R_c)                  per class c: P over predicted c, R over true c
-    macro-F1 = mean over classes of F1_c                (each class counts the same, however rare)
+    macro-F1 = mean over classes of F1_c                (each class counts the same, however rare; the
+                                                         classes that occur, as gold or predicted: sklearn's)
     confusion[i][j] = texts of true label i predicted as j
 """
 
@@ -33,6 +34,7 @@ def classification_scores(predicted: Sequence[str], gold: Sequence[str], labels:
     for p, g in zip(predicted, gold):
         confusion[index[g]][index[p]] += 1
     f1s, per_class = [], {}
+    seen = {index[g] for g in gold} | {index[p] for p in predicted if p in index}
     for c, lab in enumerate(labels):
         tp = confusion[c][c]
         pred_c = sum(confusion[i][c] for i in range(k))
@@ -40,11 +42,12 @@ def classification_scores(predicted: Sequence[str], gold: Sequence[str], labels:
         p = tp / pred_c if pred_c else 0.0
         r = tp / true_c if true_c else 0.0
         f1 = 2 * p * r / (p + r) if p + r else 0.0
-        f1s.append(f1)
+        if c in seen:
+            f1s.append(f1)
         per_class[lab] = {"precision": p, "recall": r, "f1": f1, "support": true_c}
     correct = sum(confusion[i][i] for i in range(k))
     return {
-        "accuracy": correct / len(gold), "macro_f1": sum(f1s) / k, "confusion_matrix": confusion,
+        "accuracy": correct / len(gold), "macro_f1": sum(f1s) / len(f1s), "confusion_matrix": confusion,
         "labels": list(labels), "per_class": per_class, "n": len(gold),
     }  # fmt: skip
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.eval.bleu import _HAN, is_chinese
+from lmlab.eval.bleu import is_chinese
 
 # --------------------------------------------------------------------------- SQuAD v1.1
 
@@ -54,15 +54,17 @@ def squad_em(prediction: str, answer: str) -> float:
 CMRC_PUNCT = set("-:_*^/\\~`+=，。：？！“”；’《》·、「」（）－～『』") | {"……"}
 
 
-def _words(text: str) -> list[str]:
-    """nltk's Treebank word tokenizer (CMRC's script calls nltk.word_tokenize, whose sentence
-    splitter needs a download; one sentence's words are the same)."""
-    try:
-        from nltk.tokenize import TreebankWordTokenizer
+#: the Han characters CMRC 2018's script treats one by one (its own range, narrower than lmlab's)
+_CMRC_HAN = re.compile("[\u4e00-\u9fa5]")
 
-        return TreebankWordTokenizer().tokenize(text)
-    except ImportError:  # pragma: no cover - nltk comes with rouge-score
-        return text.split()
+
+def _words(text: str) -> list[str]:
+    """``nltk.word_tokenize``'s word tokenizer (NLTKWordTokenizer), without the sentence
+    splitter that runs first in word_tokenize (it needs a download; within an answer's words
+    it changes nothing). nltk comes with rouge-score."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer().tokenize(text)
 
 
 def mixed_segmentation(text: str, remove_punct: bool = True) -> list[str]:
@@ -72,7 +74,7 @@ def mixed_segmentation(text: str, remove_punct: bool = True) -> list[str]:
     for ch in str(text).lower().strip():
         if remove_punct and ch in CMRC_PUNCT:
             continue
-        if _HAN.match(ch) or ch in CMRC_PUNCT:
+        if _CMRC_HAN.match(ch) or ch in CMRC_PUNCT:
             if run:
                 out.extend(_words(run))
                 run = ""

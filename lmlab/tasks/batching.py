@@ -55,10 +55,16 @@ def padded(encodings: Sequence[Encoding], pad_id: int, device: torch.device) -> 
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": types.to(device)}
 
 
+def positive_int(value: Any, name: str) -> int:
+    """``value`` if it is an integer >= 1, else a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LmlabError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
 def batches(n: int, lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Row indices in batches of ``batch_size``, longest first (little padding per batch)."""
-    if batch_size < 1:
-        raise LmlabError(f"batch_size must be >= 1 (got {batch_size})")
+    positive_int(batch_size, "batch_size")
     order = sorted(range(n), key=lambda i: -lengths[i])
     for lo in range(0, n, batch_size):
         yield order[lo : lo + batch_size]
@@ -73,9 +79,11 @@ def check_texts(inputs: Any, what: str = "text") -> tuple[list[Any], bool]:
         if not isinstance(text, str):
             got = type(text).__name__
             raise LmlabError(f"each {what} must be a str (or {{'text', 'text_pair'}}); input {i + 1} is {got}")
+        if isinstance(x, dict) and not isinstance(x.get("text_pair", ""), str):
+            raise LmlabError(f"input {i + 1}: text_pair must be a str, not {type(x['text_pair']).__name__}")
         if not text.strip():
             raise LmlabError(f"input {i + 1} is an empty {what}; give a non-empty text to each input")
     return items, single
 
 
-__all__ = ["batches", "check_texts", "pad_id_of", "padded", "task_tokenizer"]
+__all__ = ["batches", "check_texts", "pad_id_of", "padded", "positive_int", "task_tokenizer"]

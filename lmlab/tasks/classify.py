@@ -19,7 +19,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.messages import warn
-from lmlab.tasks.batching import batches, check_texts, pad_id_of, padded, task_tokenizer
+from lmlab.tasks.batching import batches, check_texts, pad_id_of, padded, positive_int, task_tokenizer
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 _UNSET: Any = object()
@@ -44,6 +44,13 @@ def require_head(model: Any, head: str, command: str) -> None:
     raise LmlabError(f"{model.source or 'this model'} is {what}; {command} needs {want}")
 
 
+def _refuse(unknown: dict[str, Any]) -> None:
+    if unknown:
+        name = sorted(unknown)[0]
+        hint = " (texts longer than the model's length are always cut, with a warning)" if name in ("truncation", "max_length") else ""
+        raise LmlabError(f"unknown text-classification option {name}{hint}; options: top_k, function_to_apply, batch_size")
+
+
 def scores_of(logits: torch.Tensor, function: str) -> torch.Tensor:
     x = logits.float()
     if function == "softmax":
@@ -59,13 +66,15 @@ class TextClassificationPipeline:
     task = "text-classification"
 
     def __init__(
-        self, model: Any, top_k: Any = _UNSET, function_to_apply: str | None = None, batch_size: int = 8
-    ) -> None:
+        self, model: Any, top_k: Any = _UNSET, function_to_apply: str | None = None, batch_size: int = 8,
+        **unknown: Any,
+    ) -> None:  # fmt: skip
         require_head(model, "classify", "text classification")
+        _refuse(unknown)
         self.model = model
         self.top_k = top_k
         self.function_to_apply = function_to_apply
-        self.batch_size = batch_size
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.max_length = model.config.max_seq_len
         self.tokenizer = task_tokenizer(model, self.max_length)
 
@@ -83,7 +92,7 @@ class TextClassificationPipeline:
             return "sigmoid"
         return "softmax"
 
-    def logits(self, items: list[Any], on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    def logits(self, items: list[Any], on_batch: Callable[[int], None] | None = None, batch_size: int | None = None) -> torch.Tensor:
         """(N, num_labels) logits, each row what its text gives alone (padding is masked)."""
         encs = []
         for x in items:
@@ -96,7 +105,7 @@ class TextClassificationPipeline:
         module, pad = self.model.module, pad_id_of(self.model)
         out = torch.empty(len(items), self.model.config.num_labels)
         with torch.inference_mode():
-            for rows in batches(len(encs), [len(e.ids) for e in encs], self.batch_size):
+            for rows in batches(len(encs), [len(e.ids) for e in encs], batch_size or self.batch_size):
                 batch = padded([encs[i] for i in rows], pad, module.device)
                 logits, _ = module(batch["input_ids"], attention_mask=batch["attention_mask"],
                                    token_type_ids=batch["token_type_ids"])  # fmt: skip
@@ -107,11 +116,12 @@ class TextClassificationPipeline:
 
     def __call__(
         self, inputs: str | dict | list, top_k: Any = _UNSET, function_to_apply: str | None = None,
-        batch_size: int | None = None, on_batch: Callable[[int], None] | None = None,
+        batch_size: int | None = None, on_batch: Callable[[int], None] | None = None, **unknown: Any,
     ) -> list:  # fmt: skip
+        _refuse(unknown)
         items, single = check_texts(inputs)
         if batch_size is not None:
-            self.batch_size = batch_size
+            positive_int(batch_size, "batch_size")
         top_k = self.top_k if top_k is _UNSET else top_k
         legacy = top_k is _UNSET  # no top_k anywhere: one {"label", "score"} per text
         if not legacy and top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
@@ -119,15 +129,15 @@ class TextClassificationPipeline:
         fn = self.function(function_to_apply or self.function_to_apply)
         labels = self.model.config.labels
         results: list[Any] = []
-        for row in scores_of(self.logits(items, on_batch), fn):
+        for row in scores_of(self.logits(items, on_batch, batch_size), fn):
             if legacy:
                 results.append({"label": labels[int(row.argmax())], "score": float(row.max())})
                 continue
             ranked = sorted(({"label": labels[i], "score": float(s)} for i, s in enumerate(row)),
                             key=lambda r: r["score"], reverse=True)  # fmt: skip
             results.append(ranked if top_k is None else ranked[:top_k])
-        if single and legacy:
-            return results  # transformers returns a list for one text too
+        if single and legacy and isinstance(inputs, str):
+            return results  # transformers returns a list for one text too (a dict for one text pair)
         return results[0] if single else results
 
 

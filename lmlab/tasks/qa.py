@@ -27,7 +27,7 @@ from tokenizers import Encoding
 from lmlab.errors import LmlabError
 from lmlab.eval.bleu import _HAN
 from lmlab.messages import warn
-from lmlab.tasks.batching import batches, pad_id_of, padded, task_tokenizer
+from lmlab.tasks.batching import batches, pad_id_of, padded, positive_int, task_tokenizer
 from lmlab.tasks.classify import require_head
 
 DEFAULTS = {"top_k": 1, "doc_stride": None, "max_answer_len": 15, "max_question_len": 64,
@@ -44,6 +44,9 @@ class Window:
 
 def examples_of(args: tuple, question: Any, context: Any) -> tuple[list[dict[str, str]], bool]:
     """(examples, single) from qa(question=, context=), qa({...}), qa([{...}, ...]) or lists of each."""
+    if len(args) == 2 and question is None and context is None:  # qa(question, context), as v4 accepted
+        question, context = args
+        args = ()
     if args:
         if len(args) > 1 or question is not None or context is not None:
             raise LmlabError("give qa(question=..., context=...), or one dict {question, context}, or a list of them")
@@ -120,15 +123,11 @@ class QuestionAnsweringPipeline:
 
     def __init__(self, model: Any, batch_size: int = 8, max_seq_len: int | None = None, **defaults: Any) -> None:
         require_head(model, "span", "question answering")
-        unknown = sorted(set(defaults) - set(DEFAULTS))
-        if unknown:
-            raise LmlabError(f"unknown question-answering option {unknown[0]} (options: {', '.join(DEFAULTS)})")
         self.model = model
-        self.batch_size = batch_size
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.defaults = {**DEFAULTS, **defaults}
-        self.max_seq_len = min(model.config.max_seq_len, 384) if max_seq_len is None else int(max_seq_len)
-        if self.max_seq_len > model.config.max_seq_len:
-            raise LmlabError(f"max_seq_len={self.max_seq_len} is more than the model's {model.config.max_seq_len} positions")
+        self.max_seq_len = self._window(max_seq_len)
+        self.options({})  # a bad default fails here, not at the first question
         self.plain = task_tokenizer(model)
         tok = model.tokenizer
         cls = next((tok.token_to_id(t) for t in ("[CLS]", "<s>") if tok.token_to_id(t) is not None), None)
@@ -137,6 +136,16 @@ class QuestionAnsweringPipeline:
 
         #: a character tokenizer makes every character a "word": whole words are then found in the text
         self.char_level = tokenizer_kind(tok) == "char"
+
+    def _window(self, max_seq_len: Any) -> int:
+        """The tokens of one window: 384 (or the model's length, if shorter), or ``max_seq_len``."""
+        limit = self.model.config.max_seq_len
+        if max_seq_len is None:
+            return min(limit, 384)
+        n = positive_int(max_seq_len, "max_seq_len")
+        if n > limit:
+            raise LmlabError(f"max_seq_len={n} is more than the model's {limit} positions")
+        return n
 
     def options(self, given: dict[str, Any]) -> dict[str, Any]:
         opts = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
@@ -226,6 +235,10 @@ class QuestionAnsweringPipeline:
                     ce = e.word_to_chars(we, 1) if we is not None else None
                     if cs is not None and ce is not None:
                         a, b = cs[0], ce[1]
+                while a < b and context[a].isspace():  # byte-level BPE offsets include the space before a word
+                    a += 1
+                while b > a and context[b - 1].isspace():
+                    b -= 1
                 found.append({"score": float(score), "start": int(a), "end": int(b), "answer": context[a:b]})
         if opts["handle_impossible_answer"]:
             found.append({"score": null, "start": 0, "end": 0, "answer": ""})
@@ -237,7 +250,19 @@ class QuestionAnsweringPipeline:
         on_batch: Callable[[int], None] | None = None, **options: Any,
     ) -> dict | list:  # fmt: skip
         examples, single = examples_of(args, question, context)
-        opts = self.options(options)
+        window = options.pop("max_seq_len", None)
+        batch = options.pop("batch_size", None)
+        saved = (self.max_seq_len, self.batch_size)
+        try:
+            if window is not None:
+                self.max_seq_len = self._window(window)
+            if batch is not None:
+                self.batch_size = positive_int(batch, "batch_size")
+            return self._answer(examples, single, self.options(options), on_batch)
+        finally:
+            self.max_seq_len, self.batch_size = saved
+
+    def _answer(self, examples: list[dict[str, str]], single: bool, opts: dict[str, Any], on_batch: Any) -> dict | list:
         windows = self.windows(examples, opts)
         logits = self.logits(windows, on_batch)
         results: list[Any] = []

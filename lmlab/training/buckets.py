@@ -21,6 +21,10 @@ class BucketPlan:
         while True:
             if epoch == len(self._plan_lens):
                 self._plan_lens.append(len(self._plan(epoch)))
+                if not self._plan_lens[-1]:
+                    from lmlab.errors import LmlabError
+
+                    raise LmlabError("no training examples are left after the dev set was held out; give more data")
             if step < self._plan_lens[epoch]:
                 return self._plan(epoch)[step]
             step -= self._plan_lens[epoch]

@@ -88,7 +88,10 @@ class ClassifyTrainer(BucketPlan, Trainer):
         if cfg.valid is not None:
             return data, read_labeled(cfg.valid, cfg.text_field, cfg.label_field)
         n = len(data)
-        k = min(MAX_VALID, max(1, int(n * (cfg.val_fraction or 0.1))))
+        if n < 2:
+            raise LmlabError(f"{cfg.data} holds {n} labelled text; training needs at least 2 (one is held out "
+                             "for the dev set), or give --valid FILE")  # fmt: skip
+        k = min(MAX_VALID, n - 1, max(1, int(n * cfg.val_fraction)))
         order = np.random.default_rng(cfg.seed).permutation(n)
         pick = lambda idx: Labeled([data.texts[i] for i in idx], [data.labels[i] for i in idx], data.name)  # noqa: E731
         return pick(sorted(order[k:])), pick(sorted(order[:k]))

@@ -104,7 +104,7 @@ class TrainConfig:
     label_field: str = option("label", "--task classify with a .jsonl: the label's key", group="data")
     valid: str | None = option(
         None, "--task translate, summarize or classify: a dev set in --data's forms", group="data", metavar="FILE",
-        default_text="a held-out slice of the training pairs (--val-fraction, at most 1000)",
+        default_text="a held-out slice of the training data (--val-fraction; at most 1000 pairs, 2000 texts, 500 questions)",
     )
     out: str | None = option(None, "folder for checkpoints, metrics.jsonl and loss.png", group="data")
     tokenizer: str = option("char", "char, bpe, or a tokenizer.json / Hugging Face folder", group="data")

@@ -64,9 +64,9 @@ class QATrainer(BucketPlan, Trainer):
     @property
     def examples(self) -> list[QAExample]:
         if getattr(self, "_examples", None) is None:
-            self._examples = [e for e in read_qa(self.cfg.data) if e.answers and e.starts[0] is not None]
+            self._examples = [e for e in read_qa(self.cfg.data) if e.answers and _span(e) is not None]
             if not self._examples:
-                raise LmlabError(f"{self.cfg.data} has no question with an answer and its answer_start to learn from")
+                raise LmlabError(f"{self.cfg.data} has no question whose answer is found in its context to learn from")
         return self._examples
 
     def _new_tokenizer(self) -> Tokenizer:
@@ -89,8 +89,12 @@ class QATrainer(BucketPlan, Trainer):
         cfg = self.cfg
         if cfg.valid is not None:
             return self.examples, [e for e in read_qa(cfg.valid) if e.answers]
-        order = np.random.default_rng(cfg.seed).permutation(len(self.examples))
-        k = min(MAX_VALID, max(1, int(len(order) * (cfg.val_fraction or 0.1))))
+        n = len(self.examples)
+        if n < 2:
+            raise LmlabError(f"{cfg.data} holds {n} answered question; training needs at least 2 (one is held "
+                             "out for the dev set), or give --valid FILE")  # fmt: skip
+        order = np.random.default_rng(cfg.seed).permutation(n)
+        k = min(MAX_VALID, n - 1, max(1, int(n * cfg.val_fraction)))
         return [self.examples[i] for i in sorted(order[k:])], [self.examples[i] for i in sorted(order[:k])]
 
     def _windows(self, examples: list[QAExample]) -> list[tuple[list[int], list[int], int, int]]:
@@ -101,10 +105,7 @@ class QATrainer(BucketPlan, Trainer):
         tok.enable_truncation(limit, stride=min(128, limit // 4), strategy="only_second")
         out = []
         for ex in examples:
-            a = ex.starts[0] if ex.starts and ex.starts[0] is not None else None
-            if a is None:  # no offset: the first occurrence of the answer's text
-                a = ex.context.find(ex.answers[0])
-            b = a + len(ex.answers[0]) - 1
+            a, b = _span(ex) or (-1, -1)
             try:
                 enc = tok.encode(ex.question, ex.context)
             except Exception as e:  # the question alone fills the window
@@ -113,7 +114,8 @@ class QATrainer(BucketPlan, Trainer):
                 s = w.char_to_token(a, 1) if a >= 0 else None
                 t = w.char_to_token(b, 1) if a >= 0 else None
                 s, t = (s, t) if s is not None and t is not None and s <= t else (0, 0)
-                out.append((w.ids, w.type_ids, s, t))
+                context = [q == 1 for q in w.sequence_ids]  # the context's tokens (RoBERTa's type ids are all 0)
+                out.append((w.ids, w.type_ids, s, t, context))
         return out
 
     def _split_data(self, mcfg: Any, corpus: Any) -> None:
@@ -138,8 +140,9 @@ class QATrainer(BucketPlan, Trainer):
             logits, _ = self.model(ids.to(self.device), attention_mask=mask, token_type_ids=types.to(self.device))
         return logits.float().masked_fill(~mask.bool()[..., None], float("-inf")), mask  # (B, T, 2): padding never wins
 
-    def _qa_loss(self, rows: list[int], ws: list) -> torch.Tensor:
-        logits, _ = self._logits(rows, ws)
+    def _qa_loss(self, rows: list[int], ws: list, logits: torch.Tensor | None = None) -> torch.Tensor:
+        if logits is None:
+            logits, _ = self._logits(rows, ws)
         s = torch.tensor([ws[i][2] for i in rows], device=self.device)
         e = torch.tensor([ws[i][3] for i in rows], device=self.device)
         return (F.cross_entropy(logits[..., 0], s) + F.cross_entropy(logits[..., 1], e)) / 2
@@ -173,14 +176,12 @@ class QATrainer(BucketPlan, Trainer):
         total, f1s = 0.0, []
         for rows in bucket_batches(lens, [1] * len(lens), batch_size=self.cfg.batch_size, seed=0, epoch=0):
             logits, _ = self._logits(rows, self.val_w)
-            total += float(self._qa_loss(rows, self.val_w)) * len(rows)
+            total += float(self._qa_loss(rows, self.val_w, logits)) * len(rows)
             for j, i in enumerate(rows):
-                _, types, s, e = self.val_w[i]
+                _, _, s, e, context = self.val_w[i]
                 if s == 0:
                     continue
-                context = torch.tensor(types, device=self.device).bool()
-                context[-1] = False  # the closing [SEP] is in segment 1 too
-                ps, pe = best_span(logits[j, : len(types)], context)
+                ps, pe = best_span(logits[j, : len(context)], torch.tensor(context, device=self.device))
                 overlap = max(0, min(e, pe) - max(s, ps) + 1)
                 f1s.append(0.0 if overlap == 0 else 2 * overlap / ((pe - ps + 1) + (e - s + 1)))
         self.model.train()
@@ -198,6 +199,17 @@ class QATrainer(BucketPlan, Trainer):
         if is_best:
             self.state["best_span_f1"] = f1
         return is_best
+
+
+def _span(ex: QAExample) -> tuple[int, int] | None:
+    """The first answer's first and last character in the context (its answer_start, else where
+    its text first occurs), spaces at its ends left out; None if the text is not there."""
+    text = ex.answers[0]
+    a = ex.starts[0] if ex.starts and ex.starts[0] is not None else ex.context.find(text)
+    if a < 0 or not text.strip():
+        return None
+    a += len(text) - len(text.lstrip())
+    return a, a + len(text.strip()) - 1
 
 
 def best_span(logits: torch.Tensor, context: torch.Tensor) -> tuple[int, int]:

@@ -103,6 +103,8 @@ def check_qa_options(cfg: TrainConfig) -> None:
         raise LmlabError("--task qa needs questions: --data FILE (SQuAD-format JSON, or .jsonl with answers)")
     if cfg.stateful or cfg.target_data is not None or cfg.separate_vocab:
         raise LmlabError("--stateful, --target-data and --separate-vocab are not for --task qa")
+    if cfg.valid is None and cfg.val_fraction <= 0:
+        raise LmlabError("--val-fraction 0 leaves no dev questions: give --valid FILE, or a --val-fraction above 0")
 
 
 def classifier_config(cfg: TrainConfig, body: Any, labels: list[str]) -> Any:

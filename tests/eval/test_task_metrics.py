@@ -64,3 +64,10 @@ def test_classification_scores_by_hand(tmp_path):
 def test_a_label_the_model_never_saw_is_named():
     with pytest.raises(LmlabError, match="the data has label 'maybe', which the model never saw"):
         classification_scores(["a"], ["maybe"], ["a", "b"])
+
+
+def test_macro_f1_averages_the_classes_that_occur():
+    # c never occurs (neither gold nor predicted): sklearn's macro-F1 leaves it out
+    s = classification_scores(["a", "b", "b"], ["a", "b", "a"], ["a", "b", "c"])
+    f1_a, f1_b = 2 * 1 * 0.5 / 1.5, 2 * 0.5 * 1 / 1.5
+    assert s["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)

@@ -96,3 +96,15 @@ def test_bad_inputs_get_one_line_errors(bert, tmp_path):
         lmlab.pipeline("text-classification", str(qa))
     with pytest.raises(LmlabError, match=r"unknown task 'sentiment' \(did you mean 'sentiment-analysis'\?\)"):
         lmlab.pipeline("sentiment", str(bert))
+
+
+def test_options_transformers_has_and_lmlab_does_not_are_named(bert):
+    clf = lmlab.pipeline("sentiment-analysis", str(bert))
+    with pytest.raises(LmlabError, match="unknown text-classification option truncation .texts longer"):
+        clf("good", truncation=True)
+    with pytest.raises(LmlabError, match="batch_size must be a positive integer, not '8'"):
+        clf("good", batch_size="8")
+    with pytest.raises(LmlabError, match="text_pair must be a str, not int"):
+        clf({"text": "good", "text_pair": 3})
+    one = clf({"text": "the cat sat", "text_pair": "where is the dog ?"})
+    assert isinstance(one, dict) and one["label"] in ("neg", "neu", "pos")  # one pair: a dict, as transformers

@@ -118,6 +118,7 @@ def test_imported_qa_models_answer_with_spans_of_the_context(tmp_path, family):
         assert len(got) == 2
         for a in got:
             assert ex["context"][a["start"] : a["end"]] == a["answer"] and a["answer"] and 0 < a["score"] <= 1
+            assert a["answer"] == a["answer"].strip()  # byte-level BPE offsets hold the space before a word
 
 
 def test_input_forms_and_result_shapes(pointer):
@@ -126,6 +127,8 @@ def test_input_forms_and_result_shapes(pointer):
     assert isinstance(one, dict)
     assert qa({"question": "who ?", "context": CONTEXT}) == one
     assert qa([{"question": "who ?", "context": CONTEXT}]) == one  # a list of one: one answer, as transformers
+    assert qa("who ?", CONTEXT) == one  # positionally, as v4
+    assert qa(question="who ?", context=CONTEXT, max_seq_len=24)["answer"] == "zebra"  # a window per call
     two = qa(question=["who ?", "where ?"], context=CONTEXT)
     assert isinstance(two, list) and two[0] == one and two[1]["answer"] == "zebra"
 

@@ -176,6 +176,31 @@ def test_qa_trains_an_encoder_to_point_at_answers(tmp_path):
     assert context[got["start"] : got["end"]] == got["answer"] and got["answer"]
 
 
+def test_qa_learns_from_answers_given_as_text_only(tmp_path):
+    rows = [{"question": r["question"], "context": r["context"], "answers": [r["answers"][0]["text"]]} for r in toy_squad(60)]
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    from lmlab.training.qa import QATrainer
+    from lmlab.training.run import train_config
+
+    cfg, given = train_config(task="qa", data=str(f), out=str(tmp_path / "o"), steps=1, d_model=32, n_layer=1,
+                              max_seq_len=64, progress=False)  # fmt: skip
+    trainer = QATrainer(cfg, given)
+    trainer.setup()
+    try:  # every window holding the answer points at it: the text found in the context
+        held = [w for w in trainer.train_w if w[2] > 0]
+        assert len(held) >= 40  # each of the ~54 training questions has a window that holds its answer, most several
+        for ids, _, s, e, _ in held[:20]:
+            assert trainer.tok.decode(ids[s : e + 1]).replace(" ", "") in {"themarket", "thepark", "Paris", "北京"}
+    finally:
+        trainer.close()
+
+
+def test_one_labelled_text_is_not_enough(tmp_path):
+    with pytest.raises(LmlabError, match="holds 1 labelled text; training needs at least 2"):
+        lmlab.train(data=str(write_tsv(tmp_path / "t.tsv", [("good", "pos")])), out=str(tmp_path / "o"), steps=1, **SMALL)
+
+
 def test_qa_refuses_a_decoder_body(tmp_path):
     with pytest.raises(LmlabError, match="--task qa trains an extractive reader: --model encoder"):
         lmlab.train(task="qa", model="lstm", data=str(tmp_path / "x.json"), out=str(tmp_path / "o"), steps=1)
