@@ -15,7 +15,6 @@ fine-tune on labels.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -148,22 +147,9 @@ class ClassifyTrainer(BucketPlan, Trainer):
         return F.cross_entropy(self._logits(rows, xs), y, weight=self.class_weights)
 
     def train_step(self, step: int) -> float:
-        cfg = self.cfg
         rows = self._batch_at(step)
-        W, rank = self.dist.world_size, self.dist.rank
-        parts = [p.tolist() for p in np.array_split(np.array(rows), W * cfg.grad_accum)]
-        mine = parts[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
         self.step_tokens = sum(len(self.train_x[i]) for i in rows)
-        losses = []
-        for i, micro in enumerate(mine):
-            weight = 1.0 if micro else 0.0  # an empty share still runs (weighted 0): every rank joins the all-reduce
-            last = i == len(mine) - 1
-            with self.model.no_sync() if self.dist.active and not last else nullcontext():
-                loss = self._classify_loss(micro or rows[:1], self.train_x, self.train_y) * (weight / cfg.grad_accum)
-                loss.backward()
-            losses.append(loss.detach())
-        total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
-        return self._apply_gradients(total)
+        return self._step_on(rows, lambda micro: self._classify_loss(micro, self.train_x, self.train_y))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -187,15 +173,7 @@ class ClassifyTrainer(BucketPlan, Trainer):
     def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
         """Dev loss and accuracy into the metrics row; True at a new best accuracy."""
         super()._evaluate_into(row, seen)
-        acc = getattr(self, "dev_accuracy", None)
-        if acc is None:
-            return False
-        row["accuracy"] = round(acc, 4)
-        best = self.state.get("best_accuracy")
-        is_best = best is None or acc > best
-        if is_best:
-            self.state["best_accuracy"] = acc
-        return is_best
+        return self._keep_best(row, "accuracy", getattr(self, "dev_accuracy", None), 4)
 
 
 __all__ = ["ClassifyTrainer"]

@@ -16,7 +16,6 @@ EM/F1 (SQuAD v1.1, or CMRC 2018 for Chinese).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -148,22 +147,9 @@ class QATrainer(BucketPlan, Trainer):
         return (F.cross_entropy(logits[..., 0], s) + F.cross_entropy(logits[..., 1], e)) / 2
 
     def train_step(self, step: int) -> float:
-        cfg = self.cfg
         rows = self._batch_at(step)
-        W, rank = self.dist.world_size, self.dist.rank
-        parts = [p.tolist() for p in np.array_split(np.array(rows), W * cfg.grad_accum)]
-        mine = parts[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
         self.step_tokens = sum(len(self.train_w[i][0]) for i in rows)
-        losses = []
-        for i, micro in enumerate(mine):
-            weight = 1.0 if micro else 0.0  # an empty share still runs (weighted 0): every rank joins the all-reduce
-            last = i == len(mine) - 1
-            with self.model.no_sync() if self.dist.active and not last else nullcontext():
-                loss = self._qa_loss(micro or rows[:1], self.train_w) * (weight / cfg.grad_accum)
-                loss.backward()
-            losses.append(loss.detach())
-        total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
-        return self._apply_gradients(total)
+        return self._step_on(rows, lambda micro: self._qa_loss(micro, self.train_w))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -190,15 +176,7 @@ class QATrainer(BucketPlan, Trainer):
 
     def _evaluate_into(self, row: dict[str, Any], seen: _Progress) -> bool:
         super()._evaluate_into(row, seen)
-        f1 = getattr(self, "dev_span_f1", None)
-        if f1 is None:
-            return False
-        row["span_f1"] = round(f1, 2)
-        best = self.state.get("best_span_f1")
-        is_best = best is None or f1 > best
-        if is_best:
-            self.state["best_span_f1"] = f1
-        return is_best
+        return self._keep_best(row, "span_f1", getattr(self, "dev_span_f1", None), 2)
 
 
 def _span(ex: QAExample) -> tuple[int, int] | None:

@@ -15,11 +15,9 @@ of a fixed dev sample; ``DIR/best`` keeps the checkpoint with the best dev BLEU.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, processors
@@ -196,25 +194,10 @@ class Seq2SeqTrainer(BucketPlan, Trainer):
         return F.cross_entropy(logits.float().flatten(0, 1), lab.flatten(), ignore_index=-100, label_smoothing=smoothing)
 
     def train_step(self, step: int) -> float:
-        cfg = self.cfg
         rows = self._batch_at(step)
-        W, rank = self.dist.world_size, self.dist.rank
-        parts = [p.tolist() for p in np.array_split(np.array(rows), W * cfg.grad_accum)]
-        mine = parts[rank * cfg.grad_accum : (rank + 1) * cfg.grad_accum]
         self.step_tokens = sum(len(self.train_src[i]) + len(self.train_tgt[i]) + 1 for i in rows)
-        losses = []
-        for i, micro in enumerate(mine):
-            # A batch smaller than W × grad_accum leaves some parts empty: they still run (a row
-            # of the batch, weighted 0), so every rank joins every gradient all-reduce.
-            weight = 1.0 if micro else 0.0
-            last = i == len(mine) - 1
-            with self.model.no_sync() if self.dist.active and not last else nullcontext():
-                loss = self._seq2seq_loss(micro or rows[:1], self.train_src, self.train_tgt, cfg.label_smoothing)
-                loss = loss * (weight / cfg.grad_accum)
-                loss.backward()
-            losses.append(loss.detach())
-        total = self.dist.mean(sum(torch.stack(losses).tolist()) if losses else 0.0)
-        return self._apply_gradients(total)
+        smoothing = self.cfg.label_smoothing
+        return self._step_on(rows, lambda micro: self._seq2seq_loss(micro, self.train_src, self.train_tgt, smoothing))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -272,14 +255,7 @@ class Seq2SeqTrainer(BucketPlan, Trainer):
         if self.cfg.bleu_samples == 0:
             return best_by_loss
         score = self.dev_bleu()  # rank 0 decodes; the others learn the verdict below
-        is_best = False
-        if score is not None:
-            key = self.dev_metric
-            row[key] = round(score, 2)
-            best = self.state.get(f"best_{key}")
-            is_best = best is None or score > best
-            if is_best:
-                self.state[f"best_{key}"] = score
+        is_best = self._keep_best(row, self.dev_metric, score, 2)
         if self.dist.active:  # every rank must agree to save (saving gathers from all ranks)
             is_best = bool(self.dist.all_reduce([float(is_best)], op="max")[0])
         return is_best
