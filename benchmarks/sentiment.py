@@ -41,6 +41,8 @@ DATASETS = {
 # one recipe per body: the classifier's options (the language model of a +lm run shares the body's)
 BODIES = {
     "lstm": dict(model="lstm", d_model=300, hidden_size=512, n_layer=1, dropout=0.3, lr=2e-3, warmup=200, batch_size=64),
+    "bilstm": dict(model="lstm", bidirectional=True, d_model=300, hidden_size=512, n_layer=1, dropout=0.3, lr=2e-3,
+                   warmup=200, batch_size=64),
     "gru": dict(model="gru", d_model=300, hidden_size=512, n_layer=1, dropout=0.3, lr=2e-3, warmup=200, batch_size=64),
     "encoder": dict(model="encoder", d_model=256, n_layer=4, n_head=4, dropout=0.1, lr=5e-4, warmup=500, batch_size=64,
                     mlp="gelu", norm="layernorm"),
@@ -81,14 +83,14 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
         if body_name == "encoder":
             raise SystemExit("an encoder has no language model to pretrain here: use lstm+lm or gpt+lm")
         corpus = unlabelled_corpus(ds, folder)
-        lm_opts = {k: v for k, v in body.items() if k not in ("batch_size",)}
+        lm_opts = {k: v for k, v in body.items() if k not in ("batch_size", "bidirectional")}
         t0 = time.perf_counter()
         res = lmlab.train(data=str(corpus), out=str(folder / "lm"), tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"],
                           time=f"{pretrain_minutes}m", batch_size=32, eval_every=500, **lm_opts, **common)  # fmt: skip
         result["pretrain"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step,
                               "val_loss": res.val_loss, "corpus_chars": corpus.stat().st_size}  # fmt: skip
         init = str(folder / "lm")
-    opts = dict(body) if init is None else {k: v for k, v in body.items() if k in ("lr", "warmup", "batch_size")}
+    opts = dict(body) if init is None else {k: v for k, v in body.items() if k in ("lr", "warmup", "batch_size", "bidirectional")}
     if init is None:
         opts.update(tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"])
     valid = str(EVAL / ds["valid"]) if ds["valid"] else None

@@ -138,6 +138,9 @@ class RNNConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     max_seq_len: int = 128  # the BPTT window used in training; generation is unbounded
+    # read each text both ways, hidden_size units per direction (a BiLSTM): the body of a
+    # task head only — it sees the future, so it has no next-token head and cannot generate
+    bidirectional: bool = False
     model_type: str = field(default="rnn", init=False)
 
     def __post_init__(self) -> None:
@@ -152,7 +155,8 @@ class RNNConfig:
 
     @property
     def n_params_hint(self) -> str:
-        return f"{self.cell.upper()} {self.n_layer}x{self.hidden_size} (embedding {self.d_model})"
+        bi = "bidirectional " if self.bidirectional else ""
+        return f"{bi}{self.cell.upper()} {self.n_layer}x{self.hidden_size} (embedding {self.d_model})"
 
 
 SEQ2SEQ_POSITIONS = ("sinusoidal", "learned", "relative")

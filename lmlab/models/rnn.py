@@ -13,6 +13,10 @@ vector h (RNN, GRU) or the pair (h, c) (LSTM), each (n_layer, B, hidden_size):
 it is the whole memory of the past, so generating N tokens costs N single-step
 updates whatever the length of the prefix, and there is no context limit —
 ``max_seq_len`` is only the window of truncated backpropagation through time.
+
+As the body of a classifier it may read each text both ways (``bidirectional``, a BiLSTM:
+h_t = [h→_t; h←_t], 2·hidden_size numbers, the backward pass starting at each row's last
+real token). Such a model sees the future, so it has no next-token head: it cannot generate.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
@@ -91,18 +96,21 @@ class RNNLanguageModel(LanguageModel):
             num_layers=cfg.n_layer,
             batch_first=True,
             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0,
+            bidirectional=cfg.bidirectional,
         )
         # Tying the output layer to the embedding (Press & Wolf 2017) needs outputs of
         # size d_model: project h when the hidden size differs.
-        tied_proj = cfg.tie_embeddings and cfg.hidden_size != cfg.d_model
+        tied_proj = cfg.tie_embeddings and cfg.hidden_size != cfg.d_model and not cfg.bidirectional
         self.proj = nn.Linear(cfg.hidden_size, cfg.d_model, bias=False) if tied_proj else None
-        self.lm_head = nn.Linear(cfg.d_model if tied_proj else cfg.hidden_size, cfg.vocab_size)
+        # a bidirectional body has read the next token already: no next-token head
+        out = cfg.d_model if tied_proj else cfg.hidden_size
+        self.lm_head = None if cfg.bidirectional else nn.Linear(out, cfg.vocab_size)
         self.tie_weights()
         self.reset_parameters()
 
     def tie_weights(self) -> None:
         """Share the output layer's weight with the input embedding (when configured)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.tok_emb.weight
 
     def reset_parameters(self) -> None:
@@ -113,19 +121,22 @@ class RNNLanguageModel(LanguageModel):
         than halving it each step. (Smaller embeddings, U(-0.1, 0.1), left a small char
         model stuck at the unigram loss for a hundred steps longer.)"""
         self.tok_emb.reset_parameters()
-        if not self.config.tie_embeddings:
-            self.lm_head.reset_parameters()
-        nn.init.zeros_(self.lm_head.bias)
+        if self.lm_head is not None:
+            if not self.config.tie_embeddings:
+                self.lm_head.reset_parameters()
+            nn.init.zeros_(self.lm_head.bias)
         if self.proj is not None:
             self.proj.reset_parameters()
         self.rnn.reset_parameters()
         if self.config.cell == "lstm":
             H = self.config.hidden_size
+            ways = ("", "_reverse") if self.config.bidirectional else ("",)
             with torch.no_grad():
                 for k in range(self.config.n_layer):
-                    # b_f = b_if + b_hf = 1 (rows H:2H are the forget gate's, order i, f, g, o)
-                    getattr(self.rnn, f"bias_ih_l{k}")[H : 2 * H].fill_(1.0)
-                    getattr(self.rnn, f"bias_hh_l{k}")[H : 2 * H].zero_()
+                    for way in ways:
+                        # b_f = b_if + b_hf = 1 (rows H:2H are the forget gate's, order i, f, g, o)
+                        getattr(self.rnn, f"bias_ih_l{k}{way}")[H : 2 * H].fill_(1.0)
+                        getattr(self.rnn, f"bias_hh_l{k}{way}")[H : 2 * H].zero_()
 
     # ------------------------------------------------------------------ state
     def state_bytes(self, batch_size: int, max_len: int) -> int:
@@ -185,6 +196,11 @@ class RNNLanguageModel(LanguageModel):
         """
         if ids.dim() != 2:
             raise LmlabError(f"token ids must have shape (batch, time), got {tuple(ids.shape)}")
+        if self.config.bidirectional and not hidden:
+            raise LmlabError(
+                f"a bidirectional {self.config.cell.upper()} reads each text both ways: it is the body of a "
+                "classifier and cannot predict the next token; train a language model without --bidirectional"
+            )
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise LmlabError(
                 f"{_NAMES[self.config.cell]} cannot skip padding tokens; "
@@ -192,7 +208,7 @@ class RNNLanguageModel(LanguageModel):
             )
         s = self._check_state(state, ids.shape[0])
         x = self.drop(self.tok_emb(ids))  # (B, T) -> (B, T, d_model)
-        if self.explicit or self._steps_cells(ids):
+        if (self.explicit or self._steps_cells(ids)) and not self.config.bidirectional:
             # (B, T, d_model) -> (B, T, hidden): the equations, or their one-step kernels
             out, s = run_layers(
                 self.config.cell, x, self.rnn.all_weights, s, self.rnn.dropout, self.training,
@@ -212,10 +228,20 @@ class RNNLanguageModel(LanguageModel):
 
     def features(self, ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
         """(B, T) right-padded ids -> (B, T, hidden): the top layer's output at every step (a task
-        head's input). The recurrence runs forward, so padding at the end never reaches a real
-        token's output; the head reads real tokens only."""
-        del attention_mask, token_type_ids
-        return self.forward(ids, hidden=True)[0]
+        head's input). The forward recurrence never reaches padding at the end before a real
+        token's output; the head reads real tokens only. Bidirectional: (B, T, 2·hidden)."""
+        del token_type_ids
+        if not self.config.bidirectional or attention_mask is None or bool(attention_mask.bool().all()):
+            return self.forward(ids, hidden=True)[0]
+        # the backward pass must start at each row's last real token, not at its padding:
+        # packed rows stop at their lengths (and their outputs past it are zeros)
+        if ids.dim() != 2:
+            raise LmlabError(f"token ids must have shape (batch, time), got {tuple(ids.shape)}")
+        lengths = attention_mask.long().sum(1).clamp(min=1).cpu()
+        x = self.drop(self.tok_emb(ids))
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
+        return self.drop(out)  # (B, T, 2·hidden)
 
     def _steps_cells(self, ids: Tensor) -> bool:
         """Whether this call takes PyTorch's one-step cell kernels (``torch.lstm_cell`` /

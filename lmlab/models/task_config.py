@@ -165,7 +165,9 @@ class TaskConfig:
 
     @property
     def d_model(self) -> int:
-        return self.body.d_model if not isinstance(self.body, RNNConfig) else self.body.hidden_size
+        if isinstance(self.body, RNNConfig):  # the top layer's output: [h→; h←] when bidirectional
+            return self.body.hidden_size * (2 if self.body.bidirectional else 1)
+        return self.body.d_model
 
     @property
     def max_seq_len(self) -> int:

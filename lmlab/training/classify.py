@@ -15,6 +15,7 @@ fine-tune on labels.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -76,9 +77,18 @@ class ClassifyTrainer(BucketPlan, Trainer):
             raise LmlabError(f"--init {self.cfg.init}: a classifier starts from a language model (or a classifier); "
                              "this is another kind of model")  # fmt: skip
         self.cfg.model = "rnn" if module.config.model_type == "rnn" else "gpt"
-        mcfg = classifier_config(self.cfg, module.config, self.data.label_set)
+        body = module.config
+        if self.cfg.bidirectional:
+            if body.model_type != "rnn":
+                raise LmlabError(f"--bidirectional is for a recurrent body; {self.cfg.init} is a Transformer "
+                                 "(drop --bidirectional: its last token has read the whole text)")  # fmt: skip
+            body = dataclasses.replace(body, bidirectional=True, tie_embeddings=False)
+        mcfg = classifier_config(self.cfg, body, self.data.label_set)
         model = build_model(mcfg)
-        model.body.load_state_dict(module.state_dict())
+        if self.cfg.bidirectional:
+            load_forward_direction(model.body, module.state_dict())
+        else:
+            model.body.load_state_dict(module.state_dict())
         return model.train(), mcfg
 
     def _load_data(self, resuming: bool) -> Any:
@@ -176,4 +186,23 @@ class ClassifyTrainer(BucketPlan, Trainer):
         return self._keep_best(row, "accuracy", getattr(self, "dev_accuracy", None), 4)
 
 
-__all__ = ["ClassifyTrainer"]
+def load_forward_direction(body: torch.nn.Module, lm: dict[str, torch.Tensor]) -> None:
+    """A bidirectional body from a one-way language model (ULMFiT's forward half): the
+    embedding and every forward-direction weight are the LM's; the backward direction keeps
+    its fresh init. Above the first layer a forward cell reads [h→; h←] where the LM's read
+    h→ alone: its input weights are the LM's for h→ and zero for h←, so at the start the
+    forward direction computes exactly what the language model did."""
+    own = body.state_dict()
+    with torch.no_grad():
+        for name, t in lm.items():
+            if name not in own:
+                continue  # the LM's next-token head (and projection): a classifier has none
+            dst = own[name]
+            if dst.shape == t.shape:
+                dst.copy_(t)
+            else:  # weight_ih_l{k}, k ≥ 1: (gates·H, 2H) here, (gates·H, H) in the LM
+                dst.zero_()
+                dst[:, : t.shape[1]].copy_(t)
+
+
+__all__ = ["ClassifyTrainer", "load_forward_direction"]

@@ -125,6 +125,10 @@ class TrainConfig:
         None, "--task classify: one vector from the token states: first, last, mean or max", group="model",
         choices=("first", "last", "mean", "max"), default_text="mean for encoder, last for gpt, max for rnn/gru/lstm",
     )
+    bidirectional: bool = option(
+        False, "--task classify with rnn/gru/lstm: read each text both ways (a BiLSTM; such a body cannot generate)",
+        group="model", flag="switch",
+    )
     cell: str = option("gru", "--model rnn-attention: the recurrent cell", group="model", choices=("gru", "lstm"))
     post_norm: bool = option(
         False, "--task translate: the paper's post-norm Norm(x + f(x)) instead of pre-norm x + f(Norm(x))",
@@ -371,33 +375,17 @@ class TrainConfig:
 
         if self.model in RECURRENT:
             return RNNConfig(
-                cell=self.model,
-                vocab_size=vocab_size,
-                d_model=self.d_model,
-                hidden_size=self.hidden_size,
-                n_layer=self.n_layer,
-                dropout=self.dropout,
-                tie_embeddings=self.tie_embeddings,
-                max_seq_len=self.max_seq_len,
-            )
+                cell=self.model, vocab_size=vocab_size, d_model=self.d_model, hidden_size=self.hidden_size,
+                n_layer=self.n_layer, dropout=self.dropout, tie_embeddings=self.tie_embeddings and not self.bidirectional,
+                max_seq_len=self.max_seq_len, bidirectional=self.bidirectional,
+            )  # fmt: skip
         return TransformerConfig(
-            vocab_size=vocab_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_kv_head=self.n_kv_head,
-            d_model=self.d_model,
-            max_seq_len=self.max_seq_len,
-            pos=self.pos,
-            norm=self.norm,
-            norm_bias=self.bias,
-            activation="silu" if self.mlp == "swiglu" else "gelu",
-            gated_mlp=self.mlp == "swiglu",
-            qkv_bias=self.bias,
-            proj_bias=self.bias,
-            mlp_bias=self.bias,
-            tie_embeddings=self.tie_embeddings,
+            vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,
+            d_model=self.d_model, max_seq_len=self.max_seq_len, pos=self.pos, norm=self.norm, norm_bias=self.bias,
+            activation="silu" if self.mlp == "swiglu" else "gelu", gated_mlp=self.mlp == "swiglu",
+            qkv_bias=self.bias, proj_bias=self.bias, mlp_bias=self.bias, tie_embeddings=self.tie_embeddings,
             dropout=self.dropout,
-        )
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the flags

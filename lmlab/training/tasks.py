@@ -60,6 +60,9 @@ def check_classify_options(cfg: TrainConfig) -> None:
          "--target-data and --separate-vocab are for --task translate/summarize")
     need(cfg.valid is not None or cfg.val_fraction > 0,
          "--val-fraction 0 leaves no dev texts: give --valid FILE, or a --val-fraction above 0")
+    need(not cfg.bidirectional or cfg.init is not None or cfg.model in ("rnn", "gru", "lstm"),
+         f"--bidirectional is for recurrent bodies (--model rnn, gru or lstm), not --model {cfg.model}: "
+         "the encoder is bidirectional already")
 
 
 def classify_model_config(cfg: TrainConfig, vocab_size: int, labels: list[str]) -> Any:
@@ -121,7 +124,7 @@ def classifier_config(cfg: TrainConfig, body: Any, labels: list[str]) -> Any:
 _TRANSLATE_ONLY = ("post_norm", "cell", "attention", "batch_tokens", "label_smoothing", "bleu_samples",
                    "source_field", "target_field")
 _RNN_ATTENTION_ONLY = ("cell", "attention")
-_CLASSIFY_ONLY = ("text_field", "label_field", "pooling", "class_weight")
+_CLASSIFY_ONLY = ("text_field", "label_field", "pooling", "class_weight", "bidirectional")
 _TRANSFORMER_ONLY = ("post_norm", "pos", "n_head", "norm", "mlp")
 
 

@@ -494,3 +494,54 @@ def test_recurrent_state_select_and_cat_index_the_batch_dimension(cell):
     both = RecurrentState.cat([state, got])
     assert torch.equal(both.h, torch.cat([h, h[:, [3, 3, 0]]], dim=1))
     assert isinstance(tiny(cell).init_state(4), State)
+
+
+# --------------------------------------------------------------------------- bidirectional (a classifier body)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bidirectional_features_are_both_one_way_passes_and_skip_padding(cell):
+    """h_t = [h→_t; h←_t]: the forward layer over the row, and the reverse layer over the
+    reversed row flipped back — each row at its own length, whatever the padding after it."""
+    torch.manual_seed(0)
+    cfg = RNNConfig(cell=cell, vocab_size=50, d_model=8, hidden_size=6, n_layer=1, bidirectional=True)
+    model = RNNLanguageModel(cfg).eval()
+    fused = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    fwd, bwd = fused(8, 6, batch_first=True), fused(8, 6, batch_first=True)
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(fwd, name).copy_(getattr(model.rnn, name))
+            getattr(bwd, name).copy_(getattr(model.rnn, name + "_reverse"))
+    rows = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    with torch.no_grad():
+        h = model.features(ids, mask)
+        assert h.shape == (3, 5, 12)
+        for i, r in enumerate(rows):
+            x = model.tok_emb(torch.tensor([r]))
+            want = torch.cat([fwd(x)[0], bwd(x.flip(1))[0].flip(1)], dim=-1)[0]
+            torch.testing.assert_close(h[i, : len(r)], want, atol=1e-6, rtol=0)
+            assert not h[i, len(r) :].any()
+
+
+def test_a_bidirectional_body_cannot_predict_the_next_token():
+    model = RNNLanguageModel(RNNConfig(vocab_size=20, d_model=8, hidden_size=8, n_layer=1, bidirectional=True))
+    assert model.lm_head is None
+    with pytest.raises(LmlabError, match="bidirectional LSTM reads each text both ways.*cannot predict the next token"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_bidirectional_body_starts_from_a_one_way_language_model():
+    """ULMFiT's forward half: after load_forward_direction the forward half of every layer's
+    output is what the language model computes (its upper layers read h← with zero weights)."""
+    from lmlab.training.classify import load_forward_direction
+
+    torch.manual_seed(0)
+    lm = RNNLanguageModel(RNNConfig(vocab_size=30, d_model=8, hidden_size=6, n_layer=2, tie_embeddings=True)).eval()
+    bi = RNNLanguageModel(RNNConfig(vocab_size=30, d_model=8, hidden_size=6, n_layer=2, bidirectional=True)).eval()
+    load_forward_direction(bi, lm.state_dict())
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(bi.features(ids)[..., :6], lm(ids, hidden=True)[0], atol=1e-6, rtol=0)
+        assert bi.features(ids)[..., 6:].abs().sum() > 0  # the backward direction is fresh, not zero

@@ -93,6 +93,41 @@ def test_init_from_a_language_model_trained_here(data, tmp_path):
     assert lmlab.load(out).tokenizer.to_str() == lmlab.load(lm).tokenizer.to_str()
 
 
+def test_a_bidirectional_lstm_classifier_trains_from_scratch_and_from_a_language_model(data, tmp_path):
+    train, dev = data
+    out = tmp_path / "bi"
+    res = lmlab.train(data=str(train), valid=str(dev), out=str(out), model="lstm", bidirectional=True, hidden_size=32,
+                      steps=60, eval_every=30, **SMALL)  # fmt: skip
+    assert res.best["accuracy"] >= 0.95, res.best
+    body = json.loads((out / "config.json").read_text())["body"]
+    assert body["bidirectional"] is True and body["tie_embeddings"] is False
+    clf = lmlab.pipeline("sentiment-analysis", str(out / "best"))
+    texts = ["i loved it , great acting", "bad", "boring and dull , very bad movie , truly awful"]
+    together, alone = clf(texts, batch_size=3), [clf(t)[0] for t in texts]  # padding changes nothing
+    assert [r["label"] for r in together] == [r["label"] for r in alone]
+    assert [r["score"] for r in together] == pytest.approx([r["score"] for r in alone], abs=1e-5)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(t for t, _ in toy_rows(400, seed=3)) * 3, encoding="utf-8")
+    lm = tmp_path / "lm"
+    lmlab.train(data=str(plain), out=str(lm), model="lstm", steps=5, d_model=16, hidden_size=16, n_layer=2,
+                max_seq_len=64, progress=False)  # fmt: skip
+    clf_dir = tmp_path / "bi-init"
+    lmlab.train(task="classify", init=str(lm), bidirectional=True, data=str(train), valid=str(dev), out=str(clf_dir),
+                steps=1, lr=1e-12, warmup=0, progress=False)  # fmt: skip
+    got, start = load_file(clf_dir / "model.safetensors"), load_file(lm / "model.safetensors")
+    torch.testing.assert_close(got["body.rnn.weight_hh_l1"], start["rnn.weight_hh_l1"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["body.rnn.weight_ih_l1"][:, :16], start["rnn.weight_ih_l1"], atol=1e-6, rtol=0)
+    assert "body.rnn.weight_hh_l1_reverse" in got and "body.lm_head.weight" not in got
+
+
+def test_bidirectional_is_for_recurrent_classifier_bodies(data, tmp_path):
+    train, _ = data
+    with pytest.raises(LmlabError, match="--bidirectional is for recurrent bodies .* not --model encoder"):
+        lmlab.train(data=str(train), out=str(tmp_path / "o"), model="encoder", bidirectional=True, steps=1, **SMALL)
+    with pytest.raises(LmlabError, match="--bidirectional: for --task classify only"):
+        lmlab.train(data=str(train), out=str(tmp_path / "o"), model="lstm", bidirectional=True, steps=1, progress=False)
+
+
 def test_balanced_class_weights(tmp_path):
     from lmlab.training.classify import ClassifyTrainer
     from lmlab.training.run import train_config
