@@ -184,6 +184,35 @@ def spm_to_t5_tokenizer(
     return tok
 
 
+def spm_to_xlmr_tokenizer(
+    sp: sentencepiece.SentencePieceProcessor,
+    specials: Sequence[str] = ("<s>", "<pad>", "</s>", "<unk>", "<mask>"),
+    source: str = "sentencepiece.bpe.model",
+) -> Tokenizer:
+    """XLM-RoBERTa's tokenizer from its ``sentencepiece.bpe.model`` (a unigram model, despite
+    the name), as transformers' ``XLMRobertaTokenizer`` builds it. fairseq's ids: <s> 0,
+    <pad> 1, </s> 2, <unk> 3, then SentencePiece's own pieces from its id 3 on (piece i gets
+    id i + 1), then <mask>; ``<s> A </s>`` and ``<s> A </s></s> B </s>``."""
+    spec = read_spec(sp)
+    if spec.model_type != UNIGRAM:
+        raise LmlabError(f"{source} is not a unigram SentencePiece model (model type {spec.model_type}); "
+                         "save a tokenizer.json with transformers' AutoTokenizer.save_pretrained")  # fmt: skip
+    bos, pad, eos, unk, mask = specials
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(3, sp.get_piece_size())]
+    vocab = [(bos, 0.0), (pad, 0.0), (eos, 0.0), (unk, 0.0), *pieces, (mask, 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    if spec.charsmap:
+        tok.normalizer = normalizers.Precompiled(spec.charsmap)
+    meta: dict[str, Any] = {"replacement": SPIECE_UNDERLINE, "prepend_scheme": "always", "split": True}
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**meta)])
+    tok.decoder = decoders.Metaspace(**meta)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(
+        single=[bos, "$A", eos], pair=[bos, "$A", eos, eos, "$B", eos], special_tokens=[(bos, 0), (eos, 2)]
+    )
+    return tok
+
+
 def load_spm_tokenizer(path: str | Path) -> Tokenizer:
     """A T5-style folder holding ``spiece.model`` (or the file itself) as a ``tokenizers.Tokenizer``;
     the folder's tokenizer_config.json gives ``extra_ids`` (default 100, as transformers)."""

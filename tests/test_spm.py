@@ -429,3 +429,36 @@ def test_a_vocab_without_unk(marian, tmp_path):
     (d / "vocab.json").write_text("[1, 2")
     with pytest.raises(LmlabError, match="not valid JSON"):
         load_marian_tokenizers(d)
+
+
+# --------------------------------------------------------------------------- XLM-RoBERTa
+XLMR_TEXTS = [*TEXTS, "这部电影很好看", "Le café est très bon.", "<mask> fox"]
+
+
+def test_xlm_roberta_sentencepiece_model_is_converted_as_transformers_does(models, tmp_path):
+    """An XLM-R folder with only sentencepiece.bpe.model (+ tokenizer_config.json): lmlab's
+    encoder tokenizer gives transformers' XLMRobertaTokenizer's ids, pairs and decoding."""
+    import shutil
+
+    from transformers import XLMRobertaTokenizer
+
+    from lmlab.hf.encoder import ENCODER_FAMILIES, load_encoder_tokenizer
+
+    folder = tmp_path / "xlmr"
+    folder.mkdir()
+    shutil.copy(models["source"], folder / "sentencepiece.bpe.model")  # sentencepiece's ids: <unk> 0, <s> 1, </s> 2
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
+    try:
+        ref = XLMRobertaTokenizer.from_pretrained(str(folder))
+    except (ImportError, ValueError) as e:  # converting a .model needs protobuf in transformers
+        pytest.skip(f"transformers cannot convert the model here: {e}")
+    ours = load_encoder_tokenizer(folder, ENCODER_FAMILIES["xlm-roberta"])
+    assert ours.get_vocab_size() == len(ref)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(models["source"]))
+    assert ours.token_to_id(sp.id_to_piece(5)) == 6  # fairseq's offset of one
+    for text in XLMR_TEXTS:
+        assert ours.encode(text).ids == ref(text)["input_ids"], text
+        ids = ours.encode(text).ids
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+    q, c = "Where is the fox?", "The quick brown fox jumps over the lazy dog."
+    assert ours.encode(q, c).ids == ref(q, c)["input_ids"]

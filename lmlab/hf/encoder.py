@@ -203,7 +203,7 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
 def load_encoder_tokenizer(folder: Path, family: EncoderFamily) -> Tokenizer:
     """The folder's ``tokenizer.json`` (with its post-processor: [CLS] A [SEP] B [SEP], or
     <s> A </s></s> B </s>), or one converted from BERT's ``vocab.txt`` (WordPiece) or RoBERTa's
-    ``vocab.json`` + ``merges.txt`` (byte-level BPE). Truncation and padding stored in the file
+    ``vocab.json`` + ``merges.txt`` (byte-level BPE), or XLM-R's ``sentencepiece.bpe.model``. Truncation and padding stored in the file
     are switched off: the pipelines decide both."""
     from lmlab.tokenizer import load_tokenizer
 
@@ -213,11 +213,20 @@ def load_encoder_tokenizer(folder: Path, family: EncoderFamily) -> Tokenizer:
         tok = _wordpiece(folder)
     elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         tok = _roberta_bpe(folder)
+    elif (folder / "sentencepiece.bpe.model").is_file():  # XLM-RoBERTa's
+        from lmlab.spm import read_spm, spm_to_xlmr_tokenizer
+
+        tc = _tokenizer_config(folder)
+        names = [_token_text(tc.get(f"{k}_token") or d) for k, d in
+                 (("bos", "<s>"), ("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>"), ("mask", "<mask>"))]  # fmt: skip
+        path = folder / "sentencepiece.bpe.model"
+        tok = spm_to_xlmr_tokenizer(read_spm(path), names, str(path))
     else:
         found = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         raise LmlabError(
             f"{folder} has no tokenizer lmlab can read for {family.display} (found: {', '.join(found)}); "
-            "it needs tokenizer.json, vocab.txt (WordPiece) or vocab.json + merges.txt (BPE): save the "
+            "it needs tokenizer.json, vocab.txt (WordPiece), vocab.json + merges.txt (BPE) or "
+            "sentencepiece.bpe.model (XLM-R): save the "
             "tokenizer with transformers' save_pretrained to write tokenizer.json"
         )
     tok.no_truncation()
@@ -231,6 +240,11 @@ def _tokenizer_config(folder: Path) -> dict[str, Any]:
         return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
     except (OSError, ValueError) as e:
         raise LmlabError(f"{f} is not valid JSON ({e}); fix or re-download it") from None
+
+
+def _token_text(value: Any) -> str:
+    """A token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return str(value["content"]) if isinstance(value, dict) else str(value)
 
 
 def _wordpiece(folder: Path) -> Tokenizer:
