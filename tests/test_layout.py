@@ -152,7 +152,7 @@ def test_cycle_detector_catches_a_cycle(tmp_path, monkeypatch):
 
 
 COMMANDS = ["quickstart", "train", "generate", "eval", "info", "compare", "export"]
-APP_COMMANDS = ["translate", "summarize", "classify", "sentiment", "qa", "evaluate"]
+APP_COMMANDS = ["translate", "summarize", "classify", "sentiment", "qa", "evaluate", "serve"]
 
 
 def test_every_command_is_checked_for_a_quick_help():

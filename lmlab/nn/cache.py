@@ -124,6 +124,47 @@ class KVCache:
         self._valid = self._valid.index_select(0, index)
         return self
 
+    # ------------------------------------------------------------------ continuous batching
+    @staticmethod
+    def join(caches: list[KVCache], extra: int) -> KVCache:
+        """One cache holding the rows of ``caches`` (in order), with room for ``extra`` more slots.
+
+        Rows that arrived at different times have filled different numbers of slots, so each
+        cache's filled slots are right-aligned at the longest one's length L, the slots in front
+        marked padding: a row's keys keep their order and their positions (positions are passed
+        per row, not read from slots), and the mask hides the gap, so every row attends to exactly
+        what it did before. Used by a server to let a request join a running batch.
+        """
+        first = caches[0]
+        n_layer, _, n_kv, _, hd = first.shape
+        L = max(c.length for c in caches)
+        out = KVCache(n_layer, sum(c.batch_size for c in caches), n_kv, L + extra, hd,
+                      device=first._k.device, dtype=first._k.dtype)  # fmt: skip
+        out._valid[:, :L] = False
+        row = 0
+        for c in caches:
+            b, off, n = c.batch_size, L - c.length, c.length
+            out._k[:, row : row + b, :, off:L] = c._k[:, :, :, :n]
+            out._v[:, row : row + b, :, off:L] = c._v[:, :, :, :n]
+            out._valid[row : row + b, off:L] = c._valid[:, :n]
+            row += b
+        out._length = L
+        out._has_padding = not bool(out._valid[:, :L].all())
+        return out
+
+    def trim(self) -> KVCache:
+        """Drop the leading slots that are padding in every row (their rows have left the batch),
+        so a long-running batch does not grow without bound; returns self."""
+        real = self._valid[:, : self._length].any(dim=0)
+        first = int(real.nonzero()[0, 0]) if bool(real.any()) else self._length
+        if first == 0:
+            return self
+        self._k, self._v = self._k[:, :, :, first:].contiguous(), self._v[:, :, :, first:].contiguous()
+        self._valid = self._valid[:, first:].contiguous()
+        self._length -= first
+        self._has_padding = not bool(self._valid[:, : self._length].all())
+        return self
+
 
 __all__ = ["KVCache"]
 

@@ -1,0 +1,1 @@
+"""``lmlab serve``: an OpenAI-compatible HTTP server with continuous batching (see app.py)."""

@@ -1,0 +1,305 @@
+"""Continuous batching: many requests share each forward pass, joining and leaving between steps.
+
+One thread owns the model and repeats
+
+    choose   each running row picks its next token from its logits, with its own options
+             (penalties, temperature, top-p, ..., its own seeded generator)
+    leave    rows that ended (EOS, a stop string, max_tokens, a client that went away) drop
+             out of the batch: their cache rows are removed (``state.select``)
+    step     one forward pass over the tokens just chosen: (B, 1) ids -> (B, V) logits
+    join     waiting requests are prefilled (their prompts, left-padded together) and their
+             cache rows appended to the running batch (``KVCache.join``)
+
+so a short request that arrives while a long one is generating starts at the next step and
+leaves when it is done, instead of waiting for the long one (Orca, Yu et al. 2022; vLLM).
+
+Why each row gets what it would get alone: a row's keys keep their order in the joined
+cache (right-aligned, the gap in front masked), its positions are passed explicitly, and its
+sampling runs on its own generator seeded as ``Model.generate`` seeds it — so greedy output
+and seeded samples equal those of the same request served alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lmlab.errors import LmlabError
+from lmlab.generate.config import GenerationConfig
+from lmlab.generate.logits import Penalties, process_logits
+from lmlab.generate.runner import Runner
+from lmlab.generate.sampling import logprob_info, resolve_seed
+from lmlab.generate.text import TextStream, bad_words_to_ids
+from lmlab.models.rnn import RecurrentState
+from lmlab.nn.cache import KVCache
+
+log = logging.getLogger("lmlab.serve")
+
+
+class QueueFull(LmlabError):
+    """More requests are waiting than ``max_queue`` allows (the server answers 429)."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one choice, as the engine reports it (from its own thread).
+
+    ``delta`` is the text that became certain with this token (UTF-8 and stop-string safe,
+    see :class:`~lmlab.generate.text.TextStream`); ``finish`` is set on a choice's last
+    event: 'stop' (EOS or a stop string, OpenAI's name for both) or 'length'."""
+
+    index: int
+    token_id: int
+    delta: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish: str | None = None
+    text: str | None = None  # the whole text, on the last event
+    token_ids: list[int] | None = None  # every generated id, on the last event
+
+
+@dataclass
+class Job:
+    """A request as the engine sees it: prompt ids, decoding options, ``n`` choices, and where
+    its events go (``sink`` is called from the engine's thread; an exception ends the job)."""
+
+    prompt_ids: list[int]
+    cfg: GenerationConfig
+    sink: Callable[[TokenEvent | Exception], None]
+    n: int = 1
+    cancelled: bool = False
+    finished: int = 0
+
+    def cancel(self) -> None:
+        """The client went away: its rows leave the batch at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    job: Job
+    index: int
+    seq: list[int]
+    stream: TextStream
+    penalties: Penalties
+    gen: torch.Generator | None
+    prompt_len: int = 0
+    generated: int = 0
+    done: bool = False
+    ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """The batching loop over one decoder-only model (a Transformer or an RNN) of ``model``
+    (an :class:`lmlab.api.Model`). ``submit`` a :class:`Job`; events arrive on its sink."""
+
+    def __init__(self, model: object, max_batch: int = 32, max_queue: int = 256) -> None:
+        self.model = model
+        self.module = model.module  # type: ignore[attr-defined]
+        self.tokenizer = model.tokenizer  # type: ignore[attr-defined]
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._rows: list[_Row] = []
+        self._state: KVCache | RecurrentState | None = None
+        self._pos: Tensor | None = None  # (B,) each row's next position (Transformers)
+        self._logits: Tensor | None = None  # (B, V) the next-token scores of each running row
+        self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._closed = False
+        self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0}
+        self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, job: Job) -> None:
+        ctx = self.module.config.max_seq_len if self.module.bounded_context else None
+        if ctx is not None and len(job.prompt_ids) + job.cfg.max_new_tokens > ctx:
+            raise LmlabError(
+                f"the prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.cfg.max_new_tokens}) is more than "
+                f"the model's context of {ctx} tokens; ask for at most {max(ctx - len(job.prompt_ids), 0)} tokens"
+            )
+        if job.n > self.max_batch:
+            raise LmlabError(f"n={job.n} is more than this server's --max-batch {self.max_batch}")
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue}); retry later")
+            self._waiting.append(job)
+            self.stats["waiting"] = len(self._waiting)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the engine's thread between two steps (the model is used by one thread)."""
+        future: Future = Future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._rows and not self._waiting and not self._calls:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                calls, self._calls = list(self._calls), collections.deque()
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # handed to the caller
+                    future.set_exception(e)
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+                log.exception("the batch failed; its requests get an error")
+                for job in {id(r.job): r.job for r in self._rows}.values():
+                    job.sink(e)
+                self._rows, self._state, self._pos, self._logits = [], None, None, None
+
+    def _iteration(self) -> None:
+        """choose -> leave -> step -> join (see the module's docstring)."""
+        self._logits = None if not self._rows else self._advance(self._choose())
+        self._join()
+        self.stats["running"] = len(self._rows)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
+
+    def _advance(self, tokens: list[int]) -> Tensor | None:
+        keep = [i for i, r in enumerate(self._rows) if not (r.done or r.job.cancelled)]
+        if not keep:
+            self._rows, self._state, self._pos = [], None, None
+            return None
+        if len(keep) < len(self._rows):
+            self._select(keep)
+        return self._step([tokens[i] for i in keep])
+
+    def _choose(self) -> list[int]:
+        """Each row's next token from its logits, with its own options (as ``sample`` does)."""
+        assert self._logits is not None
+        chosen = []
+        for i, row in enumerate(self._rows):
+            if row.job.cancelled:
+                chosen.append(0)
+                continue
+            cfg = row.job.cfg
+            z = self._logits[i : i + 1]
+            if row.penalties.active:
+                z = row.penalties(z, [row.seq], [row.prompt_len], row.generated)
+            if cfg.greedy:
+                dist, t = z, int(z.argmax(dim=-1))
+            else:
+                dist = process_logits(z, cfg)
+                t = int(torch.multinomial(dist.softmax(dim=-1), 1, generator=row.gen)[0, 0])
+            lp = top = None
+            if cfg.logprobs is not None:
+                lps, tops = logprob_info(torch.log_softmax(dist, dim=-1), torch.tensor([t]), cfg.logprobs)
+                lp, top = lps[0], tops[0]
+            chosen.append(t)
+            self._emit(row, t, lp, top)
+        self.stats["steps"] += 1
+        return chosen
+
+    def _emit(self, row: _Row, t: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
+        cfg = row.job.cfg
+        row.seq.append(t)
+        row.ids.append(t)
+        row.generated += 1
+        self.stats["tokens"] += 1
+        hit_stop = row.stream.push(t)  # (an EOS adds no text: decoding skips special tokens)
+        finish = None
+        if t in cfg.eos_token_id or hit_stop:
+            finish = "stop"
+        elif row.generated >= cfg.max_new_tokens:
+            finish = "length"
+        if finish is None:
+            row.job.sink(TokenEvent(row.index, t, row.stream.delta(), lp, top))
+            return
+        row.done = True  # it leaves the batch before the next step
+        row.job.finished += 1
+        row.job.sink(TokenEvent(row.index, t, row.stream.finish(), lp, top, finish, row.stream.text, row.ids))
+
+    # ------------------------------------------------------------------ the batch
+    def _select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long)
+        self._rows = [self._rows[i] for i in keep]
+        self._state = self._state.select(index)
+        if isinstance(self._state, KVCache):
+            self._state.trim()
+        if self._pos is not None:
+            self._pos = self._pos.index_select(0, index)
+
+    def _step(self, tokens: list[int]) -> Tensor:
+        ids = torch.tensor(tokens, device=self.module.device)[:, None]
+        if isinstance(self._state, KVCache):
+            if self._state.remaining < 1:  # pragma: no cover - join reserves every row's room
+                self._state = KVCache.join([self._state], self._room())
+            logits, self._state = self.module(ids, self._state, position_ids=self._pos[:, None], last_only=True)
+            self._pos = self._pos + 1
+        else:
+            logits, self._state = self.module(ids, self._state, last_only=True)
+        return logits[:, -1].float()
+
+    def _room(self) -> int:
+        """Slots every running row may still need: one per token it may still feed back."""
+        return max((r.job.cfg.max_new_tokens - r.generated for r in self._rows), default=1)
+
+    def _join(self) -> None:
+        """Prefill the waiting requests that fit and append their rows to the batch."""
+        jobs: list[Job] = []
+        with self._cond:
+            free = self.max_batch - len(self._rows)
+            while self._waiting and self._waiting[0].n <= free:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    continue
+                jobs.append(job)
+                free -= job.n
+            self.stats["waiting"] = len(self._waiting)
+        if not jobs:
+            return
+        self.stats["requests"] += len(jobs)
+        runner = Runner(self.module, max(j.cfg.max_new_tokens for j in jobs))
+        logits = runner.prefill([j.prompt_ids for j in jobs])  # (J, V): one row per prompt
+        repeat = torch.tensor([k for k, j in enumerate(jobs) for _ in range(j.n)], dtype=torch.long)
+        if any(j.n > 1 for j in jobs):
+            runner.select(repeat)
+            logits = logits.index_select(0, repeat)
+        new_rows = [self._new_row(j, c) for j in jobs for c in range(j.n)]
+        old_state, old_logits = self._state, self._logits
+        self._rows = self._rows + new_rows
+        if isinstance(runner.state, KVCache):
+            caches = [old_state, runner.state] if old_state is not None else [runner.state]
+            self._state = KVCache.join(caches, self._room())
+            pos = runner.next_pos.to(torch.long)
+            self._pos = pos if self._pos is None else torch.cat([self._pos, pos])
+        else:
+            self._state = runner.state if old_state is None else RecurrentState.cat([old_state, runner.state])
+        self._logits = logits if old_logits is None else torch.cat([old_logits, logits])
+
+    def _new_row(self, job: Job, index: int) -> _Row:
+        cfg = job.cfg
+        gen = None
+        if not cfg.greedy:
+            base = cfg.seed if cfg.seed is not None else resolve_seed(cfg)
+            gen = torch.Generator(device=self.module.device)
+            gen.manual_seed(int(base) + index)  # the copies of one prompt differ, as in Model.generate
+        penalties = Penalties(cfg, bad_words_to_ids(self.tokenizer, cfg.bad_words))
+        return _Row(job, index, list(job.prompt_ids), TextStream(self.tokenizer, cfg.stop), penalties, gen,
+                    prompt_len=len(job.prompt_ids))  # fmt: skip
+
+
+__all__ = ["Engine", "Job", "QueueFull", "TokenEvent"]

@@ -1,0 +1,169 @@
+"""``lmlab serve`` beyond the OpenAI shapes: the applications' endpoints (against the pipelines
+on the same folders), clients that go away, many streams at once, /health while loading, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import running
+from helpers import REPO, tiny_hf_encoder, tiny_seq2seq_checkpoint
+
+import lmlab
+
+try:
+    import httpx
+except ImportError:  # openai 3 ships httpx2 (the same API)
+    import httpx2 as httpx
+
+
+def test_classify_and_qa_endpoints_equal_the_pipelines(tmp_path):
+    clf_dir = tiny_hf_encoder(tmp_path / "clf")
+    texts = ["the movie was good", "bad"]
+    want = lmlab.pipeline("sentiment-analysis", str(clf_dir))(texts, top_k=2)
+    with running(clf_dir) as url:
+        r = httpx.post(url + "/v1/classify", json={"input": texts, "top_k": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()["data"]
+        assert [[d["label"] for d in row] for row in got] == [[d["label"] for d in row] for row in want]
+        flat = lambda rows: [d["score"] for row in rows for d in row]  # noqa: E731
+        assert flat(got) == pytest.approx(flat(want), abs=1e-6)
+        r = httpx.post(url + "/v1/classify", json={"input": ""}, timeout=60)
+        assert r.status_code == 400 and "\n" not in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "it answers /v1/classify" in r.json()["error"]["message"]
+    qa_dir = tiny_hf_encoder(tmp_path / "qa", task="span")
+    q, c = "who is there?", "the movie was good and the actors were bad"
+    want = lmlab.pipeline("question-answering", str(qa_dir))(question=q, context=c, top_k=2)
+    with running(qa_dir) as url:
+        got = httpx.post(url + "/v1/qa", json={"question": q, "context": c, "top_k": 2}, timeout=60).json()["data"]
+        assert [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"]) for a in want]
+        r = httpx.post(url + "/v1/qa", json={"question": q}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "`context` is required"
+
+
+def test_translate_and_summarize_endpoints(tmp_path):
+    src = tiny_seq2seq_checkpoint(tmp_path / "mt")
+    want = lmlab.pipeline("translation", str(src))(["the sea", "what is it"], num_beams=2, max_new_tokens=8)
+    with running(src) as url:
+        r = httpx.post(url + "/v1/translate", json={"input": ["the sea", "what is it"], "num_beams": 2, "max_tokens": 8},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["data"] == want
+        r = httpx.post(url + "/v1/summarize", json={"input": "the sea", "top_k": 3}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+
+
+def test_disconnecting_clients_free_their_rows_and_the_rest_complete(lm_dir):
+    """32 simultaneous streams, a third of them leaving after two chunks: the others get the
+    text they get alone, the server stays up, and every row is freed."""
+    model = lmlab.load(lm_dir)
+    prompts = ["the sea", "We are", "to be", "the"]
+    want = {p: model.generate(p, max_new_tokens=40, temperature=0) for p in prompts}
+    with running(lm_dir) as url:
+        results: dict[int, str] = {}
+        start = threading.Barrier(32)
+
+        def client(i: int) -> None:
+            body = {"prompt": prompts[i % 4], "max_tokens": 40, "temperature": 0, "stream": True}
+            start.wait()
+            text, chunks = "", 0
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    chunks += 1
+                    if i % 3 == 0 and chunks == 2:
+                        return  # leaves mid-stream: the connection closes
+            results[i] = text
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert sorted(results) == [i for i in range(32) if i % 3]
+        assert all(results[i] == want[prompts[i % 4]] for i in results)
+        metrics = httpx.get(url + "/metrics").text
+        assert int(metrics.split("lmlab_max_running ")[1].split()[0]) > 1
+        deadline = time.monotonic() + 10
+        while "lmlab_running 0" not in httpx.get(url + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "lmlab_running 0" in httpx.get(url + "/metrics").text
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_row(tmp_path):
+    from helpers import tiny_checkpoint
+
+    long_lm = tiny_checkpoint(tmp_path / "long", pos="rope", max_seq_len=4096)
+    with running(long_lm, model_id="tiny") as url:
+        body = {"prompt": "the", "max_tokens": 4000, "temperature": 1.0}
+        try:
+            httpx.post(url + "/v1/completions", json=body, timeout=0.3)
+        except httpx.TimeoutException:
+            pass  # the client gave up and closed the connection
+        deadline = time.monotonic() + 5
+        while "lmlab_running 0" not in httpx.get(url + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        text = httpx.get(url + "/metrics").text
+        assert "lmlab_running 0" in text
+        assert int(text.split("lmlab_tokens ")[1].split()[0]) < 4000  # it stopped early
+
+
+def test_health_is_503_while_the_model_loads(lm_dir, monkeypatch):
+    from lmlab.serve.app import Served, create_app
+
+    gate = threading.Event()
+    real = Served.load
+
+    def slow_load(self):
+        gate.wait(30)
+        real(self)
+
+    monkeypatch.setattr(Served, "load", slow_load)
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Served(source=str(lm_dir), model_id="tiny"))) as tc:
+        r = tc.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = tc.post("/v1/completions", json={"prompt": "the"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        gate.set()
+        deadline = time.monotonic() + 30
+        while tc.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert tc.get("/health").json() == {"status": "ok", "model": "tiny"}
+
+
+def test_the_cli_serves_and_reports_bad_options(lm_dir):
+    bad = subprocess.run([sys.executable, "-m", "lmlab", "serve", str(lm_dir), "--port", "70000"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip() == "lmlab: error: --port must be in 0..65535 (got 70000)"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", str(lm_dir), "--port", str(port), "--model-name", "m"],
+                         stderr=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    try:
+        first = p.stderr.readline()
+        assert f"http://127.0.0.1:{port}/v1" in first and "playground" in first
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m", "prompt": "the", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == "m"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
