@@ -10,6 +10,10 @@ from typing import Any
 from lmlab.errors import LmlabError
 
 
+#: temperatures below this decode greedily (z / T overflows float32 long before T reaches 0)
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class GenerationConfig:
     """Every option of :func:`lmlab.generate.generate`; ``None`` or the neutral value turns one off."""
@@ -147,7 +151,9 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """temperature 0 — or so close to it (below GREEDY_BELOW) that z / T would overflow to
+        inf and the softmax to NaN: the limit of sampling as T -> 0 is the argmax (vLLM's rule)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def beam_search(self) -> bool:

@@ -195,23 +195,35 @@ class Engine:
             if row.job.cancelled:
                 chosen.append(0)
                 continue
-            cfg = row.job.cfg
-            z = self._logits[i : i + 1]
-            if row.penalties.active:
-                z = row.penalties(z, [row.seq], [row.prompt_len], row.generated)
-            if cfg.greedy:
-                dist, t = z, int(z.argmax(dim=-1))
-            else:
-                dist = process_logits(z, cfg)
-                t = int(torch.multinomial(dist.softmax(dim=-1), 1, generator=row.gen)[0, 0])
-            lp = top = None
-            if cfg.logprobs is not None:
-                lps, tops = logprob_info(torch.log_softmax(dist, dim=-1), torch.tensor([t]), cfg.logprobs)
-                lp, top = lps[0], tops[0]
-            chosen.append(t)
-            self._emit(row, t, lp, top)
+            try:
+                chosen.append(self._choose_one(i, row))
+            except Exception as e:  # one request's options broke its row: it alone gets the error
+                log.exception("a request failed while choosing its token")
+                row.done = True
+                row.job.cancel()
+                row.job.sink(e)
+                chosen.append(0)
         self.stats["steps"] += 1
         return chosen
+
+    def _choose_one(self, i: int, row: _Row) -> int:
+        """Row i's next token from its logits, with its own options (as ``sample`` does)."""
+        cfg = row.job.cfg
+        z = self._logits[i : i + 1]
+        if row.penalties.active:
+            z = row.penalties(z, [row.seq], [row.prompt_len], row.generated)
+        if cfg.greedy:
+            dist = _finite(z)
+            t = int(dist.argmax(dim=-1))
+        else:
+            dist = _finite(process_logits(z, cfg))
+            t = int(torch.multinomial(dist.softmax(dim=-1), 1, generator=row.gen)[0, 0])
+        lp = top = None
+        if cfg.logprobs is not None:
+            lps, tops = logprob_info(torch.log_softmax(dist, dim=-1), torch.tensor([t]), cfg.logprobs)
+            lp, top = lps[0], tops[0]
+        self._emit(row, t, lp, top)
+        return t
 
     def _emit(self, row: _Row, t: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
         cfg = row.job.cfg
@@ -300,6 +312,16 @@ class Engine:
         penalties = Penalties(cfg, bad_words_to_ids(self.tokenizer, cfg.bad_words))
         return _Row(job, index, list(job.prompt_ids), TextStream(self.tokenizer, cfg.stop), penalties, gen,
                     prompt_len=len(job.prompt_ids))  # fmt: skip
+
+
+def _finite(z: Tensor) -> Tensor:
+    """Scores that extreme options pushed out of range (a repetition penalty of 1e-300 divides
+    by it): +inf becomes the largest float (those tokens tie for first), NaN is excluded (-inf);
+    if nothing is left, every token is equally likely. A request never crashes its row."""
+    if bool(torch.isfinite(z).all()):
+        return z
+    z = torch.nan_to_num(z, nan=float("-inf"), posinf=torch.finfo(z.dtype).max, neginf=float("-inf"))
+    return torch.where(torch.isinf(z).all(dim=-1, keepdim=True), torch.zeros_like(z), z)
 
 
 __all__ = ["Engine", "Job", "QueueFull", "TokenEvent"]

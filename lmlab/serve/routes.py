@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from lmlab.errors import LmlabError
 from lmlab.serve import responses as R
+from lmlab.serve import shapes as S
 from lmlab.serve.engine import Job, TokenEvent
 from lmlab.serve.errors import ApiError
 from lmlab.serve.schemas import ChatRequest, CompletionRequest, QARequest, TextsRequest
@@ -54,7 +55,8 @@ def served_of(request: Request, wanted: str | None = None, model: str | None = N
 
 
 # ---------------------------------------------------------------------- meta
-@router.get("/health", summary="200 once the model is loaded, 503 before")
+@router.get("/health", summary="200 once the model is loaded, 503 before", response_model=S.Health,
+            responses={503: {"model": S.Health, "description": "loading, or failed to load"}})
 async def health(request: Request) -> Any:
     s: Served = request.app.state.served
     if not s.ready:
@@ -72,13 +74,13 @@ async def playground() -> Any:
     return HTMLResponse(page.read_text(encoding="utf-8"))
 
 
-@router.get("/v1/models", summary="The served model")
+@router.get("/v1/models", summary="The served model", response_model=S.ModelList, responses=S.ERRORS)
 async def models(request: Request) -> dict[str, Any]:
     s: Served = request.app.state.served
     return {"object": "list", "data": [_model_card(s)]}
 
 
-@router.get("/v1/models/{model_id:path}", summary="One model")
+@router.get("/v1/models/{model_id:path}", summary="One model", response_model=S.ModelCard, responses=S.ERRORS)
 async def model(request: Request, model_id: str) -> dict[str, Any]:
     s: Served = request.app.state.served
     if model_id != s.model_id:
@@ -87,10 +89,8 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
     return _model_card(s)
 
 
-@router.get("/metrics", summary="The engine's counters (Prometheus text format)")
+@router.get("/metrics", summary="The engine's counters (Prometheus text format)", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Any:
-    from fastapi.responses import PlainTextResponse
-
     s: Served = request.app.state.served
     stats = s.engine.stats if s.engine is not None else {}
     return PlainTextResponse("".join(f"lmlab_{k} {v}\n" for k, v in stats.items()))
@@ -159,7 +159,8 @@ def _encode(s: Served, text: str, special: bool) -> list[int]:
     return ids
 
 
-@router.post("/v1/completions", summary="OpenAI completions")
+@router.post("/v1/completions", summary="OpenAI completions", response_model=S.CompletionResponse,
+             responses={**S.ERRORS, **S.SSE})
 async def completions(req: CompletionRequest, request: Request) -> Any:
     s = served_of(request, "lm", req.model)
     texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -193,7 +194,8 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     return R.completion(*meta, choices, R.usage(sum(len(p) for p in prompts), used))
 
 
-@router.post("/v1/chat/completions", summary="OpenAI chat completions")
+@router.post("/v1/chat/completions", summary="OpenAI chat completions", response_model=S.ChatCompletionResponse,
+             responses={**S.ERRORS, **S.SSE})
 async def chat_completions(req: ChatRequest, request: Request) -> Any:
     s = served_of(request, "lm", req.model)
     text = s.chat.render([m.model_dump(exclude_none=True) for m in req.messages])
@@ -331,21 +333,24 @@ def _text2text_options(req: TextsRequest) -> dict[str, Any]:
     return {k: v for k, v in (("max_new_tokens", req.max_tokens), ("num_beams", req.num_beams)) if v is not None}
 
 
-@router.post("/v1/translate", summary="lmlab: translate texts (an encoder-decoder model)")
+@router.post("/v1/translate", summary="lmlab: translate texts (an encoder-decoder model)",
+             response_model=S.TranslateResponse, responses=S.ERRORS)
 async def translate(req: TextsRequest, request: Request) -> dict[str, Any]:
     s = served_of(request, "seq2seq", req.model)
     out = await _pipeline(s, "translate", inputs=req.texts(), **_text2text_options(req))
     return {"object": "list", "model": s.model_id, "data": out}
 
 
-@router.post("/v1/summarize", summary="lmlab: summarize texts (an encoder-decoder model)")
+@router.post("/v1/summarize", summary="lmlab: summarize texts (an encoder-decoder model)",
+             response_model=S.SummarizeResponse, responses=S.ERRORS)
 async def summarize(req: TextsRequest, request: Request) -> dict[str, Any]:
     s = served_of(request, "seq2seq", req.model)
     out = await _pipeline(s, "summarize", inputs=req.texts(), **_text2text_options(req))
     return {"object": "list", "model": s.model_id, "data": out}
 
 
-@router.post("/v1/classify", summary="lmlab: label texts (a classifier)")
+@router.post("/v1/classify", summary="lmlab: label texts (a classifier)", response_model=S.ClassifyResponse,
+             responses=S.ERRORS)
 async def classify(req: TextsRequest, request: Request) -> dict[str, Any]:
     s = served_of(request, "classify", req.model)
     for name in ("max_tokens", "num_beams"):
@@ -355,7 +360,8 @@ async def classify(req: TextsRequest, request: Request) -> dict[str, Any]:
     return {"object": "list", "model": s.model_id, "data": out}
 
 
-@router.post("/v1/qa", summary="lmlab: answer a question from a context (an extractive reader)")
+@router.post("/v1/qa", summary="lmlab: answer a question from a context (an extractive reader)",
+             response_model=S.QAResponse, responses=S.ERRORS)
 async def qa(req: QARequest, request: Request) -> dict[str, Any]:
     s = served_of(request, "span", req.model)
     opts = {k: v for k, v in (("max_answer_len", req.max_answer_len), ("doc_stride", req.doc_stride)) if v is not None}

@@ -91,9 +91,9 @@ class CompletionRequest(Sampling):
     max_tokens: int | None = Field(16, ge=1, description="new tokens per choice (OpenAI's default: 16)")
     logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of the chosen and the n best tokens")
     echo: bool = Field(False, description="return the prompt before the completion")
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
+    best_of: None = Field(None, description="not supported (a 400 if set)")
+    logit_bias: None = Field(None, description="not supported (a 400 if set)")
+    suffix: None = Field(None, description="not supported (a 400 if set)")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,7 +118,7 @@ class Message(BaseModel):
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: Literal["text"] = Field(..., description="only text: json_object and json_schema are not supported")
 
 
 class ChatRequest(Sampling):
@@ -129,17 +129,17 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="new tokens per choice; default: the rest of the context")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    logit_bias: dict[str, float] | None = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    parallel_tool_calls: Any = None
-    web_search_options: Any = None
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}")
+    tools: None = Field(None, description="not supported (a 400 if set)")
+    tool_choice: None = Field(None, description="not supported (a 400 if set)")
+    functions: None = Field(None, description="not supported (a 400 if set)")
+    function_call: None = Field(None, description="not supported (a 400 if set)")
+    logit_bias: None = Field(None, description="not supported (a 400 if set)")
+    audio: None = Field(None, description="not supported (a 400 if set)")
+    modalities: None = Field(None, description="not supported (a 400 if set)")
+    prediction: None = Field(None, description="not supported (a 400 if set)")
+    parallel_tool_calls: None = Field(None, description="not supported (a 400 if set)")
+    web_search_options: None = Field(None, description="not supported (a 400 if set)")
 
     @model_validator(mode="before")
     @classmethod

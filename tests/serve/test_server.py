@@ -138,7 +138,7 @@ def test_health_is_503_while_the_model_loads(lm_dir, monkeypatch):
         deadline = time.monotonic() + 30
         while tc.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert tc.get("/health").json() == {"status": "ok", "model": "tiny"}
+        assert tc.get("/health").json() == {"status": "ok", "model": "tiny", "error": None}
 
 
 def test_the_cli_serves_and_reports_bad_options(lm_dir):
