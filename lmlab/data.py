@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmlab.chatml import chat_texts, is_chat_file
 from lmlab.errors import LmlabError
 from lmlab.messages import is_main_process, say
 from lmlab.textstream import (
@@ -171,7 +172,8 @@ def iter_corpus(
     for n, f in enumerate(files):
         if n:
             buf += EOT
-        for piece in decoded_pieces(f, encoding_errors, progress):
+        chat = is_chat_file(f)  # JSON lines of {"messages": [...]}: trained on as ChatML (lmlab.chatml)
+        for piece in chat_texts(f, EOT) if chat else decoded_pieces(f, encoding_errors, progress):
             buf += piece
             while len(buf) >= chunk_chars:
                 j = cut(buf, chunk_chars)

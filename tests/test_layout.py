@@ -21,7 +21,7 @@ PKG = REPO / "lmlab"
 #: Bottom to top. A module belongs to the first prefix that matches its dotted name.
 LAYERS: list[tuple[str, ...]] = [
     ("lmlab.errors", "lmlab.messages", "lmlab.runtime"),
-    ("lmlab.tokenizer", "lmlab.spm", "lmlab.textstream", "lmlab.data", "lmlab.pairs", "lmlab.labeled",
+    ("lmlab.tokenizer", "lmlab.spm", "lmlab.textstream", "lmlab.chatml", "lmlab.data", "lmlab.pairs", "lmlab.labeled",
      "lmlab.qa_data", "lmlab.checkpoint"),
     ("lmlab.nn",),
     ("lmlab.models",),

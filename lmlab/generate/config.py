@@ -9,7 +9,6 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 
-
 #: temperatures below this decode greedily (z / T overflows float32 long before T reaches 0)
 GREEDY_BELOW = 1e-5
 
