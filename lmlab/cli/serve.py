@@ -30,7 +30,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise LmlabError("lmlab serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    import logging
+
     from lmlab.serve.app import Served, create_app
+
+    logging.basicConfig(level=logging.WARNING, format="lmlab serve: %(message)s")
+    logging.getLogger("lmlab.serve").setLevel(logging.INFO)  # the batch size as it changes; errors
 
     served = Served(source=a.model, model_id=a.model_name or a.model, api_key=a.api_key, max_batch=a.max_batch,
                     max_queue=a.max_queue, dtype=a.dtype, log_prompts=a.log_prompts)  # fmt: skip

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class Engine:
         self._logits: Tensor | None = None  # (B, V) the next-token scores of each running row
         self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
         self._closed = False
+        self._logged, self._logged_at = (0, 0), 0.0
         self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0}
         self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
         self._thread.start()
@@ -177,6 +179,15 @@ class Engine:
         self._join()
         self.stats["running"] = len(self._rows)
         self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
+        self._log_batch()
+
+    def _log_batch(self) -> None:
+        """The running batch size, when it changed (at most once a second): what batching does."""
+        now = time.monotonic()
+        key = (self.stats["running"], self.stats["waiting"])
+        if key != self._logged and now - self._logged_at >= 1.0:
+            log.info("batch: %d running, %d waiting, %d tokens so far", *key, self.stats["tokens"])
+            self._logged, self._logged_at = key, now
 
     def _advance(self, tokens: list[int]) -> Tensor | None:
         keep = [i for i, r in enumerate(self._rows) if not (r.done or r.job.cancelled)]

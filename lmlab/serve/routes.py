@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from lmlab.serve.app import Served
 
 router = APIRouter()
+log = logging.getLogger("lmlab.serve")
 
 #: new tokens a chat reply may have when the request does not say (at most the rest of the context)
 CHAT_DEFAULT_TOKENS = 1024
@@ -167,6 +169,9 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     if not texts:
         raise ApiError(400, "`prompt` is an empty list; give a text or a list of texts", param="prompt")
     prompts = [_encode(s, t, special=True) for t in texts]
+    if s.log_prompts:
+        for t in texts:
+            log.info("completion prompt: %r", t)
     cfg = _config(s, req, req.max_tokens or 16, req.logprobs)
     echo_lps = None
     if req.echo and req.logprobs is not None:
@@ -200,6 +205,8 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
     s = served_of(request, "lm", req.model)
     text = s.chat.render([m.model_dump(exclude_none=True) for m in req.messages])
     prompt = _encode(s, text, special=False)
+    if s.log_prompts:
+        log.info("chat prompt: %r", text)
     ctx = s.model.config.max_seq_len if s.model.module.bounded_context else None
     new = req.new_tokens()
     if new is None:

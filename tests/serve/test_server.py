@@ -167,3 +167,44 @@ def test_the_cli_serves_and_reports_bad_options(lm_dir):
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+def _rss() -> int:
+    import gc
+
+    gc.collect()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_stays_flat_over_a_thousand_requests(lm_dir):
+    """Memory after 1,000 requests (8 clients at a time, streaming and not, some with n=2) is
+    within 10% of memory after the first 100: nothing a finished request held is kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running(lm_dir) as url, httpx.Client(timeout=60) as http:
+
+        def one(i: int) -> None:
+            body = {"prompt": ["the", "We are", "to be"][i % 3], "max_tokens": 6 + i % 5, "temperature": 0.9,
+                    "seed": i, "n": 1 + i % 2, "stream": i % 4 == 0}  # fmt: skip
+            r = http.post(url + "/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(100)))
+            after_100 = _rss()
+            list(pool.map(one, range(100, 1000)))
+            after_1000 = _rss()
+    assert after_1000 <= 1.10 * after_100, (after_100, after_1000)
+
+
+def test_prompts_are_logged_only_when_asked(lm_dir, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lmlab.serve")
+    for log_prompts in (False, True):
+        caplog.clear()
+        with running(lm_dir, log_prompts=log_prompts) as url:
+            httpx.post(url + "/v1/completions", json={"prompt": "the secret", "max_tokens": 2}, timeout=60)
+        assert ("the secret" in caplog.text) is log_prompts
