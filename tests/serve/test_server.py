@@ -208,3 +208,29 @@ def test_prompts_are_logged_only_when_asked(lm_dir, caplog):
         with running(lm_dir, log_prompts=log_prompts) as url:
             httpx.post(url + "/v1/completions", json={"prompt": "the secret", "max_tokens": 2}, timeout=60)
         assert ("the secret" in caplog.text) is log_prompts
+
+
+def test_a_5_token_request_finishes_before_a_2000_token_one_sent_first(tmp_path):
+    """Real batching, not a lock around one generation: the short request joins the running
+    batch at the next step and leaves when done."""
+    from helpers import tiny_checkpoint
+
+    long_lm = tiny_checkpoint(tmp_path / "long", pos="rope", max_seq_len=4096)
+    with running(long_lm) as url:
+        done: list[str] = []
+
+        def long_request() -> None:
+            r = httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 2000, "temperature": 0}, timeout=300)
+            assert r.json()["usage"]["completion_tokens"] == 2000
+            done.append("long")
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.monotonic() + 30
+        while "lmlab_running 1" not in httpx.get(url + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.005)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "We are", "max_tokens": 5, "temperature": 0}, timeout=300)
+        assert r.json()["usage"]["completion_tokens"] == 5
+        done.append("short")
+        t.join(timeout=300)
+        assert done == ["short", "long"]
