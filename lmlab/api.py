@@ -199,6 +199,41 @@ class Model:
         logits, _ = self.module(ids.to(self.module.device))
         return logits
 
+    # --------------------------------------------------------------- looking inside (lmlab viz draws these)
+    def tokens(self, text: str) -> list[str]:
+        """The tokens of ``text`` as the model reads them, each as its own text."""
+        from lmlab.inspection import token_strings
+
+        return token_strings(self, self.encode(text))
+
+    def attention(self, text: str) -> torch.Tensor:
+        """Self-attention weights softmax(QKᵀ/√d + M) over ``text``: (layers, heads, T, T), as
+        transformers' ``output_attentions`` (an encoder-decoder's: its encoder's)."""
+        from lmlab.inspection import attention
+
+        return attention(self, text).weights
+
+    def cross_attention(self, source: str, target: str | None = None) -> torch.Tensor:
+        """An encoder-decoder's attention of each target token over the source: (layers, heads,
+        T_target, T_source); the target is the model's own greedy output unless given."""
+        from lmlab.inspection import cross_attention
+
+        return cross_attention(self, source, target).weights
+
+    def token_logprobs(self, text: str) -> torch.Tensor:
+        """log p(x_t | x_<t) of each token after the first: (T - 1,); their sum is the text's
+        log-likelihood (minus ``lmlab eval``'s total loss)."""
+        from lmlab.inspection import token_logprobs
+
+        return torch.tensor(token_logprobs(self, text, top_k=1).logprobs[1:])
+
+    def hidden_states(self, text: str) -> torch.Tensor:
+        """An RNN's h_t of each layer (layers, T, H); a Transformer's residual stream before the
+        first block and after each (layers + 1, T, C)."""
+        from lmlab.inspection import hidden_states
+
+        return hidden_states(self, text)["hidden"]
+
     def save(self, path: str | Path) -> Path:
         if self.module.quantization:
             raise LmlabError(

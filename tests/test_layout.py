@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmlab.nn",),
     ("lmlab.models",),
     ("lmlab.generate", "lmlab.training", "lmlab.hf", "lmlab.eval"),
-    ("lmlab.api",),
+    ("lmlab.api", "lmlab.inspection"),
     ("lmlab.compare", "lmlab.tasks", "lmlab.serve"),
     ("lmlab.cli", "lmlab.__main__"),
 ]

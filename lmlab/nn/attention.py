@@ -114,6 +114,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_head * head_dim, d_model, bias=proj_bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.fast = True  # False: use the explicit path (slower, same result)
+        self.record: list[Tensor] | None = None  # a list: each forward appends its weights (lmlab.inspection)
 
     def forward(
         self,
@@ -148,8 +149,10 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             causal = False
         p = self.dropout if self.training else 0.0
-        if need_weights or not self.fast:
+        if need_weights or not self.fast or self.record is not None:
             y, w = attention_explicit(q, k, v, mask, causal, p, self.scale)
+            if self.record is not None:
+                self.record.append(w.detach())
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=nkv != nh, scale=self.scale
@@ -181,6 +184,7 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(n_head * head_dim, d_model, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.fast = True
+        self.record: list[Tensor] | None = None  # a list: each forward appends its weights (lmlab.inspection)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S, C) encoder output -> keys, values (B, nh, S, hs), once per source."""
@@ -196,8 +200,10 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k, v = kv
         p = self.dropout if self.training else 0.0
-        if need_weights or not self.fast:
+        if need_weights or not self.fast or self.record is not None:
             y, w = attention_explicit(q, k, v, mask, False, p, self.scale)
+            if self.record is not None:
+                self.record.append(w.detach())
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
         y = self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
