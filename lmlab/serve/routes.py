@@ -24,7 +24,7 @@ from lmlab.serve import responses as R
 from lmlab.serve import shapes as S
 from lmlab.serve.engine import Job, TokenEvent
 from lmlab.serve.errors import ApiError
-from lmlab.serve.schemas import ChatRequest, CompletionRequest, QARequest, TextsRequest
+from lmlab.serve.schemas import ChatRequest, CompletionRequest, InspectRequest, QARequest, TextsRequest
 
 if TYPE_CHECKING:
     from lmlab.serve.app import Served
@@ -375,3 +375,44 @@ async def qa(req: QARequest, request: Request) -> dict[str, Any]:
     out = await _pipeline(s, "qa", question=req.question, context=req.context, top_k=req.top_k,
                           handle_impossible_answer=req.handle_impossible_answer, **opts)  # fmt: skip
     return {"object": "list", "model": s.model_id, "data": out if isinstance(out, list) else [out]}
+
+
+# ---------------------------------------------------------------------- inspect
+#: the longest text /v1/inspect looks at (its attention grid has layers·heads·T² numbers)
+INSPECT_TOKENS = 256
+
+
+@router.post("/v1/inspect", summary="lmlab: the attention weights and each token's surprisal for a text",
+             response_model=S.InspectResponse, responses=S.ERRORS)
+async def inspect(req: InspectRequest, request: Request) -> dict[str, Any]:
+    s = served_of(request, None, req.model)
+    n = len(s.model.encode(req.text))
+    if n > INSPECT_TOKENS:
+        raise ApiError(400, f"the text has {n} tokens; /v1/inspect looks at {INSPECT_TOKENS} at most", param="text")
+
+    def run() -> dict[str, Any]:
+        from lmlab import inspection
+
+        out: dict[str, Any] = {"model": s.model_id, "tokens": s.model.tokens(req.text), "attention": None,
+                               "surprisal": None}  # fmt: skip
+        try:
+            w = inspection.attention(s.model, req.text).weights
+            out["attention"] = {"layers": w.shape[0], "heads": w.shape[1], "weights": w.tolist()}
+        except LmlabError:
+            pass  # no self-attention (an RNN)
+        try:
+            t = inspection.token_logprobs(s.model, req.text, top_k=req.top_k)
+            out["surprisal"] = [{"token": tok, "logprob": None if i == 0 else lp, "top": top}
+                                for i, (tok, lp, top) in enumerate(zip(t.tokens, t.logprobs, t.top))]  # fmt: skip
+        except LmlabError:
+            pass  # not a language model
+        return out
+
+    if s.engine is not None:
+        return await asyncio.wrap_future(s.engine.call(run))
+
+    def locked() -> dict[str, Any]:
+        with s.lock:
+            return run()
+
+    return await run_in_threadpool(locked)

@@ -188,3 +188,12 @@ class QARequest(BaseModel):
     max_answer_len: int | None = Field(None, ge=1, description="tokens in an answer at most (default 15)")
     doc_stride: int | None = Field(None, ge=1, description="overlap of the windows over a long context (default 128)")
     handle_impossible_answer: bool = Field(False, description="an empty answer may win (SQuAD 2.0)")
+
+
+class InspectRequest(BaseModel):
+    """POST /v1/inspect: what the model does with a text (the playground's Inspect tab)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    text: str = Field(..., min_length=1, description="at most 256 tokens")
+    top_k: int = Field(5, ge=0, le=20, description="alternatives shown per token")

@@ -153,6 +153,25 @@ class QAResponse(BaseModel):
     data: list[Answer] = Field(..., description="the top_k best answers, best first")
 
 
+class TokenSurprisal(BaseModel):
+    token: str
+    logprob: float | None = Field(..., description="log p(token | the ones before); None for the first")
+    top: list[tuple[str, float]] = Field(..., description="the k most likely tokens at this position")
+
+
+class AttentionGrid(BaseModel):
+    layers: int
+    heads: int
+    weights: list[list[list[list[float]]]] = Field(..., description="(layers, heads, T, T), rows sum to 1")
+
+
+class InspectResponse(BaseModel):
+    model: str
+    tokens: list[str]
+    attention: AttentionGrid | None = Field(None, description="None for a model without self-attention (an RNN)")
+    surprisal: list[TokenSurprisal] | None = Field(None, description="None for a model that does not predict the next token")
+
+
 #: the error responses every route may give, for the schema
 ERRORS = {code: {"model": ErrorResponse, "description": why} for code, why in (
     (400, "an invalid request: the message says what and how to fix it; param names the field"),

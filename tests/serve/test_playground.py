@@ -257,3 +257,24 @@ def test_translate_form_and_a_wrong_kind_error(browser, tmp_path_factory):
         by_id(browser, "chat-send").click()
         wait_for(browser, "the error", lambda: "error" in by_id(browser, "chat-status").text)
         assert "is an encoder-decoder" in text_of(browser, "#chat-log .msg.assistant.error")
+
+
+def test_inspect_tab_shows_surprisal_and_the_attention_grid(browser, server, model):
+    text = "the sea and the sky"
+    lp = model.token_logprobs(text)
+    open_page(browser, server)
+    by_id(browser, "tab-inspect").click()
+    fill(browser, "inspect-input", text)
+    by_id(browser, "inspect-run").click()
+    wait_for(browser, "the inspection", lambda: "done" in by_id(browser, "inspect-status").text)
+    spans = browser.find_elements("css selector", "#inspect-tokens .tok")
+    assert [s.get_attribute("textContent") for s in spans] == model.tokens(text)
+    titles = [s.get_attribute("title") for s in spans]
+    assert "first token" in titles[0]
+    assert all(f"{float(v):.4f}" in t for v, t in zip(lp, titles[1:]))  # each token's log-probability on hover
+    layers = browser.find_elements("css selector", "#inspect-layer option")
+    assert len(layers) == model.attention(text).shape[0]
+    size = browser.execute_script("const c = document.getElementById('inspect-canvas'); return [c.width, c.height];")
+    assert size[0] > 0 and size[0] == size[1]
+    logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
+    assert [e for e in logs if e["level"] == "SEVERE" and e.get("source") != "network"] == []  # no script errors

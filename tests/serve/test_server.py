@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import running
 from helpers import REPO, tiny_hf_encoder, tiny_seq2seq_checkpoint
 
@@ -234,3 +235,22 @@ def test_a_5_token_request_finishes_before_a_2000_token_one_sent_first(tmp_path)
         done.append("short")
         t.join(timeout=300)
         assert done == ["short", "long"]
+
+
+def test_inspect_endpoint_equals_the_python_api(lm_dir, tmp_path):
+    model = lmlab.load(lm_dir)
+    text = "the sea and the sky"
+    with running(lm_dir) as url:
+        r = httpx.post(url + "/v1/inspect", json={"text": text, "top_k": 3}, timeout=60).json()
+        assert r["tokens"] == model.tokens(text)
+        got = torch.tensor(r["attention"]["weights"])
+        torch.testing.assert_close(got, model.attention(text), atol=1e-6, rtol=0)
+        lps = [t["logprob"] for t in r["surprisal"]]
+        assert lps[0] is None and lps[1:] == pytest.approx(model.token_logprobs(text).tolist(), abs=1e-6)
+        assert all(len(t["top"]) == 3 for t in r["surprisal"][1:])
+        r = httpx.post(url + "/v1/inspect", json={"text": "the " * 300}, timeout=60)
+        assert r.status_code == 400 and "256 at most" in r.json()["error"]["message"]
+    clf = tiny_hf_encoder(tmp_path / "clf")
+    with running(clf) as url:
+        r = httpx.post(url + "/v1/inspect", json={"text": "the movie was good"}, timeout=60).json()
+        assert r["surprisal"] is None and r["attention"]["layers"] == 2
