@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lmlab.models",),
     ("lmlab.generate", "lmlab.training", "lmlab.hf", "lmlab.eval"),
     ("lmlab.api", "lmlab.inspection"),
-    ("lmlab.compare", "lmlab.tasks", "lmlab.serve"),
+    ("lmlab.compare", "lmlab.tasks", "lmlab.serve", "lmlab.viz"),
     ("lmlab.cli", "lmlab.__main__"),
 ]
 #: The package's face and compatibility shims re-export from anywhere.
@@ -152,7 +152,7 @@ def test_cycle_detector_catches_a_cycle(tmp_path, monkeypatch):
 
 
 COMMANDS = ["quickstart", "train", "generate", "eval", "info", "compare", "export"]
-APP_COMMANDS = ["translate", "summarize", "classify", "sentiment", "qa", "evaluate", "serve"]
+APP_COMMANDS = ["translate", "summarize", "classify", "sentiment", "qa", "evaluate", "serve", "viz"]
 
 
 def test_every_command_is_checked_for_a_quick_help():

@@ -32,6 +32,7 @@ from lmlab.cli.commands import COMMANDS
 from lmlab.cli.seq2seq import add_evaluate_args, add_translate_args, cmd_translate
 from lmlab.cli.serve import add_serve_args, cmd_serve
 from lmlab.cli.spelling import explain_usage_error, unknown_arguments
+from lmlab.cli.viz import add_viz_args, cmd_viz
 from lmlab.errors import LmlabError
 from lmlab.messages import cli_format
 
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (and playground) for a model")
     add_serve_args(p)
+
+    p = sub.add_parser("viz", help="draw what a model computes: attention, alignment, positions, tokens, neurons")
+    add_viz_args(p)
 
     p = sub.add_parser("evaluate", help="score a model on a test set: BLEU, ROUGE, accuracy, EM/F1 or perplexity")
     add_evaluate_args(p)
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     cli_format()  # every warning as one line, `lmlab: warning: ...`
     try:
         extra = {"translate": cmd_translate, "summarize": cmd_translate, "evaluate": cmd_evaluate_task,
-                 "classify": cmd_classify, "sentiment": cmd_classify, "qa": cmd_qa, "serve": cmd_serve}  # fmt: skip
+                 "classify": cmd_classify, "sentiment": cmd_classify, "qa": cmd_qa, "serve": cmd_serve,
+                 "viz": cmd_viz}  # fmt: skip
         return {**COMMANDS, **extra}[a.command](a)
     except LmlabError as e:
         if a.debug:
