@@ -78,6 +78,8 @@ def _report_train(res) -> None:
 def cmd_generate(a: argparse.Namespace) -> int:
     import lmlab
 
+    lmlab._spin_for_decoding()
+
     if a.logprobs is not None and not a.json:  # checked before the (slow) load
         raise LmlabError(
             f"--logprobs {a.logprobs} is printed only in the JSON output: add --json "

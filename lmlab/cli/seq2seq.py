@@ -154,6 +154,9 @@ def write_lines(lines: list[str], output: str | None) -> None:
 
 
 def cmd_translate(a: argparse.Namespace) -> int:
+    import lmlab
+
+    lmlab._spin_for_decoding()
     texts = read_inputs(a)  # before the (slow) load: a wrong path fails at once
     model = load_model(a)
     key = "summary_text" if getattr(a, "hf_task", "") == "summarization" else "translation_text"

@@ -26,25 +26,49 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise LmlabError(f"--{name.replace('_', '-')} must be {'in 0..65535' if name == 'port' else '>= 1'} "
                              f"(got {value})")  # fmt: skip
+    import lmlab
+
+    lmlab._spin_for_decoding()  # before torch loads: OpenMP's default spin (see lmlab/__init__.py)
     try:
         import uvicorn
     except ImportError:
         raise LmlabError("lmlab serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     import logging
+    import threading
+    import time
 
     from lmlab.serve.app import Served, create_app
 
     logging.basicConfig(level=logging.WARNING, format="lmlab serve: %(message)s")
     logging.getLogger("lmlab.serve").setLevel(logging.INFO)  # the batch size as it changes; errors
-
     served = Served(source=a.model, model_id=a.model_name or a.model, api_key=a.api_key, max_batch=a.max_batch,
-                    max_queue=a.max_queue, dtype=a.dtype, log_prompts=a.log_prompts)  # fmt: skip
-    app = create_app(served)
+                    max_queue=a.max_queue, dtype=a.dtype, log_prompts=a.log_prompts, engine_thread=False)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(create_app(served, background=None), host=a.host, port=a.port,
+                                           log_level="warning", access_log=False))  # fmt: skip
+    # HTTP on a thread of its own, the model on the main thread (see lmlab.serve.engine.Engine)
+    http = threading.Thread(target=server.run, name="lmlab-http", daemon=True)
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        raise LmlabError(f"cannot listen on {a.host}:{a.port} (in use, or not an address of this machine); "
+                         "choose another --port or --host")  # fmt: skip
     shown = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
     print(f"lmlab serve: {a.model} at http://{shown}:{a.port}/v1 (OpenAI API), http://{shown}:{a.port}/ "
           f"(playground), http://{shown}:{a.port}/docs (API reference)", file=sys.stderr, flush=True)  # fmt: skip
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False)
-    except OSError as e:  # the port is taken, the address is not ours
-        raise LmlabError(f"cannot listen on {a.host}:{a.port} ({e.strerror or e}); choose another --port") from None
+        served.load()  # /health answers 503 meanwhile
+        if served.error:
+            raise LmlabError(served.error)
+        if served.engine is not None:
+            served.engine.serve_forever()
+        else:
+            http.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        if served.engine is not None:
+            served.engine.close()
+        http.join(timeout=10)
     return 0

@@ -42,6 +42,7 @@ class Served:
     dtype: str | None = None
     log_prompts: bool = False
     max_body: int = MAX_BODY
+    engine_thread: bool = True  # False: the caller runs engine.serve_forever() (lmlab serve: the main thread)
     model: Any = None
     engine: Any = None
     kind: str = ""  # lm | seq2seq | classify | span
@@ -78,7 +79,7 @@ class Served:
         else:
             self.kind = "lm"
             self.chat = ChatSetup.of(model)
-            self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue)
+            self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, thread=self.engine_thread)
         self.model = model
 
     def close(self) -> None:
@@ -86,8 +87,9 @@ class Served:
             self.engine.close()
 
 
-def create_app(served: Served, *, background: bool = True) -> FastAPI:
-    """The application over ``served``; the model loads in a thread (``background``) or now."""
+def create_app(served: Served, *, background: bool | None = True) -> FastAPI:
+    """The application over ``served``; the model loads in a thread (``background``), at start-up
+    (False), or by the caller (None: lmlab serve loads it on the main thread)."""
     from contextlib import asynccontextmanager
 
     from lmlab.serve.routes import router
@@ -96,7 +98,7 @@ def create_app(served: Served, *, background: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if background:
             threading.Thread(target=served.load, name="lmlab-load", daemon=True).start()
-        elif not served.ready:
+        elif background is False and not served.ready:
             served.load()
         yield
         served.close()
