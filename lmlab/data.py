@@ -255,7 +255,7 @@ def load_corpus(
     key = fingerprint(
         files,
         {
-            "cache_format": 3,  # bump when the corpus text or its encoding changes
+            "cache_format": 4,  # bump when the corpus text or its encoding changes (4: chat JSONL as ChatML)
             "tok": hashlib.sha256(tok.to_str().encode()).hexdigest(),
             "errors": encoding_errors,
             "builtin": BUILTIN_CHARS if builtin else 0,

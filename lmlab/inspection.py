@@ -94,6 +94,8 @@ def attention(model: Model, text: str) -> Attention:
                 module(x, attention_mask=torch.ones_like(x))
             else:
                 module(x)
+    if not layers:  # a classifier or reader over a recurrent body
+        raise LmlabError("this model has no self-attention (a recurrent body): look at its hidden units instead")
     toks = token_strings(model, ids)
     return Attention(_stack(rec), toks, toks)
 

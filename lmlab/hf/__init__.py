@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from lmlab.checkpoint import read_json, save_safetensors
 from lmlab.errors import LmlabError
+from lmlab.generate.config import GREEDY_BELOW
 from lmlab.hf.families import FAMILIES, choose_family, family_for, same_architecture
 from lmlab.hf.weights import CheckpointWeights, export_tensors, fill_model
 from lmlab.models.config import Seq2SeqConfig, TransformerConfig
@@ -38,6 +39,8 @@ _HUB_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # lmlab serve renders a model's own chat template
+    "additional_chat_templates/*.jinja",
     "vocab.json",
     "merges.txt",
     "model.safetensors",
@@ -270,7 +273,7 @@ def _hf_generation_config(gen: dict[str, Any]) -> dict[str, Any]:
         if mine in out:
             out[theirs] = out.pop(mine)  # ours wins, as GenerationConfig.from_dict reads them
     t = out.get("temperature")
-    if t is not None and t <= 0:
+    if t is not None and t < GREEDY_BELOW:  # lmlab decodes these greedily
         del out["temperature"]
         out["do_sample"] = False
     elif t is not None and "do_sample" not in out:

@@ -110,7 +110,14 @@ def create_app(served: Served, *, background: bool | None = True) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     _guards(app, served)
+    # a body over the limit however it arrives: counted as it is received (a chunked body has no
+    # Content-Length for the guard to check up front); its 413 is put in the envelope below
+    from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=served.max_body)
+    app.state.max_body = served.max_body
     return app
+
 
 
 def _guards(app: FastAPI, served: Served) -> None:

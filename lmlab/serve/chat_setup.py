@@ -34,7 +34,9 @@ class ChatSetup:
 
     @classmethod
     def of(cls, model: Any) -> ChatSetup:
-        folder = Path(model.source) if model.source else None
+        origin = getattr(model.module, "hf_origin", None) or {}
+        where = origin.get("path") or model.source  # a Hub id's local snapshot, else the folder given
+        folder = Path(where) if where else None
         template = read_chat_template(folder) if folder is not None and folder.is_dir() else None
         if template is None:
             return cls(DEFAULT_CHAT_TEMPLATE, {}, list(DEFAULT_STOP), own=False)

@@ -138,6 +138,8 @@ class Engine:
         if job.n > self.max_batch:
             raise LmlabError(f"n={job.n} is more than this server's --max-batch {self.max_batch}")
         with self._cond:
+            if len(self._waiting) >= self.max_queue:  # requests whose clients left do not count
+                self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue}); retry later")
             self._waiting.append(job)
@@ -266,7 +268,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the batch
     def _select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=self.module.device)
         self._rows = [self._rows[i] for i in keep]
         self._state = self._state.select(index)
         if isinstance(self._state, KVCache):
@@ -304,13 +306,13 @@ class Engine:
         if not jobs:
             return
         self.stats["requests"] += len(jobs)
-        runner = Runner(self.module, max(j.cfg.max_new_tokens for j in jobs))
-        logits = runner.prefill([j.prompt_ids for j in jobs])  # (J, V): one row per prompt
-        repeat = torch.tensor([k for k, j in enumerate(jobs) for _ in range(j.n)], dtype=torch.long)
-        if any(j.n > 1 for j in jobs):
-            runner.select(repeat)
-            logits = logits.index_select(0, repeat)
-        new_rows = [self._new_row(j, c) for j in jobs for c in range(j.n)]
+        try:
+            runner, logits, new_rows = self._prefill(jobs)
+        except Exception as e:  # these requests alone fail (too big a cache, a bad token id): the batch goes on
+            log.exception("prefilling %d request(s) failed", len(jobs))
+            for job in jobs:
+                job.sink(e)
+            return
         old_state, old_logits = self._state, self._logits
         self._rows = self._rows + new_rows
         if isinstance(runner.state, KVCache):
@@ -321,6 +323,16 @@ class Engine:
         else:
             self._state = runner.state if old_state is None else RecurrentState.cat([old_state, runner.state])
         self._logits = logits if old_logits is None else torch.cat([old_logits, logits])
+
+    def _prefill(self, jobs: list[Job]) -> tuple[Runner, Tensor, list[_Row]]:
+        """The waiting prompts, left-padded together: their state, first logits and rows (n per job)."""
+        runner = Runner(self.module, max(j.cfg.max_new_tokens for j in jobs))
+        logits = runner.prefill([j.prompt_ids for j in jobs])  # (J, V): one row per prompt
+        if any(j.n > 1 for j in jobs):
+            repeat = torch.tensor([k for k, j in enumerate(jobs) for _ in range(j.n)], device=logits.device)
+            runner.select(repeat)
+            logits = logits.index_select(0, repeat)
+        return runner, logits, [self._new_row(j, c) for j in jobs for c in range(j.n)]
 
     def _new_row(self, job: Job, index: int) -> _Row:
         cfg = job.cfg

@@ -57,6 +57,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             msg = f"no route {request.method} {request.url.path}; the API is under /v1 (see /docs)"
+        elif exc.status_code == 413:
+            limit = getattr(request.app.state, "max_body", None)
+            msg = f"the request body is over the {limit:,} bytes this server accepts" if limit else "the body is too large"
         elif exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}"
         else:

@@ -120,13 +120,19 @@ class Events:
         return lambda ev: self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, ev))
 
 
-async def _watch(request: Request, jobs: list[Job]) -> None:
-    """Cancel ``jobs`` as soon as the client disconnects."""
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _watch(request: Request, jobs: list[Job], events: Events) -> None:
+    """Cancel ``jobs`` as soon as the client disconnects, and wake the waiting handler (the
+    engine drops cancelled rows without a word)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             for job in jobs:
                 job.cancel()
+            events.queue.put_nowait((-1, ClientGone()))
             return
 
 
@@ -237,13 +243,15 @@ async def chat_completions(req: ChatRequest, request: Request) -> Any:
 
 async def _collect(events: Events, jobs: list[Job], request: Request, total: int, n: int) -> list[tuple]:
     """Wait for every choice: (text, [(id, logprob, top)], finish_reason, tokens) in choice order."""
-    watcher = asyncio.create_task(_watch(request, jobs))
+    watcher = asyncio.create_task(_watch(request, jobs, events))
     out: list[Any] = [None] * total
     items: list[list] = [[] for _ in range(total)]
     try:
         done = 0
         while done < total:
             k, ev = await events.queue.get()
+            if isinstance(ev, ClientGone):
+                raise ApiError(499, "the client closed the request", code="client_closed_request")
             if isinstance(ev, Exception):
                 raise ev
             i = k * n + ev.index
@@ -253,6 +261,8 @@ async def _collect(events: Events, jobs: list[Job], request: Request, total: int
                 done += 1
     finally:
         watcher.cancel()
+        for job in jobs:  # after an error or a disconnect, nothing of this request goes on generating
+            job.cancel()
     return out
 
 
@@ -387,8 +397,11 @@ INSPECT_TOKENS = 256
 async def inspect(req: InspectRequest, request: Request) -> dict[str, Any]:
     s = served_of(request, None, req.model)
     n = len(s.model.encode(req.text))
-    if n > INSPECT_TOKENS:
-        raise ApiError(400, f"the text has {n} tokens; /v1/inspect looks at {INSPECT_TOKENS} at most", param="text")
+    cfg = s.model.config
+    ctx = getattr(cfg, "max_source_len", None) or getattr(cfg, "max_seq_len", None)
+    limit = min(INSPECT_TOKENS, ctx) if ctx and s.model.module.bounded_context else INSPECT_TOKENS
+    if n > limit:
+        raise ApiError(400, f"the text has {n} tokens; /v1/inspect looks at {limit} at most", param="text")
 
     def run() -> dict[str, Any]:
         from lmlab import inspection

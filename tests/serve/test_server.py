@@ -254,3 +254,60 @@ def test_inspect_endpoint_equals_the_python_api(lm_dir, tmp_path):
     with running(clf) as url:
         r = httpx.post(url + "/v1/inspect", json={"text": "the movie was good"}, timeout=60).json()
         assert r["surprisal"] is None and r["attention"]["layers"] == 2
+
+
+def test_a_chunked_body_over_the_limit_is_413(lm_dir):
+    with running(lm_dir, max_body=10_000) as url:
+
+        def chunks():
+            body = json.dumps({"prompt": "the " * 5000, "max_tokens": 2}).encode()
+            for i in range(0, len(body), 1000):
+                yield body[i : i + 1000]
+
+        r = httpx.post(url + "/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+        assert "content-length" not in {k.lower() for k in r.request.headers}
+        assert r.status_code == 413 and "10,000 bytes" in r.json()["error"]["message"], r.text
+
+
+def test_a_failing_prefill_fails_only_its_own_request(lm_dir, monkeypatch):
+    """The new request gets its error (no hang); the request already running finishes."""
+    from lmlab.serve.engine import Engine
+
+    real = Engine._prefill
+
+    def prefill(self, jobs):
+        if any(len(j.prompt_ids) == 7 for j in jobs):
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, jobs)
+
+    monkeypatch.setattr(Engine, "_prefill", prefill)
+    with running(lm_dir) as url:
+        out: dict[str, int] = {}
+
+        def long_one() -> None:
+            r = httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 200, "temperature": 0}, timeout=60)
+            out["long"] = r.status_code
+
+        t = threading.Thread(target=long_one)
+        t.start()
+        while "lmlab_running 1" not in httpx.get(url + "/metrics").text:
+            time.sleep(0.005)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "the sea", "max_tokens": 3}, timeout=30)  # 7 tokens
+        assert r.status_code == 500 and "traceback" in r.json()["error"]["message"]
+        t.join(timeout=60)
+        assert out == {"long": 200}
+
+
+def test_a_client_gone_before_its_answer_leaves_no_waiting_handler(tmp_path):
+    """The handler of a non-streaming request whose client left ends (no coroutine waits forever:
+    uvicorn would wait for it at shutdown)."""
+    from helpers import tiny_checkpoint
+
+    long_lm = tiny_checkpoint(tmp_path / "long", pos="rope", max_seq_len=4096)
+    with running(long_lm) as url:
+        try:
+            httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 4000}, timeout=0.3)
+        except httpx.TimeoutException:
+            pass
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 9  # the server shut down without waiting on a stuck request

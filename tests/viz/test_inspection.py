@@ -137,3 +137,16 @@ def test_rnn_hidden_states_equal_pytorch_lstm_layer_by_layer(tmp_path):
             torch.testing.assert_close(h[k], x[0], atol=1e-5, rtol=0)
     with pytest.raises(LmlabError, match="a recurrent model has no attention"):
         model.attention(text)
+
+
+def test_a_classifier_over_a_recurrent_body_has_no_attention_to_show(tmp_path):
+    from lmlab.models import build_model
+    from lmlab.models.config import RNNConfig
+    from lmlab.models.task_config import TaskConfig
+
+    tok = bpe_tokenizer()
+    body = RNNConfig(vocab_size=tok.get_vocab_size(), d_model=8, hidden_size=8, n_layer=1, bidirectional=True)
+    module = build_model(TaskConfig(body=body, head="classify", num_labels=2, pooling="max")).eval()
+    model = lmlab.load(write_checkpoint(tmp_path / "clf", module, tok, {}))
+    with pytest.raises(LmlabError, match="no self-attention"):
+        model.attention("the sea")
