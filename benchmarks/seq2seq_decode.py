@@ -24,6 +24,8 @@ from pathlib import Path
 
 import lmlab  # first: lmlab sets the OpenMP spin policy before torch loads
 
+lmlab._spin_for_decoding()  # OpenMP's default spin, as `lmlab translate` uses (both sides share it)
+
 CASES = {"greedy b1": (1, 1), "beam4 b1": (4, 1), "greedy b16": (1, 16)}
 
 
