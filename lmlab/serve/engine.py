@@ -326,7 +326,9 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> tuple[Runner, Tensor, list[_Row]]:
         """The waiting prompts, left-padded together: their state, first logits and rows (n per job)."""
-        runner = Runner(self.module, max(j.cfg.max_new_tokens for j in jobs))
+        # max_new_tokens=1: the cache need hold only the prompts (join reserves each row's own room),
+        # and no sliding-window warning for a prompt that fits with its own max_tokens
+        runner = Runner(self.module, 1)
         logits = runner.prefill([j.prompt_ids for j in jobs])  # (J, V): one row per prompt
         if any(j.n > 1 for j in jobs):
             repeat = torch.tensor([k for k, j in enumerate(jobs) for _ in range(j.n)], device=logits.device)

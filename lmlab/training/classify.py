@@ -72,6 +72,9 @@ class ClassifyTrainer(BucketPlan, Trainer):
             if unknown:
                 raise LmlabError(f"{self.cfg.init} classifies into {', '.join(module.config.labels)}; the data has "
                                  f"label {unknown[0]!r}: start a new classifier from a language model instead")  # fmt: skip
+            if self.cfg.bidirectional and not getattr(module.config.body, "bidirectional", False):
+                raise LmlabError(f"--bidirectional: {self.cfg.init} is a classifier with a one-way body, trained as it "
+                                 "is; drop --bidirectional, or start from a language model")  # fmt: skip
             return module.train(), module.config
         if cfg is not None or getattr(module, "is_encoder_decoder", False):
             raise LmlabError(f"--init {self.cfg.init}: a classifier starts from a language model (or a classifier); "
