@@ -16,6 +16,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="requests generating together at most")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: 429)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on a CPU)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, mps, or auto (a GPU if there is one)")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
     p.add_argument("--log-prompts", action="store_true", help="log each request's prompt (off: prompts are private)")
 
@@ -42,7 +43,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="lmlab serve: %(message)s")
     logging.getLogger("lmlab.serve").setLevel(logging.INFO)  # the batch size as it changes; errors
     served = Served(source=a.model, model_id=a.model_name or a.model, api_key=a.api_key, max_batch=a.max_batch,
-                    max_queue=a.max_queue, dtype=a.dtype, log_prompts=a.log_prompts, engine_thread=False)  # fmt: skip
+                    max_queue=a.max_queue, dtype=a.dtype, device=a.device, log_prompts=a.log_prompts,
+                    engine_thread=False)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(create_app(served, background=None), host=a.host, port=a.port,
                                            log_level="warning", access_log=False))  # fmt: skip
     # HTTP on a thread of its own, the model on the main thread (see lmlab.serve.engine.Engine)

@@ -40,6 +40,7 @@ class Served:
     max_batch: int = 32
     max_queue: int = 256
     dtype: str | None = None
+    device: str | None = None
     log_prompts: bool = False
     max_body: int = MAX_BODY
     engine_thread: bool = True  # False: the caller runs engine.serve_forever() (lmlab serve: the main thread)
@@ -62,7 +63,7 @@ class Served:
         from lmlab.serve.engine import Engine
 
         try:
-            model = lmlab.load(self.source, dtype=self.dtype)
+            model = lmlab.load(self.source, dtype=self.dtype, device=self.device)
         except LmlabError as e:
             self.error = str(e)
             log.error("lmlab serve: cannot load %s: %s", self.source, e)
