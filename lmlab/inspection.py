@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
+from lmlab.nn.alignment import Alignment
 from lmlab.nn.attention import CausalSelfAttention, CrossAttention
 
 if TYPE_CHECKING:
@@ -110,9 +111,9 @@ def cross_attention(model: Model, source: str, target: str | None = None) -> Att
         raise LmlabError("cross-attention belongs to an encoder-decoder (a translator or summarizer); "
                          "this model has only self-attention (lmlab viz attention)")  # fmt: skip
     layers = [m for m in module.modules() if isinstance(m, CrossAttention)]
-    if not layers:
-        raise LmlabError("this encoder-decoder has no Transformer cross-attention to show "
-                         "(the RNN with attention: not yet)")  # fmt: skip
+    recurrent = not layers  # the RNN with attention: one alignment α_i per decoding step
+    if recurrent:
+        layers = [m for m in module.modules() if isinstance(m, Alignment)]
     src = _ids(model, source)
     if target is None:
         out = model.translate(source, return_details=True, temperature=0, num_beams=1)
@@ -127,7 +128,11 @@ def cross_attention(model: Model, source: str, target: str | None = None) -> Att
         module(torch.tensor([dec_in], device=module.device), src=torch.tensor([src], device=module.device))
     produced = tgt if tgt else []
     labels = [model.target_tokenizer.decode([i], skip_special_tokens=False) for i in produced] or ["<start>"]
-    return Attention(_stack(rec)[:, :, : len(labels)], labels, token_strings(model, src))
+    if recurrent:  # T steps of (1, S) -> one layer, one head: (1, 1, T, S)
+        weights = torch.stack([a[0] for a in rec[0]]).float()[None, None]
+    else:
+        weights = _stack(rec)
+    return Attention(weights[:, :, : len(labels)], labels, token_strings(model, src))
 
 
 @dataclass

@@ -34,6 +34,9 @@ class Alignment(nn.Module):
     Subclasses say how a query scores the keys (:meth:`scores`) and what the keys are
     (:meth:`keys`, computed once per source)."""
 
+    #: a list: each forward appends its weights α (B, S) (lmlab.inspection's alignment pictures)
+    record: list[Tensor] | None = None
+
     def keys(self, memory: Tensor) -> Tensor:
         """memory (B, S, C) -> keys (B, S, K): the source's part of every score."""
         raise NotImplementedError  # pragma: no cover
@@ -55,6 +58,8 @@ class Alignment(nn.Module):
         alpha = torch.softmax(e.float(), dim=-1).to(memory.dtype)  # (B, S)
         # c = Σ_j α_j h_j:  (B, 1, S) @ (B, S, C) -> (B, C)
         context = torch.bmm(alpha[:, None], memory)[:, 0]
+        if self.record is not None:
+            self.record.append(alpha.detach())
         return context, alpha
 
 

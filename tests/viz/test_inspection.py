@@ -150,3 +150,27 @@ def test_a_classifier_over_a_recurrent_body_has_no_attention_to_show(tmp_path):
     model = lmlab.load(write_checkpoint(tmp_path / "clf", module, tok, {}))
     with pytest.raises(LmlabError, match="no self-attention"):
         model.attention("the sea")
+
+
+def test_the_rnn_with_attention_gives_its_alignment_per_step(tmp_path):
+    """Bahdanau's picture: one α_i over the source per target token, each a distribution."""
+    from tokenizers import processors as P
+
+    from lmlab.models.config import RNNSeq2SeqConfig
+    from lmlab.models.rnn_seq2seq import RNNSeq2Seq
+
+    tok = bpe_tokenizer()
+    tok.add_special_tokens(["<pad>"])
+    eos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = P.TemplateProcessing(single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+    torch.manual_seed(0)
+    cfg = RNNSeq2SeqConfig(vocab_size=tok.get_vocab_size(), d_model=16, hidden_size=16, n_layer=1, max_source_len=64,
+                           max_target_len=32)  # fmt: skip
+    gen = {"eos_token_id": eos, "decoder_start_token_id": eos, "pad_token_id": tok.token_to_id("<pad>"),
+           "max_new_tokens": 8}  # fmt: skip
+    model = lmlab.load(write_checkpoint(tmp_path / "rnn-mt", RNNSeq2Seq(cfg).eval(), tok, gen))
+    a = model.cross_attention("the sea and the sky", target="what is it")
+    S, T = len(model.encode("the sea and the sky")), len(model.target_tokenizer.encode("what is it").ids)
+    assert a.shape == (1, 1, T, S)
+    torch.testing.assert_close(a.sum(-1), torch.ones(1, 1, T), atol=1e-6, rtol=0)
+    assert model.cross_attention("the sea").shape[:2] == (1, 1)  # the model's own greedy output
