@@ -38,9 +38,9 @@ import sys, torch, transformers, uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 torch.set_num_threads({threads})
-folder, port = sys.argv[1], int(sys.argv[2])
+folder, port, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 tok = transformers.AutoTokenizer.from_pretrained(folder)
-model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 app = FastAPI()
 class Req(BaseModel):
     prompt: str
@@ -179,18 +179,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=8, help="one-client part: requests")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads of each server")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="both servers' weights")
     a = ap.parse_args()
-    print(f"load average before: {os.getloadavg()}", flush=True)
+    print(f"load average before: {os.getloadavg()}; weights {a.dtype}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2-random"
         build_model(folder, a.layers)
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
         port, peer_port = free_port(), free_port()
         lm = subprocess.Popen([sys.executable, "-m", "lmlab", "serve", str(folder), "--port", str(port), "--max-batch",
-                               str(max(32, a.clients))], env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+                               str(max(32, a.clients)), "--dtype", a.dtype], env=env, stderr=subprocess.DEVNULL)  # fmt: skip
         peer_py = Path(tmp) / "peer.py"
         peer_py.write_text(PEER_APP.format(threads=a.threads))
-        peer = subprocess.Popen([sys.executable, str(peer_py), str(folder), str(peer_port)], env=env,
+        torch_dtype = {"fp32": "float32", "bf16": "bfloat16"}[a.dtype]
+        peer = subprocess.Popen([sys.executable, str(peer_py), str(folder), str(peer_port), torch_dtype], env=env,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             url, peer_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
