@@ -311,3 +311,25 @@ def test_a_client_gone_before_its_answer_leaves_no_waiting_handler(tmp_path):
             pass
         t0 = time.monotonic()
     assert time.monotonic() - t0 < 9  # the server shut down without waiting on a stuck request
+
+
+def test_a_full_queue_is_a_429_in_openais_envelope(tmp_path):
+    from helpers import tiny_checkpoint
+
+    long_lm = tiny_checkpoint(tmp_path / "long", pos="rope", max_seq_len=4096)
+    with running(long_lm, max_batch=1, max_queue=1) as url:
+        body = {"prompt": "the", "max_tokens": 3000, "temperature": 0}
+        running_one = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=120))
+        running_one.start()
+        while "lmlab_running 1" not in httpx.get(url + "/metrics").text:
+            time.sleep(0.005)
+        waiting = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=120))
+        waiting.start()
+        while "lmlab_waiting 1" not in httpx.get(url + "/metrics").text:
+            time.sleep(0.005)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        assert err["code"] == "queue_full" and "--max-queue 1" in err["message"]
+        running_one.join(timeout=120)
+        waiting.join(timeout=120)
