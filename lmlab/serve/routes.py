@@ -344,26 +344,26 @@ async def _pipeline(s: Served, name: str, **kw: Any) -> Any:
     return await run_in_threadpool(run)
 
 
-def _text2text_options(req: TextsRequest) -> dict[str, Any]:
+async def _text2text(req: TextsRequest, request: Request, name: str) -> dict[str, Any]:
+    """/v1/translate and /v1/summarize: an encoder-decoder's pipeline over the texts."""
+    s = served_of(request, "seq2seq", req.model)
     if req.top_k is not None:
         raise ApiError(400, "`top_k` is for /v1/classify", param="top_k")
-    return {k: v for k, v in (("max_new_tokens", req.max_tokens), ("num_beams", req.num_beams)) if v is not None}
+    opts = {k: v for k, v in (("max_new_tokens", req.max_tokens), ("num_beams", req.num_beams)) if v is not None}
+    out = await _pipeline(s, name, inputs=req.texts(), **opts)
+    return {"object": "list", "model": s.model_id, "data": out}
 
 
 @router.post("/v1/translate", summary="lmlab: translate texts (an encoder-decoder model)",
              response_model=S.TranslateResponse, responses=S.ERRORS)
 async def translate(req: TextsRequest, request: Request) -> dict[str, Any]:
-    s = served_of(request, "seq2seq", req.model)
-    out = await _pipeline(s, "translate", inputs=req.texts(), **_text2text_options(req))
-    return {"object": "list", "model": s.model_id, "data": out}
+    return await _text2text(req, request, "translate")
 
 
 @router.post("/v1/summarize", summary="lmlab: summarize texts (an encoder-decoder model)",
              response_model=S.SummarizeResponse, responses=S.ERRORS)
 async def summarize(req: TextsRequest, request: Request) -> dict[str, Any]:
-    s = served_of(request, "seq2seq", req.model)
-    out = await _pipeline(s, "summarize", inputs=req.texts(), **_text2text_options(req))
-    return {"object": "list", "model": s.model_id, "data": out}
+    return await _text2text(req, request, "summarize")
 
 
 @router.post("/v1/classify", summary="lmlab: label texts (a classifier)", response_model=S.ClassifyResponse,
