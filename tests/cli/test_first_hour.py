@@ -56,7 +56,7 @@ def _usage_error(capsys, argv: list[str]) -> str:
         (["trian"], "unknown command 'trian'; did you mean `lmlab train`? (see `lmlab train --help`)"),
         (["genrate", "x"], "unknown command 'genrate'; did you mean `lmlab generate`? (see `lmlab generate --help`)"),
         (["xyzzy"], "unknown command 'xyzzy'; the commands are quickstart, train, generate, translate, "
-                    "summarize, classify, sentiment, qa, evaluate, eval, info, compare, export (see `lmlab --help`)"),
+                    "summarize, classify, sentiment, qa, serve, viz, evaluate, eval, info, compare, export (see `lmlab --help`)"),
         # --step was taken as --steps (an abbreviation) before: now it is a typo
         (["train", "--out", "o", "--step", "5"], "unknown option --step; did you mean --steps? (see `lmlab train --help`)"),
         (["train", "--stpes=5"], "unknown option --stpes; did you mean --steps? (see `lmlab train --help`)"),

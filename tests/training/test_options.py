@@ -43,7 +43,7 @@ FLAGS = {
     "--bleu-samples": ("bleu_samples", 50), "--cell": ("cell", "lstm"), "--attention": ("attention", "dot"),
     "--post-norm": ("post_norm", True), "--separate-vocab": ("separate_vocab", True),
     "--text-field": ("text_field", "review"), "--label-field": ("label_field", "stars"), "--pooling": ("pooling", "max"),
-    "--class-weight": ("class_weight", "balanced"),
+    "--class-weight": ("class_weight", "balanced"), "--bidirectional": ("bidirectional", True),
 }  # fmt: skip
 
 
