@@ -4,7 +4,8 @@
     lmlab viz alignment MODEL --text SOURCE [--target TARGET] [--layer L] [--head H] --out align.png
     lmlab viz positions --kind sinusoidal|rope|learned [MODEL] [--d-model 128] [--max-len 128] --out pe.png
     lmlab viz tokens MODEL --text TEXT [--top-k 5] --out tokens.html
-    lmlab viz neurons MODEL --text TEXT [--layer L] [--units 8 | --unit 3,17] [--cell] --out neurons.png
+    lmlab viz neurons MODEL --text TEXT [--layer L] [--units 8 [--by activity|variance] | --unit 3,17] [--cell]
+                      --out neurons.png
 
 The format follows ``--out``'s extension: .png, .html or .json. Everything a user can get
 wrong is checked before the model is loaded where it can be (the extension, an empty text,
@@ -66,8 +67,12 @@ def add_viz_args(p: argparse.ArgumentParser) -> None:
             k.add_argument("--top-k", type=int, default=5, help="alternatives shown per token (default 5)")
         if kind == "neurons":
             which = k.add_mutually_exclusive_group()
-            which.add_argument("--units", type=int, default=8, help="how many units: those varying most (default 8)")
+            which.add_argument("--units", type=int, default=8,
+                               help="how many units: the best ranked by --by (default 8)")
             which.add_argument("--unit", type=_units, default=None, metavar="U,U,...", help="these units, e.g. 3,17")
+            k.add_argument("--by", choices=["activity", "variance"], default=None,
+                           help="rank the units by their mean |value| over the text (activity, the default) "
+                                "or by its variance (the units that change most)")
             k.add_argument("--cell", action="store_true", help="an LSTM's cell state c instead of h")
         k.add_argument("--out", required=True, help="the file to write: .png, .html (interactive) or .json")
         k.add_argument("--dpi", type=int, default=100, help="PNG resolution (default 100)")
@@ -101,6 +106,8 @@ def _check(a: argparse.Namespace) -> None:
         raise LmlabError(f"--top-k must be >= 1 (got {a.top_k})")
     if a.kind == "neurons" and a.unit is None and a.units < 1:
         raise LmlabError(f"--units must be >= 1 (got {a.units})")
+    if a.kind == "neurons" and a.unit is not None and a.by is not None:
+        raise LmlabError("--by ranks the units --units shows; --unit names them itself (give one of the two)")
 
 
 def cmd_viz(a: argparse.Namespace) -> int:
@@ -119,6 +126,7 @@ def cmd_viz(a: argparse.Namespace) -> int:
         path = viz.draw_tokens(model, a.text, a.out, top_k=a.top_k, dpi=a.dpi)
     else:
         units = a.unit if a.unit is not None else a.units
-        path = viz.draw_neurons(model, a.text, a.out, layer=a.layer, units=units, cell=a.cell, dpi=a.dpi)
+        path = viz.draw_neurons(model, a.text, a.out, layer=a.layer, units=units, cell=a.cell, dpi=a.dpi,
+                                by=a.by or "activity")
     print(f"lmlab viz: wrote {path}", file=sys.stderr)
     return 0

@@ -44,7 +44,7 @@ def draw(what: str, model: Model | None = None, *, out: str | Path, **options: A
     - alignment: text (the source), target, layer, head
     - positions: kind (sinusoidal, rope, learned), d_model, max_len (``model`` optional)
     - tokens: text, top_k
-    - neurons: text, layer, units, cell
+    - neurons: text, layer, units, cell, by (activity or variance: how ``units`` are ranked)
 
     and ``dpi`` for a PNG. Returns the path written."""
     if what not in KINDS:

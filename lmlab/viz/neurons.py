@@ -10,10 +10,12 @@ An RNN reads one token at a time and carries its memory in a vector: for layer �
 so every unit of h lies in tanh's range [−1, 1]. One line of text per unit, each token shaded
 by that unit's value just after reading it: blue −1, white 0, red +1. Most units look like
 noise; a few track something readable: inside quotes or brackets, the position in a line,
-the start of a word, indentation. The units shown are those that vary most over the text
-(the largest variance of h_t over t: a unit stuck at one value says nothing about this text),
-or the ones chosen. An LSTM's cell state c (``cell``) is not squashed: it can grow past ±1 and
-counts (the colour scale then reaches the largest |c|).
+the start of a word, indentation. The units shown are the ones chosen, or by default the most
+active over the text: the largest mean |h_t| over t (``by="activity"``). ``by="variance"``
+ranks them by the variance of h_t over t instead, the units that change most along the text
+(a unit stuck at ±1 is very active but varies little: it says nothing about where it is).
+An LSTM's cell state c (``cell``) is not squashed: it can grow past ±1 and counts (the colour
+scale then reaches the largest |c|).
 """
 
 from __future__ import annotations
@@ -28,19 +30,34 @@ from lmlab.viz.textboxes import COLUMN_IN, LINE_IN, draw_boxes, layout, shown, u
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch import Tensor
 
     from lmlab.api import Model
 
 #: the longest text drawn (tokens): a picture of more is unreadable
 MAX_TOKENS = 2000
+#: how the units shown are ranked when not chosen: the mean |value| over the text, or its variance
+RANKINGS = ("activity", "variance")
+
+
+def rank_units(values: Tensor, by: str = "activity") -> list[int]:
+    """The units of ``values`` (units, T), best first: by mean |value| over t (``activity``) or by
+    variance over t (``variance``); ties keep the lower unit number first."""
+    if by not in RANKINGS:
+        raise LmlabError(f"--by must be one of {', '.join(RANKINGS)} (got {by!r})")
+    score = values.abs().mean(dim=1) if by == "activity" else values.var(dim=1, unbiased=False)
+    return score.argsort(descending=True, stable=True).tolist()
 
 
 def activations(model: Model, text: str, layer: int | None = None, units: int | list[int] = 8,
-                cell: bool = False) -> dict[str, Any]:  # fmt: skip
+                cell: bool = False, by: str = "activity") -> dict[str, Any]:  # fmt: skip
     """The values (units, T) of the chosen units of ``layer`` (default: the top layer) over the
-    text: h, or an LSTM's c. ``units``: how many of the most varying, or which."""
+    text: h, or an LSTM's c. ``units``: how many of the best ranked ``by`` (:func:`rank_units`:
+    the most active, or the most varying), or which."""
     from lmlab.inspection import hidden_states
 
+    if by not in RANKINGS:
+        raise LmlabError(f"--by must be one of {', '.join(RANKINGS)} (got {by!r})")
     module = model.module
     if model.is_encoder_decoder or not hasattr(module, "rnn"):
         raise LmlabError("hidden units are drawn for recurrent language models (RNN, GRU, LSTM: lmlab train "
@@ -58,8 +75,7 @@ def activations(model: Model, text: str, layer: int | None = None, units: int | 
     if isinstance(units, int):
         if units < 1:
             raise LmlabError(f"--units must be >= 1 (got {units})")
-        var = v.var(dim=1, unbiased=False)
-        chosen = var.argsort(descending=True)[: min(units, H)].tolist()
+        chosen = rank_units(v, by)[: min(units, H)]
     else:
         if not units:
             raise LmlabError("--unit: give unit numbers, e.g. --unit 3,17")
@@ -68,7 +84,8 @@ def activations(model: Model, text: str, layer: int | None = None, units: int | 
             raise LmlabError(f"--unit {bad[0]}: layer {li} has {H} units, numbered 0..{H - 1}")
         chosen = list(units)
     return {"kind": "neurons", "cell": kind, "state": "c" if cell else "h", "layer": li, "tokens": states["tokens"],
-            "units": chosen, "values": v[chosen], "variance": v[chosen].var(dim=1, unbiased=False)}  # fmt: skip
+            "units": chosen, "ranked_by": by if isinstance(units, int) else "chosen", "values": v[chosen],
+            "mean_abs": v[chosen].abs().mean(dim=1), "variance": v[chosen].var(dim=1, unbiased=False)}  # fmt: skip
 
 
 def scale_top(data: dict[str, Any]) -> float:
@@ -108,9 +125,9 @@ def neurons_figure_of(data: dict[str, Any], dpi: int = 100, width: int = 80) -> 
 
 @fonts.styled
 def neurons_figure(model: Model, text: str, layer: int | None = None, units: int | list[int] = 8,
-                   cell: bool = False, dpi: int = 100, width: int = 80) -> Figure:  # fmt: skip
+                   cell: bool = False, dpi: int = 100, width: int = 80, by: str = "activity") -> Figure:  # fmt: skip
     """One block of text per unit, each token shaded blue (−) … white (0) … red (+)."""
-    return neurons_figure_of(activations(model, text, layer, units, cell), dpi, width)
+    return neurons_figure_of(activations(model, text, layer, units, cell, by), dpi, width)
 
 
 def neurons_page(data: dict[str, Any]) -> str:
@@ -128,16 +145,19 @@ def neurons_page(data: dict[str, Any]) -> str:
                      for x in (-2, -1, 0, 1, 2))  # fmt: skip
     state = "cell state c" if data["state"] == "c" else "hidden state h"
     title = f"{data['cell'].upper()} layer {data['layer']}: {state} of {len(data['units'])} units"
+    ranked = {"activity": f"the most active units (largest mean |{data['state']}| over the text).",
+              "variance": f"the most varying units (largest variance of {data['state']} over the text)."}  # fmt: skip
     note = ("One line of text per unit; each token is shaded by the unit's value just after the model read it "
-            "(blue negative, white 0, red positive). Point at a token for the value.")  # fmt: skip
+            "(blue negative, white 0, red positive). Point at a token for the value. Shown: "
+            + ranked.get(data.get("ranked_by", ""), "the units chosen."))  # fmt: skip
     return page(title, f'<div class="legend">value: {legend}</div>\n' + "\n".join(blocks), note=note)
 
 
 def draw_neurons(model: Model, text: str, out: str | Path, layer: int | None = None, units: int | list[int] = 8,
-                 cell: bool = False, dpi: int = 100, width: int = 80) -> Path:  # fmt: skip
+                 cell: bool = False, dpi: int = 100, width: int = 80, by: str = "activity") -> Path:  # fmt: skip
     """Write the units picture (.png), page (.html) or numbers (.json) of ``text``."""
     fmt = output.out_format(out)
-    data = activations(model, text, layer, units, cell)
+    data = activations(model, text, layer, units, cell, by)
     if fmt == "json":
         return output.write_json(out, data)
     if fmt == "html":

@@ -1,6 +1,6 @@
 """What lmlab.inspection reads out of a model, against references outside lmlab: transformers'
 ``output_attentions`` / ``cross_attentions`` on the same weights (GPT-2, BART, BERT), PyTorch's
-own LSTM for hidden states, log_softmax of the logits and ``lmlab eval``'s total for the
+own LSTM, GRU and tanh RNN for hidden states, log_softmax of the logits and ``lmlab eval``'s total for the
 log-probabilities, and the laws of a causal softmax for a model trained here."""
 
 from __future__ import annotations
@@ -116,25 +116,47 @@ def _eval_total(folder, corpus) -> float:
     return r["loss"] * r["tokens"]
 
 
-def test_rnn_hidden_states_equal_pytorch_lstm_layer_by_layer(tmp_path):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_rnn_hidden_states_equal_pytorch_layer_by_layer(cell, tmp_path):
+    """Each layer's h_t (and an LSTM's c_t) against a one-layer torch.nn.LSTM / GRU / RNN (tanh)
+    run on that layer's weights, fed the layer below's outputs; the weights are randomized
+    past their small initial scale so the gates and tanh are far from linear."""
+    from lmlab.inspection import hidden_states
     from lmlab.models.config import RNNConfig
     from lmlab.models.rnn import RNNLanguageModel
 
     torch.manual_seed(0)
     tok = bpe_tokenizer()
-    module = RNNLanguageModel(RNNConfig(vocab_size=tok.get_vocab_size(), d_model=8, hidden_size=12, n_layer=2)).eval()
-    model = lmlab.load(write_checkpoint(tmp_path / "lstm", module, tok, {}))
+    cfg = RNNConfig(cell=cell, vocab_size=tok.get_vocab_size(), d_model=8, hidden_size=12, n_layer=2)
+    module = RNNLanguageModel(cfg).eval()
+    with torch.no_grad():
+        for p in module.rnn.parameters():
+            p.normal_(0.0, 0.5)
+    model = lmlab.load(write_checkpoint(tmp_path / cell, module, tok, {}))
     text = "the sea and the sky"
-    h = model.hidden_states(text)
+    h = model.hidden_states(text)  # (layers, T, H)
+    assert h.shape == (2, len(model.encode(text)), 12)
+    states = hidden_states(model, text)
+    assert ("cell" in states) == (cell == "lstm")
     ids = torch.tensor([model.encode(text)])
     x = model.module.tok_emb(ids)
+    reference = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU,
+                 "rnn": lambda *a, **k: torch.nn.RNN(*a, nonlinearity="tanh", **k)}  # fmt: skip
     with torch.no_grad():
         for k in range(2):
-            one = torch.nn.LSTM(8 if k == 0 else 12, 12, batch_first=True)
+            one = reference[cell](8 if k == 0 else 12, 12, batch_first=True)
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 getattr(one, f"{name}_l0").copy_(getattr(model.module.rnn, f"{name}_l{k}"))
+            if cell == "lstm":  # the cell state: run step by step to read c_t at every t
+                hc = None
+                cs = []
+                for t in range(x.shape[1]):
+                    _, hc = one(x[:, t : t + 1], hc)
+                    cs.append(hc[1][0, 0])
+                torch.testing.assert_close(states["cell"][k], torch.stack(cs), atol=1e-5, rtol=0)
             x, _ = one(x)
             torch.testing.assert_close(h[k], x[0], atol=1e-5, rtol=0)
+    assert float(h.abs().max()) > 0.5  # far from the linear range: a wrong gate order would show
     with pytest.raises(LmlabError, match="a recurrent model has no attention"):
         model.attention(text)
 
