@@ -113,6 +113,8 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
 def _part_text(part: Any, where: str) -> str:
     if not isinstance(part, dict):
         raise LmlabError(f'{where} must be an object like {{"type": "text", "text": ...}}, got {_got(part)}')
+    if "type" not in part:
+        raise LmlabError(f'{where} has no "type": only text parts ({{"type": "text", "text": ...}}) are supported')
     if part.get("type") != "text":
         raise LmlabError(f"{where} is of type {_got(part.get('type', ...))}: only text parts are supported")
     if not isinstance(part.get("text", ...), str):

@@ -169,20 +169,27 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     return
-                calls, self._calls = list(self._calls), collections.deque()
-            for fn, future in calls:
-                try:
-                    future.set_result(fn())
-                except Exception as e:  # handed to the caller
-                    future.set_exception(e)
+            self.step()
+
+    def step(self) -> None:
+        """One turn of the loop: the calls waiting for the engine's thread, then choose -> leave ->
+        step -> join (see the module's docstring). The loop repeats it; with ``thread=False`` a
+        caller may turn it by hand (the tests count steps so)."""
+        with self._cond:
+            calls, self._calls = list(self._calls), collections.deque()
+        for fn, future in calls:
             try:
-                with torch.inference_mode():
-                    self._iteration()
-            except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
-                log.exception("the batch failed; its requests get an error")
-                for job in {id(r.job): r.job for r in self._rows}.values():
-                    job.sink(e)
-                self._rows, self._state, self._pos, self._logits = [], None, None, None
+                future.set_result(fn())
+            except Exception as e:  # handed to the caller
+                future.set_exception(e)
+        try:
+            with torch.inference_mode():
+                self._iteration()
+        except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+            log.exception("the batch failed; its requests get an error")
+            for job in {id(r.job): r.job for r in self._rows}.values():
+                job.sink(e)
+            self._rows, self._state, self._pos, self._logits = [], None, None, None
 
     def _iteration(self) -> None:
         """choose -> leave -> step -> join (see the module's docstring)."""

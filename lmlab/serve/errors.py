@@ -30,12 +30,23 @@ def envelope(status: int, message: str, type_: str, param: str | None = None, co
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
 
 
+def _union_tag(part: str) -> bool:
+    """A step of pydantic's error location that names a branch of a union (``str``,
+    ``list[str]``), not a field: left out of ``param`` (``stop``, not ``stop.list[str]``)."""
+    return part in ("str", "int", "float", "bool", "none") or "[" in part
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error as OpenAI's envelope; a client's mistake a 4xx, a bug a logged 500."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        errors = exc.errors()
+        err = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        # a union (``prompt``: a string or a list of strings) reports each branch: say what the
+        # branch that went furthest into the value found (``prompt.1``, not "should be a string")
+        same = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(err.get("loc", ()))[:2]]
+        err = max(same, key=lambda e: len(e.get("loc", ())), default=err)
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             return envelope(400, f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})",
@@ -43,7 +54,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if err.get("type") == "unsupported":
             param = err.get("ctx", {}).get("field")
             return envelope(400, str(err.get("msg")), "invalid_request_error", param, "unsupported_parameter")
-        param = ".".join(loc) or None
+        if err.get("type") == "lmlab_invalid":  # lmlab's own one-line message (schemas.Invalid)
+            ctx = err.get("ctx", {})
+            return envelope(400, str(ctx.get("message") or err.get("msg")), "invalid_request_error", ctx.get("field"))
+        param = ".".join(x for x in loc if not _union_tag(x)) or None
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "missing":
             text = f"`{param}` is required"

@@ -189,7 +189,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     if req.stream:
         opts = req.stream_options
         return _sse(_stream(events, jobs, texts, prompts, req.n, meta, s, chat=False, echo=req.echo,
-                            logprobs=req.logprobs, usage=bool(opts and opts.include_usage)))  # fmt: skip
+                            logprobs=req.logprobs, usage=bool(opts and opts.include_usage), echo_lps=echo_lps))  # fmt: skip
     results = await _collect(events, jobs, request, len(prompts) * req.n, req.n)
     choices = []
     for i, (text, items, finish, _) in enumerate(results):
@@ -276,20 +276,28 @@ def _data(obj: Any) -> str:
 
 async def _stream(events: Events, jobs: list[Job], texts: list[str], prompts: list[list[int]], n: int,
                   meta: tuple, s: Served, *, chat: bool, echo: bool, logprobs: int | None,
-                  usage: bool) -> AsyncIterator[str]:  # fmt: skip
+                  usage: bool, echo_lps: list[list[tuple]] | None = None) -> AsyncIterator[str]:  # fmt: skip
     """OpenAI's framing: (chat) a first chunk with the role; content deltas; a last chunk per
-    choice with its finish_reason; a usage chunk (``choices: []``) if asked; ``[DONE]``."""
+    choice with its finish_reason; a usage chunk (``choices: []``) if asked; ``[DONE]``.
+
+    Log-probabilities are those of the response without streaming, split over the chunks: each
+    token's chunk carries that token's (its ``text_offset`` counted as there, token by token),
+    and with ``echo`` the prompt's chunk carries the prompt tokens' (``echo_lps``)."""
     total, done, used = len(prompts) * n, 0, 0
     tok = s.model.tokenizer
     eos = set(s.model._gen_config().eos_token_id)
-    offsets = [0 if echo else len(texts[i // n]) for i in range(total)]
+    offsets = [len(texts[i // n]) for i in range(total)]
     try:
         for i in range(total):
             if chat:
                 yield _data(R.chunk(*meta, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}], chat=True))  # fmt: skip
             elif echo:
-                yield _data(R.chunk(*meta, [{"index": i, "text": texts[i // n], "logprobs": None,
+                lp = None
+                if logprobs is not None and echo_lps:
+                    lp = R.completion_logprobs(tok, echo_lps[i // n], 0)
+                    offsets[i] = sum(len(t) for t in lp["tokens"])  # as the response without streaming counts
+                yield _data(R.chunk(*meta, [{"index": i, "text": texts[i // n], "logprobs": lp,
                                              "finish_reason": None}], chat=False))  # fmt: skip
         while done < total:
             k, ev = await events.queue.get()
@@ -302,8 +310,9 @@ async def _stream(events: Events, jobs: list[Job], texts: list[str], prompts: li
             if logprobs is not None and ev.token_id not in eos:
                 item = [(ev.token_id, ev.logprob, ev.top or [])]
                 lp = R.chat_logprobs(tok, item) if chat else R.completion_logprobs(tok, item, offsets[i])
+            if lp is not None and not chat:
+                offsets[i] += len(lp["tokens"][0])
             if ev.delta or lp is not None:
-                offsets[i] += len(ev.delta)
                 part = {"delta": {"content": ev.delta}} if chat else {"text": ev.delta}
                 yield _data(R.chunk(*meta, [{"index": i, **part, "logprobs": lp, "finish_reason": None}], chat=chat))
             if ev.finish is not None:

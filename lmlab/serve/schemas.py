@@ -14,6 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from lmlab.errors import LmlabError
+from lmlab.serve.chat import check_messages
+
 #: OpenAI fields lmlab does not implement: a 400 naming the field, never silently ignored
 UNSUPPORTED_COMPLETION = ("best_of", "logit_bias", "suffix")
 UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "audio", "modalities",
@@ -24,6 +27,12 @@ def Unsupported(field: str, why: str) -> PydanticCustomError:  # noqa: N802 - ra
     """A field lmlab does not implement was set: a validation error whose ``ctx`` names the
     field, so the 400 says which (``param``)."""
     return PydanticCustomError("unsupported", why, {"field": field})
+
+
+def Invalid(field: str, why: str) -> PydanticCustomError:  # noqa: N802 - raised like a class
+    """A value lmlab refuses, with a message of its own (one line, naming where): a 400 whose
+    ``param`` is ``field``."""
+    return PydanticCustomError("lmlab_invalid", "{message}", {"field": field, "message": why})  # (why may hold braces)
 
 
 class StreamOptions(BaseModel):
@@ -59,7 +68,7 @@ class Sampling(BaseModel):
     def _stops(self) -> Sampling:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4 or any(s == "" for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+            raise Invalid("stop", "`stop` takes up to 4 non-empty strings")
         return self
 
     def stops(self) -> list[str]:
@@ -104,15 +113,19 @@ class CompletionRequest(Sampling):
 
 
 class ContentPart(BaseModel):
+    """A part of a message's content: only text (lmlab's models take no images or audio)."""
+
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Literal["text"] = Field(..., description="only 'text' parts are supported")
+    text: str
 
 
 class Message(BaseModel):
+    """A chat message: ``content`` is a string or a list of text parts (joined with newlines)."""
+
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] = Field(..., description="a text, or a list of text parts; never null")
     name: str | None = None
 
 
@@ -146,6 +159,7 @@ class ChatRequest(Sampling):
     def _unsupported(cls, values: Any) -> Any:
         if isinstance(values, dict):
             _refuse(values, UNSUPPORTED_CHAT)
+            _check_messages(values.get("messages"))
             fmt = values.get("response_format")
             if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
                 raise Unsupported("response_format", f"response_format {fmt.get('type')!r} is not supported; "
@@ -155,11 +169,26 @@ class ChatRequest(Sampling):
     @model_validator(mode="after")
     def _logprobs(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise Invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`")
         return self
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _check_messages(messages: Any) -> None:
+    """The messages as the chat route reads them (:func:`lmlab.serve.chat.check_messages`): its
+    one-line message ("messages[1].content[0] is of type 'image_url': only text parts are
+    supported") rather than pydantic's report on each branch of the ``content`` union. Absent
+    or not a list: left to the schema's own checks (`messages` is required / must be a list)."""
+    if not isinstance(messages, list) or not messages:
+        return
+    try:
+        check_messages(messages)
+    except LmlabError as e:
+        text = str(e)
+        where = text.split(" ", 1)[0]
+        raise Invalid(where if where.startswith("messages[") else "messages", text) from None
 
 
 # ---------------------------------------------------------------- the applications (lmlab's own)

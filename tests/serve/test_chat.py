@@ -465,7 +465,7 @@ def test_check_messages_joins_text_parts_and_keeps_other_fields():
             ["messages[1].content[0]", "'image_url'", "only text parts"],
         ),
         ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}], ["messages[0].content[1]", "got 'b'"]),
-        ([{"role": "user", "content": [{"text": "a"}]}], ["messages[0].content[0]", "type nothing"]),
+        ([{"role": "user", "content": [{"text": "a"}]}], ["messages[0].content[0]", "has no \"type\""]),
         ([{"role": "user", "content": [{"type": "text"}]}], ["messages[0].content[0].text", "got nothing"]),
         ([{"role": "user", "content": [{"type": "text", "text": 3}]}], ["messages[0].content[0].text", "int"]),
         ([{"role": "user", "content": [{"type": ["text"]}]}], ["messages[0].content[0]"]),

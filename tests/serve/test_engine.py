@@ -177,3 +177,30 @@ def test_kv_cache_join_right_aligns_rows_and_trim_drops_common_padding():
     j.select(torch.tensor([0])).trim()
     assert (j.length, j.has_padding) == (3, False)
     torch.testing.assert_close(j._k[0, 0, :, :3], ka[0])
+
+
+def test_a_cancelled_row_leaves_within_two_steps(model):
+    """A client that goes away frees its row within 2 engine steps (``stats['steps']``: one per
+    token chosen for the batch), counted by turning the loop by hand; the row beside it goes on
+    and gets what it gets alone."""
+    engine = Engine(model, max_batch=4, thread=False)
+    cfg = model._gen_config(temperature=0, max_new_tokens=60)
+    got: dict[str, list[TokenEvent]] = {"leaves": [], "stays": []}
+    leaves = Job(model.encode("O"), cfg, got["leaves"].append)
+    stays = Job(model.encode("ROMEO:"), cfg, got["stays"].append)
+    engine.submit(leaves)
+    engine.submit(stays)
+    for _ in range(6):  # the prefill (both join), then 5 tokens each
+        engine.step()
+    assert engine.stats["running"] == 2 and len(got["leaves"]) == len(got["stays"]) == 5
+    leaves.cancel()
+    steps, emitted = engine.stats["steps"], len(got["leaves"])
+    while engine.stats["running"] == 2:
+        engine.step()
+        assert engine.stats["steps"] - steps <= 2, "the cancelled row is still in the batch after 2 steps"
+    assert engine.stats["running"] == 1 and len(got["leaves"]) == emitted  # no token was made for it since
+    while engine.stats["running"]:
+        engine.step()
+    want = model.generate("ROMEO:", max_new_tokens=60, temperature=0, return_details=True)
+    assert "".join(ev.delta for ev in got["stays"]) == want.text and got["stays"][-1].token_ids == want.token_ids
+    engine.close()

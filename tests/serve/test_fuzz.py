@@ -3,6 +3,8 @@ and every response matches what /openapi.json promises (status codes, content ty
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -28,15 +30,26 @@ def test_the_api_never_fails_and_keeps_its_schema(api_schema):
               c.response_schema_conformance, c.response_headers_conformance, c.negative_data_rejection]  # fmt: skip
     """Each operation of the schema, with generated bodies, valid and invalid (schemathesis'
     checks: no 5xx, documented status codes and content types, bodies matching the schema)."""
-    from hypothesis import given
-
     ops = [r.ok() for r in api_schema.get_all_operations()]
     assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/qa"}
-    for op in ops:
+    statuses = {op.path: _fuzz(op, CHECKS) for op in ops}
+    # the schema says what the server accepts (content never null, only text parts, ...): most
+    # chat bodies generated from it are answered. (When it allowed null contents and any part
+    # type, 1 in 90 was: the others were 400s for what the schema had promised to accept.)
+    chat = statuses["/v1/chat/completions"]
+    assert chat[200] >= 5, chat
 
-        @given(case=op.as_strategy())
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def fuzz(case):
-            case.call_and_validate(checks=CHECKS)
 
-        fuzz()
+def _fuzz(op, checks) -> Counter:
+    """Fuzz one operation; the status codes it answered."""
+    from hypothesis import given
+
+    seen: Counter = Counter()
+
+    @given(case=op.as_strategy())
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case):
+        seen[case.call_and_validate(checks=checks).status_code] += 1
+
+    fuzz()
+    return seen

@@ -154,3 +154,169 @@ def test_streamed_completion_framing(server, model):
     assert "".join(c["choices"][0]["text"] for c in chunks) == model.generate("the sea", max_new_tokens=6, temperature=0)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+# ---------------------------------------------------------------- the request fields, one by one
+def test_a_list_of_prompts_with_n_2(client, model):
+    """choices[k * n + j] is prompt k's choice j, each what that prompt gets alone."""
+    prompts, opts = ["the sea", "We are"], dict(max_tokens=8, temperature=1.0, seed=3)
+    r = client.completions.create(model="tiny", prompt=prompts, n=2, **opts)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for k, p in enumerate(prompts):
+        want = model.generate(p, max_new_tokens=8, temperature=1.0, seed=3, num_return_sequences=2)
+        alone = client.completions.create(model="tiny", prompt=p, n=2, **opts)
+        assert [c.text for c in r.choices[2 * k : 2 * k + 2]] == [c.text for c in alone.choices] == want, p
+    assert len({c.text for c in r.choices}) == 4  # a shuffled order could not pass unnoticed
+    assert r.usage.prompt_tokens == sum(len(model.encode(p)) for p in prompts)
+
+
+def test_stop_as_a_single_string(client, model):
+    free = model.generate("the sea", max_new_tokens=20, temperature=0)
+    stop = free[5:7]
+    want = model.generate("the sea", max_new_tokens=20, temperature=0, stop=[stop], return_details=True)
+    assert want.finish_reason == "stop" and len(want.text) < len(free)  # the stop string ends it early
+    r = client.completions.create(model="tiny", prompt="the sea", max_tokens=20, temperature=0, stop=stop)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "stop"
+
+
+CHAT_HI = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # lmlab's default template (ChatML)
+
+
+def test_chat_max_completion_tokens_wins_over_max_tokens(client, model):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                       max_completion_tokens=5, max_tokens=9)  # fmt: skip
+    want = model.generate(CHAT_HI, max_new_tokens=5, temperature=0, stop=["<|im_end|>"], return_details=True)
+    assert r.choices[0].message.content == want.text
+    assert r.usage.completion_tokens == len(want.token_ids) == 5 and r.choices[0].finish_reason == "length"
+
+
+def test_user_is_accepted_and_changes_nothing(client, model):
+    r = client.completions.create(model="tiny", prompt="the sea", max_tokens=8, temperature=0, user="alice-42")
+    assert r.choices[0].text == model.generate("the sea", max_new_tokens=8, temperature=0)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       temperature=0, user="alice-42")  # fmt: skip
+    assert r.choices[0].message.content == model.generate(CHAT_HI, max_new_tokens=6, temperature=0, stop=["<|im_end|>"])
+
+
+@pytest.mark.parametrize("penalties", [dict(frequency_penalty=1.5), dict(presence_penalty=1.5),
+                                       dict(frequency_penalty=-1.0, presence_penalty=0.8)])  # fmt: skip
+def test_frequency_and_presence_penalties(client, model, penalties):
+    want = model.generate("the sea", max_new_tokens=24, temperature=0, **penalties)
+    assert want != model.generate("the sea", max_new_tokens=24, temperature=0)  # they matter for this prompt
+    r = client.completions.create(model="tiny", prompt="the sea", max_tokens=24, temperature=0, **penalties)
+    assert r.choices[0].text == want
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+                                       temperature=0, **penalties)  # fmt: skip
+    assert r.choices[0].message.content == model.generate(CHAT_HI, max_new_tokens=16, temperature=0,
+                                                          stop=["<|im_end|>"], **penalties)  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [{"top_k": 3}, {"min_p": 0.2}, {"top_k": 5, "min_p": 0.05}])
+def test_top_k_and_min_p_as_extra_body_fields(client, model, extra):
+    opts = dict(temperature=1.0, seed=7, max_new_tokens=16)
+    want = model.generate("We are", **opts, **extra)
+    assert want != model.generate("We are", **opts)  # the option changes this seeded sample
+    r = client.completions.create(model="tiny", prompt="We are", max_tokens=16, temperature=1.0, seed=7,
+                                  extra_body=extra)  # fmt: skip
+    assert r.choices[0].text == want
+
+
+def test_streamed_completions_with_include_usage(client, model):
+    """A usage chunk (``choices: []``) last, counting every choice's tokens; none before it."""
+    prompts = ["the sea", "We are"]
+    chunks = list(client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=4,
+                                            stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    *body, last = chunks
+    assert last.choices == [] and all(c.usage is None for c in body)
+    want = [model.generate(p, max_new_tokens=6, temperature=1.0, seed=4, num_return_sequences=2, return_details=True)
+            for p in prompts]  # fmt: skip
+    texts = ["", "", "", ""]
+    for c in body:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == [w.text for ws in want for w in ws]
+    assert last.usage.prompt_tokens == sum(len(model.encode(p)) for p in prompts)
+    assert last.usage.completion_tokens == sum(len(w.token_ids) for ws in want for w in ws)
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    plain = list(client.completions.create(model="tiny", prompt="the", max_tokens=3, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)  # no usage chunk unless asked
+
+
+def _joined(chunks) -> dict[str, list]:
+    """The completions log-probabilities of a stream's chunks, concatenated."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            for key in out:
+                out[key] += getattr(c.choices[0].logprobs, key)
+    return out
+
+
+def _same_logprobs(got: dict[str, list], want) -> None:
+    assert got["tokens"] == want.tokens and got["text_offset"] == want.text_offset
+    assert [x is None for x in got["token_logprobs"]] == [x is None for x in want.token_logprobs]
+    assert [x for x in got["token_logprobs"] if x is not None] == pytest.approx(
+        [x for x in want.token_logprobs if x is not None], abs=1e-5)
+    assert [None if t is None else sorted(t) for t in got["top_logprobs"]] == \
+        [None if t is None else sorted(t) for t in want.top_logprobs]  # fmt: skip
+    for a, b in zip(got["top_logprobs"], want.top_logprobs):
+        assert a is None or [a[k] for k in sorted(a)] == pytest.approx([b[k] for k in sorted(b)], abs=1e-5)
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_completion_logprobs_equal_the_unstreamed_ones(client, model, echo):
+    body = dict(model="tiny", prompt="the sea", max_tokens=6, temperature=0, logprobs=2, echo=echo)
+    whole = client.completions.create(**body).choices[0].logprobs
+    got = _joined(client.completions.create(**body, stream=True))
+    _same_logprobs(got, whole)
+    want = model.generate("the sea", max_new_tokens=6, temperature=0, logprobs=2, return_details=True)
+    assert got["token_logprobs"][-6:] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    if echo:  # the prompt's tokens first, each given the ones before it
+        assert got["tokens"][:7] == list("the sea") and got["token_logprobs"][0] is None
+        assert got["token_logprobs"][1:7] == pytest.approx(model.token_logprobs("the sea").tolist(), abs=1e-5)
+        assert got["text_offset"] == list(range(13))
+    else:
+        assert got["text_offset"] == list(range(7, 13))
+
+
+def test_streamed_chat_logprobs_equal_the_unstreamed_ones(client):
+    body = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+                logprobs=True, top_logprobs=2)  # fmt: skip
+    whole = client.chat.completions.create(**body).choices[0].logprobs.content
+    got = [x for c in client.chat.completions.create(**body, stream=True)
+           if c.choices and c.choices[0].logprobs is not None for x in c.choices[0].logprobs.content]  # fmt: skip
+    assert len(got) == len(whole) == 5
+    assert [(x.token, x.bytes, [t.token for t in x.top_logprobs]) for x in got] == \
+        [(x.token, x.bytes, [t.token for t in x.top_logprobs]) for x in whole]  # fmt: skip
+    assert [x.logprob for x in got] == pytest.approx([x.logprob for x in whole], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body,param,message",
+    [
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content",
+         "messages[0].content must be a string or a list of text parts, got null"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[1].content[0]",
+         "messages[1].content[0] is of type 'image_url': only text parts are supported"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text",
+         "messages[0].content[0].text must be a string, got nothing"),
+        ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs",
+         "`top_logprobs` needs `logprobs: true`"),
+        ({"messages": [{"role": "user", "content": "a"}], "stop": ["a", "b", "c", "d", "e"]}, "stop",
+         "`stop` takes up to 4 non-empty strings"),
+    ],
+)  # fmt: skip
+def test_bad_messages_are_one_line_400s_naming_where(server, body, param, message):
+    r = httpx.post(server + "/v1/chat/completions", headers={"Authorization": "Bearer sekret"}, json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"] == {"message": message, "type": "invalid_request_error",
+                                                          "param": param, "code": None}  # fmt: skip
+
+
+def test_the_schema_says_what_chat_accepts(server):
+    """No null content and only text parts in /openapi.json, as the server answers (a body the
+    schema allows is not refused for its messages: see test_fuzz)."""
+    schemas = httpx.get(server + "/openapi.json").json()["components"]["schemas"]
+    content = schemas["Message"]["properties"]["content"]
+    assert "content" in schemas["Message"]["required"] and {"type": "null"} not in content["anyOf"]
+    assert schemas["ContentPart"]["properties"]["type"].get("const") == "text"
+    assert set(schemas["ContentPart"]["required"]) == {"type", "text"}
