@@ -85,6 +85,24 @@ class Model:
         where = f"{self.source}/generation_config.json" if self.source else "the model's generation settings"
         return GenerationConfig.from_dict(self.generation_config, where=where, **options)
 
+    def _assistant(self, assistant: Model | str | None) -> Any:
+        """The draft model's module for speculative decoding: a loaded model or a path to load,
+        with this model's tokenizer (the same token ids for the same text)."""
+        if assistant is None:
+            return None
+        if isinstance(assistant, (str, Path)):
+            assistant = load(str(assistant), device=str(self.module.device))
+        if not isinstance(assistant, Model):
+            raise LmlabError(f"assistant_model must be an lmlab model or its path, not {type(assistant).__name__}")
+        if assistant.is_encoder_decoder or assistant.module is self.module:
+            raise LmlabError("assistant_model must be a second, smaller decoder-only model (a draft)")
+        if assistant.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise LmlabError(
+                "assistant_model has another tokenizer: speculative decoding needs the same token ids for "
+                "the same text (train the draft with --tokenizer MODEL/tokenizer.json)"
+            )
+        return assistant.module
+
     # --------------------------------------------------------------- generation
     def generate_ids(self, prompt: str, **options: Any) -> list[int]:
         """The new token ids (the continuation only; the first sequence)."""
@@ -92,7 +110,12 @@ class Model:
         return (result[0] if isinstance(result, list) else result).token_ids
 
     def generate(
-        self, prompt: str | list[str], *, return_details: bool = False, **options: Any
+        self,
+        prompt: str | list[str],
+        *,
+        return_details: bool = False,
+        assistant_model: Model | str | None = None,
+        **options: Any,
     ) -> str | list[str] | GenerationResult | list[Any]:
         """The continuation of ``prompt``: str -> str, list[str] -> list[str] (a batch, left-padded;
         each row as if alone). With ``num_return_sequences`` > 1, a list per prompt; with
@@ -102,7 +125,10 @@ class Model:
         Options (Hugging Face names): max_new_tokens, min_new_tokens, temperature (0 = greedy),
         top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
         no_repeat_ngram_size, bad_words, num_beams, length_penalty, early_stopping,
-        num_return_sequences, stop, logprobs, seed, eos_token_id.
+        num_return_sequences, stop, logprobs, seed, eos_token_id; speculative decoding (one
+        prompt, a Transformer): prompt_lookup_num_tokens (+ max_matching_ngram_size), or
+        assistant_model (a smaller model with the same tokenizer, or its path) guessing
+        num_assistant_tokens at a time — the same greedy output, in fewer passes.
         """
         single = isinstance(prompt, str)
         if not single and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
@@ -114,13 +140,17 @@ class Model:
         prompts = [prompt] if single else prompt
         self._refuse_task_head("text generation")
         if self.is_encoder_decoder:  # text-to-text: the prompt is the source
+            if assistant_model is not None:
+                options["assistant_model"] = assistant_model
             return self.translate(prompt, return_details=return_details, prefix="", **options)
         cfg = self._gen_config(**options)
+        draft = self._assistant(assistant_model)
         if not prompts:
             return []
         n = cfg.num_return_sequences
         results: list[Any] = [None] * (len(prompts) * n)
-        for i, _, res in generate_stream(self.module, self.tokenizer, [self.encode(p) for p in prompts], cfg):
+        encoded = [self.encode(p) for p in prompts]
+        for i, _, res in generate_stream(self.module, self.tokenizer, encoded, cfg, draft=draft):
             if res is not None:
                 results[i] = res
         out = results if return_details else [r.text for r in results]
@@ -158,6 +188,11 @@ class Model:
                 f"{self.source or 'this model'} is a language model, not an encoder-decoder: translation and "
                 "summarization need a seq2seq model (trained with --task translate, or Marian/BART/T5)"
             )
+        if options.get("assistant_model") is not None or options.get("prompt_lookup_num_tokens") is not None:
+            raise LmlabError(
+                "speculative decoding (prompt_lookup_num_tokens, assistant_model) is for decoder-only models; "
+                "an encoder-decoder decodes without it (drop the option)"
+            )
         req = Seq2SeqRequest(self.module, self.tokenizer, self.target_tokenizer, self.generation_config, task, prefix)
         results = req.run([_valid_unicode(t) for t in texts], batch_size=batch_size, on_batch=on_batch, **options)
         out = [[r if return_details else r.text for r in rs] for rs in results]
@@ -171,7 +206,7 @@ class Model:
                          "span": ("a question-answering model", "lmlab.pipeline('question-answering', ...) or `lmlab qa`")}[head]  # fmt: skip
             raise LmlabError(f"{self.source or 'this model'} is {kind}, which does not write text ({what}); use {use}")
 
-    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+    def stream(self, prompt: str, *, assistant_model: Model | str | None = None, **options: Any) -> Iterator[str]:
         """Text deltas as tokens are produced; ``''.join(stream(p)) == generate(p)``.
 
         A delta never shows an incomplete UTF-8 character or text a stop string later takes
@@ -186,7 +221,8 @@ class Model:
         cfg = self._gen_config(**options)
         if cfg.num_return_sequences > 1:
             raise LmlabError("stream gives one sequence; for num_return_sequences > 1 call generate")
-        for _, delta, _ in generate_stream(self.module, self.tokenizer, [self.encode(prompt)], cfg):
+        draft = self._assistant(assistant_model)
+        for _, delta, _ in generate_stream(self.module, self.tokenizer, [self.encode(prompt)], cfg, draft=draft):
             if delta:
                 yield delta
 

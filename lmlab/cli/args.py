@@ -164,6 +164,14 @@ def add_decoding_args(p: argparse.ArgumentParser, seq2seq: bool = True) -> None:
         "--eos-token-id", type=int, nargs="+", default=None, help="token id(s) that end a sequence"
     )
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    if not seq2seq:
+        p.add_argument("--prompt-lookup", dest="prompt_lookup_num_tokens", type=int, default=None, metavar="N",
+                       help="speculative decoding: guess N tokens by finding the text's last words earlier in "
+                            "it, check them in one pass (same output; faster when the output copies the input)")
+        p.add_argument("--draft", default=None, metavar="MODEL",
+                       help="speculative decoding: a small model with the same tokenizer guesses, this one checks")
+        p.add_argument("--num-assistant-tokens", type=int, default=None, metavar="K",
+                       help="with --draft: tokens guessed per check (5)")
     p.add_argument(
         "--logprobs",
         type=int,
@@ -201,6 +209,8 @@ GENERATION_KEYS = [
     "eos_token_id",
     "seed",
     "logprobs",
+    "prompt_lookup_num_tokens",
+    "num_assistant_tokens",
 ]
 
 

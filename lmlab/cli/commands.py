@@ -92,6 +92,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     opts = {k: getattr(a, k) for k in GENERATION_KEYS if getattr(a, k, None) is not None}
     if "early_stopping" in opts and opts["early_stopping"] != "never":
         opts["early_stopping"] = opts["early_stopping"] == "true"
+    if a.draft is not None:
+        opts["assistant_model"] = lmlab.load(a.draft, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle)
     out = sys.stdout
     if a.json or (a.num_return_sequences or 1) > 1:
         return _print_results(model.generate(prompt, return_details=True, **opts), as_json=a.json)

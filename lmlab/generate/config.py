@@ -44,6 +44,12 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
     forced_bos_token_id: int | None = None
     forced_eos_token_id: list[int] = field(default_factory=list)
+    # speculative decoding (:mod:`lmlab.generate.speculative`), Hugging Face's names: guess this
+    # many tokens by prompt lookup, matching up to max_matching_ngram_size tokens; or, with an
+    # assistant (draft) model, let it guess num_assistant_tokens at a time
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int = 2
+    num_assistant_tokens: int = 5
 
     def __post_init__(self) -> None:
         check_types({f.name: getattr(self, f.name) for f in fields(self)})
@@ -120,6 +126,14 @@ class GenerationConfig:
             raise LmlabError("bad_words_ids must be non-empty lists of token ids >= 0")
         if self.seed is not None and not 0 <= self.seed < 1 << 64:
             raise LmlabError(f"seed must be in [0, 2**64) (got {self.seed})")
+        if self.prompt_lookup_num_tokens is not None and self.prompt_lookup_num_tokens < 1:
+            raise LmlabError(
+                f"prompt_lookup_num_tokens must be >= 1 (got {self.prompt_lookup_num_tokens}); leave it unset for none"
+            )
+        if self.max_matching_ngram_size is None or self.max_matching_ngram_size < 1:
+            raise LmlabError(f"max_matching_ngram_size must be >= 1 (got {self.max_matching_ngram_size})")
+        if self.num_assistant_tokens is None or self.num_assistant_tokens < 1:
+            raise LmlabError(f"num_assistant_tokens must be >= 1 (got {self.num_assistant_tokens})")
         if self.logprobs is not None and self.logprobs < 0:
             raise LmlabError(
                 f"logprobs must be >= 0 (got {self.logprobs}): the number of alternatives per token"

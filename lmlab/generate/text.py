@@ -23,6 +23,7 @@ from lmlab.generate.beam import beam_search
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.logits import Penalties
 from lmlab.generate.sampling import resolve_seed, sample
+from lmlab.generate.speculative import check_speculative, speculative_sample
 from lmlab.messages import warn
 from lmlab.models.base import LanguageModel
 
@@ -201,14 +202,23 @@ def check_rows_fit(model: LanguageModel, rows: int, max_len: int) -> None:
 
 
 def generate_stream(
-    model: LanguageModel, tokenizer: Any, prompts: Sequence[Sequence[int]], cfg: GenerationConfig
+    model: LanguageModel,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    draft: LanguageModel | None = None,
 ) -> Iterator[tuple[int, str, GenerationResult | None]]:
     """Generate for a batch of tokenized prompts; yield ``(sequence, delta, result)``.
 
     Sequence ``i·n + j`` is the j-th of ``n = num_return_sequences`` for prompt i. ``result``
     is set (once) when that sequence ends. Beam search yields each sequence whole, at the end.
+    With ``cfg.prompt_lookup_num_tokens`` or a ``draft`` (assistant) model, decoding is
+    speculative (:mod:`lmlab.generate.speculative`): the same greedy text, fewer passes.
     """
     cfg.validate()
+    speculative = draft is not None or cfg.prompt_lookup_num_tokens is not None
+    if speculative:
+        check_speculative(model, cfg, len(prompts) * cfg.num_return_sequences, draft)
     cfg.check_token_ids(model.config.vocab_size)  # the logits' width: the ids the model can produce
     n = cfg.num_return_sequences
     longest = max((len(p) for p in prompts), default=0) + cfg.max_new_tokens
@@ -242,7 +252,12 @@ def generate_stream(
             yield r, "", GenerationResult("", [], "length", [] if cfg.logprobs is not None else None)
         return
     should_stop = (lambda r, t: streams[r].push(t)) if stops else None
-    for choices in sample(model, rows, cfg, seeds, penalties, should_stop):
+    steps = (
+        speculative_sample(model, rows, cfg, seeds, should_stop, draft=draft)
+        if speculative
+        else sample(model, rows, cfg, seeds, penalties, should_stop)
+    )
+    for choices in steps:
         for c in choices:
             ts = streams[c.row]
             if not stops or c.finish == "eos":

@@ -94,6 +94,13 @@ class KVCache:
         """The next ``n`` slots are filled (called once per forward, after every layer)."""
         self._length += n
 
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` filled slots (speculative decoding: the guesses the model
+        rejected); the next write overwrites them."""
+        if not 0 <= n <= self._length:
+            raise ValueError(f"cannot rewind {n} slots of {self._length}")
+        self._length -= n
+
     # ------------------------------------------------------------------ padding
     def mark(self, valid: Tensor | None, n: int) -> None:
         """Record which of the next ``n`` slots hold real tokens: ``valid`` (B, n) bool, or
