@@ -120,8 +120,8 @@ def speculative_sample(
     draft: LanguageModel | None = None,
     stats: dict[str, Any] | None = None,
 ) -> Iterator[list[Choice]]:
-    """:func:`lmlab.generate.sampling.sample`'s protocol (one :class:`Choice` per yield), for one
-    prompt, with the next tokens guessed by prompt lookup (``cfg.prompt_lookup_num_tokens``) or
+    """:func:`lmlab.generate.sampling.sample`'s protocol, for one prompt (each yield: the list of
+    tokens one pass produced, in order, the last one ending the row if it does), with the next tokens guessed by prompt lookup (``cfg.prompt_lookup_num_tokens``) or
     by ``draft`` (``cfg.num_assistant_tokens`` at a time) and verified k at a time.
     ``stats`` (optional) receives the counts: proposed, accepted, forward passes."""
     cfg.validate()
@@ -215,6 +215,7 @@ def speculative_sample(
             keep = min(helper.length, len(seq) + j)
             helper.rewind(keep)
             helper_pending = ([*seq, *new])[keep:]
+        round_choices: list[Choice] = []
         for i, t in enumerate(new):
             seq.append(t)
             produced += 1
@@ -229,9 +230,12 @@ def speculative_sample(
             if cfg.logprobs is not None:  # of the distribution the token was chosen from
                 lps, tops = logprob_info(torch.log_softmax(dists[i : i + 1], dim=-1), torch.tensor([t]), cfg.logprobs)
                 lp, top = lps[0], tops[0]
-            yield [Choice(0, t, finish, lp, top)]
+            round_choices.append(Choice(0, t, finish, lp, top))
             if finish is not None:
-                return
+                break
+        yield round_choices  # the tokens of one pass together (a server streams them at once)
+        if round_choices[-1].finish is not None:
+            return
 
 
 __all__ = ["check_speculative", "lookup_candidates", "speculative_sample"]

@@ -25,7 +25,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -36,7 +36,8 @@ from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.logits import Penalties, process_logits
 from lmlab.generate.runner import Runner
-from lmlab.generate.sampling import logprob_info, resolve_seed
+from lmlab.generate.sampling import Choice, logprob_info, resolve_seed
+from lmlab.generate.speculative import check_speculative, speculative_sample
 from lmlab.generate.text import TextStream, bad_words_to_ids
 from lmlab.models.rnn import RecurrentState
 from lmlab.nn.cache import KVCache
@@ -109,6 +110,8 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._rows: list[_Row] = []
+        # requests decoded speculatively (prompt_lookup_num_tokens): one pass each per turn, beside the batch
+        self._solo: list[tuple[_Row, Iterator[list[Choice]]]] = []
         self._state: KVCache | RecurrentState | None = None
         self._pos: Tensor | None = None  # (B,) each row's next position (Transformers)
         self._logits: Tensor | None = None  # (B, V) the next-token scores of each running row
@@ -137,6 +140,8 @@ class Engine:
             )
         if job.n > self.max_batch:
             raise LmlabError(f"n={job.n} is more than this server's --max-batch {self.max_batch}")
+        if job.cfg.prompt_lookup_num_tokens is not None:
+            check_speculative(self.module, job.cfg, job.n, None)
         with self._cond:
             if len(self._waiting) >= self.max_queue:  # requests whose clients left do not count
                 self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
@@ -165,7 +170,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._rows and not self._waiting and not self._calls:
+                while not self._closed and not self._rows and not self._solo and not self._waiting and not self._calls:
                     self._cond.wait()
                 if self._closed:
                     return
@@ -195,7 +200,8 @@ class Engine:
         """choose -> leave -> step -> join (see the module's docstring)."""
         self._logits = None if not self._rows else self._advance(self._choose())
         self._join()
-        self.stats["running"] = len(self._rows)
+        self._advance_solo()
+        self.stats["running"] = len(self._rows) + len(self._solo)
         self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
         self._log_batch()
 
@@ -273,6 +279,39 @@ class Engine:
         row.job.finished += 1
         row.job.sink(TokenEvent(row.index, t, row.stream.finish(), lp, top, finish, row.stream.text, row.ids))
 
+    # ------------------------------------------------------------------ speculative requests
+    def _advance_solo(self) -> None:
+        """One verification pass of each speculative request: its accepted guesses and one more
+        token go out together. Such a request runs beside the batch (batch 1: its guesses are its
+        own), its output what ``Model.generate`` gives with the same option."""
+        still = []
+        for row, steps in self._solo:
+            if row.job.cancelled:
+                steps.close()
+                continue
+            try:
+                for c in next(steps):
+                    self._emit(row, c.token, c.logprob, c.top)
+                    if row.done:
+                        break
+            except StopIteration:
+                row.done = True
+            except Exception as e:  # this request alone fails
+                log.exception("a speculative request failed")
+                row.done = True
+                row.job.sink(e)
+            if row.done:
+                steps.close()
+            else:
+                still.append((row, steps))
+        self._solo = still
+
+    def _start_solo(self, job: Job) -> None:
+        row = self._new_row(job, 0)
+        seed = None if row.gen is None else int(row.gen.initial_seed())
+        steps = speculative_sample(self.module, [job.prompt_ids], job.cfg, [seed])  # stop strings: _emit's
+        self._solo.append((row, steps))
+
     # ------------------------------------------------------------------ the batch
     def _select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, dtype=torch.long, device=self.module.device)
@@ -302,12 +341,15 @@ class Engine:
         """Prefill the waiting requests that fit and append their rows to the batch."""
         jobs: list[Job] = []
         with self._cond:
-            free = self.max_batch - len(self._rows)
+            free = self.max_batch - len(self._rows) - len(self._solo)
             while self._waiting and self._waiting[0].n <= free:
                 job = self._waiting.popleft()
                 if job.cancelled:
                     continue
-                jobs.append(job)
+                if job.cfg.prompt_lookup_num_tokens is not None:
+                    self._start_solo(job)
+                else:
+                    jobs.append(job)
                 free -= job.n
             self.stats["waiting"] = len(self._waiting)
         if not jobs:

@@ -63,6 +63,9 @@ class Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, description="lmlab: CTRL's penalty; 1 = off")
     no_repeat_ngram_size: int | None = Field(None, ge=0, description="lmlab: forbid repeating n-grams")
     min_tokens: int | None = Field(None, ge=0, description="lmlab: no end of text before this many tokens")
+    prompt_lookup_num_tokens: int | None = Field(
+        None, ge=1, le=64, description="lmlab: speculative decoding, guessing this many tokens by prompt lookup "
+        "(the same output; faster when it copies the prompt). One choice, no penalties")
 
     @model_validator(mode="after")
     def _stops(self) -> Sampling:
@@ -83,7 +86,7 @@ class Sampling(BaseModel):
         }  # fmt: skip
         extras = {"top_k": self.top_k, "min_p": self.min_p, "typical_p": self.typical_p,
                   "repetition_penalty": self.repetition_penalty, "no_repeat_ngram_size": self.no_repeat_ngram_size,
-                  "min_new_tokens": self.min_tokens}  # fmt: skip
+                  "min_new_tokens": self.min_tokens, "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens}  # fmt: skip
         return opts | {k: v for k, v in extras.items() if v is not None}
 
 

@@ -100,8 +100,10 @@ def test_prompt_lookup_counts_its_passes():
     plain_cfg = GenerationConfig(temperature=0, max_new_tokens=24)
     plain = [c[0].token for c in sample(model, [prompt], plain_cfg, [None])]
     stats: dict = {}
-    got = [c[0].token for c in speculative_sample(model, [prompt], cfg, [None], stats=stats)]
+    rounds = list(speculative_sample(model, [prompt], cfg, [None], stats=stats))
+    got = [c.token for r in rounds for c in r]
     assert got == plain
+    assert len(rounds) == stats["forwards"] - 1  # a yield per pass: the tokens that pass produced
     # every round is one pass and yields the accepted guesses plus one token
     assert stats["forwards"] == 1 + (24 - stats["accepted"])
     assert stats["accepted"] > 0
@@ -148,8 +150,8 @@ def test_sampling_follows_the_models_distribution(mode):
     proposed = 0
     for seed in range(n):
         stats: dict = {}
-        toks = [c[0].token for c in speculative_sample(model, [prompt], cfg, [seed], stats=stats,
-                                                        draft=draft if mode == "draft" else None)]  # fmt: skip
+        rounds = speculative_sample(model, [prompt], cfg, [seed], stats=stats, draft=draft if mode == "draft" else None)
+        toks = [c.token for r in rounds for c in r]
         counts[tuple(toks)] += 1
         proposed += stats["proposed"]
     assert proposed > n  # guesses were made (and so accepted and rejected)

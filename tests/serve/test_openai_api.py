@@ -320,3 +320,25 @@ def test_the_schema_says_what_chat_accepts(server):
     assert "content" in schemas["Message"]["required"] and {"type": "null"} not in content["anyOf"]
     assert schemas["ContentPart"]["properties"]["type"].get("const") == "text"
     assert set(schemas["ContentPart"]["required"]) == {"type", "text"}
+
+
+def test_prompt_lookup_gives_the_plain_output(client, model):
+    """prompt_lookup_num_tokens (speculative decoding) changes the speed, not the text: greedy
+    equals plain greedy, a seeded sample equals Model.generate's with the same option; streamed
+    too; what it cannot combine with is a 400 naming it."""
+    prompt = "We are the sea, the sea, the sea. We are the"
+    greedy = model.generate(prompt, temperature=0, max_new_tokens=20)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
+                                  extra_body={"prompt_lookup_num_tokens": 4})  # fmt: skip
+    assert r.choices[0].text == greedy and r.usage.completion_tokens == 20
+    chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                       extra_body={"prompt_lookup_num_tokens": 4})  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy
+    want = model.generate(prompt, temperature=1.0, seed=5, max_new_tokens=12, prompt_lookup_num_tokens=3)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, seed=5,
+                                  extra_body={"prompt_lookup_num_tokens": 3})  # fmt: skip
+    assert r.choices[0].text == want
+    for extra, words in (({"n": 2, "temperature": 1.0}, "one sequence"), ({"frequency_penalty": 1.0}, "penalties")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=5,
+                                      extra_body={"prompt_lookup_num_tokens": 3}, **extra)  # fmt: skip
