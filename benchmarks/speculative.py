@@ -34,7 +34,8 @@ SHAKESPEARE = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 def train_pair(out: Path, target_min: float, draft_min: float) -> tuple[Path, Path]:
     import lmlab
 
-    common = dict(data=str(SHAKESPEARE), progress=False, overwrite=True, model="gpt", max_seq_len=256, dropout=0.0)
+    common = dict(data=str(SHAKESPEARE), progress=False, overwrite=True, model="gpt", max_seq_len=512, dropout=0.0,
+                  batch_size=8)
     target, draft = out / "target", out / "draft"
     if not (target / "model.safetensors").exists():
         lmlab.train(out=str(target), tokenizer="bpe", vocab_size=2048, n_layer=6, d_model=384, n_head=6,
@@ -81,8 +82,8 @@ def main() -> None:
 
     text = SHAKESPEARE.read_text(encoding="utf-8")
     free = text[10_000:10_400]  # a passage to continue freely
-    passage = text[20_000:20_600]
-    copying = passage + "\n\n" + passage[:120]  # its first lines again: the output may copy the rest
+    passage = text[20_000:20_500]
+    copying = passage + "\n\n" + passage[:100]  # its first lines again: the output may copy the rest
     n = a.new_tokens
     hf_plain = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
