@@ -8,6 +8,15 @@ on both sides: ``min_new_tokens=64``): greedy batch 1, beam 4 batch 1, greedy ba
 fp32 and bf16. Rounds alternate which side goes first; figures are medians over rounds,
 and the token ids of the two sides are checked to be identical.
 
+Each round also measures the machine's memory bandwidth (``torch.sum`` over 1 GB, best of
+5). A decoding step reads every decoder weight and the output layer once, so
+
+    roofline = (encoder bytes + new tokens × step bytes) / bandwidth
+
+is the least time any exact implementation can take at batch 1, and transformers' time
+÷ roofline the largest ratio any implementation could show against it: the script prints
+both, with the fraction of the roofline each side reaches.
+
     .venv/bin/python benchmarks/seq2seq_decode.py               # 3 rounds, ~5 min on 2 cores
     .venv/bin/python benchmarks/seq2seq_decode.py --rounds 1 --dtypes fp32
 """
@@ -55,6 +64,27 @@ def make_folder(root: Path) -> Path:
     return folder
 
 
+def weight_bytes(*modules) -> int:
+    """Bytes of the distinct parameters of ``modules`` (a tied weight counted once)."""
+    seen, n = set(), 0
+    for m in modules:
+        for t in m.parameters() if hasattr(m, "parameters") else [m]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                n += t.numel() * t.element_size()
+    return n
+
+
+def memory_bandwidth(big, repeats: int = 5) -> float:
+    """GB/s of a large-array read (torch.sum over 1 GB), best of ``repeats``."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t)
+    return big.numel() * big.element_size() / best / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -76,15 +106,25 @@ def main() -> None:
         texts = [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
         full = torch.cat([ids, torch.zeros(16, 1, dtype=torch.long)], dim=1)  # + EOS
         n = a.new_tokens
+        big = torch.ones(2**28)  # 1 GB: far beyond any cache
         for dtype in a.dtypes.split(","):
             tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
             ours = lmlab.load(folder, dtype=dtype)
             theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=tdt).eval()
+            net = ours.module  # what a step reads: the decoder's layers but the cross-attention's keys and
+            # values of the source (computed once per source), its norms, the output layer
+            kv = [p for layer in net.decoder for p in layer.cross.kv.parameters()]
+            step = weight_bytes(*net.decoder, *[m for m in (net.dec_norm, net.dec_emb_norm) if m is not None],
+                                net.lm_head, *([net.logits_bias] if net.logits_bias is not None else [])) - \
+                weight_bytes(*kv)
+            enc = weight_bytes(*net.encoder, *kv)
+            bws: list[float] = []
             for case, (beams, batch) in CASES.items():
                 opts = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams)
                 times: dict[str, list[float]] = {"lmlab": [], "transformers": []}
                 same = True
                 for r in range(a.rounds):
+                    bws.append(memory_bandwidth(big))
                     order = ["lmlab", "transformers"] if r % 2 == 0 else ["transformers", "lmlab"]
                     out = {}
                     for side in order:
@@ -102,6 +142,11 @@ def main() -> None:
                 tok_s = batch * n / ml
                 print(f"{dtype} {case:11s} lmlab {ml:6.2f} s ({tok_s:6.1f} tok/s)  transformers {mt:6.2f} s  "
                       f"ratio {mt / ml:4.2f}x  identical tokens: {same}")  # fmt: skip
+                bw = statistics.median(bws)
+                roof = (enc + n * step) / (bw * 1e9)
+                print(f"     {'':11s} roofline {roof:5.2f} s ({step / 1e6:.0f} MB a step at {bw:.1f} GB/s): "
+                      f"lmlab at {roof / ml:4.0%} of it, transformers at {roof / mt:4.0%}; "
+                      f"largest possible ratio {mt / roof:4.2f}x")  # fmt: skip
     print(f"load after: {os.getloadavg()}")
 
 

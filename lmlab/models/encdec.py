@@ -26,16 +26,23 @@ from lmlab.models.base import LanguageModel
 @dataclass
 class Memory:
     """The encoder's output: ``states`` (B, S, C) and ``mask`` (B, S) bool, True = a real
-    source token (None: no padding)."""
+    source token (None: no padding); ``sources`` (B,) the source each row holds (None: row b
+    holds source b), so that a decoder state can tell when reordering its rows (beams
+    following their parents) leaves what it keeps of the sources unchanged."""
 
     states: Tensor
     mask: Tensor | None = None
+    sources: Tensor | None = None
+
+    def source_ids(self) -> Tensor:
+        return torch.arange(self.states.shape[0]) if self.sources is None else self.sources
 
     def select(self, index: Tensor) -> Memory:
         """Rows ``index`` (repeated for several samples or beams of one source)."""
+        sources = self.source_ids()[index.cpu()]
         index = index.to(self.states.device)
         mask = None if self.mask is None else self.mask.index_select(0, index)
-        return Memory(self.states.index_select(0, index), mask)
+        return Memory(self.states.index_select(0, index), mask, sources)
 
 
 class EncoderDecoderModel(LanguageModel):

@@ -89,11 +89,15 @@ class Seq2SeqState:
     """The decoder's state: its self-attention KV cache, the cross-attention keys/values of
     every layer over the source (computed once), and the source's padding mask.
 
-    cross_k, cross_v: (n_layer, B, nh, S, hs); src_mask: (B, 1, 1, S) or None.
+    cross_k, cross_v: (n_layer, B, nh, S, hs); src_mask: (B, 1, 1, S) or None; sources: (B,)
+    the source of each row (rows of one source hold the same cross keys/values).
     """
 
-    def __init__(self, cache: KVCache, cross_k: Tensor, cross_v: Tensor, src_mask: Tensor | None) -> None:
+    def __init__(
+        self, cache: KVCache, cross_k: Tensor, cross_v: Tensor, src_mask: Tensor | None, sources: Tensor,
+    ) -> None:  # fmt: skip
         self.cache, self.cross_k, self.cross_v, self.src_mask = cache, cross_k, cross_v, src_mask
+        self.sources = sources
 
     @property
     def remaining(self) -> int:
@@ -104,8 +108,12 @@ class Seq2SeqState:
         return self.cache.length
 
     def select(self, index: Tensor) -> Seq2SeqState:
+        sources = self.sources[index.cpu()]
         index = index.to(self.cross_k.device)
         self.cache.select(index)
+        if torch.equal(sources, self.sources):  # beams reordered within their sources: the same rows
+            return self
+        self.sources = sources
         self.cross_k = self.cross_k.index_select(1, index)
         self.cross_v = self.cross_v.index_select(1, index)
         if self.src_mask is not None:
@@ -225,7 +233,7 @@ class Seq2SeqTransformer(EncoderDecoderModel):
         )  # fmt: skip
         kv = [layer.cross.memory_kv(memory.states) for layer in self.decoder]
         ks, vs = torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
-        return Seq2SeqState(cache, ks, vs, key_padding_mask(memory.mask))
+        return Seq2SeqState(cache, ks, vs, key_padding_mask(memory.mask), memory.source_ids())
 
     # ------------------------------------------------------------------ decoder
     def forward(

@@ -760,3 +760,16 @@ def test_token_id_options_outside_the_vocabulary_are_errors(tmp_path):
     eos = [V - 1, first]
     r = model.generate("To", max_new_tokens=5, temperature=0, eos_token_id=eos, return_details=True)
     assert (r.token_ids, r.finish_reason) == ([first], "eos")
+
+
+def test_two_stage_top_k_equals_one_top_k_over_every_beam() -> None:
+    """Beam search picks its candidates per beam first, then among those: the same scores and
+    indices (into K·V) as torch.topk over all K·V continuations at once."""
+    from lmlab.generate.beam import _top
+
+    g = torch.Generator().manual_seed(0)
+    for B, K, V, n in [(2, 4, 1000, 8), (3, 1, 50, 2), (1, 3, 4, 6), (2, 5, 300, 10)]:
+        acc = torch.randn(B, K, V, generator=g)
+        acc[:, 1:] -= 1e9  # the first step: only beam 0 is open
+        got, want = _top(acc, n), torch.topk(acc.reshape(B, K * V), n)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (B, K, V, n)

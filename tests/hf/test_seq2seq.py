@@ -151,6 +151,28 @@ def test_generate_matches_transformers_token_for_token(folders: dict[str, Path],
                 assert row == got, (opts, i, j)
 
 
+def test_reordering_beams_copies_nothing_of_the_sources_and_moving_rows_follows_them(
+    folders: dict[str, Path],
+) -> None:
+    """A beam search reorders rows within a source at every step: the cross-attention keys and
+    values (the same for every row of a source) stay as they are; rows that change source
+    (finished rows dropped, sources reordered) take their own source's rows."""
+    from lmlab.nn.attention import key_padding_mask
+
+    ours = load_hf(str(folders["marian"])).module.eval()
+    src, mask = _sources()
+    with torch.no_grad():
+        state = ours.init_state(4, 10, ours.encode(src, mask).select(torch.tensor([0, 0, 1, 1])))
+    ref_k, ref_v, k = state.cross_k.clone(), state.cross_v.clone(), state.cross_k
+    assert torch.equal(ref_k[:, 0], ref_k[:, 1]) and not torch.equal(ref_k[:, 1], ref_k[:, 2])
+    state.select(torch.tensor([1, 0, 3, 3]))
+    assert state.cross_k is k
+    state.select(torch.tensor([2, 0]))  # a row of source 1, then one of source 0
+    assert torch.equal(state.cross_k, ref_k[:, [2, 0]]) and torch.equal(state.cross_v, ref_v[:, [2, 0]])
+    assert torch.equal(state.src_mask, key_padding_mask(mask)[[1, 0]])
+    assert state.sources.tolist() == [1, 0]
+
+
 def test_marian_never_generates_pad(folders: dict[str, Path]) -> None:
     m = lmlab.load(folders["marian"])
     assert m.generation_config["bad_words_ids"] == [[1]]
