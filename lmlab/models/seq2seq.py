@@ -90,14 +90,16 @@ class Seq2SeqState:
     every layer over the source (computed once), and the source's padding mask.
 
     cross_k, cross_v: (n_layer, B, nh, S, hs); src_mask: (B, 1, 1, S) or None; sources: (B,)
-    the source of each row (rows of one source hold the same cross keys/values).
+    the source of each row (rows of one source hold the same cross keys/values; None: row b
+    holds source b).
     """
 
     def __init__(
-        self, cache: KVCache, cross_k: Tensor, cross_v: Tensor, src_mask: Tensor | None, sources: Tensor,
+        self, cache: KVCache, cross_k: Tensor, cross_v: Tensor, src_mask: Tensor | None,
+        sources: Tensor | None = None,
     ) -> None:  # fmt: skip
         self.cache, self.cross_k, self.cross_v, self.src_mask = cache, cross_k, cross_v, src_mask
-        self.sources = sources
+        self.sources = torch.arange(cross_k.shape[1]) if sources is None else sources.cpu()
 
     @property
     def remaining(self) -> int:

@@ -134,6 +134,8 @@ class KVCache:
         """Rows ``index`` of keys or values, copying only the filled slots: the others are
         never read before a write (a beam search reorders its cache at every step, early on
         mostly empty: 3× less copying over a 64-token beam search)."""
+        if t.requires_grad:  # (a loop of the user's with autograd on: out= has no gradient)
+            return t.index_select(1, index)
         out = t.new_empty((t.shape[0], len(index), *t.shape[2:]))
         n = self._length
         torch.index_select(t[:, :, :, :n], 1, index, out=out[:, :, :, :n])

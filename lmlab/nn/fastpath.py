@@ -47,7 +47,7 @@ class FastLinear(nn.Linear):
         w = self.weight
         if x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
             return F.linear(x, w, self.bias)
-        if w.dtype == torch.float32 and _few_rows(x.numel() // x.shape[-1], w.numel()) and mkl_for_fp32_rows():
+        if w.dtype == torch.float32 and _few_rows(x.numel() // max(1, x.shape[-1]), w.numel()) and mkl_for_fp32_rows():
             return F.linear(x, w, self.bias)  # a few fp32 rows: MKL is the faster kernel here
         if w.dtype == torch.bfloat16:  # oneDNN's bf16 kernel wants W pre-blocked (2× faster)
             key = (w.data_ptr(), _version(w), w.dtype)

@@ -773,3 +773,12 @@ def test_two_stage_top_k_equals_one_top_k_over_every_beam() -> None:
         acc[:, 1:] -= 1e9  # the first step: only beam 0 is open
         got, want = _top(acc, n), torch.topk(acc.reshape(B, K * V), n)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (B, K, V, n)
+    # ties (log-probs rounded to a few values, as in bf16): the candidates, and their order,
+    # are still the one top-k's, since a tie among the best n+1 hands the choice back to it
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        acc = torch.randint(-6, 1, (2, 3, 8), generator=g).float()
+        got, want = _top(acc, 4), torch.topk(acc.reshape(2, 24), 4)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), seed
+    acc = torch.tensor([[[-4.0, -4, -3, -0, -3, -4, -2, -3], [-2.0, -3, -1, -1, -1, -4, -3, -1]]])
+    assert torch.equal(_top(acc, 4)[1], torch.topk(acc.reshape(1, -1), 4)[1])

@@ -52,6 +52,21 @@ def test_select_keeps_repeats_and_reorders_rows() -> None:
     assert torch.equal(cache.key_mask(5), want)
 
 
+def test_select_copies_the_filled_slots_with_autograd_on_too() -> None:
+    """Keys written by a forward with autograd on (a user's own loop) select as plain
+    index_select does, and the gradient flows through the selected rows."""
+    cache = KVCache(L, B, H, S, D)
+    k = chunk(3, 5).requires_grad_()
+    cache.update(0, k, chunk(3, 6))
+    cache.advance(3)
+    cache.select(torch.tensor([1, 1, 0]))
+    k_all, _ = cache.update(0, chunk(1, 7), chunk(1, 8))
+    torch.testing.assert_close(k_all[:, :, :3], k[[1, 1, 0]], atol=0, rtol=0)
+    k_all[:, :, :3].sum().backward()
+    ones = torch.ones(H, 3, D)  # row 1 was taken twice, row 0 once, row 2 not at all
+    assert torch.equal(k.grad[0], ones) and torch.equal(k.grad[1], 2 * ones) and not k.grad[2].any()
+
+
 def test_padding_bookkeeping_and_the_mask() -> None:
     """M[b, i, j] = (j ≤ start+i) ∧ (key j real ∨ j = start+i), written out by loops."""
     cache = KVCache(1, 2, 1, 8, 2)
