@@ -1,6 +1,8 @@
 """Decoding speed: ``lmlab.load(dir).generate`` vs Hugging Face ``generate``, same weights, one process.
 
-A GPT-2 124M architecture with random weights (seed 0) is saved as a Hugging Face folder,
+A GPT-2 124M architecture (``--shape qwen2-0.5b``: Qwen2-0.5B's, 494M parameters: 24 layers,
+d 896, 14 query and 2 key/value heads, SwiGLU 4,864, vocabulary 151,936, tied output
+layer) with random weights (seed 0) is saved as a Hugging Face folder,
 loaded by both sides, and decoded greedily: a 32-token prompt, exactly 128 new tokens
 (no EOS on either side), batch 1 and batch 8, fp32 and bf16. Rounds alternate the two
 sides (lmlab first in even rounds, Hugging Face first in odd ones) so that drift on a
@@ -17,6 +19,7 @@ the two sides are checked to be identical. Also measured:
 
     .venv/bin/python benchmarks/decode.py                          # 3 rounds, ~6 min on 2 cores
     .venv/bin/python benchmarks/decode.py --rounds 1 --new-tokens 32 --quantize int8
+    .venv/bin/python benchmarks/decode.py --shape qwen2-0.5b --new-tokens 64    # ~10 min, 7 GB of memory
     .venv/bin/python benchmarks/decode.py --omp-wait-policy passive   # re-runs itself with it set
 
 OpenMP threads spin after each parallel region; on a busy 2-core machine a spinning
@@ -37,6 +40,7 @@ import sys
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--shape", choices=["gpt2-124m", "qwen2-0.5b"], default="gpt2-124m")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=512)
@@ -70,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lmlab  # noqa: E402, I001
 import torch  # noqa: E402, I001
 
-VOCAB = 50257
+VOCAB = {"gpt2-124m": 50257, "qwen2-0.5b": 151936}[ARGS.shape]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -97,18 +101,28 @@ def make_model_dir(tmp: Path) -> Path:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
-    folder = tmp / "gpt2-124m-random"
+    folder = tmp / f"{ARGS.shape}-random"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+        if ARGS.shape == "qwen2-0.5b":
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            cfg = Qwen2Config(
+                vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+            )  # fmt: skip
+            Qwen2ForCausalLM(cfg).save_pretrained(folder)
+        else:
+            GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
     byte_tokenizer(VOCAB).save(str(folder / "tokenizer.json"))
     return folder
 
 
 def load_hf(folder: Path, dtype: torch.dtype):
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    model = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval()  # cast outside inference mode
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()  # cast outside inference mode
     model.generation_config.eos_token_id = None  # exactly max_new_tokens, as lmlab with eos_token_id=[]
     model.generation_config.pad_token_id = VOCAB - 1
     return model
@@ -200,7 +214,7 @@ def main() -> None:
     new, P = ARGS.new_tokens, ARGS.prompt_tokens
     policy = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     spin = os.environ.get("GOMP_SPINCOUNT", "(unset: libgomp's long spin)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
+    print(f"{ARGS.shape}: torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}, "
           f"GOMP_SPINCOUNT={spin}")  # fmt: skip
     big = torch.ones(256 * 1024 * 1024)  # 1 GB float32
 
