@@ -1,6 +1,7 @@
 """Feeding a batch of token sequences to a model one step at a time, whatever its state.
 
     logits = runner.prefill(prompts)       # (N, V): the next-token scores after each prompt
+                                           #   (512 prompt tokens per pass: chunked prefill)
     runner.select(index)                   # keep / repeat / reorder rows (finished rows, beams)
     logits = runner.step(tokens, seqs)     # (N, V) after appending tokens (N,)
 
@@ -36,6 +37,10 @@ def cache_slots(prompt_len: int, max_new_tokens: int, ctx: int) -> int:
     would hold 32k positions of keys and values for nothing.
     """
     return max(prompt_len, min(prompt_len + max_new_tokens - 1, ctx))
+
+
+#: prompt tokens per forward pass of a prefill (vLLM's and llama.cpp's micro-batch: 512)
+PREFILL_CHUNK = 512
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,12 +107,19 @@ class Runner:
         self.padded = min(lengths) != P
         if self.padded:
             ids, mask, pos = _left_pad(prompts, self.device)
-            logits, self.state = self.model(
-                ids, self.state, attention_mask=mask, position_ids=pos, last_only=True
-            )
         else:
-            ids = torch.tensor([list(p) for p in prompts], device=self.device)
-            logits, self.state = self.model(ids, self.state, last_only=True)
+            ids, mask, pos = torch.tensor([list(p) for p in prompts], device=self.device), None, None
+        # Chunked prefill: a long prompt goes through the cache PREFILL_CHUNK tokens at a time,
+        # each chunk attending to the slots before it, so no activation is ever (T × d_ff) or
+        # (T × S) for the whole prompt: a 4k-token prompt's transients are an eighth as large.
+        for a in range(0, P, PREFILL_CHUNK):
+            b = min(a + PREFILL_CHUNK, P)
+            if self.padded:
+                logits, self.state = self.model(
+                    ids[:, a:b], self.state, attention_mask=mask[:, a:b], position_ids=pos[:, a:b], last_only=True
+                )
+            else:
+                logits, self.state = self.model(ids[:, a:b], self.state, last_only=True)
         self.next_pos = torch.tensor(lengths, device=self.device)
         return logits[:, -1].float()
 
