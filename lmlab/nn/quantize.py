@@ -27,6 +27,10 @@ from lmlab.errors import LmlabError
 
 QUANTIZE_CHOICES = ("none", "int8")
 
+#: rows (tokens × batch) from which a product dequantizes its weight to bf16 instead of
+#: running the int8 kernel: a prefill (measured: 512 rows 3.5–5.8× faster, 64 rows even)
+DEQUANTIZE_ROWS = 128
+
 
 class QuantLinear(nn.Module):
     """A linear layer with int8 weights and one float32 scale per output channel.
@@ -63,6 +67,13 @@ class QuantLinear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // max(1, self.in_features)
+        if self.fast and x.device.type == "cpu" and rows >= DEQUANTIZE_ROWS:
+            # a prefill's many rows: the int8 kernel is a matrix-vector kernel at heart (512 rows
+            # of 9728×896: 75 ms); Ŵ = s ⊙ q made once in bf16 and a bf16 product take 21 ms
+            w = (self.qweight.float() * self.scale[:, None]).to(torch.bfloat16)
+            b = None if self.bias is None else self.bias.to(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
         if self.fast and x.device.type == "cpu" and x.numel() > 0 and _int8_kernel_works():
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()

@@ -107,6 +107,29 @@ def test_fast_and_formula_paths_agree():
     torch.testing.assert_close(fast, slow, atol=2e-2 * slow.abs().max().item(), rtol=1e-2)
 
 
+def test_many_rows_dequantize_to_bf16_within_the_rounding_of_the_kernel_path(monkeypatch):
+    """A prefill's rows (>= DEQUANTIZE_ROWS) multiply by Ŵ = s ⊙ q in bf16, not through the
+    int8 kernel (never called): the same formula, checked against it written out in fp32."""
+    from lmlab.nn import quantize as Q
+
+    torch.manual_seed(2)
+    lin = nn.Linear(96, 50)
+    ql = QuantLinear.from_linear(lin)
+    x = torch.randn(2, Q.DEQUANTIZE_ROWS, 96)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("int8 kernel called for a prefill's rows")
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", no_kernel, raising=False)
+    with torch.inference_mode():
+        got = ql(x)
+    s = lin.weight.detach().abs().amax(1) / 127
+    w_hat = torch.round(lin.weight.detach() / s[:, None]) * s[:, None]
+    want = F.linear(x, w_hat, lin.bias.detach())
+    assert got.shape == want.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+
+
 def quantized_pair(**options):
     model = tiny_model(97, max_seq_len=64, init_std=0.1, **options)
     q = quantize_model(tiny_model(97, max_seq_len=64, init_std=0.1, **options))
