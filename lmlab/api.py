@@ -94,8 +94,8 @@ class Model:
             assistant = load(str(assistant), device=str(self.module.device))
         if not isinstance(assistant, Model):
             raise LmlabError(f"assistant_model must be an lmlab model or its path, not {type(assistant).__name__}")
-        if assistant.is_encoder_decoder or assistant.module is self.module:
-            raise LmlabError("assistant_model must be a second, smaller decoder-only model (a draft)")
+        if assistant.is_encoder_decoder or assistant.module is self.module or getattr(assistant.config, "head", None) is not None:
+            raise LmlabError("assistant_model must be a second, smaller decoder-only language model (a draft)")
         if assistant.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise LmlabError(
                 "assistant_model has another tokenizer: speculative decoding needs the same token ids for "
@@ -218,6 +218,9 @@ class Model:
                 "for several prompts call generate with a list"
             )
         self._refuse_task_head("text generation")
+        if self.is_encoder_decoder:  # text-to-text: the source's whole target text, as one delta
+            yield self.generate(prompt, assistant_model=assistant_model, **options)
+            return
         cfg = self._gen_config(**options)
         if cfg.num_return_sequences > 1:
             raise LmlabError("stream gives one sequence; for num_return_sequences > 1 call generate")

@@ -85,6 +85,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
             f"--logprobs {a.logprobs} is printed only in the JSON output: add --json "
             "(one JSON object per sequence, with each token's log-probability and its best alternatives)"
         )
+    if a.num_assistant_tokens is not None and a.draft is None:
+        raise LmlabError("--num-assistant-tokens sets how many tokens the --draft model guesses: add --draft MODEL")
+    if a.prompt_lookup_num_tokens is not None and a.draft is not None:
+        raise LmlabError("give --prompt-lookup or --draft, not both (one way of guessing at a time)")
     prompt = read_prompt(a.prompt, a.prompt_file)  # before the (slow) load: a wrong path fails at once
     model = lmlab.load(
         a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize

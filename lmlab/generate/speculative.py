@@ -64,11 +64,13 @@ def lookup_candidates(seq: Sequence[int], k: int, max_ngram: int) -> list[int]:
 def check_speculative(model: LanguageModel, cfg: GenerationConfig, n_rows: int, draft: LanguageModel | None) -> None:
     """Refuse, by name, what speculative decoding does not do."""
     what = "assistant_model" if draft is not None else "prompt_lookup_num_tokens"
+    if draft is not None and cfg.prompt_lookup_num_tokens is not None:
+        raise LmlabError("give prompt_lookup_num_tokens or assistant_model, not both (one way of guessing at a time)")
     if n_rows != 1:
         raise LmlabError(f"{what} decodes one sequence at a time: give one prompt and num_return_sequences=1")
     if cfg.beam_search:
         raise LmlabError(f"{what} does not combine with beam search (num_beams={cfg.num_beams}): use num_beams=1")
-    if Penalties(cfg).active:
+    if Penalties(cfg).active or cfg.bad_words:
         raise LmlabError(
             f"{what} does not combine with repetition/presence/frequency penalties, no_repeat_ngram_size, "
             "bad words or min_new_tokens (they depend on tokens a rejected guess takes back): drop them"
@@ -134,12 +136,18 @@ def speculative_sample(
     prompt = list(prompts[0])
     if not prompt:
         raise LmlabError("the prompt is empty and the model has no BOS token to start from; give a prompt")
-    ctx = min(model.config.max_seq_len, draft.config.max_seq_len if draft is not None else model.config.max_seq_len)
+    ctx = model.config.max_seq_len
+    whose = "the model's"
+    if draft is not None and draft.config.max_seq_len < ctx:
+        ctx, whose = draft.config.max_seq_len, "the assistant model's"
     if len(prompt) + cfg.max_new_tokens > ctx:
+        fix = (f"use max_new_tokens <= {ctx - len(prompt)}" if len(prompt) < ctx
+               else "shorten the prompt, or decode without speculative decoding (a sliding window)")  # fmt: skip
         raise LmlabError(
             f"speculative decoding keeps the whole text in the cache: the prompt ({len(prompt)} tokens) + "
-            f"max_new_tokens ({cfg.max_new_tokens}) must fit the model's context of {ctx} tokens"
+            f"max_new_tokens ({cfg.max_new_tokens}) must fit {whose} context of {ctx} tokens; {fix}"
         )
+    k = min(k, ctx)  # guesses past the context could never be checked
     gen = None
     if not cfg.greedy:
         gen = torch.Generator(device=model.device)

@@ -154,7 +154,7 @@ class TaskConfig:
             ids = self.id2label or {}
             need(sorted(ids) == sorted(str(i) for i in range(self.num_labels)),
                  f"id2label must name each of the {self.num_labels} labels by its id 0..{self.num_labels - 1} "
-                 f"(got ids {', '.join(sorted(ids)) or 'none'})")
+                 f"(got ids {', '.join(sorted(map(str, ids))) or 'none'}: ids are strings, as in config.json)")
             need(all(isinstance(v, str) and v for v in ids.values()), "id2label's names must be non-empty strings")
             need(len(set(ids.values())) == len(ids), "id2label names a label twice")
 

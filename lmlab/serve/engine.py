@@ -134,9 +134,12 @@ class Engine:
     def submit(self, job: Job) -> None:
         ctx = self.module.config.max_seq_len if self.module.bounded_context else None
         if ctx is not None and len(job.prompt_ids) + job.cfg.max_new_tokens > ctx:
+            P = len(job.prompt_ids)
+            fix = (f"ask for at most {ctx - P} tokens" if P < ctx
+                   else "shorten the prompt (it leaves no room for a new token)")  # fmt: skip
             raise LmlabError(
-                f"the prompt ({len(job.prompt_ids)} tokens) + max_tokens ({job.cfg.max_new_tokens}) is more than "
-                f"the model's context of {ctx} tokens; ask for at most {max(ctx - len(job.prompt_ids), 0)} tokens"
+                f"the prompt ({P} tokens) + max_tokens ({job.cfg.max_new_tokens}) is more than "
+                f"the model's context of {ctx} tokens; {fix}"
             )
         if job.n > self.max_batch:
             raise LmlabError(f"n={job.n} is more than this server's --max-batch {self.max_batch}")

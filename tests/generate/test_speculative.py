@@ -182,6 +182,9 @@ def test_refusals(pair, tmp_path):
         (dict(temperature=1.0, num_return_sequences=2), "one sequence"),
         (dict(max_new_tokens=200), "context"),
         (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be >= 1"),
+        (dict(bad_words=["e"]), "bad words"),  # banned strings would not be applied: refused
+        (dict(max_new_tokens=200), "use max_new_tokens <= 77"),  # how to fix it (a 51-token prompt)
+        (dict(assistant_model=str(small)), "not both"),
     ]
     for opts, words in cases:
         with pytest.raises(LmlabError, match=words):
@@ -193,6 +196,28 @@ def test_refusals(pair, tmp_path):
         m.generate("abc", assistant_model=str(other))
     with pytest.raises(LmlabError, match="assistant_model must be"):
         m.generate("abc", assistant_model=42)
+    from lmlab.models.config import TransformerConfig
+    from lmlab.models.heads import TaskModel
+    from lmlab.models.loading import write_checkpoint
+    from lmlab.models.task_config import TaskConfig
+
+    tok = bpe_tokenizer()
+    body = TransformerConfig(vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, d_model=16, max_seq_len=128)
+    cls = TaskModel(TaskConfig(body=body, head="classify", id2label={"0": "neg", "1": "pos"})).eval()
+    classifier = write_checkpoint(tmp_path / "cls", cls, tok, {})
+    with pytest.raises(LmlabError, match="decoder-only language model"):
+        m.generate("abc", assistant_model=str(classifier))
+    short = tiny_checkpoint(tmp_path / "short", tokenizer=bpe_tokenizer(), n_layer=1, d_model=16, max_seq_len=16)
+    with pytest.raises(LmlabError, match="the assistant model's context of 16"):
+        m.generate(PROMPTS[0], temperature=0, max_new_tokens=40, assistant_model=str(short))
+
+
+def test_a_huge_guess_count_is_capped_at_the_context(pair):
+    """Guesses past the context could never be checked: k = 10⁹ decodes as k = the context."""
+    big, _ = pair
+    m = lmlab.load(str(big))
+    plain = m.generate(PROMPTS[1], temperature=0, max_new_tokens=30)
+    assert m.generate(PROMPTS[1], temperature=0, max_new_tokens=30, prompt_lookup_num_tokens=10**9) == plain
 
 
 def test_recurrent_models_are_refused(tmp_path):
@@ -213,3 +238,7 @@ def test_cli_prompt_lookup_and_draft(pair, capsys):
     assert capsys.readouterr().out == plain
     assert main([*base, "--draft", str(small), "--num-assistant-tokens", "4"]) == 0
     assert capsys.readouterr().out == plain
+    assert main([*base, "--num-assistant-tokens", "4"]) != 0  # without --draft: said, not ignored
+    assert "add --draft" in capsys.readouterr().err
+    assert main([*base, "--prompt-lookup", "4", "--draft", str(small)]) != 0
+    assert "not both" in capsys.readouterr().err

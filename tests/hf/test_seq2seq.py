@@ -191,6 +191,18 @@ def test_translate_decodes_deterministically_by_default(folders: dict[str, Path]
     assert m.translate("t5 t6 t7 t8", max_new_tokens=10, return_details=True).token_ids == ref
 
 
+def test_lmlab_generate_on_an_encoder_decoder_prints_its_translation(folders: dict[str, Path], capsys) -> None:
+    """`lmlab generate` streams; for a seq2seq model the stream is the whole target text at once,
+    the same as translate (which transformers' generate checks above)."""
+    from lmlab.cli import main
+
+    m = lmlab.load(folders["bart"])
+    want = m.translate("t5 t6 t7 t8", max_new_tokens=10)
+    assert "".join(m.stream("t5 t6 t7 t8", max_new_tokens=10)) == want
+    assert main(["generate", str(folders["bart"]), "--prompt", "t5 t6 t7 t8", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
 def test_max_length_in_the_settings_counts_the_start_token(folders: dict[str, Path]) -> None:
     m = lmlab.load(folders["t5"])
     m.generation_config.update(max_length=6, min_length=4)

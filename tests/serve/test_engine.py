@@ -142,6 +142,9 @@ def test_a_request_beyond_the_context_is_refused(model):
     try:
         with pytest.raises(lmlab.LmlabError, match=r"the prompt \(2 tokens\) \+ max_tokens \(511\) is more than the model's context of 512 tokens; ask for at most 510"):
             engine.submit(Job(model.encode("O,"), model._gen_config(max_new_tokens=511), lambda e: None))
+        whole = [model.encode("O,")[0]] * 512  # the prompt alone fills the context: shorten it
+        with pytest.raises(lmlab.LmlabError, match=r"\(512 tokens\) .* shorten the prompt"):
+            engine.submit(Job(whole, model._gen_config(max_new_tokens=1), lambda e: None))
     finally:
         engine.close()
 

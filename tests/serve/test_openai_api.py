@@ -338,7 +338,14 @@ def test_prompt_lookup_gives_the_plain_output(client, model):
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, seed=5,
                                   extra_body={"prompt_lookup_num_tokens": 3})  # fmt: skip
     assert r.choices[0].text == want
-    for extra, words in (({"n": 2, "temperature": 1.0}, "one sequence"), ({"frequency_penalty": 1.0}, "penalties")):
-        with pytest.raises(openai.BadRequestError, match=words):
-            client.completions.create(model="tiny", prompt=prompt, max_tokens=5,
-                                      extra_body={"prompt_lookup_num_tokens": 3}, **extra)  # fmt: skip
+    cases = (({"n": 2, "temperature": 1.0}, "one sequence", "n"),
+             ({"frequency_penalty": 1.0}, "frequency_penalty", "frequency_penalty"),
+             ({"extra_body": {"prompt_lookup_num_tokens": 3, "repetition_penalty": 1.2}}, "repetition_penalty",
+              "repetition_penalty"),
+             ({"extra_body": {"prompt_lookup_num_tokens": 3, "min_tokens": 2}}, "min_tokens", "min_tokens"),
+             ({"prompt": [prompt, prompt]}, "one prompt", "prompt"))  # fmt: skip
+    for extra, words, param in cases:
+        args = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "extra_body": {"prompt_lookup_num_tokens": 3}}
+        with pytest.raises(openai.BadRequestError, match=words) as e:
+            client.completions.create(**{**args, **extra})
+        assert e.value.body["param"] == param  # the request's own field, by name
