@@ -219,7 +219,11 @@ class Model:
             )
         self._refuse_task_head("text generation")
         if self.is_encoder_decoder:  # text-to-text: the source's whole target text, as one delta
-            yield self.generate(prompt, assistant_model=assistant_model, **options)
+            if options.get("return_details") or (options.get("num_return_sequences") or 1) > 1:
+                raise LmlabError("stream gives one text; for num_return_sequences > 1 or details call generate")
+            text = self.generate(prompt, assistant_model=assistant_model, **options)
+            if text:
+                yield text
             return
         cfg = self._gen_config(**options)
         if cfg.num_return_sequences > 1:

@@ -73,7 +73,9 @@ def check_speculative(model: LanguageModel, cfg: GenerationConfig, n_rows: int, 
     if Penalties(cfg).active or cfg.bad_words:
         raise LmlabError(
             f"{what} does not combine with repetition/presence/frequency penalties, no_repeat_ngram_size, "
-            "bad words or min_new_tokens (they depend on tokens a rejected guess takes back): drop them"
+            "bad words, min_new_tokens or forced tokens (they depend on tokens a rejected guess takes back): drop "
+            "them, or set them to their neutral values (repetition_penalty=1, ...) where the model's own "
+            "generation settings turn them on"
         )
     for m, name in ((model, "the model"), (draft, "the assistant model")):
         if m is not None and not m.bounded_context:

@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lmlab.nn.quantize import QuantLinear
+
 
 @runtime_checkable
 class State(Protocol):
@@ -83,4 +85,8 @@ class LanguageModel(nn.Module):
             if exclude_embeddings and ("emb" in name.split(".")[0]):
                 continue
             n += p.numel()
+        # an int8 model's linear layers keep their weights and biases as buffers: still parameters
+        for m in self.modules():
+            if isinstance(m, QuantLinear):
+                n += m.qweight.numel() + (0 if m.bias is None else m.bias.numel())
         return n

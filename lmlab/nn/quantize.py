@@ -30,6 +30,9 @@ QUANTIZE_CHOICES = ("none", "int8")
 #: rows (tokens × batch) from which a product dequantizes its weight to bf16 instead of
 #: running the int8 kernel: a prefill (measured: 512 rows 3.5–5.8× faster, 64 rows even)
 DEQUANTIZE_ROWS = 128
+#: ... but not a weight of more than 32M numbers (an output layer of 150k × 896), whose bf16
+#: copy would be a spike of 2 bytes a weight: those stay on the int8 kernel
+DEQUANTIZE_MAX = 2**25
 
 
 class QuantLinear(nn.Module):
@@ -68,10 +71,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // max(1, self.in_features)
-        if self.fast and x.device.type == "cpu" and rows >= DEQUANTIZE_ROWS:
+        if self.fast and x.device.type == "cpu" and rows >= DEQUANTIZE_ROWS and self.qweight.numel() <= DEQUANTIZE_MAX:
             # a prefill's many rows: the int8 kernel is a matrix-vector kernel at heart (512 rows
-            # of 9728×896: 75 ms); Ŵ = s ⊙ q made once in bf16 and a bf16 product take 21 ms
-            w = (self.qweight.float() * self.scale[:, None]).to(torch.bfloat16)
+            # of 9728×896: 75 ms); Ŵ = s ⊙ q made for the call in bf16 (2 bytes a weight, freed
+            # after it) and a bf16 product take 21 ms
+            w = self.qweight.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             b = None if self.bias is None else self.bias.to(torch.bfloat16)
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
         if self.fast and x.device.type == "cpu" and x.numel() > 0 and _int8_kernel_works():

@@ -143,27 +143,7 @@ def _config(s: Served, req: Any, max_new: int, logprobs: int | None) -> Any:
     return s.model._gen_config(**opts)
 
 
-def _check_lookup(cfg: Any, n: int, n_prompts: int) -> None:
-    """``prompt_lookup_num_tokens`` decodes one sequence without penalties: refuse the rest by
-    the request's own field names (the engine's check would name the Python ones)."""
-    if cfg.prompt_lookup_num_tokens is None:
-        return
-    why = "prompt_lookup_num_tokens decodes one sequence at a time"
-    if n > 1:
-        raise ApiError(400, f"{why}: use n=1 (got n={n})", param="n")
-    if n_prompts > 1:
-        raise ApiError(400, f"{why}: give one prompt (got a list of {n_prompts})", param="prompt")
-    fields = {"repetition_penalty": cfg.repetition_penalty != 1.0, "presence_penalty": cfg.presence_penalty != 0,
-              "frequency_penalty": cfg.frequency_penalty != 0, "no_repeat_ngram_size": cfg.no_repeat_ngram_size > 0,
-              "min_tokens": cfg.min_new_tokens > 0}  # fmt: skip
-    for name, used in fields.items():
-        if used:
-            raise ApiError(400, f"prompt_lookup_num_tokens does not combine with {name} (it depends on tokens a "
-                           "rejected guess takes back): drop one of them", param=name)  # fmt: skip
-
-
 def _submit(s: Served, prompts: list[list[int]], cfg: Any, n: int, events: Events) -> list[Job]:
-    _check_lookup(cfg, n, len(prompts))
     jobs = [Job(ids, cfg, events.sink(k), n=n) for k, ids in enumerate(prompts)]
     try:
         for job in jobs:

@@ -74,6 +74,23 @@ class Sampling(BaseModel):
             raise Invalid("stop", "`stop` takes up to 4 non-empty strings")
         return self
 
+    @model_validator(mode="after")
+    def _lookup(self) -> Sampling:
+        """Speculative decoding decodes one sequence without penalties (they depend on tokens a
+        rejected guess takes back): the rest is refused by the request's own field names."""
+        if self.prompt_lookup_num_tokens is None:
+            return self
+        if self.n > 1:
+            raise Invalid("n", f"prompt_lookup_num_tokens decodes one sequence at a time: use n=1 (got n={self.n})")
+        used = {"repetition_penalty": self.repetition_penalty not in (None, 1.0),
+                "presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
+                "no_repeat_ngram_size": bool(self.no_repeat_ngram_size)}  # fmt: skip
+        for name, on in used.items():
+            if on:
+                raise Invalid(name, f"prompt_lookup_num_tokens does not combine with {name} (it depends on "
+                              "tokens a rejected guess takes back): drop one of them")  # fmt: skip
+        return self
+
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 

@@ -201,6 +201,9 @@ def test_lmlab_generate_on_an_encoder_decoder_prints_its_translation(folders: di
     assert "".join(m.stream("t5 t6 t7 t8", max_new_tokens=10)) == want
     assert main(["generate", str(folders["bart"]), "--prompt", "t5 t6 t7 t8", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == want + "\n"
+    for bad in (dict(num_return_sequences=2, num_beams=2), dict(return_details=True)):
+        with pytest.raises(LmlabError, match="stream gives one text"):
+            list(m.stream("t5 t6", **bad))
 
 
 def test_max_length_in_the_settings_counts_the_start_token(folders: dict[str, Path]) -> None:

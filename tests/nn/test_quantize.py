@@ -128,6 +128,9 @@ def test_many_rows_dequantize_to_bf16_within_the_rounding_of_the_kernel_path(mon
     want = F.linear(x, w_hat, lin.bias.detach())
     assert got.shape == want.shape and got.dtype == x.dtype
     torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+    monkeypatch.setattr(Q, "DEQUANTIZE_MAX", 96 * 50 - 1)  # a weight too big for a bf16 copy: the kernel
+    with pytest.raises(AssertionError, match="int8 kernel called"), torch.inference_mode():
+        ql(x)
 
 
 def quantized_pair(**options):
@@ -164,6 +167,12 @@ def test_quantized_model_logits_close_and_greedy_mostly_equal(family, d_model):
         z, _ = q(torch.tensor([prompt + ref]))
     picks = z[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert sum(x == y for x, y in zip(ref, picks)) >= 27
+
+
+def test_an_int8_model_counts_the_parameters_of_its_float_model():
+    model, q = quantized_pair()
+    # the tied output layer's int8 copy is a second matrix of the embedding's size
+    assert q.num_parameters() == model.num_parameters() + model.tok_emb.weight.numel()
 
 
 def test_tied_output_layer_gets_its_own_int8_copy():

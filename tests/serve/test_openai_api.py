@@ -342,10 +342,15 @@ def test_prompt_lookup_gives_the_plain_output(client, model):
              ({"frequency_penalty": 1.0}, "frequency_penalty", "frequency_penalty"),
              ({"extra_body": {"prompt_lookup_num_tokens": 3, "repetition_penalty": 1.2}}, "repetition_penalty",
               "repetition_penalty"),
-             ({"extra_body": {"prompt_lookup_num_tokens": 3, "min_tokens": 2}}, "min_tokens", "min_tokens"),
-             ({"prompt": [prompt, prompt]}, "one prompt", "prompt"))  # fmt: skip
+             ({"extra_body": {"prompt_lookup_num_tokens": 3, "no_repeat_ngram_size": 2}}, "no_repeat_ngram_size",
+              "no_repeat_ngram_size"))  # fmt: skip
     for extra, words, param in cases:
         args = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "extra_body": {"prompt_lookup_num_tokens": 3}}
         with pytest.raises(openai.BadRequestError, match=words) as e:
             client.completions.create(**{**args, **extra})
         assert e.value.body["param"] == param  # the request's own field, by name
+    # a list of prompts: each is decoded on its own, as without the option
+    other = "To be, or not to be, to be"
+    r = client.completions.create(model="tiny", prompt=[prompt, other], max_tokens=10, temperature=0,
+                                  extra_body={"prompt_lookup_num_tokens": 3})  # fmt: skip
+    assert [c.text for c in r.choices] == [model.generate(t, temperature=0, max_new_tokens=10) for t in (prompt, other)]
