@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # lmlab before torch: its OpenMP default (a short spin, lmlab/__init__.py) then holds for both sides
 import lmlab  # noqa: E402, I001
 import torch  # noqa: E402, I001
+from roofline import memory_bandwidth  # noqa: E402, I001
 
 VOCAB = {"gpt2-124m": 50257, "qwen2-0.5b": 151936}[ARGS.shape]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -146,16 +147,6 @@ def weight_bytes(module: torch.nn.Module) -> int:
                 seen.add(id(t))
                 n += t.numel() * t.element_size()
     return n
-
-
-def memory_bandwidth(big: torch.Tensor, repeats: int = 5) -> float:
-    """GB/s of a large-array read (torch.sum over 1 GB), best of ``repeats``."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        big.sum()
-        best = min(best, time.perf_counter() - t)
-    return big.numel() * big.element_size() / best / 1e9
 
 
 # --------------------------------------------------------------------------- the two sides

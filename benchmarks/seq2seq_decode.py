@@ -75,16 +75,6 @@ def weight_bytes(*modules) -> int:
     return n
 
 
-def memory_bandwidth(big, repeats: int = 5) -> float:
-    """GB/s of a large-array read (torch.sum over 1 GB), best of ``repeats``."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        big.sum()
-        best = min(best, time.perf_counter() - t)
-    return big.numel() * big.element_size() / best / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -95,6 +85,7 @@ def main() -> None:
 
     import torch
     import transformers
+    from roofline import memory_bandwidth  # (imports torch: after lmlab)
 
     torch.set_num_threads(os.cpu_count() or 2)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "

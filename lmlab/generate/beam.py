@@ -93,14 +93,13 @@ def _top(acc: Tensor, n: int) -> tuple[Tensor, Tensor]:
     ``topk`` gives. 2.3× faster than one top-k over K·V (0.22 vs 0.52 ms, 4 × 58,101)."""
     B, K, V = acc.shape
     m = n + 1
-    if m > V:
-        return torch.topk(acc.reshape(B, K * V), n)
-    s, i = acc.topk(m, dim=-1)  # (B, K, m)
-    best, j = s.reshape(B, K * m).topk(m)  # (B, m): j indexes the K·m
-    if bool((best[:, 1:] == best[:, :-1]).any()) or bool(best.isnan().any()):
-        return torch.topk(acc.reshape(B, K * V), n)
-    idx = i.reshape(B, K * m).gather(1, j) + (j // m) * V
-    return best[:, :n], idx[:, :n]
+    if m <= V:
+        s, i = acc.topk(m, dim=-1)  # (B, K, m)
+        best, j = s.reshape(B, K * m).topk(m)  # (B, m): j indexes the K·m
+        if not bool((best[:, 1:] == best[:, :-1]).any()) and not bool(best.isnan().any()):
+            idx = i.reshape(B, K * m).gather(1, j) + (j // m) * V
+            return best[:, :n], idx[:, :n]
+    return torch.topk(acc.reshape(B, K * V), n)
 
 
 def _expand(

@@ -113,13 +113,9 @@ class Runner:
         # each chunk attending to the slots before it, so no activation is ever (T × d_ff) or
         # (T × S) for the whole prompt: a 4k-token prompt's transients are an eighth as large.
         for a in range(0, P, PREFILL_CHUNK):
-            b = min(a + PREFILL_CHUNK, P)
-            if self.padded:
-                logits, self.state = self.model(
-                    ids[:, a:b], self.state, attention_mask=mask[:, a:b], position_ids=pos[:, a:b], last_only=True
-                )
-            else:
-                logits, self.state = self.model(ids[:, a:b], self.state, last_only=True)
+            part = slice(a, a + PREFILL_CHUNK)
+            extra = {"attention_mask": mask[:, part], "position_ids": pos[:, part]} if self.padded else {}
+            logits, self.state = self.model(ids[:, part], self.state, last_only=True, **extra)
         self.next_pos = torch.tensor(lengths, device=self.device)
         return logits[:, -1].float()
 

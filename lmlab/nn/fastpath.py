@@ -78,8 +78,8 @@ def _few_rows(rows: int, weight_numel: int) -> bool:
 
 def mkl_for_fp32_rows() -> bool:
     """Whether fp32 products of a few rows (decoding one sequence, a few beams) should stay
-    on MKL (see ``_few_rows``): on Intel CPUs MKL's gemv is the faster kernel (measured on this project's Xeon: 20% faster greedy
-    seq2seq decoding, benchmarks/seq2seq_decode.py), on AMD oneDNN's (about 2×, the decode
+    on MKL (see ``_few_rows``): on Intel CPUs MKL's gemv is the faster kernel (measured on
+    this project's Xeon: 20% faster greedy seq2seq decoding, benchmarks/seq2seq_decode.py), on AMD oneDNN's (about 2×, the decode
     benchmark). A fixed rule per CPU vendor, not a timing taken at run time, so that the
     kernel — and the last bits of the logits — are the same on every run of a machine."""
     global _MKL_ROWS

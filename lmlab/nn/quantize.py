@@ -70,15 +70,16 @@ class QuantLinear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        fast_cpu = self.fast and x.device.type == "cpu"
         rows = x.numel() // max(1, self.in_features)
-        if self.fast and x.device.type == "cpu" and rows >= DEQUANTIZE_ROWS and self.qweight.numel() <= DEQUANTIZE_MAX:
+        if fast_cpu and rows >= DEQUANTIZE_ROWS and self.qweight.numel() <= DEQUANTIZE_MAX:
             # a prefill's many rows: the int8 kernel is a matrix-vector kernel at heart (512 rows
             # of 9728×896: 75 ms); Ŵ = s ⊙ q made for the call in bf16 (2 bytes a weight, freed
             # after it) and a bf16 product take 21 ms
             w = self.qweight.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             b = None if self.bias is None else self.bias.to(torch.bfloat16)
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
-        if self.fast and x.device.type == "cpu" and x.numel() > 0 and _int8_kernel_works():
+        if fast_cpu and x.numel() > 0 and _int8_kernel_works():
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
             # x qᵀ with unit scales (the kernel's bf16 scales would round s_o), then ⊙ s in fp32
