@@ -17,6 +17,7 @@ only through the protocol every state follows (:class:`lmlab.models.base.State`)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from lmlab.errors import LmlabError
 from lmlab.messages import warn
 from lmlab.models.base import LanguageModel, State
 from lmlab.models.rnn import RecurrentState
-from lmlab.nn import fastpath
+from lmlab.nn import fastpath, screen
 
 
 def cache_slots(prompt_len: int, max_new_tokens: int, ctx: int) -> int:
@@ -62,7 +63,10 @@ def _left_pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[Tens
 class Runner:
     """The model side of decoding: prefill, one-token steps, row selection, the sliding window."""
 
-    def __init__(self, model: LanguageModel, max_new_tokens: int) -> None:
+    def __init__(self, model: LanguageModel, max_new_tokens: int, screen_keep: Sequence[int] | None = None) -> None:
+        """``screen_keep``: set by a greedy loop whose logits only pick an argmax (after masks
+        that may remove these tokens): the output layer may then screen in bf16 and give
+        exact logits for its candidates only, −∞ elsewhere (:mod:`lmlab.nn.screen`)."""
         self.model = model
         self.device = model.device
         self.max_new_tokens = max_new_tokens
@@ -72,7 +76,14 @@ class Runner:
         self.next_pos: Tensor | None = None  # (N,) the position of each row's next token
         self.sliding = False
         self.warned = False
-        fastpath.prepare(model)  # on the CPU: oneDNN matmuls, unless model.fast_decoding is False
+        fast = fastpath.prepare(model)  # on the CPU: oneDNN matmuls, unless model.fast_decoding is False
+        self.keep = None
+        if screen_keep is not None and fast and getattr(model, "screen_output", True) and screen.prepare(model):
+            self.keep = screen.keep_tensor(screen_keep).to(self.device)
+
+    def _call(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the model's own signature
+        with screen.screening(self.keep) if self.keep is not None else nullcontext():
+            return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Tensor:
@@ -115,18 +126,18 @@ class Runner:
         for a in range(0, P, PREFILL_CHUNK):
             part = slice(a, a + PREFILL_CHUNK)
             extra = {"attention_mask": mask[:, part], "position_ids": pos[:, part]} if self.padded else {}
-            logits, self.state = self.model(ids[:, part], self.state, last_only=True, **extra)
+            logits, self.state = self._call(ids[:, part], self.state, last_only=True, **extra)
         self.next_pos = torch.tensor(lengths, device=self.device)
         return logits[:, -1].float()
 
     def _prefill_recurrent(self, prompts: Sequence[Sequence[int]]) -> Tensor:
         if len({len(p) for p in prompts}) == 1:  # equal lengths: one batched call
             ids = torch.tensor([list(p) for p in prompts], device=self.device)
-            logits, self.state = self.model(ids, None, last_only=True)
+            logits, self.state = self._call(ids, None, last_only=True)
             return logits[:, -1].float()
         rows, states = [], []
         for p in prompts:  # each prompt alone: an RNN cannot skip padding
-            logits, state = self.model(torch.tensor([list(p)], device=self.device), None, last_only=True)
+            logits, state = self._call(torch.tensor([list(p)], device=self.device), None, last_only=True)
             rows.append(logits[:, -1])
             states.append(state)
         self.state = RecurrentState.cat(states)
@@ -147,14 +158,14 @@ class Runner:
         (ending with ``tokens``), needed only once the window slides."""
         tokens = tokens.to(self.device)
         if self.ctx is None:
-            logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
+            logits, self.state = self._call(tokens[:, None], self.state, last_only=True)
             return logits[:, -1].float()
         if not self.sliding and self.state.remaining > 0:
             if not self.padded:  # every row's position is its slot: the model's default
-                logits, self.state = self.model(tokens[:, None], self.state, last_only=True)
+                logits, self.state = self._call(tokens[:, None], self.state, last_only=True)
                 return logits[:, -1].float()
             pos = self.next_pos[:, None]
-            logits, self.state = self.model(tokens[:, None], self.state, position_ids=pos, last_only=True)
+            logits, self.state = self._call(tokens[:, None], self.state, position_ids=pos, last_only=True)
             self.next_pos = self.next_pos + 1
             return logits[:, -1].float()
         return self._window(seqs)
@@ -166,10 +177,10 @@ class Runner:
         self.sliding, self.state = True, None
         windows = [s[-ctx:] for s in seqs]
         if len({len(w) for w in windows}) == 1:
-            logits, _ = self.model(torch.tensor(windows, device=self.device), None, last_only=True)
+            logits, _ = self._call(torch.tensor(windows, device=self.device), None, last_only=True)
         else:
             ids, mask, pos = _left_pad(windows, self.device)
-            logits, _ = self.model(ids, None, attention_mask=mask, position_ids=pos, last_only=True)
+            logits, _ = self._call(ids, None, attention_mask=mask, position_ids=pos, last_only=True)
         return logits[:, -1].float()
 
     def _warn(self, msg: str) -> None:

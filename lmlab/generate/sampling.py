@@ -54,6 +54,20 @@ def logprob_info(logp: Tensor, tokens: Tensor, n: int) -> tuple[list[float], lis
     return chosen, tops
 
 
+def _argmax_only(cfg: GenerationConfig, penalties: Penalties) -> list[int] | None:
+    """When each step's logits serve only an argmax after masks (greedy, no log-probs, no
+    penalty that rescales or follows the history's n-grams): the tokens those masks may
+    remove — each bad word's last token, EOS before min_new_tokens. Forcing needs no
+    logit (the forced token wins whatever its score). None: every logit is needed."""
+    c = cfg
+    if not c.greedy or c.logprobs is not None or c.repetition_penalty != 1.0 or c.presence_penalty:
+        return None
+    if c.frequency_penalty or c.no_repeat_ngram_size:
+        return None
+    keep = [w[-1] for w in penalties.bad_words_ids]
+    return keep + list(c.eos_token_id) if c.min_new_tokens else keep
+
+
 @torch.inference_mode()
 def sample(
     model: LanguageModel,
@@ -78,7 +92,7 @@ def sample(
         gens = [torch.Generator(device=model.device) for _ in prompts]
         for g, s in zip(gens, seeds):
             g.manual_seed(int(s))
-    runner = Runner(model, cfg.max_new_tokens)
+    runner = Runner(model, cfg.max_new_tokens, screen_keep=_argmax_only(cfg, penalties))
     seqs = [list(p) for p in prompts]
     prompt_lens = [len(p) for p in prompts]
     active = list(range(len(prompts)))
@@ -89,7 +103,7 @@ def sample(
             logits = penalties(logits, [seqs[r] for r in active], [prompt_lens[r] for r in active], step)
         if cfg.greedy:
             dist = logits
-            tokens = logits.argmax(dim=-1)
+            tokens = logits.max(dim=-1).indices  # (argmax, first of ties; a third of its time on a CPU)
         else:
             dist = process_logits(logits, cfg)
             probs = dist.softmax(dim=-1)

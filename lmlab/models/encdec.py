@@ -79,6 +79,7 @@ class Conditioned(LanguageModel):
         self.config = SimpleNamespace(max_seq_len=model.config.max_target_len, vocab_size=model.target_vocab_size)
         self.bounded_context = True
         self.fast_decoding = model.fast_decoding
+        self.screen_output = model.screen_output
         self.hf_origin = model.hf_origin
         with torch.no_grad():
             self.memory = model.encode(src, src_mask)

@@ -36,12 +36,15 @@ class FastLinear(nn.Linear):
     _packed_key: tuple[int, int, torch.dtype] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and x.device.type == "cpu":
-            return self._onednn_forward(x)
-        # A forward with autograd on is training: W is about to change, possibly in ways its
-        # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
-        self._packed = self._packed_key = None
-        return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            # A forward with autograd on is training: W is about to change, possibly in ways its
+            # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
+            self._packed = self._packed_key = None
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if x.dtype is torch.float32 and w.dtype is torch.float32 and x.numel() <= 2 * x.shape[-1] and _MKL_ROWS:
+            return F.linear(x, w, self.bias)  # a greedy step's fp32 rows on Intel: MKL (below), no more checks
+        return self._onednn_forward(x)
 
     def _onednn_forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -126,11 +129,11 @@ def enable(module: nn.Module, on: bool = True) -> int:
     for m in module.modules():
         if on and type(m) is nn.Linear:
             m.__class__ = FastLinear  # parameters untouched: only the forward changes
-        elif not on and type(m) is FastLinear:
-            m.__dict__.pop("_packed", None)
-            m.__dict__.pop("_packed_key", None)
+        elif not on and isinstance(m, FastLinear):
+            for k in [k for k in m.__dict__ if k.startswith(("_packed", "_screen", "_owner"))]:
+                del m.__dict__[k]  # the bf16 copies (and a screened head's, lmlab.nn.screen)
             m.__class__ = nn.Linear
-        n += type(m) is FastLinear
+        n += isinstance(m, FastLinear)
     module.__dict__[_ENABLED_ATTR] = (on, n)
     return n
 

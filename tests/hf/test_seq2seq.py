@@ -151,6 +151,37 @@ def test_generate_matches_transformers_token_for_token(folders: dict[str, Path],
                 assert row == got, (opts, i, j)
 
 
+@pytest.mark.parametrize("name", ["marian", "bart", "t5-v1.1"])
+def test_greedy_with_the_screened_output_layer_matches_transformers(folders: dict[str, Path], name: str, monkeypatch) -> None:
+    """The bf16 screen + fp32 rescoring of the output layer (lmlab.nn.screen, on by default
+    for large fp32 heads; forced on here for a tiny one) changes no greedy token: Marian's
+    forbidden pad, BART's logits bias, EOS masked until min_new_tokens."""
+    from lmlab.nn import fastpath, screen
+
+    if not fastpath.works():
+        pytest.skip("no oneDNN linear in this build")
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    monkeypatch.setattr(screen, "MAX_CANDIDATES", 1.0)
+    calls = []
+    real = screen.ScreenedLinear._screened
+    monkeypatch.setattr(screen.ScreenedLinear, "_screened", lambda self, *a: calls.append(1) or real(self, *a))
+    d = folders[name]
+    ref_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
+    m = lmlab.load(d)
+    eos = ref_model.config.eos_token_id
+    g = torch.Generator().manual_seed(2)
+    srcs = [torch.randint(3, V, (n,), generator=g).tolist() + [eos] for n in (5, 9, 3)]
+    req = Seq2SeqRequest(m.module, m.tokenizer, m.target_tokenizer, m.generation_config)
+    pad = m.generation_config["pad_token_id"]
+    for opts in (dict(max_new_tokens=12), dict(max_new_tokens=9, min_new_tokens=6)):
+        ours = seq2seq_generate(m.module, m.target_tokenizer, srcs, req.config(**opts), pad)
+        for i, s in enumerate(srcs):
+            with torch.no_grad():
+                ref = ref_model.generate(torch.tensor([s]), do_sample=False, **opts)[0, 1:].tolist()
+            assert ours[i][0].token_ids == ref, (opts, i)
+    assert calls, "the screen never ran"
+
+
 def test_reordering_beams_copies_nothing_of_the_sources_and_moving_rows_follows_them(
     folders: dict[str, Path],
 ) -> None:

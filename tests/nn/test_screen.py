@@ -1,0 +1,187 @@
+"""The screened output layer (bf16 screen, exact fp32 rescoring) picks the argmax that the
+full fp32 product picks. Reference: ``F.linear`` on the same weights (PyTorch's op), with
+logits built to defeat a bf16-only argmax (near-ties far below bf16's resolution), masks
+that remove the best token, a logits bias, and whole models decoding greedily against the
+same model with the fast path off."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_model
+from torch import nn
+
+from lmlab.generate import GenerationConfig, sample
+from lmlab.nn import fastpath, screen
+from lmlab.nn.screen import ScreenedLinear
+
+pytestmark = pytest.mark.skipif(not fastpath.works(), reason="no oneDNN linear in this build")
+
+
+class Owner(nn.Module):
+    """A model's tail: an output layer and a bias added after it (Marian's final_logits_bias)."""
+
+    def __init__(self, V: int, d: int, bias: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lm_head = nn.Linear(d, V, bias=False)
+        self.logits_bias = nn.Parameter(torch.randn(1, V)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lm_head(x)
+        return z if self.logits_bias is None else z + self.logits_bias
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+
+
+def owner(V: int = 3000, d: int = 64, bias: bool = False) -> Owner:
+    m = Owner(V, d, bias).eval()
+    assert fastpath.enable(m) >= 1 and screen.prepare(m) == 1 and type(m.lm_head) is ScreenedLinear
+    return m
+
+
+def run(m: Owner, x: torch.Tensor, keep=()) -> torch.Tensor:
+    with torch.no_grad(), screen.screening(screen.keep_tensor(keep)):
+        return m(x)
+
+
+def reference(m: Owner, x: torch.Tensor) -> torch.Tensor:
+    z = F.linear(x.double(), m.lm_head.weight.detach().double())
+    return z if m.logits_bias is None else z + m.logits_bias.detach().double()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_argmax_and_the_candidates_logits_are_the_fp32_products(small, rows, bias):
+    m = owner(bias=bias)
+    x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)) * 2
+    got, ref = run(m, x), reference(m, x)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    finite = torch.isfinite(got)
+    assert finite.sum() < got.numel() / 10, "the screen kept most of the vocabulary"
+    assert torch.allclose(got[finite].double(), ref[finite], atol=1e-5)
+    plain = m(x)  # outside screening: the full logits
+    assert torch.isfinite(plain).all() and torch.allclose(plain.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("gap", [3e-5, -3e-5, 2e-4, -2e-4])
+def test_near_ties_below_bf16s_resolution_go_to_the_larger_fp32_logit(small, gap):
+    """Token j's logit is token i's + gap (|gap| far below what bf16 can tell apart at this
+    size): the screen keeps both and the exact rescoring picks the right one."""
+    m = owner()
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        w = m.lm_head.weight
+        i = int(F.linear(x, w).argmax())
+        j = (i + 17) % w.shape[0]
+        w[j] = w[i] + gap * x[0] / x[0].dot(x[0])  # x·W_j = x·W_i + gap
+        w[j] *= 1.0  # bump the version: the bf16 copy is remade
+    ref = reference(m, x)[0]
+    assert abs(float(ref[j] - ref[i]) - gap) < 1e-6
+    assert int(run(m, x).argmax()) == (j if gap > 0 else i)
+
+
+def test_a_kept_token_can_be_masked_and_the_next_best_is_still_exact(small):
+    """The best token, dominating, is masked after the head (a bad word): the true runner-up
+    must be among the candidates. Without ``keep`` it would not be (only the best is)."""
+    m = owner()
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        top = int(F.linear(x, m.lm_head.weight).argmax())
+        m.lm_head.weight[top] = 10 * x[0] / x[0].norm()  # far above everything else
+    ref = reference(m, x)[0]
+    ref[top] = float("-inf")
+    alone = run(m, x)[0]
+    assert torch.isfinite(alone).sum() == 1  # what the test guards against
+    got = run(m, x, keep=[top])[0]
+    got[top] = float("-inf")
+    assert int(got.argmax()) == int(ref.argmax())
+
+
+def test_a_kernel_that_breaks_the_bound_is_not_used(small, monkeypatch):
+    monkeypatch.setattr(screen, "U", 2.0**-30)  # a bound far tighter than bf16 can meet
+    m = owner()
+    x = torch.randn(1, 64)
+    out = run(m, x)
+    assert torch.isfinite(out).all() and m.lm_head._screen_ok is False
+
+
+def test_non_finite_inputs_and_many_rows_take_the_plain_product(small):
+    m = owner()
+    x = torch.randn(2, 64)
+    x[0, 3] = float("nan")
+    out = run(m, x)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+    many = torch.randn(screen.MAX_ROWS + 1, 64)
+    assert torch.isfinite(run(m, many)).all()
+
+
+def test_screening_is_per_thread_and_training_drops_the_copy(small):
+    m = owner()
+    x = torch.randn(1, 64)
+    seen = {}
+
+    def other() -> None:
+        with torch.no_grad():
+            seen["z"] = m(x)
+
+    with torch.no_grad(), screen.screening(screen.keep_tensor([])):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert not torch.isfinite(m(x)).all()
+    assert torch.isfinite(seen["z"]).all()
+    assert m.lm_head._screen is not None
+    m.train()
+    m(x).sum().backward()
+    assert m.lm_head._screen is None
+
+
+def test_fast_path_off_turns_a_screened_head_back_into_a_linear(small):
+    m = owner()
+    run(m, torch.randn(1, 64))
+    assert fastpath.enable(m, False) == 0
+    assert type(m.lm_head) is nn.Linear and "_screen" not in m.lm_head.__dict__
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(bad_words_ids=[[5], [7, 9]], min_new_tokens=6, eos_token_id=[3]),
+        dict(forced_bos_token_id=4, forced_eos_token_id=[2], eos_token_id=[2]),
+    ],
+)
+def test_greedy_decoding_with_the_screen_equals_the_plain_model(small, monkeypatch, opts):
+    """Whole decoder-only models, batches with left padding, masks and forced tokens: the same
+    tokens as the model with the fast path (and so the screen) off."""
+    monkeypatch.setattr(screen, "MAX_CANDIDATES", 1.0)  # every step screens, however close the logits
+    calls = []
+    real = ScreenedLinear._screened
+    monkeypatch.setattr(ScreenedLinear, "_screened", lambda self, *a: calls.append(1) or real(self, *a))
+    model = tiny_model(vocab_size=512, d_model=64, n_head=4, tie_embeddings=False).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20]]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.0, **opts)
+
+    def tokens(fast: bool) -> list[list[int]]:
+        model.fast_decoding = fast
+        out = [[] for _ in prompts]
+        for step in sample(model, prompts, cfg, [None] * len(prompts)):
+            for c in step:
+                out[c.row].append(c.token)
+        return out
+
+    plain = tokens(False)
+    assert not calls
+    assert tokens(True) == plain
+    assert calls, "the screen never ran"
+    model.screen_output, n = False, len(calls)
+    assert tokens(True) == plain and len(calls) == n
