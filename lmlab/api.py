@@ -203,7 +203,9 @@ class Model:
         head = getattr(self.config, "head", None)
         if head is not None:
             kind, use = {"classify": ("a text classifier", "lmlab.pipeline('sentiment-analysis', ...) or `lmlab classify`"),
-                         "span": ("a question-answering model", "lmlab.pipeline('question-answering', ...) or `lmlab qa`")}[head]  # fmt: skip
+                         "span": ("a question-answering model", "lmlab.pipeline('question-answering', ...) or `lmlab qa`"),
+                         "mlm": ("an encoder pretrained by masked-token prediction (--task mlm)",
+                                 "it as a starting point: `lmlab train --task classify|qa --init RUN`")}[head]  # fmt: skip
             raise LmlabError(f"{self.source or 'this model'} is {kind}, which does not write text ({what}); use {use}")
 
     def stream(self, prompt: str, *, assistant_model: Model | str | None = None, **options: Any) -> Iterator[str]:

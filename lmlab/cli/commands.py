@@ -173,6 +173,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def report_perplexity(model, a: argparse.Namespace) -> int:
     """``lmlab eval`` (= ``lmlab evaluate --task lm``): loss and perplexity over --data."""
     head = getattr(model.config, "head", None)
+    if head == "mlm":
+        raise LmlabError(f"{a.checkpoint} is an encoder pretrained by masked-token prediction: it has no next-token "
+                         f"perplexity (its dev loss is in {a.checkpoint}/metrics.jsonl); fine-tune it with `lmlab train "
+                         f"--task classify --init {a.checkpoint}` (or --task qa) and score that")  # fmt: skip
     if head is not None:
         task = "classify" if head == "classify" else "qa"
         raise LmlabError(f"{a.checkpoint} is a {'classifier' if head == 'classify' else 'QA model'}, not a language "
@@ -211,7 +215,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     if model.is_encoder_decoder:
         print(f"lengths      sources up to {cfg.max_source_len:,} tokens, targets up to {cfg.max_target_len:,}")
     elif cfg.model_type == "task":
-        kind = "classifier" if cfg.head == "classify" else "extractive QA (span) head"
+        kind = {"classify": "classifier", "span": "extractive QA (span) head"}.get(
+            cfg.head, "masked-LM encoder (pretraining: the body of --task classify/qa --init)")
         print(f"task         {kind}" + (f", labels: {', '.join(cfg.labels)}" if cfg.head == "classify" else ""))
         print(f"context      {cfg.max_seq_len:,} tokens (longer texts are cut, with a warning; QA reads windows)")
     elif cfg.model_type == "transformer":

@@ -332,6 +332,11 @@ def export_hf(
             "`lmlab export PATH --out OUT`)"
         )
     cfg = module.config
+    if cfg.model_type == "task":
+        raise LmlabError(
+            "classifiers, QA readers and masked-LM encoders trained here do not export to Hugging Face yet: "
+            "export language models and encoder-decoders (lmlab loads and serves the task models as they are)"
+        )
     if not isinstance(cfg, (TransformerConfig, Seq2SeqConfig)):
         raise LmlabError(
             f"only Transformers export to Hugging Face; this is a {cfg.model_type} model "

@@ -4,6 +4,8 @@
                z = act(W₁ z + b₁)              optional (BERT's pooler: tanh; DistilBERT: ReLU)
                logits = W₂ z + b₂              (B, num_labels)
     span       logits = h W + b                (B, T, 2): each token's start and end score
+    mlm        logits = Norm(gelu(h W + b)) Eᵀ + c   (B, T, V): each token's vocabulary scores, E the
+               body's token embeddings (tied, as BERT's masked-LM head): pretraining an encoder
 
 The body is an encoder (BERT), a decoder-only Transformer or an RNN; it gives one vector
 per token (``features``), so one head serves all of them and a classifier can start from
@@ -20,6 +22,7 @@ from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
 from lmlab.models.config import RNNConfig, TransformerConfig
 from lmlab.models.task_config import EncoderConfig, TaskConfig
+from lmlab.nn.layers import make_norm
 
 _ACT = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 
@@ -65,10 +68,18 @@ class TaskModel(LanguageModel):
         if cfg.head == "classify":
             self.dense = nn.Linear(d, d) if cfg.head_hidden else None
             self.out = nn.Linear(d, cfg.num_labels)
-        else:
+        elif cfg.head == "span":
             self.dense = None
             self.out = nn.Linear(d, 2)
-        if self.out.weight.device.type != "meta":
+        else:  # mlm: the output layer is the body's own embedding matrix (tied), plus a bias
+            self.dense = nn.Linear(d, d)
+            body_cfg = cfg.body
+            self.mlm_norm = make_norm(body_cfg.norm, d, body_cfg.norm_eps, True)
+            self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+            self.out = None
+        if self.dense is not None and self.dense.weight.device.type != "meta":
+            self.reset_head()
+        elif self.out is not None and self.out.weight.device.type != "meta":
             self.reset_head()
 
     def reset_head(self) -> None:
@@ -77,6 +88,8 @@ class TaskModel(LanguageModel):
             if m is not None:
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 nn.init.zeros_(m.bias)
+        if self.config.head == "mlm":
+            nn.init.zeros_(self.mlm_bias)
 
     def tie_weights(self) -> None:
         if hasattr(self.body, "tie_weights"):
@@ -105,10 +118,18 @@ class TaskModel(LanguageModel):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         last_only: bool = False,  # noqa: ARG002 - the protocol's
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, None]:
+        """``positions`` (mlm): a (B, T) bool mask; the logits of those tokens only, (n, V) —
+        pretraining asks about 15% of the tokens, and the (B, T, V) product is most of a step."""
         h = self.features(ids, attention_mask, token_type_ids)  # (B, T, C)
         if self.config.head == "span":
             return self.out(self.drop(h)), None  # (B, T, 2)
+        if self.config.head == "mlm":  # Norm(gelu(h W + b)) Eᵀ + c
+            if positions is not None:
+                h = h[positions]  # (n, C)
+            z = self.mlm_norm(F.gelu(self.dense(h)))
+            return F.linear(z, self.body.tok_emb.weight, self.mlm_bias), None  # (B, T, V) or (n, V)
         z = self.drop(pool(h, attention_mask, self.config.pooling))  # (B, C)
         if self.dense is not None:
             z = self.drop(_ACT[self.config.head_activation](self.dense(z)))

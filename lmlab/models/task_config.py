@@ -95,7 +95,7 @@ class EncoderConfig:
         return f"encoder {self.n_layer}L/{self.n_head}H/{self.d_model}d"
 
 
-TASK_HEADS = ("classify", "span")
+TASK_HEADS = ("classify", "span", "mlm")
 POOLINGS = ("first", "last", "mean", "max")
 HEAD_ACTIVATIONS = ("tanh", "relu", "gelu")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -109,12 +109,14 @@ class TaskConfig:
         classify   pool the body's states (first = [CLS], last = last real token, mean, max)
                    -> [dense + activation] -> num_labels logits        (BERT's pooler + classifier)
         span       every token's state -> (start, end) logits          (extractive QA)
+        mlm        every token's state -> Norm(gelu(W h + b)) Eᵀ + c   (BERT's masked-LM head, E: the body's
+                                                                        token embeddings; pretraining)
 
     ``id2label`` names the classes as Hugging Face does ({"0": "negative", ...}).
     """
 
     body: Any = None  # the body's ModelConfig (a dict in config.json)
-    head: str = "classify"  # classify | span
+    head: str = "classify"  # classify | span | mlm
     num_labels: int = 2
     pooling: str = "first"  # first | last | mean | max (classify)
     head_hidden: bool = True  # a d->d layer and activation before the classifier
@@ -143,6 +145,8 @@ class TaskConfig:
                 raise LmlabError(msg)
 
         need(self.head in TASK_HEADS, f"head must be one of {', '.join(TASK_HEADS)} (got {self.head!r})")
+        need(self.head != "mlm" or isinstance(self.body, EncoderConfig),
+             "a masked-LM head (mlm) goes on an encoder body (it predicts from both sides of each token)")
         need(self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)} (got {self.pooling!r})")
         need(self.head_activation in HEAD_ACTIVATIONS,
              f"head_activation must be one of {', '.join(HEAD_ACTIVATIONS)} (got {self.head_activation!r})")
@@ -190,7 +194,7 @@ class TaskConfig:
 
     @property
     def n_params_hint(self) -> str:
-        what = f"{self.num_labels}-way classifier" if self.head == "classify" else "span (QA) head"
+        what = {"classify": f"{self.num_labels}-way classifier", "span": "span (QA) head"}.get(self.head, "masked-LM head")
         return f"{self.body.n_params_hint} + {what}"
 
     def to_dict(self) -> dict[str, Any]:

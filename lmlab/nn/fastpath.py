@@ -35,6 +35,12 @@ class FastLinear(nn.Linear):
     _packed: Tensor | None = None
     _packed_key: tuple[int, int, torch.dtype] | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave out the kernel's copies of W (oneDNN's opaque layout
+        cannot be copied; they are remade on the next forward)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if not k.startswith(("_packed", "_screen"))}
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu":
             # A forward with autograd on is training: W is about to change, possibly in ways its
@@ -130,7 +136,7 @@ def enable(module: nn.Module, on: bool = True) -> int:
         if on and type(m) is nn.Linear:
             m.__class__ = FastLinear  # parameters untouched: only the forward changes
         elif not on and isinstance(m, FastLinear):
-            for k in [k for k in m.__dict__ if k.startswith(("_packed", "_screen", "_owner"))]:
+            for k in [k for k in m.__dict__ if k.startswith(("_packed", "_screen"))]:
                 del m.__dict__[k]  # the bf16 copies (and a screened head's, lmlab.nn.screen)
             m.__class__ = nn.Linear
         n += isinstance(m, FastLinear)

@@ -25,7 +25,6 @@ checked once per weight against the fp32 product, and a kernel that breaks it is
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -49,15 +48,16 @@ _local = threading.local()
 
 
 @contextmanager
-def screening(keep: Tensor) -> Iterator[None]:
+def screening(keep: Tensor, bias: Tensor | None = None) -> Iterator[None]:
     """While inside (this thread only), screened heads return exact logits on their
-    candidates and −∞ elsewhere; ``keep`` (LongTensor) are the tokens always rescored."""
-    prev = getattr(_local, "keep", None)
-    _local.keep = keep
+    candidates and −∞ elsewhere; ``keep`` (LongTensor) are the tokens always rescored,
+    ``bias`` a (1, V) bias the model adds after the head (Marian's ``final_logits_bias``)."""
+    prev = getattr(_local, "state", None)
+    _local.state = (keep, bias)
     try:
         yield
     finally:
-        _local.keep = prev
+        _local.state = prev
 
 
 def _epsilon(d: int) -> float:
@@ -74,22 +74,22 @@ class ScreenedLinear(FastLinear):
 
     _screen: tuple[Tensor, Tensor] | None = None
     _screen_key: tuple[int, int] | None = None
+    _screen_src: object = None  # W's storage: held, so its address is not reused while the copy lives
     _screen_ok: bool = True
-    _owner: weakref.ref | None = None  # the module holding a logits bias added after this layer
 
     def forward(self, x: Tensor) -> Tensor:
-        keep = getattr(_local, "keep", None)
-        if keep is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        state = getattr(_local, "state", None)
+        if state is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
             if torch.is_grad_enabled():
-                self._screen = self._screen_key = None
+                release(self)
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_ROWS or not self._screen_ok or self.weight.dtype != torch.float32:
+        if rows > MAX_ROWS or self.weight.dtype != torch.float32:
             return super().forward(x)
         copy = self._copy()
         if copy is None:
             return super().forward(x)
-        out = self._screened(x.reshape(rows, x.shape[-1]), copy, keep)
+        out = self._screened(x.reshape(rows, x.shape[-1]), copy, *state)
         return super().forward(x) if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _copy(self) -> tuple[Tensor, Tensor] | None:
@@ -98,13 +98,15 @@ class ScreenedLinear(FastLinear):
         if key[1] < 0 or not w.is_contiguous():  # an inference tensor: a copy can't be kept in step with it
             return None
         if self._screen is None or self._screen_key != key:
+            if self._screen_key is not None and self._screen_key[0] == key[0] and not self._screen_ok:
+                return None  # this very weight failed the check before
             with torch.inference_mode(False), torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(torch.bfloat16), 1)
                 norms = w.detach().norm(dim=1)
-            self._screen, self._screen_key = (packed, norms), key
+            self._screen, self._screen_key, self._screen_src = (packed, norms), key, w.untyped_storage()
             self._screen_ok = self._bound_holds(packed, norms)
             if not self._screen_ok:
-                self._screen = self._screen_key = None
+                self._screen = self._screen_src = None
                 return None
         return self._screen
 
@@ -115,55 +117,84 @@ class ScreenedLinear(FastLinear):
         return z, z.abs().mul_(2 * U).addcmul_(norms, scale)  # b = 2u|ẑ| + ε‖x‖‖W_v‖
 
     def _bound_holds(self, packed: Tensor, norms: Tensor) -> bool:
-        """The kernel's error on this W is within half the bound, on a fixed input (no RNG)."""
+        """The kernel's error on this W is within half the bound, on fixed inputs (no RNG) of
+        one row and of ``MAX_ROWS`` (oneDNN may pick another kernel for each)."""
         d = self.weight.shape[1]
-        x = torch.sin(torch.arange(1, 2 * d + 1, dtype=torch.float32)).reshape(2, d) * 3.0
         with torch.no_grad():
-            exact = F.linear(x.double(), self.weight.detach().double())
-            z, b = self._approx(x, packed, norms)
-        return bool(((z.double() - exact).abs() <= b.double() / 2).all())
+            for rows in (1, MAX_ROWS):
+                x = torch.sin(torch.arange(1, rows * d + 1, dtype=torch.float32)).reshape(rows, d) * 3.0
+                exact = F.linear(x.double(), self.weight.detach().double())
+                z, b = self._approx(x, packed, norms)
+                if not bool(((z.double() - exact).abs() <= b.double() / 2).all()):
+                    return False
+        return True
 
-    def _screened(self, x: Tensor, copy: tuple[Tensor, Tensor], keep: Tensor) -> Tensor | None:
+    def _screened(self, x: Tensor, copy: tuple[Tensor, Tensor], keep: Tensor, bias: Tensor | None) -> Tensor | None:
         z, b = self._approx(x, *copy)
-        owner = self._owner() if self._owner is not None else None
-        c = getattr(owner, "logits_bias", None)
+        V = z.shape[1]
+        c = bias
         if self.bias is not None:
             c = self.bias if c is None else c + self.bias
         if c is not None:
             z += c
+        # fp32 rounding of ẑ + c ± b itself (and of the plain path's own z + c): a relative 2⁻²², generous
+        b.add_(z.abs().add_(b), alpha=2.0**-22)
+        keep = keep[(keep >= 0) & (keep < V)]  # ids beyond the logits: no mask touches them either
         lo = z - b
         if keep.numel():
             lo.index_fill_(1, keep, float("-inf"))
         t = lo.amax(dim=1, keepdim=True)  # NaN if any ẑ is NaN; ±inf on an overflow
         if not bool(torch.isfinite(t).all()):  # no bound to trust: the plain product
             return None
-        cand = z.add_(b).ge_(t)  # ẑ + c + b ≥ t (ẑ is not needed after this)
+        hi = z.add_(b)  # ẑ + c + b (ẑ + c is hi − b from here on)
+        cand = hi >= t
         if keep.numel():
-            cand.index_fill_(1, keep, 1.0)
-        idx = (cand[0] if cand.shape[0] == 1 else cand.amax(dim=0)).nonzero().squeeze(1)
-        if idx.numel() > MAX_CANDIDATES * z.shape[1]:
+            cand.index_fill_(1, keep, True)
+        idx = (cand[0] if cand.shape[0] == 1 else cand.any(dim=0)).nonzero().squeeze(1)
+        if idx.numel() > MAX_CANDIDATES * V:
             return None
         exact = F.linear(x, self.weight.index_select(0, idx), None if self.bias is None else self.bias[idx])
+        # The copy must still be W's: the exact logits lie within the bound of the screened ones
+        # (a write through .data moves W without a version bump; caught here on the candidates).
+        seen = (hi[:, idx] - b[:, idx]) - (exact if bias is None else exact + bias[..., idx])
+        if not bool((seen.abs() <= b[:, idx]).all()):
+            release(self)
+            return None
         out = torch.full_like(z, float("-inf"))
         out.index_copy_(1, idx, exact)
         return out
 
 
-def prepare(model: nn.Module) -> int:
-    """Make each large fp32 ``lm_head`` of a fast-path model screenable; returns how many.
-    Only :class:`FastLinear` heads (the fast path is on: CPU, ``fast_decoding``)."""
-    n = 0
+def release(head: nn.Module) -> None:
+    """Drop a screened head's bf16 copy (training, ``screen_output = False``)."""
+    for k in ("_screen", "_screen_key", "_screen_src"):
+        head.__dict__.pop(k, None)
+
+
+def prepare(model: nn.Module, on: bool = True) -> tuple[int, Tensor | None]:
+    """Make each large fp32 ``lm_head`` of a fast-path model screenable (``on``; off: drop
+    their copies). Returns how many, and the bias its owner adds after it (one head only:
+    a model with several output layers is not screened). Only :class:`FastLinear` heads
+    (the fast path is on: CPU, ``fast_decoding``)."""
+    heads = []
     for m in model.modules():
         head = getattr(m, "lm_head", None)
+        if not on:
+            if isinstance(head, ScreenedLinear):
+                release(head)
+            continue
         if type(head) is FastLinear and head.weight.dtype == torch.float32 and head.weight.numel() >= MIN_WEIGHT:
             head.__class__ = ScreenedLinear
-            head.__dict__["_owner"] = weakref.ref(m)  # not a submodule: no registration, no cycle
-        n += isinstance(head, ScreenedLinear)
-    return n
+        if isinstance(head, ScreenedLinear):
+            heads.append((head, getattr(m, "logits_bias", None)))
+    if len(heads) != 1:
+        return 0, None
+    bias = heads[0][1]
+    return 1, (bias.detach() if isinstance(bias, Tensor) else None)
 
 
 def keep_tensor(tokens: Sequence[int]) -> Tensor:
     return torch.tensor(sorted(set(tokens)), dtype=torch.long)
 
 
-__all__ = ["ScreenedLinear", "keep_tensor", "prepare", "screening"]
+__all__ = ["ScreenedLinear", "keep_tensor", "prepare", "release", "screening"]

@@ -77,6 +77,11 @@ class Served:
             self.kind, self.pipelines = "classify", {"classify": lmlab.pipeline("text-classification", model)}
         elif task == "span":
             self.kind, self.pipelines = "span", {"qa": lmlab.pipeline("question-answering", model)}
+        elif task == "mlm":
+            self.error = (f"{self.source} is an encoder pretrained by masked-token prediction (--task mlm), which "
+                          "serves no route; fine-tune it first (lmlab train --task classify|qa --init RUN)")
+            log.error("lmlab serve: %s", self.error)
+            return
         else:
             self.kind = "lm"
             self.chat = ChatSetup.of(model)

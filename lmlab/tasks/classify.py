@@ -34,6 +34,8 @@ def require_head(model: Any, head: str, command: str) -> None:
     what = {
         "classify": "a text classifier",
         "span": "an extractive question-answering model",
+        "mlm": "an encoder pretrained by masked-token prediction (fine-tune it first: `lmlab train --task "
+        f"{'classify' if head == 'classify' else 'qa'} --init {model.source or 'RUN'} ...`)",
     }.get(have or "", "an encoder-decoder (translation, summarization)" if model.is_encoder_decoder else "a language model")
     want = {
         "classify": "a classifier: one trained with `lmlab train --task classify`, or a Hugging Face "

@@ -76,6 +76,15 @@ class ClassifyTrainer(BucketPlan, Trainer):
                 raise LmlabError(f"--bidirectional: {self.cfg.init} is a classifier with a one-way body, trained as it "
                                  "is; drop --bidirectional, or start from a language model")  # fmt: skip
             return module.train(), module.config
+        if cfg == "mlm":  # an encoder pretrained here (--task mlm): its body under a new classifier
+            self.cfg.model = "encoder"
+            if self.cfg.bidirectional:
+                raise LmlabError(f"--bidirectional is for a recurrent body; {self.cfg.init} is an encoder, "
+                                 "bidirectional already: drop --bidirectional")  # fmt: skip
+            mcfg = classifier_config(self.cfg, module.config.body, self.data.label_set)
+            model = build_model(mcfg)
+            model.body.load_state_dict(module.body.state_dict())
+            return model.train(), mcfg
         if cfg is not None or getattr(module, "is_encoder_decoder", False):
             raise LmlabError(f"--init {self.cfg.init}: a classifier starts from a language model (or a classifier); "
                              "this is another kind of model")  # fmt: skip

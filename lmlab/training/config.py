@@ -27,15 +27,17 @@ from lmlab.training.tasks import (
     SEQ2SEQ_MODELS,
     SEQ2SEQ_TASKS,
     check_classify_options,
+    check_mlm_options,
     check_qa_options,
     check_task_flags,
     check_translate_options,
     classify_model_config,
+    mlm_model_config,
     qa_model_config,
 )
 
 #: What ``lmlab train`` can train (--task); the models each task takes.
-TASKS = ("lm", "translate", "summarize", "classify", "qa")
+TASKS = ("lm", "mlm", "translate", "summarize", "classify", "qa")
 
 #: With --init the model brings these: its architecture and its tokenizer (an error if given).
 INIT_FIXED = (
@@ -82,8 +84,9 @@ class TrainConfig:
 
     # data
     task: str = option(
-        "lm", "what to train: lm (next-token prediction on text), translate or summarize (source -> target "
-        "pairs), classify (text -> label), qa (question + context -> answer span)", group="data", choices=TASKS,
+        "lm", "what to train: lm (next-token prediction on text), mlm (an encoder pretrained on text by "
+        "masked-token prediction, BERT's; the body --init gives classify and qa), translate or summarize (source -> "
+        "target pairs), classify (text -> label), qa (question + context -> answer span)", group="data", choices=TASKS,
     )
     data: str = option(
         "builtin",
@@ -232,8 +235,8 @@ class TrainConfig:
             self.n_layer = self.RNN_LAYERS if recurrent else self.GPT_LAYERS
         if self.task in SEQ2SEQ_TASKS and self.model == "gpt":
             self.model = "transformer"  # the default --model, for an encoder-decoder
-        if self.task == "qa" and self.model == "gpt":
-            self.model = "encoder"  # the default --model, for a reader
+        if self.task in ("qa", "mlm") and self.model == "gpt":
+            self.model = "encoder"  # the default --model, for a reader and a masked LM
         if self.task in SEQ2SEQ_TASKS and self.pos == "rope":
             self.pos = "sinusoidal"  # the paper's; RoPE is a decoder-only default
             self._rope_default = True
@@ -281,6 +284,8 @@ class TrainConfig:
             check_classify_options(self)
         elif self.task == "qa":
             check_qa_options(self)
+        elif self.task == "mlm":
+            check_mlm_options(self)
         else:
             need(
                 self.model in ("gpt", *RECURRENT),
@@ -350,6 +355,8 @@ class TrainConfig:
             return classify_model_config(self, vocab_size, labels or [])
         if self.task == "qa":
             return qa_model_config(self, vocab_size)
+        if self.task == "mlm":
+            return mlm_model_config(self, vocab_size)
         if self.task in SEQ2SEQ_TASKS and self.model == "rnn-attention":
             from lmlab.models.config import RNNSeq2SeqConfig
 

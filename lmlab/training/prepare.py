@@ -158,6 +158,11 @@ class TrainerSetup:
 
     def _init_model(self, source: Any) -> tuple[Any, Any]:
         """The model --init starts from, and its config (a task wraps it: a classifier's body)."""
+        head = getattr(source.module.config, "head", None)
+        if head is not None:
+            kind = {"classify": "a classifier", "span": "a QA model"}.get(head, "a masked-LM encoder (--task mlm)")
+            raise LmlabError(f"--init {self.cfg.init}: --task lm continues a language model; this is {kind}, which "
+                             "predicts no next token" + (": fine-tune it with --task classify or qa" if head == "mlm" else ""))  # fmt: skip
         return source.module.train(), source.module.config
 
     def _new_generation_config(self, mcfg: Any) -> dict[str, Any]:

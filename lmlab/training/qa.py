@@ -50,10 +50,17 @@ def qa_tokenizer(kind: str, examples: list[QAExample] | None, vocab_size: int) -
         tok = load_tokenizer(kind)
     if tok.post_processor is None:
         tok.add_special_tokens(list(SPECIALS))
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
+        qa_tokenizer_template(tok)
+    return tok
+
+
+def qa_tokenizer_template(tok: Tokenizer) -> Tokenizer:
+    """BERT's templates on ``tok`` (which has [CLS] and [SEP]): ``[CLS] A [SEP]``, and for a
+    pair ``[CLS] A [SEP] B [SEP]`` with segment 0 the question, 1 the context."""
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     return tok
 
 
@@ -79,9 +86,23 @@ class QATrainer(BucketPlan, Trainer):
         return {"pad_token_id": self.tok.token_to_id("[PAD]") or 0}
 
     def _init_model(self, source: Any) -> tuple[Any, Any]:
-        if getattr(source.module.config, "head", None) != "span":
-            raise LmlabError(f"--init {self.cfg.init}: --task qa continues a QA model (a span head: lmlab or "
-                             "...ForQuestionAnswering); this is another kind of model")  # fmt: skip
+        head = getattr(source.module.config, "head", None)
+        if head == "mlm":  # an encoder pretrained here (--task mlm): its body under a new span head
+            from lmlab.models import build_model
+            from lmlab.models.task_config import TaskConfig
+
+            body = source.module.config.body
+            if body.type_vocab_size < 2:
+                raise LmlabError(f"--init {self.cfg.init}: its encoder has no segment embeddings for question and "
+                                 "context; pretrain it with this version of lmlab (--task mlm)")  # fmt: skip
+            mcfg = TaskConfig(body=body, head="span", head_hidden=False, head_dropout=self.cfg.dropout, id2label=None)
+            model = build_model(mcfg)
+            model.body.load_state_dict(source.module.body.state_dict())
+            return model.train(), mcfg
+        if head != "span":
+            raise LmlabError(f"--init {self.cfg.init}: --task qa starts from a QA model (a span head: lmlab or "
+                             "...ForQuestionAnswering) or an encoder pretrained with --task mlm; this is another "
+                             "kind of model")  # fmt: skip
         return source.module.train(), source.module.config
 
     def _load_data(self, resuming: bool) -> Any:

@@ -109,6 +109,10 @@ def _train(cfg: TrainConfig, explicit: Collection[str]) -> TrainResult:
         from lmlab.training.qa import QATrainer
 
         trainer = QATrainer(cfg, explicit)
+    elif cfg.task == "mlm":
+        from lmlab.training.mlm import MLMTrainer
+
+        trainer = MLMTrainer(cfg, explicit)
     else:
         trainer = Trainer(cfg, explicit)
     try:

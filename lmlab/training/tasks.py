@@ -110,6 +110,27 @@ def check_qa_options(cfg: TrainConfig) -> None:
         raise LmlabError("--val-fraction 0 leaves no dev questions: give --valid FILE, or a --val-fraction above 0")
 
 
+def mlm_model_config(cfg: TrainConfig, vocab_size: int) -> Any:
+    """An encoder (with the two segment embeddings QA fine-tuning uses) under BERT's masked-LM head."""
+    from lmlab.models.task_config import TaskConfig
+
+    body = encoder_body(cfg, vocab_size, type_vocab_size=2)
+    return TaskConfig(body=body, head="mlm", head_hidden=True, head_activation="gelu", head_dropout=cfg.dropout,
+                      id2label=None)  # fmt: skip
+
+
+def check_mlm_options(cfg: TrainConfig) -> None:
+    """--task mlm: an encoder pretrained on plain text."""
+    if cfg.model != "encoder":
+        raise LmlabError(f"--task mlm pretrains a bidirectional encoder: --model encoder (got {cfg.model!r}); "
+                         "a gpt or recurrent model pretrains with --task lm")  # fmt: skip
+    if cfg.init is not None:
+        raise LmlabError("--task mlm trains an encoder from scratch; drop --init (--resume RUN continues a run)")
+    if cfg.stateful or cfg.target_data is not None or cfg.separate_vocab or cfg.valid is not None:
+        raise LmlabError("--stateful, --target-data, --separate-vocab and --valid are not for --task mlm "
+                         "(its dev text is the last --val-fraction of --data)")  # fmt: skip
+
+
 def classifier_config(cfg: TrainConfig, body: Any, labels: list[str]) -> Any:
     """A linear head over the pooled states of ``body`` (a new body, or an --init model's)."""
     from lmlab.models.task_config import TaskConfig

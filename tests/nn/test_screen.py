@@ -42,12 +42,13 @@ def small(monkeypatch):
 
 def owner(V: int = 3000, d: int = 64, bias: bool = False) -> Owner:
     m = Owner(V, d, bias).eval()
-    assert fastpath.enable(m) >= 1 and screen.prepare(m) == 1 and type(m.lm_head) is ScreenedLinear
+    assert fastpath.enable(m) >= 1 and screen.prepare(m)[0] == 1 and type(m.lm_head) is ScreenedLinear
     return m
 
 
 def run(m: Owner, x: torch.Tensor, keep=()) -> torch.Tensor:
-    with torch.no_grad(), screen.screening(screen.keep_tensor(keep)):
+    bias = screen.prepare(m)[1]
+    with torch.no_grad(), screen.screening(screen.keep_tensor(keep), bias):
         return m(x)
 
 
@@ -150,6 +151,64 @@ def test_fast_path_off_turns_a_screened_head_back_into_a_linear(small):
     assert type(m.lm_head) is nn.Linear and "_screen" not in m.lm_head.__dict__
 
 
+def test_masked_ids_beyond_the_logits_are_ignored_as_the_masks_ignore_them(small):
+    m = owner()
+    x = torch.randn(1, 64)
+    got = run(m, x, keep=[5, 3000, 4000])  # V = 3000
+    assert int(got.argmax()) == int(reference(m, x).argmax()) and torch.isfinite(got[0, 5])
+
+
+def test_a_screened_model_copies_and_pickles_and_a_copy_uses_its_own_bias(small):
+    import copy
+    import io
+    import pickle
+
+    m = owner(bias=True)
+    x = torch.randn(1, 64)
+    run(m, x)
+    assert m.lm_head._screen is not None
+    pickle.loads(pickle.dumps(m))
+    torch.save(m, io.BytesIO())
+    clone = copy.deepcopy(m)
+    with torch.no_grad():
+        clone.logits_bias[0, 123] = 50.0  # the copy's own bias decides
+    assert int(run(clone, x).argmax()) == 123 and int(run(m, x).argmax()) != 123
+
+
+def test_weights_replaced_or_written_through_data_are_not_screened_with_a_stale_copy(small):
+    m = owner(V=4096, d=128)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        run(m, x)  # a copy of the current W
+        m.lm_head.weight.data = torch.randn(4096, 128, generator=g)  # a new tensor, perhaps at the old address
+        assert int(run(m, x).argmax()) == int(reference(m, x).argmax())
+    run(m, x)
+    perm = torch.randperm(4096, generator=g)
+    m.lm_head.weight.data.copy_(m.lm_head.weight.data[perm].clone())  # in place, no version bump
+    for _ in range(2):
+        assert int(run(m, x).argmax()) == int(reference(m, x).argmax())
+
+
+def test_a_huge_logits_bias_cannot_round_the_best_token_away(small):
+    """ẑ + c ± b rounds in fp32: with c = 2²⁰ next to logits of ~0.06, the bound must cover it."""
+    m = owner(V=64, d=64, bias=True)
+    g = torch.Generator().manual_seed(0)
+    for t in range(300):
+        with torch.no_grad():
+            m.lm_head.weight.normal_(0, 1e-4, generator=g)
+            x = torch.randn(1, 64, generator=g)
+            base = torch.randn(64, generator=g)
+            base *= 0.0625 / (base @ x[0])  # x·base = 0.0625: on a rounding boundary of c + ·
+            for k in range(8):
+                m.lm_head.weight[k] = base + torch.randn(64, generator=g) * 2e-6
+            m.logits_bias.zero_()
+            m.logits_bias[0, :8] = 2.0**20 + 0.125 * (t % 2)
+            plain = m(x)[0]
+        got = run(m, x)[0]
+        assert int(got.argmax()) == int(plain.argmax()), t
+
+
 @pytest.mark.parametrize(
     "opts",
     [
@@ -185,3 +244,4 @@ def test_greedy_decoding_with_the_screen_equals_the_plain_model(small, monkeypat
     assert calls, "the screen never ran"
     model.screen_output, n = False, len(calls)
     assert tokens(True) == plain and len(calls) == n
+    assert "_screen" not in model.lm_head.__dict__  # the bf16 copy is gone too
