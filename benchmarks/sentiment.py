@@ -17,6 +17,7 @@ Run alone on an otherwise idle machine (2-core timings are meaningless under loa
     .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm,encoder --minutes 30
     .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm+lm,gpt+lm --pretrain-minutes 20
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs lstm,encoder
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs encoder+mlm --minutes 15 --pretrain-minutes 15
     .venv/bin/python benchmarks/sentiment.py --minutes 0.3 --pretrain-minutes 0.2 --out /tmp/sa-smoke   # smoke
 """
 
@@ -102,7 +103,7 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
     from lmlab.labeled import read_labeled
 
     ds = DATASETS[dataset]
-    body_name, pretrain = run.removesuffix("+lm"), run.endswith("+lm")
+    body_name, pretrain = run.removesuffix("+lm").removesuffix("+mlm"), run.endswith(("+lm", "+mlm"))
     body = BODIES[body_name]
     folder = out / f"{dataset}-{run.replace('+', '-')}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,13 +111,15 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
     common = dict(progress=False, overwrite=True, max_seq_len=ds["max_seq_len"])
     init = None
     if pretrain:
-        if body_name == "encoder":
-            raise SystemExit("an encoder has no language model to pretrain here: use lstm+lm or gpt+lm")
+        if (body_name == "encoder") != run.endswith("+mlm"):
+            raise SystemExit("an encoder pretrains as a masked LM (encoder+mlm); lstm, gru and gpt as an LM (+lm)")
         corpus = unlabelled_corpus(ds, folder)
         lm_opts = {k: v for k, v in body.items() if k not in ("batch_size", "bidirectional")}
+        if body_name == "encoder":  # BERT's masked-LM pretraining (--task mlm)
+            lm_opts.update(task="mlm", warmup=100, lr=1e-3)
         t0 = time.perf_counter()
         res = lmlab.train(data=str(corpus), out=str(folder / "lm"), tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"],
-                          time=f"{pretrain_minutes}m", batch_size=32, eval_every=500, **lm_opts, **common)  # fmt: skip
+                          time=f"{pretrain_minutes}m", batch_size=32, eval_every=200, **lm_opts, **common)  # fmt: skip
         result["pretrain"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step,
                               "val_loss": res.val_loss, "corpus_chars": corpus.stat().st_size}  # fmt: skip
         init = str(folder / "lm")
@@ -147,7 +150,8 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="sst2,chnsenticorp")
-    ap.add_argument("--runs", default="lstm,encoder,gpt,lstm+lm,gpt+lm", help="bodies; +lm: with LM pretraining")
+    ap.add_argument("--runs", default="lstm,encoder,gpt,lstm+lm,gpt+lm",
+                    help="bodies; +lm: with LM pretraining; encoder+mlm: with masked-LM pretraining")
     ap.add_argument("--minutes", type=float, default=30.0, help="the classifier's budget")
     ap.add_argument("--pretrain-minutes", type=float, default=20.0, help="the language model's budget (+lm runs)")
     ap.add_argument("--out", default="runs/bench-sentiment")

@@ -19,9 +19,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps, or auto (a GPU if there is one)")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
     p.add_argument("--log-prompts", action="store_true", help="log each request's prompt (off: prompts are private)")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer: completions it can serve (n=1, no penalties) are "
+                        "decoded speculatively, the same text in fewer passes of MODEL")  # fmt: skip
+    p.add_argument("--num-assistant-tokens", type=int, default=5, help="--draft: tokens it guesses per pass")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.num_assistant_tokens < 1:
+        raise LmlabError(f"--num-assistant-tokens must be >= 1 (got {a.num_assistant_tokens})")
+    if a.num_assistant_tokens != 5 and a.draft is None:
+        raise LmlabError("--num-assistant-tokens is for --draft MODEL (the draft guesses that many tokens a pass)")
     for name in ("port", "max_batch", "max_queue"):
         value = getattr(a, name)
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
@@ -44,7 +52,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     logging.getLogger("lmlab.serve").setLevel(logging.INFO)  # the batch size as it changes; errors
     served = Served(source=a.model, model_id=a.model_name or a.model, api_key=a.api_key, max_batch=a.max_batch,
                     max_queue=a.max_queue, dtype=a.dtype, device=a.device, log_prompts=a.log_prompts,
-                    engine_thread=False)  # fmt: skip
+                    draft=a.draft, num_assistant_tokens=a.num_assistant_tokens, engine_thread=False)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(create_app(served, background=None), host=a.host, port=a.port,
                                            log_level="warning", access_log=False))  # fmt: skip
     # HTTP on a thread of its own, the model on the main thread (see lmlab.serve.engine.Engine)

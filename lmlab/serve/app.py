@@ -44,6 +44,8 @@ class Served:
     log_prompts: bool = False
     max_body: int = MAX_BODY
     engine_thread: bool = True  # False: the caller runs engine.serve_forever() (lmlab serve: the main thread)
+    draft: str | None = None  # a draft model's path: speculative decoding of the completions it can serve
+    num_assistant_tokens: int = 5
     model: Any = None
     engine: Any = None
     kind: str = ""  # lm | seq2seq | classify | span
@@ -85,7 +87,20 @@ class Served:
         else:
             self.kind = "lm"
             self.chat = ChatSetup.of(model)
-            self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, thread=self.engine_thread)
+            draft = None
+            if self.draft is not None:
+                try:
+                    draft = model._assistant(self.draft)
+                except LmlabError as e:
+                    self.error = f"--draft {self.draft}: {e}"
+                    log.error("lmlab serve: %s", self.error)
+                    return
+            elif self.num_assistant_tokens != 5:
+                self.error = "--num-assistant-tokens is for --draft MODEL"
+                log.error("lmlab serve: %s", self.error)
+                return
+            self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, thread=self.engine_thread,
+                                 draft=draft, num_assistant_tokens=self.num_assistant_tokens)  # fmt: skip
         self.model = model
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ and seeded samples equal those of the same request served alone.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -102,8 +103,15 @@ class Engine:
     """The batching loop over one decoder-only model (a Transformer or an RNN) of ``model``
     (an :class:`lmlab.api.Model`). ``submit`` a :class:`Job`; events arrive on its sink."""
 
-    def __init__(self, model: object, max_batch: int = 32, max_queue: int = 256, thread: bool = True) -> None:
+    def __init__(
+        self, model: object, max_batch: int = 32, max_queue: int = 256, thread: bool = True,
+        draft: object | None = None, num_assistant_tokens: int = 5,
+    ) -> None:  # fmt: skip
+        """``draft`` (a smaller decoder-only module with the same tokenizer): every request it can
+        serve (one sequence, no penalties: :func:`check_speculative`) is decoded speculatively,
+        ``num_assistant_tokens`` guesses a pass, beside the batch; the others join the batch."""
         self.model = model
+        self.draft, self.num_assistant_tokens = draft, num_assistant_tokens
         self.module = model.module  # type: ignore[attr-defined]
         self.tokenizer = model.tokenizer  # type: ignore[attr-defined]
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -118,7 +126,8 @@ class Engine:
         self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
         self._closed = False
         self._logged, self._logged_at = (0, 0), 0.0
-        self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0}
+        self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0,
+                      "drafted": 0}  # requests the draft model (--draft) decoded speculatively
         # thread=False: the caller runs the loop (serve_forever) on its own thread. lmlab serve runs
         # it on the main thread: on this project's machines a model's small products ran 25-40%
         # slower from any other thread (OpenMP/MKL; greedy GPT-2: 35 vs 47 tokens/s).
@@ -309,10 +318,25 @@ class Engine:
                 still.append((row, steps))
         self._solo = still
 
-    def _start_solo(self, job: Job) -> None:
+    def _drafted(self, job: Job) -> bool:
+        """Whether ``job`` goes to the draft model (--draft): one it can decode exactly."""
+        if self.draft is None or job.cfg.prompt_lookup_num_tokens is not None:
+            return False
+        ctx = min(self.module.config.max_seq_len, self.draft.config.max_seq_len)
+        if len(job.prompt_ids) + job.cfg.max_new_tokens > ctx:
+            return False  # past the draft's context: the batch (a sliding window there)
+        try:
+            check_speculative(self.module, job.cfg, job.n, self.draft)
+        except LmlabError:
+            return False
+        return True
+
+    def _start_solo(self, job: Job, draft: bool = False) -> None:
         row = self._new_row(job, 0)
         seed = None if row.gen is None else int(row.gen.initial_seed())
-        steps = speculative_sample(self.module, [job.prompt_ids], job.cfg, [seed])  # stop strings: _emit's
+        cfg = dataclasses.replace(job.cfg, num_assistant_tokens=self.num_assistant_tokens) if draft else job.cfg
+        steps = speculative_sample(self.module, [job.prompt_ids], cfg, [seed],  # stop strings: _emit's
+                                   draft=self.draft if draft else None)  # fmt: skip
         self._solo.append((row, steps))
 
     # ------------------------------------------------------------------ the batch
@@ -351,6 +375,9 @@ class Engine:
                     continue
                 if job.cfg.prompt_lookup_num_tokens is not None:
                     self._start_solo(job)
+                elif self._drafted(job):
+                    self._start_solo(job, draft=True)
+                    self.stats["drafted"] += 1
                 else:
                     jobs.append(job)
                 free -= job.n

@@ -354,3 +354,54 @@ def test_prompt_lookup_gives_the_plain_output(client, model):
     r = client.completions.create(model="tiny", prompt=[prompt, other], max_tokens=10, temperature=0,
                                   extra_body={"prompt_lookup_num_tokens": 3})  # fmt: skip
     assert [c.text for c in r.choices] == [model.generate(t, temperature=0, max_new_tokens=10) for t in (prompt, other)]
+
+
+def test_a_draft_model_serves_the_same_text_in_fewer_passes(lm_dir, tmp_path):
+    """lmlab serve --draft: completions the draft can serve are decoded speculatively — greedy
+    equal to the model's plain greedy output, a seeded sample to Model.generate's with the same
+    draft — and the rest (n=2, a penalty) still answer, through the batch; the engine's
+    passes over the big model are fewer than its tokens."""
+    from helpers import tiny_checkpoint
+
+    import lmlab
+
+    draft_dir = tiny_checkpoint(tmp_path / "draft", pos="rope", max_seq_len=256, n_layer=1, d_model=16, seed=7)
+    model = lmlab.load(str(lm_dir))
+    prompt = "We are the sea, the sea, the sea. We are the"
+    greedy = model.generate(prompt, temperature=0, max_new_tokens=20)
+    sampled = model.generate(prompt, temperature=1.0, seed=5, max_new_tokens=12, assistant_model=str(draft_dir),
+                             num_assistant_tokens=3)  # fmt: skip
+    with running(lm_dir, draft=str(draft_dir), num_assistant_tokens=3) as url:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=url + "/v1", api_key="none")
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+        assert r.choices[0].text == greedy and r.usage.completion_tokens == 20
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0, seed=5)
+        assert r.choices[0].text == sampled
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.0, n=2, seed=1)
+        assert len(r.choices) == 2
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, frequency_penalty=1.0)
+        assert r.usage.completion_tokens == 5
+        metrics = dict(line.split() for line in httpx.get(url + "/metrics").text.splitlines())
+        assert metrics["lmlab_drafted"] == "2"  # the greedy and the seeded request; n=2 and the penalty not
+
+
+def test_a_draft_with_another_tokenizer_is_refused_at_load(lm_dir, tmp_path):
+    from helpers import tiny_checkpoint
+
+    from lmlab.serve.app import Served
+
+    other = tiny_checkpoint(tmp_path / "other", "bpe", pos="rope", max_seq_len=64)
+    served = Served(source=str(lm_dir), model_id="tiny", draft=str(other))
+    served.load()
+    assert not served.ready and "another tokenizer" in served.error and served.error.startswith("--draft")
+
+
+def test_num_assistant_tokens_needs_a_draft(lm_dir, capsys):
+    from lmlab.cli import main
+
+    assert main(["serve", str(lm_dir), "--num-assistant-tokens", "3"]) != 0
+    assert "--num-assistant-tokens is for --draft MODEL" in capsys.readouterr().err
+    assert main(["serve", str(lm_dir), "--draft", str(lm_dir), "--num-assistant-tokens", "0"]) != 0
+    assert "--num-assistant-tokens must be >= 1" in capsys.readouterr().err
