@@ -95,10 +95,10 @@ class Model:
         if not isinstance(assistant, Model):
             raise LmlabError(f"assistant_model must be an lmlab model or its path, not {type(assistant).__name__}")
         if assistant.is_encoder_decoder or assistant.module is self.module or getattr(assistant.config, "head", None) is not None:
-            raise LmlabError("assistant_model must be a second, smaller decoder-only language model (a draft)")
+            raise LmlabError("the assistant (draft) model must be a second, smaller decoder-only language model")
         if assistant.tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise LmlabError(
-                "assistant_model has another tokenizer: speculative decoding needs the same token ids for "
+                "the assistant (draft) model has another tokenizer: speculative decoding needs the same token ids for "
                 "the same text (train the draft with --tokenizer MODEL/tokenizer.json)"
             )
         return assistant.module

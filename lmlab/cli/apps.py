@@ -261,7 +261,7 @@ def cmd_evaluate_task(a: argparse.Namespace) -> int:
     if task is None:  # a Hub id: the model itself says what it does
         model = load_model(a)
         head = getattr(model.config, "head", None)
-        task = {"classify": "classify", "span": "qa"}.get(head) or ("translate" if model.is_encoder_decoder else "lm")
+        task = {"classify": "classify", "span": "qa", "mlm": "lm"}.get(head) or ("translate" if model.is_encoder_decoder else "lm")
         a._model = model
     if task in ("classify", "summarize", "qa"):
         return {"classify": evaluate_classify, "summarize": evaluate_summarize, "qa": evaluate_qa}[task](a)
@@ -278,8 +278,8 @@ def stored_task(source: str) -> str | None:
         mt = cfg.get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    if mt == "task":
-        return {"classify": "classify", "span": "qa"}.get(cfg.get("head"), "classify")
+    if mt == "task":  # a masked-LM encoder has only its dev loss: `lmlab eval`'s refusal names it
+        return {"classify": "classify", "span": "qa", "mlm": "lm"}.get(cfg.get("head"), "classify")
     archs = " ".join(map(str, cfg.get("architectures") or []))
     if "ForSequenceClassification" in archs:
         return "classify"

@@ -218,7 +218,8 @@ def cmd_info(a: argparse.Namespace) -> int:
         kind = {"classify": "classifier", "span": "extractive QA (span) head"}.get(
             cfg.head, "masked-LM encoder (pretraining: the body of --task classify/qa --init)")
         print(f"task         {kind}" + (f", labels: {', '.join(cfg.labels)}" if cfg.head == "classify" else ""))
-        print(f"context      {cfg.max_seq_len:,} tokens (longer texts are cut, with a warning; QA reads windows)")
+        print(f"context      {cfg.max_seq_len:,} tokens" + ("" if cfg.head == "mlm" else
+              " (longer texts are cut, with a warning; QA reads windows)"))  # fmt: skip
     elif cfg.model_type == "transformer":
         print(f"context      {cfg.max_seq_len:,} tokens")
     else:  # a recurrent state has no length limit; max_seq_len is the training window

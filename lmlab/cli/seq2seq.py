@@ -209,8 +209,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         return report_perplexity(model, a)
     if not model.is_encoder_decoder:
-        raise LmlabError(f"{a.checkpoint} is a language model: --task translate needs an encoder-decoder "
-                         "(use --task lm for perplexity)")  # fmt: skip
+        head = getattr(model.config, "head", None)
+        kind = {"classify": "a classifier", "span": "a QA model", "mlm": "a masked-LM encoder"}.get(head, "a language model")
+        fix = {"classify": "--task classify", "span": "--task qa"}.get(head, "--task lm for perplexity")
+        raise LmlabError(f"{a.checkpoint} is {kind}: --task translate needs an encoder-decoder "
+                         f"(score it with {fix})" if head != "mlm" else f"{a.checkpoint} is {kind}: --task "
+                         "translate needs an encoder-decoder (fine-tune the encoder with --init first)")  # fmt: skip
     from lmlab.eval.bleu import translation_scores
 
     if pairs is None:

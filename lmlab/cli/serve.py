@@ -53,6 +53,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     served = Served(source=a.model, model_id=a.model_name or a.model, api_key=a.api_key, max_batch=a.max_batch,
                     max_queue=a.max_queue, dtype=a.dtype, device=a.device, log_prompts=a.log_prompts,
                     draft=a.draft, num_assistant_tokens=a.num_assistant_tokens, engine_thread=False)  # fmt: skip
+    quiet = logging.getLogger("lmlab.serve")
+    quiet.setLevel(logging.CRITICAL)  # a load error is said once, below
+    served.load()  # first: a model that cannot be served is one line, before any URL is announced
+    quiet.setLevel(logging.INFO)
+    if served.error:
+        raise LmlabError(served.error)
     server = uvicorn.Server(uvicorn.Config(create_app(served, background=None), host=a.host, port=a.port,
                                            log_level="warning", access_log=False))  # fmt: skip
     # HTTP on a thread of its own, the model on the main thread (see lmlab.serve.engine.Engine)
@@ -67,9 +73,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     print(f"lmlab serve: {a.model} at http://{shown}:{a.port}/v1 (OpenAI API), http://{shown}:{a.port}/ "
           f"(playground), http://{shown}:{a.port}/docs (API reference)", file=sys.stderr, flush=True)  # fmt: skip
     try:
-        served.load()  # /health answers 503 meanwhile
-        if served.error:
-            raise LmlabError(served.error)
         if served.engine is not None:
             served.engine.serve_forever()
         else:

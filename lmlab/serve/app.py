@@ -68,7 +68,7 @@ class Served:
             model = lmlab.load(self.source, dtype=self.dtype, device=self.device)
         except LmlabError as e:
             self.error = str(e)
-            log.error("lmlab serve: cannot load %s: %s", self.source, e)
+            log.error("cannot load %s: %s", self.source, e)
             return
         task = getattr(model.module, "task", None)
         if model.is_encoder_decoder:
@@ -82,7 +82,7 @@ class Served:
         elif task == "mlm":
             self.error = (f"{self.source} is an encoder pretrained by masked-token prediction (--task mlm), which "
                           "serves no route; fine-tune it first (lmlab train --task classify|qa --init RUN)")
-            log.error("lmlab serve: %s", self.error)
+            log.error("%s", self.error)
             return
         else:
             self.kind = "lm"
@@ -91,13 +91,17 @@ class Served:
             if self.draft is not None:
                 try:
                     draft = model._assistant(self.draft)
+                    for m, name in ((model.module, self.source), (draft, self.draft)):
+                        if not m.bounded_context:
+                            raise LmlabError(f"speculative decoding needs Transformers: {name} is a recurrent "
+                                             "network, whose state cannot be rewound")  # fmt: skip
                 except LmlabError as e:
                     self.error = f"--draft {self.draft}: {e}"
-                    log.error("lmlab serve: %s", self.error)
+                    log.error("%s", self.error)
                     return
             elif self.num_assistant_tokens != 5:
                 self.error = "--num-assistant-tokens is for --draft MODEL"
-                log.error("lmlab serve: %s", self.error)
+                log.error("%s", self.error)
                 return
             self.engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, thread=self.engine_thread,
                                  draft=draft, num_assistant_tokens=self.num_assistant_tokens)  # fmt: skip

@@ -237,6 +237,7 @@ class TrainConfig:
             self.model = "transformer"  # the default --model, for an encoder-decoder
         if self.task in ("qa", "mlm") and self.model == "gpt":
             self.model = "encoder"  # the default --model, for a reader and a masked LM
+            self._encoder_default = True
         if self.task in SEQ2SEQ_TASKS and self.pos == "rope":
             self.pos = "sinusoidal"  # the paper's; RoPE is a decoder-only default
             self._rope_default = True
@@ -295,6 +296,7 @@ class TrainConfig:
             need(self.target_data is None and self.valid is None and not self.separate_vocab,
                  "--target-data, --valid and --separate-vocab are for --task translate (parallel text)")
         need(self.n_layer > 0, f"--n-layer must be positive (got {self.n_layer})")
+        need(self.max_seq_len > 0, f"--max-seq-len must be positive (got {self.max_seq_len})")
         need(
             self.model not in RECURRENT or self.hidden_size > 0,
             f"--hidden-size must be positive (got {self.hidden_size})",
@@ -334,6 +336,16 @@ class TrainConfig:
 
         if self.task in SEQ2SEQ_TASKS and "pos" in given and getattr(self, "_rope_default", False):
             raise LmlabError(f"--task {self.task}: the encoder-decoder takes --pos sinusoidal or learned, not rope")
+        if "model" in given and getattr(self, "_encoder_default", False):
+            raise LmlabError(f"--task {self.task} trains a bidirectional encoder: --model encoder (the default), "
+                             "not gpt")  # fmt: skip
+        if self.model == "encoder" and self.init is None:
+            unread = [k for k in ("pos", "n_kv_head", "tie_embeddings") if k in given]
+            if unread:
+                flags = {"tie_embeddings": "--no-tie-embeddings" if not self.tie_embeddings else "--tie-embeddings"}
+                raise LmlabError(", ".join(flags.get(k, "--" + k.replace("_", "-")) for k in unread) + ": the encoder has learned "
+                                 "positions, one key/value head per query head and no output layer to tie; drop "
+                                 + ("it" if len(unread) == 1 else "them"))  # fmt: skip
         check_task_flags(self, given)
         if self.init is not None:
             fixed = [k for k in INIT_FIXED if k in given]

@@ -54,7 +54,10 @@ def mask_tokens(
     x = x.cpu()
     allowed = ~torch.isin(x, special_ids)
     chosen = (u < MASK_RATE) & allowed
-    if not bool(chosen.any()) and bool(allowed.any()):  # a tiny batch: ask about one token at least
+    if not bool(chosen.any()):  # a tiny batch: ask about one token at least
+        if not bool(allowed.any()):
+            raise LmlabError("a batch of the text holds only special tokens ([PAD], [CLS], [SEP], [MASK]): there is "
+                             "nothing to mask and predict; train on ordinary text")  # fmt: skip
         chosen.view(-1)[int(torch.nonzero(allowed.view(-1))[0])] = True
     labels = torch.where(chosen, x, torch.full_like(x, IGNORE))
     inputs = torch.where(chosen & (how < MASK_TOKEN), torch.full_like(x, mask_id), x)

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, processors
 
 from lmlab.checkpoint import unwrap
 from lmlab.errors import LmlabError
-from lmlab.messages import say
+from lmlab.messages import say, warn
 from lmlab.pairs import bucket_batches, pad_batch
 from lmlab.qa_data import QAExample, read_qa
 from lmlab.tokenizer import load_tokenizer, train_tokenizer
@@ -122,20 +122,34 @@ class QATrainer(BucketPlan, Trainer):
         limit = unwrap(self.model).config.max_seq_len
         tok = Tokenizer.from_str(self.tok.to_str())
         tok.no_padding()
-        tok.enable_truncation(limit, stride=min(128, limit // 4), strategy="only_second")
-        out = []
+        plain = Tokenizer.from_str(tok.to_str())  # for a question's length: no truncation
+        plain.no_truncation()
+        specials = tok.post_processor.num_special_tokens_to_add(True) if tok.post_processor is not None else 0
+        out, skipped = [], []
         for ex in examples:
             a, b = _span(ex) or (-1, -1)
-            try:
-                enc = tok.encode(ex.question, ex.context)
-            except Exception as e:  # the question alone fills the window
-                raise LmlabError(f"question {ex.id}: {str(e).splitlines()[0]}; raise --max-seq-len") from None
+            # The context's share of a window: what the question and the special tokens leave. The
+            # windows overlap by a quarter of a window (at most 128), less than that share (the
+            # tokenizer's stride must be; a question that leaves < 2 tokens is skipped, counted).
+            room = limit - specials - len(plain.encode(ex.question, add_special_tokens=False).ids)
+            if room < 2:
+                skipped.append(ex.id)
+                continue
+            tok.enable_truncation(limit, stride=min(128, limit // 4, room - 1), strategy="only_second")
+            enc = tok.encode(ex.question, ex.context)
             for w in [enc, *enc.overflowing]:
                 s = w.char_to_token(a, 1) if a >= 0 else None
                 t = w.char_to_token(b, 1) if a >= 0 else None
                 s, t = (s, t) if s is not None and t is not None and s <= t else (0, 0)
                 context = [q == 1 for q in w.sequence_ids]  # the context's tokens (RoBERTa's type ids are all 0)
                 out.append((w.ids, w.type_ids, s, t, context))
+        if skipped:
+            what = f"{len(skipped)} of {len(examples)} questions (id {', '.join(map(str, skipped[:3]))}" + (", ..." if len(skipped) > 3 else "") + ")"
+            if len(skipped) == len(examples):
+                raise LmlabError(f"every question is too long for the model's {limit}-token window with room for its "
+                                 "context; raise --max-seq-len (or start from a model with a longer context)")  # fmt: skip
+            warn(f"{what} leave no room for their context in a {limit}-token window and were skipped; "
+                 "raise --max-seq-len to read them")  # fmt: skip
         return out
 
     def _split_data(self, mcfg: Any, corpus: Any) -> None:

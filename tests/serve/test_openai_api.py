@@ -405,3 +405,19 @@ def test_num_assistant_tokens_needs_a_draft(lm_dir, capsys):
     assert "--num-assistant-tokens is for --draft MODEL" in capsys.readouterr().err
     assert main(["serve", str(lm_dir), "--draft", str(lm_dir), "--num-assistant-tokens", "0"]) != 0
     assert "--num-assistant-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_a_recurrent_draft_is_refused_at_load_in_one_line(lm_dir, tmp_path, capsys):
+    """`lmlab serve MODEL --draft RNN`: one line before any URL (a draft the engine would never use)."""
+    from helpers import make_tokenizer, write_checkpoint
+
+    from lmlab.cli import main
+    from lmlab.models.config import RNNConfig
+    from lmlab.models.rnn import RNNLanguageModel
+
+    tok = make_tokenizer("char")
+    model = RNNLanguageModel(RNNConfig(cell="lstm", vocab_size=tok.get_vocab_size(), d_model=16, hidden_size=16, n_layer=1))
+    write_checkpoint(tmp_path / "lstm", model, tok, {})
+    assert main(["serve", str(lm_dir), "--draft", str(tmp_path / "lstm"), "--port", "0"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--draft" in err[0] and "recurrent" in err[0], err

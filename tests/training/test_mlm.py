@@ -184,3 +184,46 @@ def test_resume_masks_what_the_uninterrupted_run_masked(pretrained, tmp_path, mo
     lmlab.train(resume=str(b))
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_flags_an_encoder_would_not_read_and_text_with_nothing_to_mask_are_one_line(pretrained, tmp_path, capsys):
+    from lmlab.cli import main
+
+    text = str(pretrained / "text.txt")
+    for argv, says in (
+        (["--task", "mlm", "--model", "gpt"], "--model encoder (the default), not gpt"),
+        (["--task", "qa", "--model", "gpt"], "--model encoder (the default), not gpt"),
+        (["--task", "mlm", "--pos", "rope"], "--pos: the encoder has learned positions"),
+        (["--task", "mlm", "--no-tie-embeddings"], "--no-tie-embeddings: the encoder"),
+        (["--task", "mlm", "--max-seq-len", "0"], "--max-seq-len must be positive"),
+    ):
+        assert main(["train", *argv, "--data", text, "--steps", "1", "--out", str(tmp_path / "x")]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    only = tmp_path / "only.txt"
+    only.write_text("[MASK]" * 200, encoding="utf-8")
+    assert main(["train", "--task", "mlm", "--data", str(only), "--steps", "2", "--d-model", "32", "--n-layer", "1",
+                 "--n-head", "2", "--max-seq-len", "16", "--batch-size", "2", "--out", str(tmp_path / "y")]) != 0  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "nothing to mask" in err[0], err
+    assert main(["evaluate", str(pretrained / "enc"), "--data", text]) != 0  # no --task: the model says what it is
+    assert "masked-token prediction" in capsys.readouterr().err
+
+
+def test_a_question_that_fills_the_window_is_skipped_with_a_count(pretrained, tmp_path):
+    """QA windows over a 32-token encoder: a question of 40 characters leaves no room for its
+    context (skipped, one warning naming it); every question so: one line."""
+    ctx = "abcdefghij小猫坐在垫子上klmnop"
+    ok = {"id": "ok", "question": "小猫", "context": ctx, "answers": [{"text": "垫子", "answer_start": ctx.index("垫子")}]}
+    long = dict(ok, id="long", question="abcdefghij" * 4)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [ok] * 9 + [long]), encoding="utf-8")
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps(ok) + "\n", encoding="utf-8")
+    with pytest.warns(Warning, match=r"1 of 10 questions \(id long\) leave no room"):
+        lmlab.train(task="qa", init=str(pretrained / "enc"), data=str(data), valid=str(dev), out=str(tmp_path / "a"),
+                    steps=1, progress=False)  # fmt: skip
+    data.write_text("".join(json.dumps(dict(long, id=str(i))) + "\n" for i in range(5)), encoding="utf-8")
+    with pytest.raises(LmlabError, match="every question is too long"):
+        lmlab.train(task="qa", init=str(pretrained / "enc"), data=str(data), out=str(tmp_path / "b"), steps=1,
+                    progress=False)  # fmt: skip
