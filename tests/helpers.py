@@ -406,3 +406,28 @@ def tiny_hf_encoder(
             (folder / "vocab.txt").write_text("".join(t + "\n" for t in sorted(wordpiece_vocab(), key=wordpiece_vocab().get)),
                                               encoding="utf-8")  # fmt: skip
     return folder
+
+
+def assert_resume_is_exact(trainer_cls: type, monkeypatch: pytest.MonkeyPatch, a: Path, b: Path, **opts: Any) -> None:
+    """Train ``opts`` into ``a`` uninterrupted; into ``b`` with a crash at step 15 and a resume:
+    the two final checkpoints are equal, weight for weight (``trainer_cls``: the task's Trainer)."""
+    from safetensors.torch import load_file
+
+    import lmlab
+
+    lmlab.train(out=str(a), **opts)
+    real = trainer_cls.train_step
+
+    def crash_after_15(self: Any, step: int) -> float:
+        if step == 15:
+            raise RuntimeError("power cut")
+        return real(self, step)
+
+    monkeypatch.setattr(trainer_cls, "train_step", crash_after_15)
+    with pytest.raises(RuntimeError, match="power cut"):
+        lmlab.train(out=str(b), **opts)
+    monkeypatch.setattr(trainer_cls, "train_step", real)
+    assert json.loads((b / "trainer_state.json").read_text())["step"] == opts["save_every"]  # (save_every=10)
+    lmlab.train(resume=str(b))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

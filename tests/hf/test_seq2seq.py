@@ -128,18 +128,23 @@ OPTIONS = [
 ]
 
 
+def _both_sides(d: Path, seed: int) -> tuple:
+    """transformers' model and lmlab's of folder ``d``, three sources of different lengths
+    (random ids, then EOS), lmlab's request for the checkpoint's settings, and its pad id."""
+    ref_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
+    m = lmlab.load(d)
+    eos = ref_model.config.eos_token_id
+    g = torch.Generator().manual_seed(seed)
+    srcs = [torch.randint(3, V, (n,), generator=g).tolist() + [eos] for n in (5, 9, 3)]
+    req = Seq2SeqRequest(m.module, m.tokenizer, m.target_tokenizer, m.generation_config)
+    return ref_model, m, srcs, req, m.generation_config["pad_token_id"]
+
+
 @pytest.mark.parametrize("name", ["marian", "bart", "t5-v1.1", "mbart"])
 def test_generate_matches_transformers_token_for_token(folders: dict[str, Path], name: str) -> None:
     """Three sources of different lengths decoded as one batch equal transformers' runs of each
     alone (the checkpoint's own settings apply to both: forced EOS, Marian's forbidden pad)."""
-    d = folders[name]
-    ref_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
-    m = lmlab.load(d)
-    eos = ref_model.config.eos_token_id
-    g = torch.Generator().manual_seed(1)
-    srcs = [torch.randint(3, V, (n,), generator=g).tolist() + [eos] for n in (5, 9, 3)]
-    req = Seq2SeqRequest(m.module, m.tokenizer, m.target_tokenizer, m.generation_config)
-    pad = m.generation_config["pad_token_id"]
+    ref_model, m, srcs, req, pad = _both_sides(folders[name], seed=1)
     for opts in OPTIONS:
         ours = seq2seq_generate(m.module, m.target_tokenizer, srcs, req.config(**opts), pad)
         for i, s in enumerate(srcs):
@@ -165,14 +170,7 @@ def test_greedy_with_the_screened_output_layer_matches_transformers(folders: dic
     calls = []
     real = screen.ScreenedLinear._screened
     monkeypatch.setattr(screen.ScreenedLinear, "_screened", lambda self, *a: calls.append(1) or real(self, *a))
-    d = folders[name]
-    ref_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(d).eval()
-    m = lmlab.load(d)
-    eos = ref_model.config.eos_token_id
-    g = torch.Generator().manual_seed(2)
-    srcs = [torch.randint(3, V, (n,), generator=g).tolist() + [eos] for n in (5, 9, 3)]
-    req = Seq2SeqRequest(m.module, m.tokenizer, m.target_tokenizer, m.generation_config)
-    pad = m.generation_config["pad_token_id"]
+    ref_model, m, srcs, req, pad = _both_sides(folders[name], seed=2)
     for opts in (dict(max_new_tokens=12), dict(max_new_tokens=9, min_new_tokens=6)):
         ours = seq2seq_generate(m.module, m.target_tokenizer, srcs, req.config(**opts), pad)
         for i, s in enumerate(srcs):

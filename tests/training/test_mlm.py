@@ -164,26 +164,13 @@ def test_the_training_loss_is_the_cross_entropy_of_the_chosen_tokens(pretrained,
 
 
 def test_resume_masks_what_the_uninterrupted_run_masked(pretrained, tmp_path, monkeypatch):
+    from helpers import assert_resume_is_exact
+
     from lmlab.training.mlm import MLMTrainer
 
-    a, b = tmp_path / "a", tmp_path / "b"
     opts = dict(TINY, data=str(pretrained / "text.txt"), tokenizer="char", steps=20, eval_every=10, save_every=10,
                 dropout=0.1)  # fmt: skip
-    lmlab.train(out=str(a), **opts)
-    real = MLMTrainer.train_step
-
-    def crash_after_15(self, step):
-        if step == 15:
-            raise RuntimeError("power cut")
-        return real(self, step)
-
-    monkeypatch.setattr(MLMTrainer, "train_step", crash_after_15)
-    with pytest.raises(RuntimeError, match="power cut"):
-        lmlab.train(out=str(b), **opts)
-    monkeypatch.setattr(MLMTrainer, "train_step", real)
-    lmlab.train(resume=str(b))
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resume_is_exact(MLMTrainer, monkeypatch, tmp_path / "a", tmp_path / "b", **opts)
 
 
 def test_flags_an_encoder_would_not_read_and_text_with_nothing_to_mask_are_one_line(pretrained, tmp_path, capsys):

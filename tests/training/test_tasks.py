@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_resume_is_exact
 from safetensors.torch import load_file
 
 import lmlab
@@ -58,23 +59,8 @@ def test_resume_continues_exactly(data, tmp_path, monkeypatch):
     from lmlab.training.classify import ClassifyTrainer
 
     train, dev = data
-    a, b = tmp_path / "a", tmp_path / "b"
     opts = dict(SMALL, data=str(train), valid=str(dev), model="encoder", steps=20, eval_every=10, save_every=10, dropout=0.1)
-    lmlab.train(out=str(a), **opts)
-    real = ClassifyTrainer.train_step
-
-    def crash_after_15(self, step):
-        if step == 15:
-            raise RuntimeError("power cut")
-        return real(self, step)
-
-    monkeypatch.setattr(ClassifyTrainer, "train_step", crash_after_15)
-    with pytest.raises(RuntimeError, match="power cut"):
-        lmlab.train(out=str(b), **opts)
-    monkeypatch.setattr(ClassifyTrainer, "train_step", real)
-    lmlab.train(resume=str(b))
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resume_is_exact(ClassifyTrainer, monkeypatch, tmp_path / "a", tmp_path / "b", **opts)
 
 
 def test_init_from_a_language_model_trained_here(data, tmp_path):

@@ -8,8 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from helpers import assert_resume_is_exact
 
 import lmlab
 from lmlab.errors import LmlabError
@@ -59,24 +58,8 @@ def test_resume_continues_exactly(pairs_tsv: Path, tmp_path: Path, monkeypatch: 
     is step 10's) and is resumed: the final weights are A's, bit for bit (dropout on)."""
     from lmlab.training.seq2seq import Seq2SeqTrainer
 
-    a, b = tmp_path / "a", tmp_path / "b"
     opts = dict(SMALL, tokenizer="char", eval_every=10, save_every=10, bleu_samples=4, dropout=0.1, steps=20)
-    lmlab.train(data=str(pairs_tsv), out=str(a), **opts)
-    real = Seq2SeqTrainer.train_step
-
-    def crash_after_15(self: Seq2SeqTrainer, step: int) -> float:
-        if step == 15:
-            raise RuntimeError("power cut")
-        return real(self, step)
-
-    monkeypatch.setattr(Seq2SeqTrainer, "train_step", crash_after_15)
-    with pytest.raises(RuntimeError, match="power cut"):
-        lmlab.train(data=str(pairs_tsv), out=str(b), **opts)
-    monkeypatch.setattr(Seq2SeqTrainer, "train_step", real)
-    assert json.loads((b / "trainer_state.json").read_text())["step"] == 10
-    lmlab.train(resume=str(b))
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resume_is_exact(Seq2SeqTrainer, monkeypatch, tmp_path / "a", tmp_path / "b", data=str(pairs_tsv), **opts)
 
 
 def test_two_line_aligned_files_and_batch_tokens(tmp_path: Path) -> None:
