@@ -209,12 +209,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         return report_perplexity(model, a)
     if not model.is_encoder_decoder:
-        head = getattr(model.config, "head", None)
-        kind = {"classify": "a classifier", "span": "a QA model", "mlm": "a masked-LM encoder"}.get(head, "a language model")
-        fix = {"classify": "--task classify", "span": "--task qa"}.get(head, "--task lm for perplexity")
-        raise LmlabError(f"{a.checkpoint} is {kind}: --task translate needs an encoder-decoder "
-                         f"(score it with {fix})" if head != "mlm" else f"{a.checkpoint} is {kind}: --task "
-                         "translate needs an encoder-decoder (fine-tune the encoder with --init first)")  # fmt: skip
+        kind, fix = {
+            "classify": ("a classifier", "score it with --task classify"),
+            "span": ("a QA model", "score it with --task qa"),
+            "mlm": ("a masked-LM encoder", "fine-tune the encoder with --init first"),
+        }.get(getattr(model.config, "head", None), ("a language model", "score it with --task lm for perplexity"))
+        raise LmlabError(f"{a.checkpoint} is {kind}: --task translate needs an encoder-decoder ({fix})")
     from lmlab.eval.bleu import translation_scores
 
     if pairs is None:

@@ -77,6 +77,12 @@ def check_speculative(model: LanguageModel, cfg: GenerationConfig, n_rows: int, 
             "them, or set them to their neutral values (repetition_penalty=1, ...) where the model's own "
             "generation settings turn them on"
         )
+    check_draft(model, draft, what)
+
+
+def check_draft(model: LanguageModel, draft: LanguageModel | None, what: str = "assistant_model") -> None:
+    """The models speculative decoding can rewind and compare: Transformers (a recurrent state
+    cannot move back) with the same token ids. Also what ``lmlab serve --draft`` checks at load."""
     for m, name in ((model, "the model"), (draft, "the assistant model")):
         if m is not None and not m.bounded_context:
             raise LmlabError(

@@ -77,9 +77,7 @@ class TaskModel(LanguageModel):
             self.mlm_norm = make_norm(body_cfg.norm, d, body_cfg.norm_eps, True)
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
             self.out = None
-        if self.dense is not None and self.dense.weight.device.type != "meta":
-            self.reset_head()
-        elif self.out is not None and self.out.weight.device.type != "meta":
+        if (self.dense if self.out is None else self.out).weight.device.type != "meta":
             self.reset_head()
 
     def reset_head(self) -> None:

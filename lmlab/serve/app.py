@@ -61,6 +61,7 @@ class Served:
     def load(self) -> None:
         """Load the model (in a background thread: /health says 503 meanwhile)."""
         import lmlab
+        from lmlab.generate.speculative import check_draft
         from lmlab.serve.chat_setup import ChatSetup
         from lmlab.serve.engine import Engine
 
@@ -91,10 +92,7 @@ class Served:
             if self.draft is not None:
                 try:
                     draft = model._assistant(self.draft)
-                    for m, name in ((model.module, self.source), (draft, self.draft)):
-                        if not m.bounded_context:
-                            raise LmlabError(f"speculative decoding needs Transformers: {name} is a recurrent "
-                                             "network, whose state cannot be rewound")  # fmt: skip
+                    check_draft(model.module, draft, "speculative decoding")
                 except LmlabError as e:
                     self.error = f"--draft {self.draft}: {e}"
                     log.error("%s", self.error)
