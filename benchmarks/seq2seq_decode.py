@@ -16,9 +16,9 @@ Each round also measures the machine's memory bandwidth (``torch.sum`` over 1 GB
 is the least time an implementation that reads fp32 weights can take at batch 1, and
 transformers' time ÷ roofline the largest ratio such an implementation could show against
 it: the script prints both, with the fraction of the roofline each side reaches. lmlab's
-greedy fp32 steps read the output layer as a bf16 copy (a screen whose few candidates are
-rescored exactly in fp32: the same tokens, :mod:`lmlab.nn.screen`), half its bytes: their
-own, lower roofline is printed too.
+greedy fp32 steps read the output layer as an int8 copy (bf16 on CPUs without VNNI/AMX): a
+screen whose few candidates are rescored exactly in fp32, the same tokens (:mod:`lmlab.nn.screen`),
+a quarter of its bytes: their own, lower roofline is printed too.
 
     .venv/bin/python benchmarks/seq2seq_decode.py               # 3 rounds, ~5 min on 2 cores
     .venv/bin/python benchmarks/seq2seq_decode.py --rounds 1 --dtypes fp32
@@ -90,6 +90,8 @@ def main() -> None:
     import transformers
     from roofline import memory_bandwidth  # (imports torch: after lmlab)
 
+    from lmlab.nn import screen
+
     torch.set_num_threads(os.cpu_count() or 2)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()}")  # fmt: skip
@@ -142,9 +144,10 @@ def main() -> None:
                 print(f"     {'':11s} roofline {roof:5.2f} s ({step / 1e6:.0f} MB a step at {bw:.1f} GB/s): "
                       f"lmlab at {roof / ml:4.0%} of it, transformers at {roof / mt:4.0%}; "
                       f"largest possible ratio {mt / roof:4.2f}x")  # fmt: skip
-                if dtype == "fp32" and beams == 1:  # lmlab screens the output layer in bf16 (lmlab.nn.screen)
-                    own = (enc + n * (step - head / 2)) / (bw * 1e9)
-                    print(f"     {'':11s} lmlab's greedy reads the output layer in bf16 (screen, then exact fp32 "
+                if dtype == "fp32" and beams == 1:  # lmlab screens the output layer (lmlab.nn.screen)
+                    kind, share = ("int8", 1 / 4) if screen.int8_screen() else ("bf16", 1 / 2)
+                    own = (enc + n * (step - head * (1 - share))) / (bw * 1e9)
+                    print(f"     {'':11s} lmlab's greedy reads the output layer in {kind} (screen, then exact fp32 "
                           f"rescoring): its roofline {own:5.2f} s, lmlab at {own / ml:4.0%} of it")  # fmt: skip
     print(f"load after: {os.getloadavg()}")
 

@@ -77,16 +77,17 @@ class Runner:
         self.sliding = False
         self.warned = False
         fast = fastpath.prepare(model)  # on the CPU: oneDNN matmuls, unless model.fast_decoding is False
+        self.unroll = bool(fast) and fastpath.unobserved(model)  # one-token steps without module calls
         self.keep, self.bias = None, None
         if fast and not getattr(model, "screen_output", True):
-            screen.prepare(model, on=False)  # its bf16 copy goes too
+            screen.prepare(model, on=False)  # its int8/bf16 copy goes too
         elif screen_keep is not None and fast:
             n, self.bias = screen.prepare(model)
             if n:
                 self.keep = screen.keep_tensor(screen_keep).to(self.device)
 
     def _call(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the model's own signature
-        with screen.screening(self.keep, self.bias) if self.keep is not None else nullcontext():
+        with screen.screening(self.keep, self.bias) if self.keep is not None else nullcontext(), fastpath.unrolling(self.unroll):
             return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------------ prefill

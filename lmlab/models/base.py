@@ -52,9 +52,10 @@ class LanguageModel(nn.Module):
     #: Decode on a CPU with the faster kernel of :mod:`lmlab.nn.fastpath` (oneDNN linear
     #: layers, the same function); set False to decode on the plain ``F.linear`` path.
     fast_decoding: bool = True
-    #: Greedy decoding on that path reads a large fp32 output layer as a bf16 copy and rescores
-    #: its few candidates in fp32 (:mod:`lmlab.nn.screen`: the same tokens, ~half that layer's
-    #: bytes a step, a copy of half its size kept); set False to keep only the fp32 weight.
+    #: Greedy decoding on that path reads a large fp32 output layer as an int8 (or bf16) copy
+    #: and rescores its few candidates in fp32 (:mod:`lmlab.nn.screen`: the same tokens, a
+    #: quarter of that layer's bytes a step, a copy of that size kept); set False to keep only
+    #: the fp32 weight.
     screen_output: bool = True
 
     def forward(  # pragma: no cover - abstract

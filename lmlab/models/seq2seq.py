@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.models.config import Seq2SeqConfig
 from lmlab.models.encdec import EncoderDecoderModel, Memory
+from lmlab.nn import fastpath
 from lmlab.nn.attention import CausalSelfAttention, CrossAttention, key_padding_mask, with_bias
 from lmlab.nn.cache import KVCache
 from lmlab.nn.layers import MLP, make_norm
@@ -83,6 +85,41 @@ class DecoderLayer(nn.Module):
         x = _residual(self.prenorm, x, self.norm1, lambda h: self.attn(h, mask=mask, cache=cache, layer=layer))
         x = _residual(self.prenorm, x, self.norm2, lambda h: self.cross(h, kv, src_mask))
         return _residual(self.prenorm, x, self.norm3, self.mlp)
+
+    def step(
+        self, x: Tensor, mask: Tensor | None, cache: KVCache, layer: int, kv: tuple[Tensor, Tensor],
+        src_mask: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        """:meth:`forward` for one new token per row (x: (B, 1, C)), in inference: the same
+        operations on the same tensors, with the module calls, dropouts and head transposes
+        unrolled. At batch 1 a step's Python and small ops cost as much as its matmuls
+        (opus-mt's shape: ~200 ops a layer down to ~25), so the decoding loop takes this
+        path while nothing observes the modules (:func:`lmlab.nn.fastpath.unrolling`)."""
+        B, pre = x.shape[0], self.prenorm
+        a, c, f = self.attn, self.cross, self.mlp
+        nh, nkv, hs = a.n_head, a.n_kv_head, a.head_dim
+        # self-attention: with one query, (B, 1, [Q|K|V]·hs) is already (B, heads, 1, hs)
+        h = self.norm1.forward(x) if pre else x
+        q, k, v = a.qkv.forward(h).view(B, nh + 2 * nkv, 1, hs).split([nh, nkv, nkv], dim=1)
+        k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh, scale=a.scale)
+        y = a.proj.forward(y.reshape(B, 1, nh * hs))
+        x = x + y if pre else self.norm1.forward(x + y)
+        # cross-attention over the source's keys/values
+        h = self.norm2.forward(x) if pre else x
+        q = c.q.forward(h).view(B, c.n_head, 1, c.head_dim)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=src_mask, scale=c.scale)
+        y = c.proj.forward(y.reshape(B, 1, c.n_head * c.head_dim))
+        x = x + y if pre else self.norm2.forward(x + y)
+        # feed-forward
+        h = f.up.forward(self.norm3.forward(x) if pre else x)
+        if f.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = f.act(gate) * up
+        else:
+            h = f.act(h)
+        y = f.down.forward(h)
+        return x + y if pre else self.norm3.forward(x + y)
 
 
 class Seq2SeqState:
@@ -275,8 +312,12 @@ class Seq2SeqTransformer(EncoderDecoderModel):
         elif cache is not None and start > 0 and T > 1:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         cross_mask = src_pad
-        for i, layer in enumerate(self.decoder):
-            x = layer(x, mask, cache, i, kvs[i], cross_mask)
+        if T == 1 and cache is not None and fastpath.unrolled() and not self.training and not torch.is_grad_enabled():
+            for i, layer in enumerate(self.decoder):
+                x = layer.step(x, mask, cache, i, kvs[i], cross_mask)
+        else:
+            for i, layer in enumerate(self.decoder):
+                x = layer(x, mask, cache, i, kvs[i], cross_mask)
         if cache is not None:
             cache.advance(T)
         if last_only:

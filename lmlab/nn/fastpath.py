@@ -19,6 +19,10 @@ left alone.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -153,6 +157,41 @@ def prepare(module: nn.Module) -> int:
     return enable(module, bool(getattr(module, "fast_decoding", True)) and on_cpu)
 
 
+_local = threading.local()
+
+
+@contextmanager
+def unrolling(on: bool = True) -> Iterator[None]:
+    """While inside (this thread only), a model that has an unrolled one-token step (the
+    encoder-decoder Transformer's ``DecoderLayer.step``) may take it: the same operations
+    without the module calls. The decoding loop turns it on when :func:`unobserved`."""
+    prev = getattr(_local, "unrolled", False)
+    _local.unrolled = on
+    try:
+        yield
+    finally:
+        _local.unrolled = prev
+
+
+def unrolled() -> bool:
+    return getattr(_local, "unrolled", False)
+
+
+def unobserved(model: nn.Module) -> bool:
+    """Nothing watches the model's modules run: no forward hooks (lmlab.inspection's neuron
+    traces use them), no attention recording its weights or set to the explicit path. An
+    unrolled step skips the module calls, so it would skip those too."""
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks:
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if hasattr(m, "record") and (m.record is not None or getattr(m, "fast", True) is False):  # attention
+            return False
+    return True
+
+
 _WORKS: bool | None = None
 
 
@@ -179,4 +218,4 @@ def works() -> bool:
     return _WORKS
 
 
-__all__ = ["FastLinear", "available", "enable", "prepare", "works"]
+__all__ = ["FastLinear", "available", "enable", "prepare", "unobserved", "unrolled", "unrolling", "works"]

@@ -1,12 +1,12 @@
-"""Greedy decoding's output layer read at half the bytes: screen in bf16, rescore in fp32.
+"""Greedy decoding's output layer read at a quarter of the bytes: screen in int8, rescore in fp32.
 
 A greedy step needs one thing from the output layer: which token has the largest logit.
 In fp32 that layer is the largest single read of a step (opus-mt's 58,101 × 512 head is
 119 MB, more than its whole decoder), and decoding is memory-bound. So, while a greedy
-loop asks for it (:func:`screening`), the head of a CPU fp32 model computes
+loop asks for it (:func:`screening`), the head of a CPU fp32 model computes, from a
+low-precision copy of W,
 
-    ẑ = bf16(x) · bf16(W)ᵀ                  half the bytes of W, fp32 sums, a bf16 result
-    |ẑ_v − z_v| ≤ b_v = ε ‖x‖ ‖W_v‖ + 2u |ẑ_v|      u = 2⁻⁸, bf16's unit roundoff; ε ≥ 2u + u² + γ_d
+    ẑ ≈ x · Wᵀ,  |ẑ_v − z_v| ≤ b_v             a screen and a proven bound on each error
     t = max_{v ∉ K} (ẑ_v + c_v − b_v)         the best lower bound (c: the logits' bias)
     C = {v : ẑ_v + c_v + b_v ≥ t} ∪ K          every token that can still be the largest
     z_C = x · W_Cᵀ in fp32                    the exact logits of those few rows
@@ -17,9 +17,17 @@ full fp32 logits: a token outside C has an upper bound below the lower bound of 
 (bad words, EOS before ``min_new_tokens``): always rescored and never the threshold's
 witness, so the largest *allowed* logit is still in C. Every other consumer of logits
 (sampling, beams, penalties that rescale, log-probabilities) needs all of them and never
-asks. The bound is the standard one for a dot product of rounded inputs (Higham, *Accuracy
-and Stability of Numerical Algorithms*, §3.1) with Cauchy–Schwarz for Σ|x_i||W_vi|; it is
-checked once per weight against the fp32 product, and a kernel that breaks it is not used.
+asks. Two screens:
+
+- **int8** (:class:`_Int8Copy`, a quarter of W's bytes), where the CPU has int8 dot products
+  whose sums are exact (VNNI, AMX): Ŵ_v = s_v·q_v per row, x̂ = a·q_x, and
+  b_v = ‖x‖‖W_v − Ŵ_v‖ + ‖x − x̂‖‖Ŵ_v‖ + 2⁻²¹|ẑ_v| (Cauchy–Schwarz on the exact residuals).
+- **bf16** (:class:`_Bf16Copy`, half the bytes) elsewhere: ẑ = bf16(x)·bf16(W)ᵀ and
+  b_v = ε‖x‖‖W_v‖ + 2u|ẑ_v|, the standard bound for a dot product of rounded inputs (Higham,
+  *Accuracy and Stability of Numerical Algorithms*, §3.1).
+
+Each copy checks its kernel once per weight on fixed inputs (the int8 one: that its integer
+sums are exact, and the bound), and a kernel that fails is not used.
 """
 
 from __future__ import annotations
@@ -67,12 +75,130 @@ def _epsilon(d: int) -> float:
     return 2 * (2 * U + U * U + gamma * (1 + U) ** 2)
 
 
+def _probes(d: int) -> list[Tensor]:
+    """Fixed inputs (no RNG) of one row and of ``MAX_ROWS`` for a kernel's check."""
+    return [torch.sin(torch.arange(1, r * d + 1, dtype=torch.float32)).reshape(r, d) * 3.0 for r in (1, MAX_ROWS)]
+
+
+class _Bf16Copy:
+    """ẑ = bf16(x) · bf16(W)ᵀ on oneDNN (W pre-blocked), b = ε‖x‖‖W_v‖ + 2u|ẑ_v|."""
+
+    def __init__(self, w: Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 1)
+        self.norms = w.norm(dim=1)
+
+    def check(self, w: Tensor) -> bool:
+        """The kernel's error on W is within half the bound, on fixed inputs of one row and of
+        ``MAX_ROWS`` (oneDNN may pick another kernel for each)."""
+        for x in _probes(w.shape[1]):
+            z, b = self.approx(x)
+            if not bool(((z.double() - F.linear(x.double(), w.double())).abs() <= b.double() / 2).all()):
+                return False
+        return True
+
+    def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").float()
+        scale = _epsilon(x.shape[-1]) * torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (rows, 1)
+        return z, z.abs().mul_(2 * U).addcmul_(self.norms, scale)  # b = 2u|ẑ| + ε‖x‖‖W_v‖
+
+
+class _Int8Copy:
+    """A quarter of W's bytes: per-row int8 weights Ŵ_v = s_v·q_v, and x quantized as
+    x̂ = a·q_x (a = max|x|/127), multiplied on oneDNN's int8 kernel, whose int32 sums are
+    exact. Then
+
+        x·W_v − x̂·Ŵ_v = x·(W_v − Ŵ_v) + (x − x̂)·Ŵ_v
+        |z_v − ẑ_v| ≤ ‖x‖ r_v + ‖x − x̂‖ m_v + 2⁻²¹|ẑ_v|       (Cauchy–Schwarz, twice)
+
+    with r_v = ‖W_v − Ŵ_v‖ and m_v = ‖Ŵ_v‖ computed once in fp64, and 2⁻²¹|ẑ| for the
+    kernel's conversion of Σ to fp32 (exact while |Σ| ≤ d·127² < 2²⁴, i.e. d ≤ 1040) and its
+    scaling by a·s_v: three roundings at most. The norms of x are fp32 sums, widened by 2⁻¹⁰.
+    Both terms are residuals measured, not worst cases: the bound is about as tight as the
+    bf16 screen's, at half its bytes."""
+
+    CHUNK = 4096  # rows quantized at a time: fp64 transients of 4096·d, not of all of W
+
+    def __init__(self, w: Tensor) -> None:
+        qs, ss, rs, ms = [], [], [], []
+        for part in w.split(self.CHUNK):
+            s = part.abs().amax(dim=1) / 127
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            q = torch.round(part / s[:, None]).clamp_(-127, 127).to(torch.int8)
+            deq = q.double() * s.double()[:, None]
+            qs.append(q), ss.append(s), rs.append((part.double() - deq).norm(dim=1)), ms.append(deq.norm(dim=1))
+        widen = 1 + 2.0**-20  # fp64 -> fp32 may round down
+        self.scale, self.r = torch.cat(ss), (torch.cat(rs) * widen).float()
+        self.m = (torch.cat(ms) * widen).float()
+        self.q = torch.cat(qs)  # kept until check() has used it
+        self.packed = torch.ops.onednn.qlinear_prepack(self.q, None)
+        self.zero = torch.zeros(w.shape[0], dtype=torch.int32)
+
+    def check(self, w: Tensor) -> bool:
+        """On fixed inputs of one row and of ``MAX_ROWS``: the kernel computes a·s_v·Σ q_x q_v
+        with exact integer sums (to the 3·2⁻²⁴ of its fp32 roundings; checked at 2⁻²²), and
+        its error against x·W_v is within the bound. In row blocks: no fp64 copy of all of W."""
+        q, self.q = self.q, None
+        for x in _probes(w.shape[1]):
+            z, b = self.approx(x)
+            a, qx = self._quantized(x)
+            for i in range(0, w.shape[0], self.CHUNK):
+                part = slice(i, i + self.CHUNK)
+                want = F.linear(qx.double(), q[part].double()) * (a * self.scale[part].double())
+                got = z[:, part].double()
+                exact = F.linear(x.double(), w[part].double())
+                if not bool(((got - want).abs() <= want.abs() * 2.0**-22).all()):
+                    return False
+                if not bool(((got - exact).abs() <= b[:, part].double()).all()):
+                    return False
+        return True
+
+    @staticmethod
+    def _quantized(x: Tensor) -> tuple[float, Tensor]:
+        """x̂ = a·q_x, a = max|x|/127 (one scale for all rows: the kernel takes one)."""
+        a = float(x.abs().amax()) / 127 or 1.0
+        return a, torch.round(x / a).clamp_(-127, 127).to(torch.int8)
+
+    def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, qx = self._quantized(x)
+        z = torch.ops.onednn.qlinear_pointwise(
+            qx, a, 0, self.packed, self.scale, self.zero, None, 1.0, 0, torch.float32, "none", [], ""
+        )  # fmt: skip
+        nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        err = torch.linalg.vector_norm(x - qx.float() * a, dim=-1, keepdim=True)  # ‖x − x̂‖ (x̂ rounds by 2⁻²⁴)
+        widen = 1 + 2.0**-10
+        b = z.abs().mul_(2.0**-21).addcmul_(self.r, nx * widen).addcmul_(self.m, (err + nx * 2.0**-22) * widen)
+        return z, b
+
+
+#: None: the int8 screen where oneDNN's int8 kernel sums exactly (VNNI or AMX, checked once),
+#: else the bf16 one; True/False force it (tests)
+INT8: bool | None = None
+
+
+def int8_screen() -> bool:
+    """oneDNN's int8 linear exists and the CPU has VNNI/AMX int8 dot products: older x86
+    kernels sum pairs of u8·s8 products in int16 with saturation, so their sums are not exact."""
+    global INT8
+    if INT8 is None:
+        INT8 = False
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                flags = next((line.split() for line in f if line.startswith("flags")), [])
+            INT8 = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)) and hasattr(
+                torch.ops.onednn, "qlinear_pointwise"
+            )
+        except (OSError, RuntimeError, AttributeError):
+            INT8 = False
+    return INT8
+
+
 class ScreenedLinear(FastLinear):
     """An output layer (``lm_head``) that screens while a greedy loop asks; otherwise exactly
-    :class:`FastLinear`. Holds a bf16 copy of W in oneDNN's layout and the rows' norms, made
-    on first use and remade when W changes (dropped when the model trains)."""
+    :class:`FastLinear`. Holds a low-precision copy of W (int8 per row where the CPU sums
+    int8 exactly, else bf16 in oneDNN's layout) with what its bound needs, made on first use
+    and remade when W changes (dropped when the model trains)."""
 
-    _screen: tuple[Tensor, Tensor] | None = None
+    _screen: _Int8Copy | _Bf16Copy | None = None
     _screen_key: tuple[int, int] | None = None
     _screen_src: object = None  # W's storage: held, so its address is not reused while the copy lives
     _screen_ok: bool = True
@@ -92,7 +218,7 @@ class ScreenedLinear(FastLinear):
         out = self._screened(x.reshape(rows, x.shape[-1]), copy, *state)
         return super().forward(x) if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _copy(self) -> tuple[Tensor, Tensor] | None:
+    def _copy(self) -> _Int8Copy | _Bf16Copy | None:
         w = self.weight
         key = (w.data_ptr(), _version(w))
         if key[1] < 0 or not w.is_contiguous():  # an inference tensor: a copy can't be kept in step with it
@@ -101,36 +227,20 @@ class ScreenedLinear(FastLinear):
             if self._screen_key is not None and self._screen_key[0] == key[0] and not self._screen_ok:
                 return None  # this very weight failed the check before
             with torch.inference_mode(False), torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(torch.bfloat16), 1)
-                norms = w.detach().norm(dim=1)
-            self._screen, self._screen_key, self._screen_src = (packed, norms), key, w.untyped_storage()
-            self._screen_ok = self._bound_holds(packed, norms)
+                copy = (_Int8Copy if int8_screen() else _Bf16Copy)(w.detach())
+            self._screen, self._screen_key, self._screen_src = copy, key, w.untyped_storage()
+            self._screen_ok = self._bound_holds(copy)
             if not self._screen_ok:
                 self._screen = self._screen_src = None
                 return None
         return self._screen
 
-    def _approx(self, x: Tensor, packed: Tensor, norms: Tensor) -> tuple[Tensor, Tensor]:
-        """ẑ (rows, V) fp32 and its error bound b."""
-        z = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").float()
-        scale = _epsilon(x.shape[-1]) * torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (rows, 1)
-        return z, z.abs().mul_(2 * U).addcmul_(norms, scale)  # b = 2u|ẑ| + ε‖x‖‖W_v‖
-
-    def _bound_holds(self, packed: Tensor, norms: Tensor) -> bool:
-        """The kernel's error on this W is within half the bound, on fixed inputs (no RNG) of
-        one row and of ``MAX_ROWS`` (oneDNN may pick another kernel for each)."""
-        d = self.weight.shape[1]
+    def _bound_holds(self, copy: _Int8Copy | _Bf16Copy) -> bool:
         with torch.no_grad():
-            for rows in (1, MAX_ROWS):
-                x = torch.sin(torch.arange(1, rows * d + 1, dtype=torch.float32)).reshape(rows, d) * 3.0
-                exact = F.linear(x.double(), self.weight.detach().double())
-                z, b = self._approx(x, packed, norms)
-                if not bool(((z.double() - exact).abs() <= b.double() / 2).all()):
-                    return False
-        return True
+            return copy.check(self.weight.detach())
 
-    def _screened(self, x: Tensor, copy: tuple[Tensor, Tensor], keep: Tensor, bias: Tensor | None) -> Tensor | None:
-        z, b = self._approx(x, *copy)
+    def _screened(self, x: Tensor, copy: _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None) -> Tensor | None:
+        z, b = copy.approx(x)
         V = z.shape[1]
         c = bias
         if self.bias is not None:
@@ -166,7 +276,7 @@ class ScreenedLinear(FastLinear):
 
 
 def release(head: nn.Module) -> None:
-    """Drop a screened head's bf16 copy (training, ``screen_output = False``)."""
+    """Drop a screened head's copy (training, ``screen_output = False``)."""
     for k in ("_screen", "_screen_key", "_screen_src"):
         head.__dict__.pop(k, None)
 

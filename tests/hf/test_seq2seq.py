@@ -15,6 +15,7 @@ import lmlab
 from lmlab.errors import LmlabError
 from lmlab.generate.seq2seq import Seq2SeqRequest, seq2seq_generate
 from lmlab.hf import load_hf
+from lmlab.nn import fastpath
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,9 +115,14 @@ def test_logits_match_transformers_with_and_without_cache(folders: dict[str, Pat
         whole, _ = ours(tgt, src=src, src_mask=mask)
         state = ours.init_state(2, 10, ours.encode(src, mask))
         steps = [ours(tgt[:, :3], state)[0]] + [ours(tgt[:, t : t + 1], state)[0] for t in range(3, 7)]
+        state = ours.init_state(2, 10, ours.encode(src, mask))
+        with fastpath.unrolling():  # the decoding loop's one-token steps without module calls
+            unrolled = [ours(tgt[:, :3], state)[0]] + [ours(tgt[:, t : t + 1], state)[0] for t in range(3, 7)]
     assert ref.shape == whole.shape
     assert torch.allclose(whole, ref, atol=1e-4), (whole - ref).abs().max()
     assert torch.allclose(torch.cat(steps, 1), ref, atol=1e-4)
+    assert torch.allclose(torch.cat(unrolled, 1), ref, atol=1e-4)
+    torch.testing.assert_close(torch.cat(unrolled, 1), torch.cat(steps, 1), rtol=1e-6, atol=1e-6)
 
 
 OPTIONS = [

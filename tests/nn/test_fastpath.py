@@ -258,3 +258,34 @@ def test_loaded_model_forward_runs_fast_and_equals_the_plain_path(tmp_path):
     module.train()
     module(ids)[0].sum().backward()  # autograd on: the plain path, gradients everywhere
     assert all(p.grad is not None for p in module.parameters())
+
+
+def test_decoding_unrolls_seq2seq_steps_only_while_nothing_observes_them(tmp_path, monkeypatch):
+    """The translate loop takes the unrolled one-token step (no module calls), and leaves it
+    for the modules' own forwards when a hook or an attention recording watches them: the
+    hook sees every step. Tokens are equal either way."""
+    from helpers import tiny_seq2seq_checkpoint
+
+    import lmlab
+    from lmlab.models.seq2seq import DecoderLayer
+
+    m = lmlab.load(tiny_seq2seq_checkpoint(tmp_path / "m"))
+    calls = []
+    step = DecoderLayer.step
+    monkeypatch.setattr(DecoderLayer, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    opts = dict(max_new_tokens=6, min_new_tokens=6)
+    unrolled = m.translate(["to be or not"], return_details=True, **opts)[0].token_ids
+    assert len(calls) == 6  # every forward of its one decoder layer, the decoder start's included
+    seen = []
+    hook = m.module.decoder[0].register_forward_hook(lambda *_: seen.append(1))
+    calls.clear()
+    hooked = m.translate(["to be or not"], return_details=True, **opts)[0].token_ids
+    hook.remove()
+    assert calls == [] and len(seen) == 6 and hooked == unrolled
+    m.module.decoder[0].cross.record = []
+    assert not fastpath.unobserved(m.module)
+    m.module.decoder[0].cross.record = None
+    m.module.decoder[0].attn.fast = False
+    assert not fastpath.unobserved(m.module)
+    m.module.decoder[0].attn.fast = True
+    assert fastpath.unobserved(m.module)

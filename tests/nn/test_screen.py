@@ -1,5 +1,5 @@
-"""The screened output layer (bf16 screen, exact fp32 rescoring) picks the argmax that the
-full fp32 product picks. Reference: ``F.linear`` on the same weights (PyTorch's op), with
+"""The screened output layer (an int8 or bf16 screen, exact fp32 rescoring) picks the argmax
+that the full fp32 product picks. Reference: ``F.linear`` on the same weights (PyTorch's op), with
 logits built to defeat a bf16-only argmax (near-ties far below bf16's resolution), masks
 that remove the best token, a logits bias, and whole models decoding greedily against the
 same model with the fast path off."""
@@ -35,9 +35,16 @@ class Owner(nn.Module):
         return z if self.logits_bias is None else z + self.logits_bias
 
 
-@pytest.fixture
-def small(monkeypatch):
+KERNELS = ["bf16"] + (["int8"] if screen.int8_screen() else [])  # int8: where oneDNN sums int8 exactly
+
+
+@pytest.fixture(params=KERNELS)
+def small(monkeypatch, request):
+    """Screen heads of any size, with each kernel (the int8 copy, and the bf16 one that CPUs
+    without VNNI/AMX use)."""
     monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    monkeypatch.setattr(screen, "INT8", request.param == "int8")
+    return request.param
 
 
 def owner(V: int = 3000, d: int = 64, bias: bool = False) -> Owner:
@@ -106,7 +113,26 @@ def test_a_kept_token_can_be_masked_and_the_next_best_is_still_exact(small):
 
 
 def test_a_kernel_that_breaks_the_bound_is_not_used(small, monkeypatch):
-    monkeypatch.setattr(screen, "U", 2.0**-30)  # a bound far tighter than bf16 can meet
+    if small == "bf16":
+        monkeypatch.setattr(screen, "U", 2.0**-30)  # a bound far tighter than bf16 can meet
+    else:
+        real = screen._Int8Copy.approx
+        monkeypatch.setattr(screen._Int8Copy, "approx", lambda self, x: (lambda z, b: (z, b * 1e-3))(*real(self, x)))
+    m = owner()
+    x = torch.randn(1, 64)
+    out = run(m, x)
+    assert torch.isfinite(out).all() and m.lm_head._screen_ok is False
+
+
+def test_an_int8_kernel_whose_sums_are_not_exact_is_not_used(small, monkeypatch):
+    """Sums off by 2⁻¹⁸ (an int16-saturating or rounding kernel would be off by far more),
+    under a bound widened to cover them: the bound alone would pass it, the sums' check not."""
+    if small != "int8":
+        pytest.skip("the int8 kernel's own check")
+    real = screen._Int8Copy.approx
+    monkeypatch.setattr(
+        screen._Int8Copy, "approx", lambda self, x: (lambda z, b: (z * (1 + 2.0**-18), b * 2))(*real(self, x))
+    )
     m = owner()
     x = torch.randn(1, 64)
     out = run(m, x)
