@@ -52,10 +52,10 @@ class LanguageModel(nn.Module):
     #: Decode on a CPU with the faster kernel of :mod:`lmlab.nn.fastpath` (oneDNN linear
     #: layers, the same function); set False to decode on the plain ``F.linear`` path.
     fast_decoding: bool = True
-    #: Greedy decoding on that path reads a large fp32 output layer as an int8 (or bf16) copy
-    #: and rescores its few candidates in fp32 (:mod:`lmlab.nn.screen`: the same tokens, a
-    #: quarter of that layer's bytes a step, a copy of that size kept); set False to keep only
-    #: the fp32 weight.
+    #: Greedy decoding on that path reads a large output layer as an int8 (or, for fp32, bf16)
+    #: copy and rescores its few candidates in fp32 (:mod:`lmlab.nn.screen`: the exact argmax,
+    #: a quarter of an fp32 layer's bytes a step, a copy of that size kept); set False to keep
+    #: only the model's own weight and kernel.
     screen_output: bool = True
 
     def forward(  # pragma: no cover - abstract

@@ -75,6 +75,7 @@ class Conditioned(LanguageModel):
 
     def __init__(self, model: EncoderDecoderModel, src: Tensor, src_mask: Tensor | None = None) -> None:
         super().__init__()
+        self.training = model.training  # a wrapper: in the model's mode (not nn.Module's default, training)
         self.model = model
         self.config = SimpleNamespace(max_seq_len=model.config.max_target_len, vocab_size=model.target_vocab_size)
         self.bounded_context = True

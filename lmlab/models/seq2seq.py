@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
@@ -91,35 +90,17 @@ class DecoderLayer(nn.Module):
         src_mask: Tensor | None,
     ) -> Tensor:  # fmt: skip
         """:meth:`forward` for one new token per row (x: (B, 1, C)), in inference: the same
-        operations on the same tensors, with the module calls, dropouts and head transposes
-        unrolled. At batch 1 a step's Python and small ops cost as much as its matmuls
-        (opus-mt's shape: ~200 ops a layer down to ~25), so the decoding loop takes this
-        path while nothing observes the modules (:func:`lmlab.nn.fastpath.unrolling`)."""
-        B, pre = x.shape[0], self.prenorm
-        a, c, f = self.attn, self.cross, self.mlp
-        nh, nkv, hs = a.n_head, a.n_kv_head, a.head_dim
-        # self-attention: with one query, (B, 1, [Q|K|V]·hs) is already (B, heads, 1, hs)
-        h = self.norm1.forward(x) if pre else x
-        q, k, v = a.qkv.forward(h).view(B, nh + 2 * nkv, 1, hs).split([nh, nkv, nkv], dim=1)
-        k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh, scale=a.scale)
-        y = a.proj.forward(y.reshape(B, 1, nh * hs))
-        x = x + y if pre else self.norm1.forward(x + y)
-        # cross-attention over the source's keys/values
-        h = self.norm2.forward(x) if pre else x
-        q = c.q.forward(h).view(B, c.n_head, 1, c.head_dim)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=src_mask, scale=c.scale)
-        y = c.proj.forward(y.reshape(B, 1, c.n_head * c.head_dim))
-        x = x + y if pre else self.norm2.forward(x + y)
-        # feed-forward
-        h = f.up.forward(self.norm3.forward(x) if pre else x)
-        if f.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = f.act(gate) * up
-        else:
-            h = f.act(h)
-        y = f.down.forward(h)
-        return x + y if pre else self.norm3.forward(x + y)
+        operations on the same tensors with the module calls, dropouts and head transposes
+        unrolled (each sublayer's ``step``). At batch 1 a step's Python and small ops cost as
+        much as its matmuls, so the decoding loop takes this path while nothing observes the
+        modules (:func:`lmlab.nn.fastpath.unrolling`)."""
+        if self.prenorm:
+            x = x + self.attn.step(self.norm1.forward(x), None, mask, cache, layer)
+            x = x + self.cross.step(self.norm2.forward(x), kv, src_mask)
+            return x + self.mlp.step(self.norm3.forward(x))
+        x = self.norm1.forward(x + self.attn.step(x, None, mask, cache, layer))
+        x = self.norm2.forward(x + self.cross.step(x, kv, src_mask))
+        return self.norm3.forward(x + self.mlp.step(x))
 
 
 class Seq2SeqState:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lmlab.errors import LmlabError
 from lmlab.models.base import LanguageModel
 from lmlab.models.config import TransformerConfig
+from lmlab.nn import fastpath
 from lmlab.nn.attention import CausalSelfAttention, causal_padding_mask
 from lmlab.nn.cache import KVCache
 from lmlab.nn.layers import MLP, make_norm
@@ -56,6 +57,17 @@ class Block(nn.Module):
             return x + a + self.mlp(self.norm2(x))
         x = x + a
         return x + self.mlp(self.norm2(x))
+
+    def step(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache, layer: int
+    ) -> Tensor:  # fmt: skip
+        """:meth:`forward` for one new token per row in inference, its module calls unrolled
+        (the decoding loop's path while nothing observes the modules: fastpath.unrolling)."""
+        a = self.attn.step(self.norm1.forward(x), rope, mask, cache, layer)
+        if self.parallel:
+            return x + a + self.mlp.step(self.norm2.forward(x))
+        x = x + a
+        return x + self.mlp.step(self.norm2.forward(x))
 
 
 class Transformer(LanguageModel):
@@ -181,8 +193,12 @@ class Transformer(LanguageModel):
         if state is not None:
             state.mark(attention_mask, T)  # which new slots are real tokens (not left padding)
         mask = causal_padding_mask(T, attention_mask, state, ids.device)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, state, i)
+        if T == 1 and state is not None and fastpath.unrolled() and not self.training and not torch.is_grad_enabled():
+            for i, block in enumerate(self.blocks):
+                x = block.step(x, rope, mask, state, i)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, rope, mask, state, i)
         if state is not None:
             state.advance(T)
         if last_only:

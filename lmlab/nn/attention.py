@@ -161,6 +161,21 @@ class CausalSelfAttention(nn.Module):
         y = self.resid_dropout(self.proj(y))
         return (y, w) if need_weights else y
 
+    def step(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache, layer: int
+    ) -> Tensor:  # fmt: skip
+        """:meth:`forward` for one new token per row (x: (B, 1, C)) in inference, unrolled: the
+        same operations without the module calls, dropout and transposes. With one query the
+        fused (B, 1, [Q|K|V]·hs) output already is the heads' layout (B, heads, 1, hs)."""
+        B = x.shape[0]
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv.forward(x).view(B, nh + 2 * nkv, 1, hs).split([nh, nkv, nkv], dim=1)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh, scale=self.scale)
+        return self.proj.forward(y.reshape(B, 1, nh * hs))
+
 
 class CrossAttention(nn.Module):
     """The decoder looking at the source: queries from the target, keys and values from the
@@ -208,6 +223,13 @@ class CrossAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
         y = self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
         return (y, w) if need_weights else y
+
+    def step(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None = None) -> Tensor:
+        """:meth:`forward` for one query per row (x: (B, 1, C)) in inference, unrolled."""
+        B, nh, hs = x.shape[0], self.n_head, self.head_dim
+        q = self.q.forward(x).view(B, nh, 1, hs)  # (B, 1, nh·hs) is (B, nh, 1, hs)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale)
+        return self.proj.forward(y.reshape(B, 1, nh * hs))
 
 
 def attention_explicit(

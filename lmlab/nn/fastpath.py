@@ -179,13 +179,15 @@ def unrolled() -> bool:
 
 def unobserved(model: nn.Module) -> bool:
     """Nothing watches the model's modules run: no forward hooks (lmlab.inspection's neuron
-    traces use them), no attention recording its weights or set to the explicit path. An
-    unrolled step skips the module calls, so it would skip those too."""
+    traces use them), no attention recording its weights or set to the explicit path, no
+    module in training mode (dropout kept on for MC dropout). An unrolled step skips the
+    module calls, so it would skip those too. Checked once per decoding call (a hook added
+    while tokens stream applies from the next call)."""
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks:
         return False
     for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or m.training:
             return False
         if hasattr(m, "record") and (m.record is not None or getattr(m, "fast", True) is False):  # attention
             return False

@@ -90,3 +90,14 @@ class MLP(nn.Module):
         else:
             h = self.act(h)
         return self.dropout(self.down(h))
+
+    def step(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in inference without the module calls and the dropout (a decoding
+        step's unrolled path, :func:`lmlab.nn.fastpath.unrolling`)."""
+        h = self.up.forward(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.down.forward(h)

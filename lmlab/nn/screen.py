@@ -26,6 +26,11 @@ asks. Two screens:
   b_v = ε‖x‖‖W_v‖ + 2u|ẑ_v|, the standard bound for a dot product of rounded inputs (Higham,
   *Accuracy and Stability of Numerical Algorithms*, §3.1).
 
+A bf16 model's head is screened by the int8 copy (a bf16 copy would save nothing): its
+candidates are rescored in fp32 from its bf16 numbers, so the token is the argmax of the
+exact product of its bf16 state and weights, where its plain kernel rounds each logit to
+8 bits (at near-ties the two may differ; the screen's is the exact choice).
+
 Each copy checks its kernel once per weight on fixed inputs (the int8 one: that its integer
 sums are exact, and the bound), and a kernel that fails is not used.
 """
@@ -53,6 +58,7 @@ MAX_ROWS = 32
 MAX_CANDIDATES = 1 / 16
 
 _local = threading.local()
+_building = threading.Lock()
 
 
 @contextmanager
@@ -76,8 +82,20 @@ def _epsilon(d: int) -> float:
 
 
 def _probes(d: int) -> list[Tensor]:
-    """Fixed inputs (no RNG) of one row and of ``MAX_ROWS`` for a kernel's check."""
-    return [torch.sin(torch.arange(1, r * d + 1, dtype=torch.float32)).reshape(r, d) * 3.0 for r in (1, MAX_ROWS)]
+    """Fixed inputs (no RNG) of one row and of ``MAX_ROWS`` for a kernel's check; the second
+    with rows of very different sizes (one activation scale serves them all)."""
+    one = torch.sin(torch.arange(1, d + 1, dtype=torch.float32))[None] * 3.0
+    many = torch.sin(torch.arange(1, MAX_ROWS * d + 1, dtype=torch.float32)).reshape(MAX_ROWS, d) * 3.0
+    return [one, many * torch.logspace(-3, 3, MAX_ROWS)[:, None]]
+
+
+def _norms(x: Tensor) -> Tensor:
+    """Each row's ‖x‖ (rows, 1) in fp32, computed in fp64 (d numbers: no cost) so that it
+    neither underflows nor rounds below the true norm by more than the widening covers."""
+    return torch.linalg.vector_norm(x.double(), dim=-1, keepdim=True).mul_(1 + 2.0**-20).float()
+
+
+CHUNK = 4096  # rows of W handled at a time while building and checking a copy: small transients
 
 
 class _Bf16Copy:
@@ -92,81 +110,90 @@ class _Bf16Copy:
         ``MAX_ROWS`` (oneDNN may pick another kernel for each)."""
         for x in _probes(w.shape[1]):
             z, b = self.approx(x)
-            if not bool(((z.double() - F.linear(x.double(), w.double())).abs() <= b.double() / 2).all()):
-                return False
+            for i in range(0, w.shape[0], CHUNK):
+                part = slice(i, i + CHUNK)
+                exact = F.linear(x.double(), w[part].double())
+                if not bool(((z[:, part].double() - exact).abs() <= b[:, part].double() / 2).all()):
+                    return False
         return True
 
     def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").float()
-        scale = _epsilon(x.shape[-1]) * torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (rows, 1)
+        scale = _epsilon(x.shape[-1]) * _norms(x)  # (rows, 1)
         return z, z.abs().mul_(2 * U).addcmul_(self.norms, scale)  # b = 2u|ẑ| + ε‖x‖‖W_v‖
 
 
 class _Int8Copy:
     """A quarter of W's bytes: per-row int8 weights Ŵ_v = s_v·q_v, and x quantized as
-    x̂ = a·q_x (a = max|x|/127), multiplied on oneDNN's int8 kernel, whose int32 sums are
-    exact. Then
+    x̂_r = 2^(−k_r)·a·q_r (row r brought to the batch's largest magnitude by a power of two,
+    exact, since the kernel takes one scale a = max|x|/127 for all rows), multiplied on
+    oneDNN's int8 kernel, whose integer sums are exact. Then
 
         x·W_v − x̂·Ŵ_v = x·(W_v − Ŵ_v) + (x − x̂)·Ŵ_v
         |z_v − ẑ_v| ≤ ‖x‖ r_v + ‖x − x̂‖ m_v + 2⁻²¹|ẑ_v|       (Cauchy–Schwarz, twice)
 
     with r_v = ‖W_v − Ŵ_v‖ and m_v = ‖Ŵ_v‖ computed once in fp64, and 2⁻²¹|ẑ| for the
     kernel's conversion of Σ to fp32 (exact while |Σ| ≤ d·127² < 2²⁴, i.e. d ≤ 1040) and its
-    scaling by a·s_v: three roundings at most. The norms of x are fp32 sums, widened by 2⁻¹⁰.
-    Both terms are residuals measured, not worst cases: the bound is about as tight as the
-    bf16 screen's, at half its bytes."""
-
-    CHUNK = 4096  # rows quantized at a time: fp64 transients of 4096·d, not of all of W
+    scaling by a·s_v: three roundings at most. Both terms are residuals measured, not worst
+    cases: the bound is about as tight as the bf16 screen's, at half its bytes. The input
+    goes in as uint8 with zero point 128 (q + 128), the form every oneDNN build accepts."""
 
     def __init__(self, w: Tensor) -> None:
-        qs, ss, rs, ms = [], [], [], []
-        for part in w.split(self.CHUNK):
+        V, d = w.shape
+        q = torch.empty(V, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
+        self.scale, self.r, self.m = torch.empty(V), torch.empty(V), torch.empty(V)
+        widen = 1 + 2.0**-20  # fp64 -> fp32 may round down
+        for i in range(0, V, CHUNK):
+            part = w[i : i + CHUNK].float()  # a bf16 weight's numbers, exactly
             s = part.abs().amax(dim=1) / 127
             s = torch.where(s > 0, s, torch.ones_like(s))
-            q = torch.round(part / s[:, None]).clamp_(-127, 127).to(torch.int8)
-            deq = q.double() * s.double()[:, None]
-            qs.append(q), ss.append(s), rs.append((part.double() - deq).norm(dim=1)), ms.append(deq.norm(dim=1))
-        widen = 1 + 2.0**-20  # fp64 -> fp32 may round down
-        self.scale, self.r = torch.cat(ss), (torch.cat(rs) * widen).float()
-        self.m = (torch.cat(ms) * widen).float()
-        self.q = torch.cat(qs)  # kept until check() has used it
-        self.packed = torch.ops.onednn.qlinear_prepack(self.q, None)
-        self.zero = torch.zeros(w.shape[0], dtype=torch.int32)
+            q[i : i + CHUNK] = torch.round(part / s[:, None]).clamp_(-127, 127)
+            deq = q[i : i + CHUNK].double() * s.double()[:, None]
+            self.scale[i : i + CHUNK] = s
+            self.r[i : i + CHUNK] = (part.double() - deq).norm(dim=1) * widen
+            self.m[i : i + CHUNK] = deq.norm(dim=1) * widen
+        self.q = q  # kept until check() has used it
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.zero = torch.zeros(V, dtype=torch.int32)
 
     def check(self, w: Tensor) -> bool:
         """On fixed inputs of one row and of ``MAX_ROWS``: the kernel computes a·s_v·Σ q_x q_v
-        with exact integer sums (to the 3·2⁻²⁴ of its fp32 roundings; checked at 2⁻²²), and
-        its error against x·W_v is within the bound. In row blocks: no fp64 copy of all of W."""
+        with exact integer sums (to the 3–4·2⁻²⁴ of its fp32 roundings; checked at 2⁻²⁰: a
+        kernel that saturates or rounds its sums is off by far more), and its error against
+        x·W_v is within the bound. In row blocks: no fp64 copy of all of W."""
         q, self.q = self.q, None
         for x in _probes(w.shape[1]):
             z, b = self.approx(x)
-            a, qx = self._quantized(x)
-            for i in range(0, w.shape[0], self.CHUNK):
-                part = slice(i, i + self.CHUNK)
-                want = F.linear(qx.double(), q[part].double()) * (a * self.scale[part].double())
+            a, qx, f = self._quantized(x)
+            for i in range(0, w.shape[0], CHUNK):
+                part = slice(i, i + CHUNK)
+                want = F.linear(qx.double() - 128, q[part].double()) * (a * self.scale[part].double()) / f.double()
                 got = z[:, part].double()
                 exact = F.linear(x.double(), w[part].double())
-                if not bool(((got - want).abs() <= want.abs() * 2.0**-22).all()):
+                if not bool(((got - want).abs() <= want.abs() * 2.0**-20).all()):
                     return False
                 if not bool(((got - exact).abs() <= b[:, part].double()).all()):
                     return False
         return True
 
     @staticmethod
-    def _quantized(x: Tensor) -> tuple[float, Tensor]:
-        """x̂ = a·q_x, a = max|x|/127 (one scale for all rows: the kernel takes one)."""
-        a = float(x.abs().amax()) / 127 or 1.0
-        return a, torch.round(x / a).clamp_(-127, 127).to(torch.int8)
+    def _quantized(x: Tensor) -> tuple[float, Tensor, Tensor]:
+        """a, q_x (uint8, q + 128) and f (rows, 1): x̂ = a·(q_x − 128)/f, f = 2^k_r bringing each
+        row near the largest (powers of two: exact)."""
+        big = x.abs().amax(dim=1, keepdim=True)
+        top = float(big.max())
+        f = torch.where(big > 0, torch.exp2(torch.floor(torch.log2(top / big))), torch.ones_like(big))
+        a = top / 127 or 1.0
+        return a, torch.round(x * f / a).clamp_(-127, 127).add_(128).to(torch.uint8), f
 
     def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        a, qx = self._quantized(x)
+        a, qx, f = self._quantized(x)
         z = torch.ops.onednn.qlinear_pointwise(
-            qx, a, 0, self.packed, self.scale, self.zero, None, 1.0, 0, torch.float32, "none", [], ""
-        )  # fmt: skip
-        nx = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        err = torch.linalg.vector_norm(x - qx.float() * a, dim=-1, keepdim=True)  # ‖x − x̂‖ (x̂ rounds by 2⁻²⁴)
-        widen = 1 + 2.0**-10
-        b = z.abs().mul_(2.0**-21).addcmul_(self.r, nx * widen).addcmul_(self.m, (err + nx * 2.0**-22) * widen)
+            qx, a, 128, self.packed, self.scale, self.zero, None, 1.0, 0, torch.float32, "none", [], ""
+        ).div_(f)  # fmt: skip
+        err = _norms(x - (qx.float() - 128) * a / f)  # ‖x − x̂‖ (x̂ itself rounds by 2⁻²⁴: below)
+        nx = _norms(x)
+        b = z.abs().mul_(2.0**-21).addcmul_(self.r, nx).addcmul_(self.m, err.add_(nx, alpha=2.0**-22))
         return z, b
 
 
@@ -192,6 +219,12 @@ def int8_screen() -> bool:
     return INT8
 
 
+def screenable(w: Tensor) -> bool:
+    """fp32 weights (either screen); bf16 ones with the int8 screen only (a bf16 copy of a bf16
+    weight would save nothing)."""
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and int8_screen())
+
+
 class ScreenedLinear(FastLinear):
     """An output layer (``lm_head``) that screens while a greedy loop asks; otherwise exactly
     :class:`FastLinear`. Holds a low-precision copy of W (int8 per row where the CPU sums
@@ -205,17 +238,17 @@ class ScreenedLinear(FastLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         state = getattr(_local, "state", None)
-        if state is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        if state is None or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != self.weight.dtype:
             if torch.is_grad_enabled():
                 release(self)
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_ROWS or self.weight.dtype != torch.float32:
+        if rows > MAX_ROWS or not screenable(self.weight):
             return super().forward(x)
         copy = self._copy()
         if copy is None:
             return super().forward(x)
-        out = self._screened(x.reshape(rows, x.shape[-1]), copy, *state)
+        out = self._screened(x.reshape(rows, x.shape[-1]).float(), copy, *state)
         return super().forward(x) if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _copy(self) -> _Int8Copy | _Bf16Copy | None:
@@ -223,21 +256,28 @@ class ScreenedLinear(FastLinear):
         key = (w.data_ptr(), _version(w))
         if key[1] < 0 or not w.is_contiguous():  # an inference tensor: a copy can't be kept in step with it
             return None
-        if self._screen is None or self._screen_key != key:
+        if self._screen is not None and self._screen_key == key:
+            return self._screen
+        with _building:  # one thread builds (and checks) a copy at a time: one transient, no unchecked copy seen
+            if self._screen is not None and self._screen_key == key:
+                return self._screen
             if self._screen_key is not None and self._screen_key[0] == key[0] and not self._screen_ok:
                 return None  # this very weight failed the check before
-            with torch.inference_mode(False), torch.no_grad():
-                copy = (_Int8Copy if int8_screen() else _Bf16Copy)(w.detach())
-            self._screen, self._screen_key, self._screen_src = copy, key, w.untyped_storage()
-            self._screen_ok = self._bound_holds(copy)
-            if not self._screen_ok:
-                self._screen = self._screen_src = None
-                return None
-        return self._screen
-
-    def _bound_holds(self, copy: _Int8Copy | _Bf16Copy) -> bool:
-        with torch.no_grad():
-            return copy.check(self.weight.detach())
+            copy = None
+            kinds = [_Int8Copy] if int8_screen() else []
+            kinds += [_Bf16Copy] if w.dtype == torch.float32 else []  # a bf16 copy of a bf16 W saves nothing
+            for kind in kinds:
+                try:
+                    with torch.inference_mode(False), torch.no_grad():
+                        made = kind(w.detach())
+                        if made.check(w.detach()):
+                            copy = made
+                            break
+                except RuntimeError:  # a oneDNN build without this op or input type: the next kind
+                    continue
+            self._screen, self._screen_key, self._screen_ok = copy, key, copy is not None
+            self._screen_src = None if copy is None else w.untyped_storage()
+            return copy
 
     def _screened(self, x: Tensor, copy: _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None) -> Tensor | None:
         z, b = copy.approx(x)
@@ -263,7 +303,8 @@ class ScreenedLinear(FastLinear):
         idx = (cand[0] if cand.shape[0] == 1 else cand.any(dim=0)).nonzero().squeeze(1)
         if idx.numel() > MAX_CANDIDATES * V:
             return None
-        exact = F.linear(x, self.weight.index_select(0, idx), None if self.bias is None else self.bias[idx])
+        w, b_own = self.weight.index_select(0, idx).float(), None if self.bias is None else self.bias[idx].float()
+        exact = F.linear(x, w, b_own)  # fp32: a bf16 model's candidates too (its numbers, exactly multiplied)
         # The copy must still be W's: the exact logits lie within the bound of the screened ones
         # (a write through .data moves W without a version bump; caught here on the candidates).
         seen = (hi[:, idx] - b[:, idx]) - (exact if bias is None else exact + bias[..., idx])
@@ -293,7 +334,7 @@ def prepare(model: nn.Module, on: bool = True) -> tuple[int, Tensor | None]:
             if isinstance(head, ScreenedLinear):
                 release(head)
             continue
-        if type(head) is FastLinear and head.weight.dtype == torch.float32 and head.weight.numel() >= MIN_WEIGHT:
+        if type(head) is FastLinear and screenable(head.weight) and head.weight.numel() >= MIN_WEIGHT:
             head.__class__ = ScreenedLinear
         if isinstance(head, ScreenedLinear):
             heads.append((head, getattr(m, "logits_bias", None)))

@@ -289,3 +289,37 @@ def test_decoding_unrolls_seq2seq_steps_only_while_nothing_observes_them(tmp_pat
     assert not fastpath.unobserved(m.module)
     m.module.decoder[0].attn.fast = True
     assert fastpath.unobserved(m.module)
+    m.module.decoder[0].mlp.dropout.train()  # MC dropout: kept on in one module
+    assert not fastpath.unobserved(m.module)
+
+
+@pytest.mark.parametrize(
+    "family", [GPT2, LLAMA, dict(LLAMA, parallel_residual=True, rotary_dim=8)], ids=["gpt2", "llama", "parallel"]
+)
+def test_unrolled_decoder_steps_equal_the_modules_path_with_left_padding(family):
+    """A decoder-only model's one-token steps (Block.step) against its modules' forward: two
+    left-padded rows, a prefill then 6 steps, logits within fp32 rounding."""
+    model = tiny_model(97, max_seq_len=64, **family).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    nxt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def run(unrolled: bool) -> torch.Tensor:
+        state, out = model.init_state(2, 12), []
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad(), fastpath.unrolling(unrolled):
+            model(ids, state, attention_mask=mask, position_ids=pos)
+            for t in range(6):
+                pos = pos[:, -1:] + 1
+                out.append(model(nxt[:, t : t + 1], state, attention_mask=torch.ones(2, 1), position_ids=pos)[0])
+        return torch.cat(out, 1)
+
+    calls = []
+    real = type(model.blocks[0]).step
+    type(model.blocks[0]).step = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        unrolled = run(True)
+    finally:
+        type(model.blocks[0]).step = real
+    assert len(calls) == 6 * len(model.blocks)
+    torch.testing.assert_close(unrolled, run(False), rtol=1e-6, atol=1e-6)

@@ -60,6 +60,7 @@ def run(m: Owner, x: torch.Tensor, keep=()) -> torch.Tensor:
 
 
 def reference(m: Owner, x: torch.Tensor) -> torch.Tensor:
+    """The exact product of the numbers (fp64 of fp32 or bf16 inputs: no rounding at this size)."""
     z = F.linear(x.double(), m.lm_head.weight.detach().double())
     return z if m.logits_bias is None else z + m.logits_bias.detach().double()
 
@@ -76,6 +77,23 @@ def test_the_argmax_and_the_candidates_logits_are_the_fp32_products(small, rows,
     assert torch.allclose(got[finite].double(), ref[finite], atol=1e-5)
     plain = m(x)  # outside screening: the full logits
     assert torch.isfinite(plain).all() and torch.allclose(plain.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_bf16_head_picks_the_argmax_of_the_exact_product_of_its_numbers(small, rows):
+    """A bf16 model's head (int8 screen only): the candidates are rescored in fp32 from the bf16
+    numbers, so the token is the argmax of their exact product, and the logits are it to fp32's
+    rounding (the plain bf16 kernel rounds every logit to 8 bits)."""
+    if small != "int8":
+        pytest.skip("a bf16 weight is screened by the int8 copy only")
+    m = Owner(3000, 64).eval().to(torch.bfloat16)
+    assert fastpath.enable(m) >= 1 and screen.prepare(m)[0] == 1
+    x = (torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)) * 2).to(torch.bfloat16)
+    got, ref = run(m, x), reference(m, x)
+    assert got.dtype == torch.float32 and torch.equal(got.argmax(-1), ref.argmax(-1))
+    finite = torch.isfinite(got)
+    assert finite.sum() < got.numel() / 10
+    assert torch.allclose(got[finite].double(), ref[finite], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("gap", [3e-5, -3e-5, 2e-4, -2e-4])
@@ -118,10 +136,43 @@ def test_a_kernel_that_breaks_the_bound_is_not_used(small, monkeypatch):
     else:
         real = screen._Int8Copy.approx
         monkeypatch.setattr(screen._Int8Copy, "approx", lambda self, x: (lambda z, b: (z, b * 1e-3))(*real(self, x)))
-    m = owner()
+    refused(small)
+
+
+def refused(kind: str) -> None:
+    """A kernel that fails its check is not used: an fp32 head falls back from int8 to the bf16
+    copy (the right argmax), a bf16 head (int8 only) and a failing bf16 copy to the plain product."""
     x = torch.randn(1, 64)
+    m = owner()
     out = run(m, x)
+    if kind == "bf16":
+        assert torch.isfinite(out).all() and m.lm_head._screen_ok is False
+        return
+    assert type(m.lm_head._screen) is screen._Bf16Copy and int(out.argmax()) == int(reference(m, x).argmax())
+    m = Owner(3000, 64).eval().to(torch.bfloat16)
+    assert fastpath.enable(m) >= 1 and screen.prepare(m)[0] == 1
+    out = run(m, x.to(torch.bfloat16))
     assert torch.isfinite(out).all() and m.lm_head._screen_ok is False
+
+
+def test_a_kernel_that_raises_is_not_used(small, monkeypatch):
+    """A oneDNN build without the op, or refusing its input type: the next kind, or the plain product."""
+
+    def fails(self, w):
+        raise RuntimeError("onednn: unsupported")
+
+    monkeypatch.setattr(screen._Int8Copy if small == "int8" else screen._Bf16Copy, "__init__", fails)
+    refused(small)
+
+
+def test_rows_of_very_different_sizes_keep_the_screen_tight(small):
+    """One activation scale serves every row of the int8 kernel: each row is first brought to
+    the largest by a power of two, so a row 10⁴ times smaller still gets few candidates."""
+    m = owner()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5)) * torch.tensor([[1e2], [1.0], [1e-2], [3.0]])
+    got, ref = run(m, x), reference(m, x)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert torch.isfinite(got).sum() < got.numel() / 10
 
 
 def test_an_int8_kernel_whose_sums_are_not_exact_is_not_used(small, monkeypatch):
@@ -133,10 +184,7 @@ def test_an_int8_kernel_whose_sums_are_not_exact_is_not_used(small, monkeypatch)
     monkeypatch.setattr(
         screen._Int8Copy, "approx", lambda self, x: (lambda z, b: (z * (1 + 2.0**-18), b * 2))(*real(self, x))
     )
-    m = owner()
-    x = torch.randn(1, 64)
-    out = run(m, x)
-    assert torch.isfinite(out).all() and m.lm_head._screen_ok is False
+    refused(small)
 
 
 def test_non_finite_inputs_and_many_rows_take_the_plain_product(small):
@@ -271,3 +319,27 @@ def test_greedy_decoding_with_the_screen_equals_the_plain_model(small, monkeypat
     model.screen_output, n = False, len(calls)
     assert tokens(True) == plain and len(calls) == n
     assert "_screen" not in model.lm_head.__dict__  # the bf16 copy is gone too
+
+
+def test_greedy_decoding_of_a_bf16_model_takes_the_argmax_of_the_exact_product(small, monkeypatch):
+    """A bf16 decoder-only model, screened (int8 copy): each token is the argmax of the exact
+    product of the step's bf16 hidden state and the bf16 output layer (the reference loop
+    computes that product in fp64 over all 512 tokens)."""
+    if small != "int8":
+        pytest.skip("a bf16 weight is screened by the int8 copy only")
+    monkeypatch.setattr(screen, "MAX_CANDIDATES", 1.0)
+    model = tiny_model(vocab_size=512, d_model=64, n_head=4, tie_embeddings=False).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    model.to(torch.bfloat16)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.0, eos_token_id=[])
+    got = [c.token for step in sample(model, [[5, 6, 7, 8, 9]], cfg, [None]) for c in step]
+    assert "_screen" in model.lm_head.__dict__, "the screen never ran"
+    ids, want = [5, 6, 7, 8, 9], []
+    w = model.lm_head.weight.detach().double()
+    with torch.no_grad():
+        for _ in range(12):
+            h, _ = model(torch.tensor([ids]), hidden=True)
+            want.append(int(F.linear(h[0, -1].double(), w).argmax()))
+            ids.append(want[-1])
+    assert got == want
