@@ -61,6 +61,36 @@ def test_quant_linear_equals_dequantized_formula(in_features, bias):
     torch.testing.assert_close(ql.dequantize(), w_hat)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_rounding(monkeypatch, rows):
+    """Large weights (an output layer) run on oneDNN's int8 kernel with the input in two int8
+    parts, x̂ = (a/f)(q₁ + q₂/127): per number |x − x̂| ≤ a/(254 f), so each output is within
+    Σ_i |Ŵ_oi| · a/(254 f) of x·Ŵ_o (the formula, in fp64), rows of different sizes included."""
+    from lmlab.nn import quantize as Q
+    from lmlab.nn import screen
+
+    if not screen.int8_screen():
+        pytest.skip("oneDNN's int8 kernel sums exactly only with VNNI/AMX")
+    monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 300, bias=True)
+    ql = QuantLinear.from_linear(lin)
+    x = torch.randn(rows, 40) * torch.logspace(0, 2, rows)[:, None]
+    calls = []
+    real = QuantLinear._onednn
+    monkeypatch.setattr(QuantLinear, "_onednn", lambda self, x: calls.append(1) or real(self, x))
+    with torch.inference_mode():
+        got = ql(x)
+    assert calls
+    w_hat = ql.dequantize().double()
+    want = F.linear(x.double(), w_hat, lin.bias.detach().double())
+    big = x.abs().amax(1, keepdim=True).double()
+    f = torch.exp2(torch.floor(torch.log2(big.max() / big)))
+    bound = w_hat.abs().sum(1)[None] * (big.max() / 127) / (254 * f) + 1e-5 * want.abs()
+    assert ((got.double() - want).abs() <= bound).all()
+    assert (got.double() - want).abs().max() < 1e-3 * want.abs().max()  # ~14 bits: far finer than bf16
+
+
 @pytest.mark.parametrize("in_features", [40, 8, 17, 100])  # not multiples of 16
 def test_width_not_a_multiple_of_16_dequantizes_and_stays_within_the_quantization_error(
     in_features, monkeypatch
