@@ -22,11 +22,14 @@ dequantized on the fly and multiplied with ``F.linear`` — the formula above, s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
+from lmlab.nn.fastpath import _version
 from lmlab.nn.screen import int8_screen
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -94,9 +97,10 @@ class QuantLinear(nn.Module):
         ):  # fmt: skip
             shape = x.shape
             y = self._onednn(x.reshape(-1, shape[-1]).float())
-            if self.bias is not None:
-                y = y + self.bias.float()
-            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            if y is not None:
+                if self.bias is not None:
+                    y = y + self.bias.float()
+                return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if fast_cpu and x.numel() > 0 and _int8_kernel_works():
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
@@ -120,20 +124,33 @@ class QuantLinear(nn.Module):
         return {k: v for k, v in state.items() if not k.startswith("_packed")}
 
     def _onednn_ok(self) -> bool:
+        """oneDNN's int8 kernel sums exactly here (VNNI/AMX) and has a packed copy of this
+        qweight, made once (and remade if it changes; like ``FastLinear``'s copies, a write
+        through ``.data`` is not seen) and checked once against the dequantized formula."""
         if not int8_screen():
             return False
-        key = (self.qweight.data_ptr(), self.qweight._version)
+        key = (self.qweight.data_ptr(), _version(self.qweight))
+        if key[1] < 0:  # an inference tensor: no version counter to keep a copy in step with
+            return False
         if self._packed is None or self._packed_key != key:
+            if self._packed_key is not None and self._packed_key[0] == key[0] and self._packed is None:
+                return False  # this very weight failed before
+            self._packed, self._packed_key = None, key
             try:
-                with torch.inference_mode(False):
-                    self._packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
+                with torch.inference_mode(False), torch.no_grad():
+                    packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
                     self._zero = torch.zeros(self.out_features, dtype=torch.int32)
+                    x = torch.sin(torch.arange(1, 2 * self.in_features + 1, dtype=torch.float32)).reshape(2, -1)
+                    got = self._onednn(x, packed)
+                    want = F.linear(x.double(), self.dequantize().double())
+                    if not bool(((got.double() - want).abs() <= 1e-3 * want.abs().max() + 1e-6).all()):
+                        return False
             except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
                 return False
-            self._packed_key = key
+            self._packed, self._packed_src = packed, self.qweight.untyped_storage()
         return True
 
-    def _onednn(self, x: Tensor) -> Tensor:
+    def _onednn(self, x: Tensor, packed: Tensor | None = None) -> Tensor | None:
         """(x qᵀ) ⊙ s on oneDNN's int8 kernel (VNNI/AMX: exact integer sums, 1.2–1.5× faster
         than PyTorch's int8-weight kernel here), x given to it in two int8 parts:
 
@@ -142,18 +159,22 @@ class QuantLinear(nn.Module):
             x̂ = (a/f)(q₁ + q₂/127)     |x − x̂| ≤ a/(254 f) per number: ~14 bits, finer than bf16's 8
 
         Both parts go through the one weight read (2 rows per row of x); the sums are
-        combined and rescaled in fp32."""
+        combined and rescaled in fp32. None for a non-finite input (one scale serves all rows:
+        the other path keeps rows apart)."""
         n = x.shape[0]
         big = x.abs().amax(dim=1, keepdim=True)
         top = float(big.max())
-        f = torch.where(big > 0, torch.exp2(torch.floor(torch.log2(top / big))), torch.ones_like(big))
+        if not math.isfinite(top):
+            return None
+        f = torch.where(big > 0, torch.exp2(torch.floor(torch.log2(top / big)).clamp_(max=64)), torch.ones_like(big))
         a = top / 127 or 1.0
         t = x * f / a
         q1 = torch.round(t).clamp_(-127, 127)
         q2 = torch.round((t - q1) * 127).clamp_(-127, 127)
         q = torch.cat([q1, q2]).add_(128).to(torch.uint8)
         y = torch.ops.onednn.qlinear_pointwise(
-            q, a, 128, self._packed, self.scale.float(), self._zero, None, 1.0, 0, torch.float32, "none", [], ""
+            q, a, 128, self._packed if packed is None else packed, self.scale.float(), self._zero, None, 1.0, 0,
+            torch.float32, "none", [], "",
         )  # fmt: skip
         return y[:n].add_(y[n:], alpha=1 / 127).div_(f)
 

@@ -26,10 +26,11 @@ asks. Two screens:
   b_v = ε‖x‖‖W_v‖ + 2u|ẑ_v|, the standard bound for a dot product of rounded inputs (Higham,
   *Accuracy and Stability of Numerical Algorithms*, §3.1).
 
-A bf16 model's head is screened by the int8 copy (a bf16 copy would save nothing): its
-candidates are rescored in fp32 from its bf16 numbers, so the token is the argmax of the
-exact product of its bf16 state and weights, where its plain kernel rounds each logit to
-8 bits (at near-ties the two may differ; the screen's is the exact choice).
+A bf16 model's head is screened by the int8 copy (a bf16 copy would save nothing) and
+returns what its plain kernel returns: the bound is widened by the kernel's roundings to
+bf16 (of z, then of z + a logits bias), so every token that can reach the largest rounded
+value is a candidate, and the candidates' fp32 sums are rounded to bf16: the same values,
+and the argmax's first-of-equals choice among them.
 
 Each copy checks its kernel once per weight on fixed inputs (the int8 one: that its integer
 sums are exact, and the bound), and a kernel that fails is not used.
@@ -282,9 +283,17 @@ class ScreenedLinear(FastLinear):
     def _screened(self, x: Tensor, copy: _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None) -> Tensor | None:
         z, b = copy.approx(x)
         V = z.shape[1]
-        c = bias
-        if self.bias is not None:
-            c = self.bias if c is None else c + self.bias
+        parts = [t.float() for t in (bias, self.bias) if t is not None]  # in fp32: no rounding of their sum
+        c = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        bf16 = self.weight.dtype == torch.bfloat16
+        if bf16:
+            # The plain bf16 path rounds z (+ its own bias) to bf16, then again after + the logits'
+            # bias: |P_v − (z_v + c_v)| ≤ 2⁻⁸(|z_v| + |b_own|) + 2⁻⁸(|z_v| + |b_own| + |c_v|) + tiny.
+            # Widened by that (doubled), every token whose plain value can reach the plain maximum
+            # is a candidate, and rounding the candidates as the plain path does reproduces its
+            # choice, first of equal values included.
+            cabs = sum(t.abs() for t in parts) if parts else 0.0
+            b.add_(z.abs().add_(b).add_(cabs), alpha=2.0**-6)
         if c is not None:
             z += c
         # fp32 rounding of ẑ + c ± b itself (and of the plain path's own z + c): a relative 2⁻²², generous
@@ -304,15 +313,16 @@ class ScreenedLinear(FastLinear):
         if idx.numel() > MAX_CANDIDATES * V:
             return None
         w, b_own = self.weight.index_select(0, idx).float(), None if self.bias is None else self.bias[idx].float()
-        exact = F.linear(x, w, b_own)  # fp32: a bf16 model's candidates too (its numbers, exactly multiplied)
+        exact = F.linear(x, w, b_own)  # fp32 sums (a bf16 model's numbers, exactly multiplied)
         # The copy must still be W's: the exact logits lie within the bound of the screened ones
         # (a write through .data moves W without a version bump; caught here on the candidates).
-        seen = (hi[:, idx] - b[:, idx]) - (exact if bias is None else exact + bias[..., idx])
+        seen = (hi[:, idx] - b[:, idx]) - (exact if bias is None else exact + bias[..., idx].float())
         if not bool((seen.abs() <= b[:, idx]).all()):
             release(self)
             return None
-        out = torch.full_like(z, float("-inf"))
-        out.index_copy_(1, idx, exact)
+        # a bf16 model's logits as its plain kernel gives them: fp32 sums rounded once to bf16
+        out = torch.full_like(z, float("-inf"), dtype=self.weight.dtype)
+        out.index_copy_(1, idx, exact.to(out.dtype))
         return out
 
 

@@ -78,7 +78,7 @@ def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_round
     x = torch.randn(rows, 40) * torch.logspace(0, 2, rows)[:, None]
     calls = []
     real = QuantLinear._onednn
-    monkeypatch.setattr(QuantLinear, "_onednn", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setattr(QuantLinear, "_onednn", lambda self, *a: calls.append(1) or real(self, *a))
     with torch.inference_mode():
         got = ql(x)
     assert calls
@@ -89,6 +89,28 @@ def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_round
     bound = w_hat.abs().sum(1)[None] * (big.max() / 127) / (254 * f) + 1e-5 * want.abs()
     assert ((got.double() - want).abs() <= bound).all()
     assert (got.double() - want).abs().max() < 1e-3 * want.abs().max()  # ~14 bits: far finer than bf16
+
+
+def test_a_non_finite_row_stays_its_own_and_inference_tensors_work(monkeypatch):
+    """oneDNN's int8 path shares one input scale across rows: a row with an infinity must not
+    turn the others into NaN (that product goes to the per-row path), and a layer whose
+    int8 weight is an inference tensor (no version counter) still multiplies."""
+    from lmlab.nn import quantize as Q
+
+    monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 300)
+    ql = QuantLinear.from_linear(lin)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    with torch.inference_mode():
+        y = ql(x)
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and not torch.isfinite(y[1]).all()
+    with torch.inference_mode():
+        frozen = QuantLinear.from_linear(lin)  # built in inference mode: inference tensors
+        y = frozen(x[:1])
+    want = F.linear(x[:1].double(), frozen.dequantize().double(), lin.bias.detach().double())
+    assert torch.allclose(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("in_features", [40, 8, 17, 100])  # not multiples of 16
