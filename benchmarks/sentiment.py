@@ -17,6 +17,7 @@ Run alone on an otherwise idle machine (2-core timings are meaningless under loa
     .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm,encoder --minutes 30
     .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm+lm,gpt+lm --pretrain-minutes 20
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs lstm,encoder
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --tokenizer bpe --vocab-size 8000
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs encoder+mlm --minutes 15 --pretrain-minutes 15
     .venv/bin/python benchmarks/sentiment.py --minutes 0.3 --pretrain-minutes 0.2 --out /tmp/sa-smoke   # smoke
 """

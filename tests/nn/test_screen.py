@@ -80,13 +80,14 @@ def test_the_argmax_and_the_candidates_logits_are_the_fp32_products(small, rows,
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, rows):
+def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, rows, monkeypatch):
     """A bf16 model's head (int8 screen only) returns what a bf16 kernel returns at the
     candidates — each logit rounded to bf16 — so the argmax, first of equal values included,
     is the plain path's. Reference: the exact product (fp64) rounded to bf16. Made so that
     the top logits tie in bf16 (many tokens within 8 bits of the best)."""
     if small != "int8":
         pytest.skip("a bf16 weight is screened by the int8 copy only")
+    monkeypatch.setattr(screen, "MAX_ROWS_BF16", screen.MAX_ROWS)  # several rows too (by default: one)
     m = Owner(3000, 64).eval()
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) * 2
     with torch.no_grad():
@@ -361,6 +362,7 @@ def test_greedy_decoding_of_a_bf16_model_equals_its_plain_kernels(small, monkeyp
     if small != "int8":
         pytest.skip("a bf16 weight is screened by the int8 copy only")
     monkeypatch.setattr(screen, "MAX_CANDIDATES", 1.0)
+    monkeypatch.setattr(screen, "MAX_ROWS_BF16", screen.MAX_ROWS)  # the batch of 40 stays plain: > 32 rows
     model = tiny_model(vocab_size=2048, d_model=64, n_head=4, tie_embeddings=False).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
