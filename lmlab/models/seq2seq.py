@@ -293,7 +293,7 @@ class Seq2SeqTransformer(EncoderDecoderModel):
         elif cache is not None and start > 0 and T > 1:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         cross_mask = src_pad
-        if T == 1 and cache is not None and fastpath.unrolled() and not self.training and not torch.is_grad_enabled():
+        if fastpath.unroll_step(self, T, cache):
             for i, layer in enumerate(self.decoder):
                 x = layer.step(x, mask, cache, i, kvs[i], cross_mask)
         else:

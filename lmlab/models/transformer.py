@@ -193,7 +193,7 @@ class Transformer(LanguageModel):
         if state is not None:
             state.mark(attention_mask, T)  # which new slots are real tokens (not left padding)
         mask = causal_padding_mask(T, attention_mask, state, ids.device)
-        if T == 1 and state is not None and fastpath.unrolled() and not self.training and not torch.is_grad_enabled():
+        if fastpath.unroll_step(self, T, state):
             for i, block in enumerate(self.blocks):
                 x = block.step(x, rope, mask, state, i)
         else:

@@ -177,6 +177,12 @@ def unrolled() -> bool:
     return getattr(_local, "unrolled", False)
 
 
+def unroll_step(module: nn.Module, new_tokens: int, cache: object) -> bool:
+    """Whether ``module``'s forward may take its unrolled one-token step now: one new token per
+    row, a cache to extend, inference, and the decoding loop has allowed it (:func:`unrolling`)."""
+    return new_tokens == 1 and cache is not None and unrolled() and not module.training and not torch.is_grad_enabled()
+
+
 def unobserved(model: nn.Module) -> bool:
     """Nothing watches the model's modules run: no forward hooks (lmlab.inspection's neuron
     traces use them), no attention recording its weights or set to the explicit path, no
@@ -220,4 +226,4 @@ def works() -> bool:
     return _WORKS
 
 
-__all__ = ["FastLinear", "available", "enable", "prepare", "unobserved", "unrolled", "unrolling", "works"]
+__all__ = ["FastLinear", "available", "enable", "prepare", "unobserved", "unroll_step", "unrolled", "unrolling", "works"]

@@ -22,15 +22,14 @@ dequantized on the fly and multiplied with ``F.linear`` — the formula above, s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
+from lmlab.nn import int8
 from lmlab.nn.fastpath import _version
-from lmlab.nn.screen import int8_screen
+from lmlab.nn.int8 import quantize_rows
 
 QUANTIZE_CHOICES = ("none", "int8")
 
@@ -127,7 +126,7 @@ class QuantLinear(nn.Module):
         """oneDNN's int8 kernel sums exactly here (VNNI/AMX) and has a packed copy of this
         qweight, made once (and remade if it changes; like ``FastLinear``'s copies, a write
         through ``.data`` is not seen) and checked once against the dequantized formula."""
-        if not int8_screen():
+        if not int8.exact_sums():
             return False
         key = (self.qweight.data_ptr(), _version(self.qweight))
         if key[1] < 0:  # an inference tensor: no version counter to keep a copy in step with
@@ -162,12 +161,10 @@ class QuantLinear(nn.Module):
         combined and rescaled in fp32. None for a non-finite input (one scale serves all rows:
         the other path keeps rows apart)."""
         n = x.shape[0]
-        big = x.abs().amax(dim=1, keepdim=True)
-        top = float(big.max())
-        if not math.isfinite(top):
+        scales = int8.row_scales(x)
+        if scales is None:
             return None
-        f = torch.where(big > 0, torch.exp2(torch.floor(torch.log2(top / big)).clamp_(max=64)), torch.ones_like(big))
-        a = top / 127 or 1.0
+        a, f = scales
         t = x * f / a
         q1 = torch.round(t).clamp_(-127, 127)
         q2 = torch.round((t - q1) * 127).clamp_(-127, 127)
@@ -177,14 +174,6 @@ class QuantLinear(nn.Module):
             torch.float32, "none", [], "",
         )  # fmt: skip
         return y[:n].add_(y[n:], alpha=1 / 127).div_(f)
-
-
-def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """(q, s) with W_oi ≈ s_o · q_oi, symmetric per row. A row of zeros gets s_o = 1 (q = 0)."""
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # s_o = max_i |W_oi| / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale.float()
 
 
 def quantize_model(module: nn.Module, method: str = "int8") -> nn.Module:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.nn import int8
 from lmlab.nn.fastpath import FastLinear, _version
 
 #: bf16's unit roundoff (8 significant bits, round to nearest)
@@ -149,9 +150,7 @@ class _Int8Copy:
         widen = 1 + 2.0**-20  # fp64 -> fp32 may round down
         for i in range(0, V, CHUNK):
             part = w[i : i + CHUNK].float()  # a bf16 weight's numbers, exactly
-            s = part.abs().amax(dim=1) / 127
-            s = torch.where(s > 0, s, torch.ones_like(s))
-            q[i : i + CHUNK] = torch.round(part / s[:, None]).clamp_(-127, 127)
+            q[i : i + CHUNK], s = int8.quantize_rows(part)
             deq = q[i : i + CHUNK].double() * s.double()[:, None]
             self.scale[i : i + CHUNK] = s
             self.r[i : i + CHUNK] = (part.double() - deq).norm(dim=1) * widen
@@ -168,7 +167,7 @@ class _Int8Copy:
         q, self.q = self.q, None
         for x in _probes(w.shape[1]):
             z, b = self.approx(x)
-            a, qx, f = self._quantized(x)
+            a, qx, f = self._quantized(x)  # the probes are finite
             for i in range(0, w.shape[0], CHUNK):
                 part = slice(i, i + CHUNK)
                 want = F.linear(qx.double() - 128, q[part].double()) * (a * self.scale[part].double()) / f.double()
@@ -181,17 +180,20 @@ class _Int8Copy:
         return True
 
     @staticmethod
-    def _quantized(x: Tensor) -> tuple[float, Tensor, Tensor]:
-        """a, q_x (uint8, q + 128) and f (rows, 1): x̂ = a·(q_x − 128)/f, f = 2^k_r bringing each
-        row near the largest (powers of two: exact)."""
-        big = x.abs().amax(dim=1, keepdim=True)
-        top = float(big.max())
-        f = torch.where(big > 0, torch.exp2(torch.floor(torch.log2(top / big))), torch.ones_like(big))
-        a = top / 127 or 1.0
+    def _quantized(x: Tensor) -> tuple[float, Tensor, Tensor] | None:
+        """a, q_x (uint8, q + 128) and f (rows, 1): x̂ = a·(q_x − 128)/f (:func:`int8.row_scales`)."""
+        scales = int8.row_scales(x)
+        if scales is None:
+            return None
+        a, f = scales
         return a, torch.round(x * f / a).clamp_(-127, 127).add_(128).to(torch.uint8), f
 
     def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        a, qx, f = self._quantized(x)
+        quantized = self._quantized(x)
+        if quantized is None:  # a NaN or an infinity: no bound (the caller takes the plain product)
+            nan = torch.full((x.shape[0], self.zero.shape[0]), float("nan"))
+            return nan, nan.clone()
+        a, qx, f = quantized
         z = torch.ops.onednn.qlinear_pointwise(
             qx, a, 128, self.packed, self.scale, self.zero, None, 1.0, 0, torch.float32, "none", [], ""
         ).div_(f)  # fmt: skip
@@ -201,26 +203,13 @@ class _Int8Copy:
         return z, b
 
 
-#: None: the int8 screen where oneDNN's int8 kernel sums exactly (VNNI or AMX, checked once),
-#: else the bf16 one; True/False force it (tests)
+#: None: the int8 screen where oneDNN's int8 kernel sums exactly (VNNI or AMX), else the
+#: bf16 one; True/False force it (tests)
 INT8: bool | None = None
 
 
 def int8_screen() -> bool:
-    """oneDNN's int8 linear exists and the CPU has VNNI/AMX int8 dot products: older x86
-    kernels sum pairs of u8·s8 products in int16 with saturation, so their sums are not exact."""
-    global INT8
-    if INT8 is None:
-        INT8 = False
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                flags = next((line.split() for line in f if line.startswith("flags")), [])
-            INT8 = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)) and hasattr(
-                torch.ops.onednn, "qlinear_pointwise"
-            )
-        except (OSError, RuntimeError, AttributeError):
-            INT8 = False
-    return INT8
+    return int8.exact_sums() if INT8 is None else INT8
 
 
 def screenable(w: Tensor) -> bool:
