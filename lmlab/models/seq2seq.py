@@ -44,7 +44,7 @@ def _self_attention(cfg: Seq2SeqConfig, causal: bool) -> CausalSelfAttention:
     )  # fmt: skip
 
 
-def _residual(prenorm: bool, x: Tensor, norm: nn.Module, f: callable) -> Tensor:
+def _residual(prenorm: bool, x: Tensor, norm: callable, f: callable) -> Tensor:
     """pre-norm: x + f(Norm(x));  post-norm (the paper): Norm(x + f(x))."""
     return x + f(norm(x)) if prenorm else norm(x + f(x))
 
@@ -94,13 +94,9 @@ class DecoderLayer(nn.Module):
         unrolled (each sublayer's ``step``). At batch 1 a step's Python and small ops cost as
         much as its matmuls, so the decoding loop takes this path while nothing observes the
         modules (:func:`lmlab.nn.fastpath.unrolling`)."""
-        if self.prenorm:
-            x = x + self.attn.step(self.norm1.forward(x), None, mask, cache, layer)
-            x = x + self.cross.step(self.norm2.forward(x), kv, src_mask)
-            return x + self.mlp.step(self.norm3.forward(x))
-        x = self.norm1.forward(x + self.attn.step(x, None, mask, cache, layer))
-        x = self.norm2.forward(x + self.cross.step(x, kv, src_mask))
-        return self.norm3.forward(x + self.mlp.step(x))
+        x = _residual(self.prenorm, x, self.norm1.forward, lambda h: self.attn.step(h, None, mask, cache, layer))
+        x = _residual(self.prenorm, x, self.norm2.forward, lambda h: self.cross.step(h, kv, src_mask))
+        return _residual(self.prenorm, x, self.norm3.forward, self.mlp.step)
 
 
 class Seq2SeqState:

@@ -37,7 +37,7 @@ class FastLinear(nn.Linear):
     """
 
     _packed: Tensor | None = None
-    _packed_key: tuple[int, int, torch.dtype] | None = None
+    _packed_key: tuple[int, int] | None = None
 
     def __getstate__(self) -> dict:
         """Pickling and deepcopy leave out the kernel's copies of W (oneDNN's opaque layout
@@ -63,9 +63,9 @@ class FastLinear(nn.Linear):
         if w.dtype == torch.float32 and _few_rows(x.numel() // max(1, x.shape[-1]), w.numel()) and mkl_for_fp32_rows():
             return F.linear(x, w, self.bias)  # a few fp32 rows: MKL is the faster kernel here
         if w.dtype == torch.bfloat16:  # oneDNN's bf16 kernel wants W pre-blocked (2× faster)
-            key = (w.data_ptr(), _version(w), w.dtype)
-            if key[1] < 0:  # an inference tensor has no write counter: a copy of it can't be trusted,
-                return F.linear(x, w, self.bias)  # and repacking per call would cost more than it saves
+            key = copy_key(w)
+            if key is None:  # an inference tensor: repacking per call would cost more than it saves
+                return F.linear(x, w, self.bias)
             if self._packed is None or self._packed_key != key:
                 with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
@@ -112,6 +112,15 @@ def _version(t: Tensor) -> int:
         return t._version
     except RuntimeError:
         return -1
+
+
+def copy_key(t: Tensor) -> tuple[int, int] | None:
+    """(address, write counter): what a copy derived from ``t`` (a packed, screened or int8
+    copy) is kept in step with — remade when either changes. None for an inference tensor,
+    which has no counter: a copy of it can't be trusted (a write through ``.data`` bumps no
+    counter either; the copies' owners say how they deal with that)."""
+    v = _version(t)
+    return None if v < 0 else (t.data_ptr(), v)
 
 
 def available() -> bool:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.nn import int8
-from lmlab.nn.fastpath import _version
+from lmlab.nn.fastpath import copy_key
 from lmlab.nn.int8 import quantize_rows
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -128,8 +128,8 @@ class QuantLinear(nn.Module):
         through ``.data`` is not seen) and checked once against the dequantized formula."""
         if not int8.exact_sums():
             return False
-        key = (self.qweight.data_ptr(), _version(self.qweight))
-        if key[1] < 0:  # an inference tensor: no version counter to keep a copy in step with
+        key = copy_key(self.qweight)
+        if key is None:
             return False
         if self._packed is None or self._packed_key != key:
             if self._packed_key is not None and self._packed_key[0] == key[0] and self._packed is None:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.nn import int8
-from lmlab.nn.fastpath import FastLinear, _version
+from lmlab.nn.fastpath import FastLinear, copy_key
 
 #: bf16's unit roundoff (8 significant bits, round to nearest)
 U = 2.0**-8
@@ -246,8 +246,8 @@ class ScreenedLinear(FastLinear):
 
     def _copy(self) -> _Int8Copy | _Bf16Copy | None:
         w = self.weight
-        key = (w.data_ptr(), _version(w))
-        if key[1] < 0 or not w.is_contiguous():  # an inference tensor: a copy can't be kept in step with it
+        key = copy_key(w)
+        if key is None or not w.is_contiguous():
             return None
         if self._screen is not None and self._screen_key == key:
             return self._screen
@@ -276,15 +276,14 @@ class ScreenedLinear(FastLinear):
         z, b = copy.approx(x)
         V = z.shape[1]
         parts = [t.float() for t in (bias, self.bias) if t is not None]  # in fp32: no rounding of their sum
-        c = None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
-        bf16 = self.weight.dtype == torch.bfloat16
-        if bf16:
+        c = sum(parts) if parts else None
+        if self.weight.dtype == torch.bfloat16:
             # The plain bf16 path rounds z (+ its own bias) to bf16, then again after + the logits'
             # bias: |P_v − (z_v + c_v)| ≤ 2⁻⁸(|z_v| + |b_own|) + 2⁻⁸(|z_v| + |b_own| + |c_v|) + tiny.
             # Widened by that (doubled), every token whose plain value can reach the plain maximum
             # is a candidate, and rounding the candidates as the plain path does reproduces its
             # choice, first of equal values included.
-            cabs = sum(t.abs() for t in parts) if parts else 0.0
+            cabs = sum(t.abs() for t in parts)
             b.add_(z.abs().add_(b).add_(cabs), alpha=2.0**-6)
         if c is not None:
             z += c
