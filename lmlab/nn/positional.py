@@ -58,6 +58,10 @@ class LearnedPositions(nn.Module):
         return self.weight[position_ids]
 
 
+#: rows of RoPE's cos/sin table made up front (more on demand)
+INITIAL_POSITIONS = 4096
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021) in the "rotate half" layout used by Llama and GPT-NeoX.
 
@@ -75,7 +79,10 @@ class RotaryEmbedding(nn.Module):
         # float32 arithmetic, as Hugging Face does, so imported models match bit for bit
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        cos, sin = self._table(max_seq_len)
+        # The table starts at no more than INITIAL_POSITIONS rows and grows on demand (forward):
+        # a 32k-token model's full table is 16 MiB that a short chat never reads. Row m is
+        # m·θ whatever the table's length, so growing changes no value.
+        cos, sin = self._table(min(max_seq_len, INITIAL_POSITIONS))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.nn import int8
+from lmlab.nn import fastpath, int8
 from lmlab.nn.fastpath import FastLinear, copy_key
 
 #: bf16's unit roundoff (8 significant bits, round to nearest)
@@ -100,7 +100,10 @@ def _norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.double(), dim=-1, keepdim=True).mul_(1 + 2.0**-20).float()
 
 
-CHUNK = 4096  # rows of W handled at a time while building and checking a copy: small transients
+CHUNK = 1024  # rows of W handled at a time while building and checking a copy: small transients
+#: the int8 copy is packed in parts of about this many bytes (Qwen2-0.5B's head: 5 parts), so
+#: that building it holds one part's codes twice, not the whole head's (+130 MiB at the peak)
+PART_BYTES = 32 << 20
 
 
 class _Bf16Copy:
@@ -145,32 +148,42 @@ class _Int8Copy:
 
     def __init__(self, w: Tensor) -> None:
         V, d = w.shape
-        q = torch.empty(V, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
         self.scale, self.r, self.m = torch.empty(V), torch.empty(V), torch.empty(V)
-        widen = 1 + 2.0**-20  # fp64 -> fp32 may round down
-        for i in range(0, V, CHUNK):
-            part = w[i : i + CHUNK].float()  # a bf16 weight's numbers, exactly
-            q[i : i + CHUNK], s = int8.quantize_rows(part)
-            deq = q[i : i + CHUNK].double() * s.double()[:, None]
-            self.scale[i : i + CHUNK] = s
-            self.r[i : i + CHUNK] = (part.double() - deq).norm(dim=1) * widen
-            self.m[i : i + CHUNK] = deq.norm(dim=1) * widen
-        self.q = q  # kept until check() has used it
-        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.parts: list[tuple[int, int, Tensor]] = []  # (first row, end row, oneDNN's packed codes)
+        step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)
+        for lo in range(0, V, step):  # in parts: the int8 codes and their packed form of one part at a time
+            hi = min(V, lo + step)
+            q = torch.empty(hi - lo, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
+            for i in range(lo, hi, CHUNK):
+                rows = slice(i, min(hi, i + CHUNK))
+                q[i - lo : rows.stop - lo], self.r[rows], self.m[rows], self.scale[rows] = self._codes(w[rows])
+            self.parts.append((lo, hi, torch.ops.onednn.qlinear_prepack(q, None)))
+            del q
         self.zero = torch.zeros(V, dtype=torch.int32)
 
+    @staticmethod
+    def _codes(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q, r_v, m_v, s_v of some rows of W (r and m in fp64, widened for their fp32 rounding)."""
+        part = w.float()  # a bf16 weight's numbers, exactly
+        q, s = int8.quantize_rows(part)
+        deq = q.double() * s.double()[:, None]
+        widen = 1 + 2.0**-20  # fp64 -> fp32 may round down
+        return q, (part.double() - deq).norm(dim=1) * widen, deq.norm(dim=1) * widen, s
+
     def check(self, w: Tensor) -> bool:
-        """On fixed inputs of one row and of ``MAX_ROWS``: the kernel computes a·s_v·Σ q_x q_v
-        with exact integer sums (to the 3–4·2⁻²⁴ of its fp32 roundings; checked at 2⁻²⁰: a
-        kernel that saturates or rounds its sums is off by far more), and its error against
-        x·W_v is within the bound. In row blocks: no fp64 copy of all of W."""
-        q, self.q = self.q, None
-        for x in _probes(w.shape[1]):
+        """On fixed inputs of one row and (fp32 weights) of ``MAX_ROWS``: the kernel computes
+        a·s_v·Σ q_x q_v with exact integer sums (to the 3–4·2⁻²⁴ of its fp32 roundings; checked
+        at 2⁻²⁰: a kernel that saturates or rounds its sums is off by far more), and its error
+        against x·W_v is within the bound. In row blocks (the codes made again): no fp64 copy
+        of all of W, no second copy of the codes."""
+        probes = _probes(w.shape[1])
+        for x in probes if w.dtype == torch.float32 else probes[:1]:  # a bf16 head: one row only
             z, b = self.approx(x)
             a, qx, f = self._quantized(x)  # the probes are finite
             for i in range(0, w.shape[0], CHUNK):
                 part = slice(i, i + CHUNK)
-                want = F.linear(qx.double() - 128, q[part].double()) * (a * self.scale[part].double()) / f.double()
+                q = int8.quantize_rows(w[part].float())[0]
+                want = F.linear(qx.double() - 128, q.double()) * (a * self.scale[part].double()) / f.double()
                 got = z[:, part].double()
                 exact = F.linear(x.double(), w[part].double())
                 if not bool(((got - want).abs() <= want.abs() * 2.0**-20).all()):
@@ -194,9 +207,12 @@ class _Int8Copy:
             nan = torch.full((x.shape[0], self.zero.shape[0]), float("nan"))
             return nan, nan.clone()
         a, qx, f = quantized
-        z = torch.ops.onednn.qlinear_pointwise(
-            qx, a, 128, self.packed, self.scale, self.zero, None, 1.0, 0, torch.float32, "none", [], ""
-        ).div_(f)  # fmt: skip
+        z = torch.empty(x.shape[0], self.zero.shape[0])
+        for lo, hi, packed in self.parts:
+            z[:, lo:hi] = torch.ops.onednn.qlinear_pointwise(
+                qx, a, 128, packed, self.scale[lo:hi], self.zero[lo:hi], None, 1.0, 0, torch.float32, "none", [], ""
+            )  # fmt: skip
+        z.div_(f)
         err = _norms(x - (qx.float() - 128) * a / f)  # ‖x − x̂‖ (x̂ itself rounds by 2⁻²⁴: below)
         nx = _norms(x)
         b = z.abs().mul_(2.0**-21).addcmul_(self.r, nx).addcmul_(self.m, err.add_(nx, alpha=2.0**-22))
@@ -270,6 +286,7 @@ class ScreenedLinear(FastLinear):
                     continue
             self._screen, self._screen_key, self._screen_ok = copy, key, copy is not None
             self._screen_src = None if copy is None else w.untyped_storage()
+            fastpath.trim()  # the build's transients, back to the system
             return copy
 
     def _screened(self, x: Tensor, copy: _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None) -> Tensor | None:

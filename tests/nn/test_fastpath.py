@@ -323,3 +323,168 @@ def test_unrolled_decoder_steps_equal_the_modules_path_with_left_padding(family)
         type(model.blocks[0]).step = real
     assert len(calls) == 6 * len(model.blocks)
     torch.testing.assert_close(unrolled, run(False), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- one copy of W
+def stands_in(lin: nn.Module) -> bool:
+    """W's data is the 2-byte stand-in: the packed copy is the layer's only copy of W."""
+    return lin._parameters["weight"].untyped_storage().nbytes() == 2
+
+
+def packed_bf16_layer() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """A bf16 layer after a no-grad forward (W replaced by its packed copy), a copy of W
+    taken before, and an input."""
+    lin = fast_linear(64, 32, dtype=torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = lin(x)
+    assert stands_in(lin)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w0.float(), lin._parameters["bias"].float()), atol=0.05, rtol=0.02)
+    return lin, w0, x
+
+
+def test_a_bf16_weight_is_held_once_and_read_back_bit_for_bit():
+    """The packed copy replaces W (W's storage: 2 bytes); ``layer.weight`` gives W back, exactly
+    the numbers it had (reference: a clone taken before), and the next forward packs again."""
+    lin, w0, x = packed_bf16_layer()
+    with torch.no_grad():
+        again = lin(x)  # the stand-in path: the same product
+    assert stands_in(lin)
+    assert torch.equal(lin.weight, w0) and not stands_in(lin)
+    assert lin.__dict__.get("_packed") is None  # one copy: the plain one again
+    with torch.no_grad():
+        assert torch.equal(lin(x), again) and stands_in(lin)
+
+
+@pytest.mark.parametrize("reader", ["state_dict", "deepcopy", "pickle", "to_fp32", "enable_off", "grad_forward"])
+def test_every_way_of_reading_a_packed_weight_gives_it_back(reader):
+    import copy
+    import io
+
+    lin, w0, x = packed_bf16_layer()
+    if reader == "state_dict":
+        got = lin.state_dict()["weight"]
+    elif reader == "deepcopy":
+        got = copy.deepcopy(lin).weight
+    elif reader == "pickle":
+        buf = io.BytesIO()
+        torch.save(lin, buf)
+        got = torch.load(io.BytesIO(buf.getvalue()), weights_only=False).weight
+    elif reader == "to_fp32":
+        got = lin.float()._parameters["weight"]
+        w0 = w0.float()
+    elif reader == "enable_off":
+        fastpath.enable(lin, False)
+        assert type(lin) is nn.Linear
+        got = lin._parameters["weight"]
+    else:
+        lin(x.float().bfloat16().requires_grad_()).float().sum().backward()
+        got = lin._parameters["weight"]
+        assert torch.equal(lin.weight.grad, torch.ones(4, 32, dtype=torch.bfloat16).T.float().mm(x.float()).bfloat16())
+    assert torch.equal(got, w0)
+    assert not stands_in(lin)
+
+
+def test_loading_a_state_dict_into_a_packed_layer_replaces_its_weight():
+    lin, w0, x = packed_bf16_layer()
+    new = torch.randn(32, 64).bfloat16()
+    lin.load_state_dict({"weight": new, "bias": torch.zeros(32)})
+    with torch.no_grad():
+        got = lin(x)
+    assert stands_in(lin)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), new.float()), atol=0.05, rtol=0.02)
+    assert torch.equal(lin.weight, new)
+
+
+def test_a_weight_assigned_anew_wins_over_the_packed_copy():
+    """``layer.weight = nn.Parameter(...)`` while the copy stands in: the new W is used, and
+    unpacking does not write the old numbers into it."""
+    lin, w0, x = packed_bf16_layer()
+    new = nn.Parameter(torch.randn(32, 64).bfloat16())
+    want, numbers = F.linear(x.float(), new.float(), lin.bias.float()), new.detach().clone()
+    lin.weight = new
+    with torch.no_grad():
+        got = lin(x)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+    assert lin.weight is new and torch.equal(lin.weight, numbers)
+
+
+def test_a_weight_with_a_gradient_stays_plain():
+    """Between a backward and the optimizer's step (an evaluation in between), W keeps its
+    plain data: the step writes into it. Reference: plain SGD by hand."""
+    lin = fast_linear(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    lin(x).float().sum().backward()
+    w0, g = lin.weight.detach().clone(), lin.weight.grad.clone()
+    with torch.no_grad():
+        lin(x)  # an evaluation
+    assert not stands_in(lin)
+    torch.optim.SGD(lin.parameters(), lr=0.5).step()
+    assert torch.equal(lin.weight, w0 - 0.5 * g)
+
+
+def test_tied_and_output_weights_stay_plain_and_one_row_takes_no_copy():
+    """A bf16 model: every decoder layer's W is replaced by its packed copy; the output layer,
+    tied to the embedding, keeps its plain W — and multiplies one row without any copy
+    (``torch.mv``), two rows with a packed copy beside. Greedy tokens equal the plain path's,
+    and the parameters read back equal the ones before decoding."""
+    model = tiny_model(97, max_seq_len=64, **LLAMA).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = greedy(model, [[5, 6, 7]], fast=False)
+    fast = greedy(model, [[5, 6, 7]], fast=True)
+    assert fast == plain
+    decoder = [m for n, m in model.named_modules() if isinstance(m, FastLinear) and n != "lm_head"]
+    assert decoder and all(stands_in(m) for m in decoder)
+    assert model.lm_head.weight is model.tok_emb.weight and not stands_in(model.lm_head)
+    assert model.lm_head.__dict__.get("_packed") is None  # one row at a time: torch.mv on the plain W
+    greedy(model, [[5, 6, 7], [1, 2]], fast=True)
+    assert model.lm_head.__dict__.get("_packed") is not None  # two rows: a packed copy beside
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(stands_in(m) for m in decoder)  # state_dict gave them back
+
+
+def test_one_row_through_a_plain_bf16_weight_is_the_bf16_product():
+    """torch.mv's one row (a tied or screened W) against F.linear of the same numbers in fp64,
+    rounded once to bf16, with and without a bias."""
+    for bias in (False, True):
+        lin = fast_linear(512, 300, bias=bias, dtype=torch.bfloat16)
+        lin._replaces = False
+        x = torch.randn(1, 1, 512, dtype=torch.bfloat16)
+        with torch.no_grad():
+            got = lin(x)
+        want = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+        assert got.shape == (1, 1, 300) and lin.__dict__.get("_packed") is None
+        assert (got == want.bfloat16()).float().mean() > 0.99  # fp32 sums: at most a last-bit tie apart
+        torch.testing.assert_close(got.double(), want, atol=0, rtol=2**-8)
+
+
+def test_threads_decoding_one_packed_model_agree():
+    """Four threads run one bf16 layer at once from its first forward (packing, replacing W):
+    each gets the product of the original W."""
+    import threading
+
+    lin = fast_linear(256, 512, dtype=torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    want = F.linear(x.float(), w0.float(), lin.bias.float())
+    out, errors = [], []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    out.append(lin(x).float())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 80
+    for o in out:
+        torch.testing.assert_close(o, want, atol=0.05, rtol=0.02)
+    assert torch.equal(lin.weight, w0)

@@ -65,13 +65,20 @@ def reference(m: Owner, x: torch.Tensor) -> torch.Tensor:
     return z if m.logits_bias is None else z + m.logits_bias.detach().double()
 
 
+@pytest.mark.parametrize("parts", [1, 6])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_the_argmax_and_the_candidates_logits_are_the_fp32_products(small, rows, bias):
+def test_the_argmax_and_the_candidates_logits_are_the_fp32_products(small, rows, bias, parts, monkeypatch):
+    """``parts``: the int8 copy packed in one part, or in six of 512 rows (the last one shorter)."""
+    if parts > 1:
+        monkeypatch.setattr(screen, "CHUNK", 256)
+        monkeypatch.setattr(screen, "PART_BYTES", 512 * 64)
     m = owner(bias=bias)
     x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)) * 2
     got, ref = run(m, x), reference(m, x)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    if small == "int8":
+        assert len(m.lm_head._screen.parts) == parts
     finite = torch.isfinite(got)
     assert finite.sum() < got.numel() / 10, "the screen kept most of the vocabulary"
     assert torch.allclose(got[finite].double(), ref[finite], atol=1e-5)
