@@ -308,7 +308,9 @@ def load(
 ) -> Model:
     """Load a model: an lmlab checkpoint folder, a Hugging Face folder or a Hub id.
 
-    dtype defaults to float32 on the CPU. A Hugging Face source goes through
+    dtype defaults to float32 on the CPU, bf16 for a Hugging Face checkpoint stored in bf16
+    (float32 again when quantizing: int8 weights with float32 activations, as the
+    measurements of :mod:`lmlab.nn.quantize` were made). A Hugging Face source goes through
     :func:`lmlab.hf.load_hf`; ``allow_pickle`` lets it read a pickle ``pytorch_model.bin``
     (with ``torch.load(weights_only=True)``). ``quantize="int8"`` stores the linear layers'
     weights in int8 (see :mod:`lmlab.nn.quantize`): faster CPU decoding, logits within
@@ -320,6 +322,8 @@ def load(
     if not isinstance(path, (str, Path)):
         raise LmlabError(f"lmlab.load takes a folder path or a Hub id (a str), not {type(path).__name__} {path!r}")
     method = resolve_quantize(quantize)  # a bad value fails before anything is read
+    if method is not None and dtype is None:
+        dtype = torch.float32
     parts = load_any(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
     if method is not None:
         quantize_model(parts.module, method)

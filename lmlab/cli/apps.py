@@ -26,7 +26,7 @@ def _io_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per input (Hugging Face's pipeline output)")
     p.add_argument("--batch-size", type=int, default=8, help="inputs run together (8)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--dtype", default=None, help="fp32 (default), bf16 or fp16")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32; bf16 for a checkpoint stored in bf16)")
     pickle_flag(p)
 
 

@@ -15,7 +15,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--max-batch", type=int, default=32, help="requests generating together at most")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most (more: 429)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on a CPU)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32; bf16 for a checkpoint stored in bf16)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps, or auto (a GPU if there is one)")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: MODEL)")
     p.add_argument("--log-prompts", action="store_true", help="log each request's prompt (off: prompts are private)")

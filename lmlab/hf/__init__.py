@@ -158,6 +158,15 @@ def _read_optional_json(path: Path) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- import
+def stored_dtype(raw: dict[str, Any]) -> torch.dtype:
+    """The dtype a model loads in when none is asked for: bf16 for a checkpoint stored in bf16
+    (as transformers 5 loads it: no fp32 copy, half the memory, and the numbers it was trained
+    with), else float32 — an fp16 checkpoint too, since CPU fp16 products are slow and overflow
+    easily (``--dtype fp16`` asks for it)."""
+    stored = raw.get("dtype") or raw.get("torch_dtype")
+    return torch.bfloat16 if stored in ("bfloat16", "bf16") else torch.float32
+
+
 def load_hf(
     source: str,
     dtype: str | torch.dtype | None = None,
@@ -168,8 +177,8 @@ def load_hf(
     (which :func:`lmlab.load` wraps as an :class:`lmlab.Model`).
 
     The Transformer is built on the ``meta`` device and its tensors are filled straight
-    from the memory-mapped safetensors in ``dtype`` (default float32), so loading needs
-    about the weights' size in memory, once.
+    from the memory-mapped safetensors in ``dtype`` (default: :func:`stored_dtype`), so loading
+    needs about the weights' size in memory, once.
     """
     from lmlab.hf.encoder import ENCODER_FAMILIES, load_encoder_tokenizer
     from lmlab.hf.seq2seq import SEQ2SEQ_FAMILIES
@@ -192,7 +201,7 @@ def load_hf(
         raise LmlabError(f"{folder}/config.json does not describe a valid {family.model_type} model: {e}") from None
     except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
         raise LmlabError(f"{folder}/config.json has a field of the wrong type or value ({e}); fix or re-download it") from None
-    dt = resolve_dtype(dtype) or torch.float32
+    dt = resolve_dtype(dtype) or stored_dtype(raw)
     target_tok = None
     if seq2seq and not (folder / "tokenizer.json").is_file():
         from lmlab.spm import load_seq2seq_tokenizers  # SentencePiece files (Marian, T5)

@@ -40,7 +40,8 @@ class FastLinear(nn.Linear):
     A bf16 W that is this layer's alone (not tied to an embedding, not an output layer whose
     rows the greedy screen reads) is *replaced* by its packed copy: the parameter keeps its
     shape and dtype but its data becomes a 2-byte stand-in (NaN broadcast to W's shape), so a
-    decoding model holds its weights once, not twice (2.15× → ~1.2× a Qwen2-0.5B's bytes).
+    decoding model holds its weights once, not twice (a Qwen2-0.5B after its first token:
+    2.07× → 1.06× its weights' bytes; benchmarks/load_memory.py).
     W comes back, bit for bit (``to_dense`` is a reorder), whenever it is read through the
     module: ``layer.weight``, ``state_dict``, ``load_state_dict``, ``.to()``, pickling and
     deepcopy, a forward with autograd on, :func:`enable` off. Only code that holds the

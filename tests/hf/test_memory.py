@@ -82,3 +82,25 @@ def test_a_bf16_model_decodes_holding_its_weights_once(tmp_path, options):
     assert m["loaded"] - m["base"] <= 1.1 * weights + slack, m
     assert m["decoded"] - m["loaded"] <= 0.1 * weights + slack, m  # before: +1.0× (a packed copy beside each W)
     assert m["peak"] - m["base"] <= 1.1 * weights + slack, m
+
+
+def test_a_bf16_checkpoint_loads_in_bf16_unless_asked_otherwise(tmp_path):
+    """No fp32 copy of a bf16 checkpoint (as transformers 5 loads it): the parameters are the
+    file's own bf16 numbers (reference: the safetensors read directly). ``dtype`` overrides;
+    an fp16 checkpoint loads in float32; an int8-quantized load keeps float32 around its int8."""
+    from safetensors.torch import load_file
+
+    import lmlab
+
+    hf_llama(tmp_path / "m", hidden=64, layers=1, inter=128)
+    lm = lmlab.load(str(tmp_path / "m"))
+    assert lm.module.dtype == torch.bfloat16
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert torch.equal(lm.module.blocks[0].mlp.down.weight, stored["model.layers.0.mlp.down_proj.weight"])
+    assert lmlab.load(str(tmp_path / "m"), dtype="fp32").module.dtype == torch.float32
+    int8 = lmlab.load(str(tmp_path / "m"), quantize="int8").module
+    assert int8.tok_emb.weight.dtype == torch.float32
+    transformers = pytest.importorskip("transformers")
+    transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float16).save_pretrained(tmp_path / "h")
+    (tmp_path / "h" / "tokenizer.json").write_bytes((tmp_path / "m" / "tokenizer.json").read_bytes())
+    assert lmlab.load(str(tmp_path / "h")).module.dtype == torch.float32
