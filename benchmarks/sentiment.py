@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="the classifier's budget")
     ap.add_argument("--pretrain-minutes", type=float, default=20.0, help="the language model's budget (+lm runs)")
     ap.add_argument("--out", default="runs/bench-sentiment")
-    ap.add_argument("--tokenizer", default=None, help="override the dataset's tokenizer (char, bpe, word)")
+    ap.add_argument("--tokenizer", default=None, help="override the dataset's tokenizer (char, bpe, or a tokenizer.json path)")
     ap.add_argument("--vocab-size", type=int, default=None, help="override the dataset's vocabulary size")
     a = ap.parse_args()
     for ds in DATASETS.values():

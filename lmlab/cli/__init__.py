@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--encoding-errors", choices=["strict", "replace", "ignore"], default="strict")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: fp32; bf16 for a checkpoint stored in bf16)")
     pickle_flag(p)
 
     p = sub.add_parser("info", help="architecture, parameters, tokenizer and training state")

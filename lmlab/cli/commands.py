@@ -167,7 +167,7 @@ def _print_results(results, as_json: bool) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import lmlab
 
-    return report_perplexity(lmlab.load(a.checkpoint, allow_pickle=a.allow_pickle), a)
+    return report_perplexity(lmlab.load(a.checkpoint, dtype=a.dtype, allow_pickle=a.allow_pickle), a)
 
 
 def report_perplexity(model, a: argparse.Namespace) -> int:

@@ -81,6 +81,7 @@ class Conditioned(LanguageModel):
         self.bounded_context = True
         self.fast_decoding = model.fast_decoding
         self.screen_output = model.screen_output
+        self.pack_in_place = getattr(model, "pack_in_place", True)
         self.hf_origin = model.hf_origin
         with torch.no_grad():
             self.memory = model.encode(src, src_mask)

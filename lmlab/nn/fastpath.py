@@ -41,121 +41,137 @@ class FastLinear(nn.Linear):
     rows the greedy screen reads) is *replaced* by its packed copy: the parameter keeps its
     shape and dtype but its data becomes a 2-byte stand-in (NaN broadcast to W's shape), so a
     decoding model holds its weights once, not twice (a Qwen2-0.5B after its first token:
-    2.07× → 1.06× its weights' bytes; benchmarks/load_memory.py).
-    W comes back, bit for bit (``to_dense`` is a reorder), whenever it is read through the
-    module: ``layer.weight``, ``state_dict``, ``load_state_dict``, ``.to()``, pickling and
-    deepcopy, a forward with autograd on, :func:`enable` off. Only code that holds the
-    ``Parameter`` object across a no-grad forward (``list(model.parameters())`` kept from
-    before) sees the stand-in; read ``layer.weight`` again, or call :meth:`unpack`.
+    2.07× → 1.06× its weights' bytes; benchmarks/load_memory.py). W comes back, bit for bit
+    (``to_dense`` is a reorder), whenever it is read through the module: ``layer.weight``,
+    ``state_dict``, ``load_state_dict``, ``.to()``, pickling and deepcopy, a forward with
+    autograd on, :func:`enable` off. Parameters read past the module — ``model.parameters()``,
+    ``named_parameters()`` — hold the stand-in while their layer is packed: read ``state_dict()``
+    instead, or set ``model.pack_in_place = False`` before decoding (copies beside W, as before).
+    A W with a gradient (between a backward and an optimizer step) is never replaced.
     """
 
-    _packed: Tensor | None = None
-    _packed_key: tuple[int, int] | None = None
-    #: set by :func:`enable`: the packed copy may stand in for W (see the class docstring)
+    #: (packed copy, the key of the W it was made from, the stand-in W holds meanwhile or None,
+    #: the Parameter whose data was replaced or None): swapped whole, so a reader sees one state
+    _held: tuple[Tensor, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
+    #: set by :func:`prepare`: the packed copy may stand in for W (see the class docstring)
     _replaces: bool = False
-    #: while the packed copy stands in for W: W's data meanwhile; None while W is plain
-    _stand_in: Tensor | None = None
 
     def __getstate__(self) -> dict:
         """Pickling and deepcopy leave out the kernel's copies of W (oneDNN's opaque layout
         cannot be copied; they are remade on the next forward), after giving W back."""
-        self.unpack()
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if not k.startswith(("_packed", "_screen", "_stand_in"))}
+        with _lock:
+            self.unpack()
+            state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+            return {k: v for k, v in state.items() if not k.startswith(("_held", "_screen"))}
 
     def __getattr__(self, name: str) -> object:
-        if name == "weight" and self.__dict__.get("_stand_in") is not None:
-            self.unpack()  # someone reads W: give it back in its plain layout
+        if name == "weight":
+            held = self.__dict__.get("_held")
+            if held is not None and held[2] is not None:
+                self.unpack()  # someone reads W: give it back in its plain layout
         return super().__getattr__(name)
 
     def unpack(self) -> None:
         """W in its plain layout again (exactly: oneDNN's reorder back), the packed copy dropped."""
-        if self._stand_in is None:  # (every training forward comes here: no lock)
-            self._packed = self._packed_key = None
+        if self._held is None:  # (every training forward comes here)
             return
-        with _packing:
-            stand_in, packed = self.__dict__.pop("_stand_in", None), self._packed
-            self._packed = self._packed_key = None
-            w = self._parameters.get("weight")
-            if stand_in is not None and packed is not None and w is not None and w.data_ptr() == stand_in.data_ptr():
+        with _lock:
+            held, self._held = self._held, None
+            if held is not None and held[2] is not None and held[3].data_ptr() == held[2].data_ptr():
                 with torch.inference_mode(False), torch.no_grad():
-                    w.data = packed.to_dense()  # (a W assigned meanwhile is left as it is)
+                    held[3].data = held[0].to_dense()  # into the Parameter that was replaced
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self.unpack()  # .to(), .half(), .cuda() convert the plain W
-        return super()._apply(fn, recurse)
+        with _lock:  # no decoding thread may pack W again before the conversion has read it
+            self.unpack()  # .to(), .half(), .cuda() convert the plain W
+            return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
-        self.unpack()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        with _lock:
+            self.unpack()
+            super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self.unpack()  # copied into the plain W
-        super()._load_from_state_dict(*args, **kwargs)
+        with _lock:
+            self.unpack()  # copied into the plain W
+            super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu":
+        w = self._parameters.get("weight")
+        if torch.is_grad_enabled() or x.device.type != "cpu" or w is None:
             # A forward with autograd on is training: W is about to change, possibly in ways its
             # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
+            # (No W in _parameters: a pruned or parametrized layer computes its own.)
             self.unpack()
             return F.linear(x, self.weight, self.bias)
-        w = self._parameters["weight"]
-        stand_in, packed = self._stand_in, self._packed  # (in this order: see _pack)
-        if stand_in is not None:
-            if x.dtype == w.dtype and w.data_ptr() == stand_in.data_ptr() and packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self._parameters["bias"], "none", [], "")
-            self.unpack()  # W was assigned anew, or x has another dtype: the plain path
+        held = self._held
+        if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr() and x.dtype == w.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), held[0], self._parameters["bias"], "none", [], "")
         if x.dtype is torch.float32 and w.dtype is torch.float32 and x.numel() <= 2 * x.shape[-1] and _MKL_ROWS:
             return F.linear(x, w, self._parameters["bias"])  # a greedy step's fp32 rows on Intel: MKL (below), no more checks
         return self._onednn_forward(x)
 
     def _onednn_forward(self, x: Tensor) -> Tensor:
         w, bias = self._parameters["weight"], self._parameters["bias"]
-        if x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
+        if w.dtype == torch.bfloat16:
+            if x.dtype == w.dtype:
+                return self._bf16(x, bias)
+            with _lock:  # another input dtype (autocast): the plain W, never a stand-in
+                self.unpack()
+                w = self._parameters["weight"].detach()
             return F.linear(x, w, bias)
-        if w.dtype == torch.float32 and _few_rows(x.numel() // max(1, x.shape[-1]), w.numel()) and mkl_for_fp32_rows():
+        if x.dtype != w.dtype or w.dtype != torch.float32 or not w.is_contiguous():
+            return F.linear(x, w, bias)
+        if _few_rows(x.numel() // max(1, x.shape[-1]), w.numel()) and mkl_for_fp32_rows():
             return F.linear(x, w, bias)  # a few fp32 rows: MKL is the faster kernel here
-        if w.dtype == torch.bfloat16:  # oneDNN's bf16 kernel wants W pre-blocked (2× faster)
-            if not self._replaces and x.numel() == x.shape[-1]:
-                # One row, and W must stay plain (tied to an embedding, or rows read by the screen):
-                # y = W x streams the plain W as fast as the packed kernel does (within ±10%, and the
-                # same fp32 sums: measured), so no copy beside W. Two rows or more: the packed copy.
-                y = torch.mv(w, x.reshape(-1)) if bias is None else torch.addmv(bias, w, x.reshape(-1))
-                return y.view(x.shape[:-1] + (w.shape[0],))
-            w = self._pack(w)
-            if w is None:  # an inference tensor: repacking per call would cost more than it saves
-                return F.linear(x, self._parameters["weight"], bias)
         # y = x Wᵀ + b on oneDNN (the same formula as F.linear; summation order may differ)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
 
-    def _pack(self, w: Tensor) -> Tensor | None:
-        """W in oneDNN's blocked layout: the copy made before, while W has not changed; else
-        made now, and standing in for W where it may (class docstring). One thread at a time
-        packs or unpacks: another must never see W replaced before the copy that replaces it
-        is in place (it sets ``_packed``, then ``_stand_in``, then W's data; readers read
-        ``_stand_in`` first), nor pack a stand-in."""
-        key = copy_key(w)
-        if key is None:
-            return None
-        packed = self._packed
-        if packed is not None and self._packed_key == key:
-            return packed
-        with _packing:
-            if self._stand_in is not None:  # another thread made it meanwhile
-                return self._packed
-            with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-                self._packed, self._packed_key = packed, key
-                if self._replaces and w.grad is None:  # the packed copy is W from now on (a W with a
-                    # gradient is between a backward and an optimizer step: it stays plain)
-                    stand_in = torch.full((), float("nan"), dtype=w.dtype).expand(w.shape)
-                    self._stand_in = stand_in
+    def _bf16(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """oneDNN's bf16 kernel wants W pre-blocked (2× faster). The operand is chosen under the
+        lock — the packed copy, made (and standing in for W) if need be, or W's plain storage —
+        and multiplied outside it: a reference to either stays valid whatever another thread
+        does to the layer meanwhile."""
+        with _lock:
+            held, w = self._held, self._parameters["weight"]
+            if held is not None and held[2] is not None and held[3] is not w:
+                self.unpack()  # W was assigned anew (or swapped for a call): the original is restored
+                held = None
+            if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr():
+                operand = held[0]  # replaced by another thread a moment ago
+            elif w.is_contiguous() and not self._replaces and x.numel() == x.shape[-1]:
+                # One row, and W must stay plain (tied to an embedding, or rows read by the screen):
+                # y = W x streams the plain W as fast as the packed kernel does (within ±10%, and the
+                # same fp32 sums: measured), so no copy beside W. Two rows or more: the packed copy.
+                operand = None
+                plain = w.detach()
+            else:
+                key = copy_key(w)
+                if key is None or not w.is_contiguous():  # an inference tensor: packing per call costs more than it saves
+                    return F.linear(x, w, bias)
+                if held is not None and held[1] == key:
+                    operand = held[0]
+                else:
+                    with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
+                        operand = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+                    self._held = (operand, key, None, None)
+                if self._replaces and w.grad is None and isinstance(w, nn.Parameter):
+                    # the packed copy is W from now on (a W with a gradient is between a
+                    # backward and an optimizer step: it stays plain)
+                    with torch.inference_mode(False):
+                        stand_in = torch.full((), float("nan"), dtype=w.dtype).expand(w.shape)
+                    self._held = (operand, key, stand_in, w)
                     w.data = stand_in
                     _freed(w.numel() * w.element_size())
-        return packed
+        if operand is None:
+            y = torch.mv(plain, x.reshape(-1)) if bias is None else torch.addmv(bias, plain, x.reshape(-1))
+            return y.view(x.shape[:-1] + (plain.shape[0],))
+        # y = x Wᵀ + b on oneDNN (the same formula as F.linear; summation order may differ)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), operand, bias, "none", [], "")
 
 
-_packing = threading.Lock()
+#: guards every change of a FastLinear's packed state (re-entrant: unpack inside _apply)
+_lock = threading.RLock()
 
 
 def _malloc_trim():  # noqa: ANN202
@@ -263,20 +279,12 @@ def enable(module: nn.Module, on: bool = True) -> int:
     if done is not None and done[0] == on:
         return done[1]
     n = 0
-    users: dict[int, int] = {}  # parameter -> how many modules hold it (tied weights: 2)
-    heads = set()  # output layers: the greedy screen reads rows of their plain W
-    for m in module.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                users[id(p)] = users.get(id(p), 0) + 1
-        heads.add(id(getattr(m, "lm_head", None)))
     for m in module.modules():
         if on and type(m) is nn.Linear:
             m.__class__ = FastLinear  # parameters untouched: only the forward changes
-            m._replaces = users.get(id(m.weight), 0) == 1 and id(m) not in heads
         elif not on and isinstance(m, FastLinear):
             m.unpack()
-            for k in [k for k in m.__dict__ if k.startswith(("_packed", "_screen", "_replaces"))]:
+            for k in [k for k in m.__dict__ if k.startswith(("_held", "_screen", "_replaces"))]:
                 del m.__dict__[k]  # the bf16 copies (and a screened head's, lmlab.nn.screen)
             m.__class__ = nn.Linear
         n += isinstance(m, FastLinear)
@@ -290,7 +298,32 @@ def prepare(module: nn.Module) -> int:
     is on a CPU, off otherwise. Returns how many layers take it."""
     param = next(module.parameters(), None)
     on_cpu = param is not None and param.device.type == "cpu"
-    return enable(module, bool(getattr(module, "fast_decoding", True)) and on_cpu)
+    n = enable(module, bool(getattr(module, "fast_decoding", True)) and on_cpu)
+    if n:
+        mark_replaceable(module)
+    return n
+
+
+def mark_replaceable(module: nn.Module) -> None:
+    """Which bf16 layers' packed copies may replace their W (``FastLinear._replaces``): W held
+    by this layer alone (not tied to an embedding), not an output layer (the greedy screen
+    reads rows of its plain W), and ``module.pack_in_place`` (default True). Done at every
+    :func:`prepare`, so weights tied after loading are seen; a layer that may no longer
+    replace its W gets it back."""
+    allowed = bool(getattr(module, "pack_in_place", True))
+    users: dict[int, int] = {}  # parameter -> how many modules hold it (tied weights: 2)
+    heads = set()
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                users[id(p)] = users.get(id(p), 0) + 1
+        heads.add(id(getattr(m, "lm_head", None)))
+    for m in module.modules():
+        if isinstance(m, FastLinear):
+            w = m._parameters.get("weight")
+            m._replaces = allowed and w is not None and users.get(id(w), 0) == 1 and id(m) not in heads
+            if not m._replaces and m._held is not None and m._held[2] is not None:
+                m.unpack()
 
 
 _local = threading.local()

@@ -87,8 +87,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _table(self, n: int) -> tuple[Tensor, Tensor]:
+        """cos and sin of m·θ_i for m < n, in float32 from ``base`` (not from the ``inv_freq``
+        buffer, which a model cast to bf16 carries in bf16), on the CPU."""
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.rotary_dim, 2).float() / self.rotary_dim))
         t = torch.arange(n, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.float())  # (n, rd/2): m·θ_i
+        freqs = torch.outer(t, inv_freq)  # (n, rd/2): m·θ_i
         emb = torch.cat([freqs, freqs], dim=-1)  # (n, rd): both halves share θ_i
         return emb.cos(), emb.sin()
 
@@ -96,7 +99,8 @@ class RotaryEmbedding(nn.Module):
         """cos/sin for the given positions: (..., T) -> (..., T, rotary_dim)."""
         if int(position_ids.max()) >= self.cos.shape[0]:  # grow the table on demand
             cos, sin = self._table(max(int(position_ids.max()) + 1, 2 * self.cos.shape[0]))
-            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+            # as the first rows were made: fp32, then cast like the model (bf16: rounded once)
+            self.cos, self.sin = cos.to(self.cos.device, self.cos.dtype), sin.to(self.sin.device, self.sin.dtype)
         return self.cos[position_ids], self.sin[position_ids]
 
 

@@ -171,13 +171,14 @@ class _Int8Copy:
         return q, (part.double() - deq).norm(dim=1) * widen, deq.norm(dim=1) * widen, s
 
     def check(self, w: Tensor) -> bool:
-        """On fixed inputs of one row and (fp32 weights) of ``MAX_ROWS``: the kernel computes
+        """On fixed inputs of one row and (unless a bf16 head is screened at one row only,
+        ``MAX_ROWS_BF16``) of ``MAX_ROWS``: the kernel computes
         a·s_v·Σ q_x q_v with exact integer sums (to the 3–4·2⁻²⁴ of its fp32 roundings; checked
         at 2⁻²⁰: a kernel that saturates or rounds its sums is off by far more), and its error
         against x·W_v is within the bound. In row blocks (the codes made again): no fp64 copy
         of all of W, no second copy of the codes."""
         probes = _probes(w.shape[1])
-        for x in probes if w.dtype == torch.float32 else probes[:1]:  # a bf16 head: one row only
+        for x in probes if w.dtype == torch.float32 or MAX_ROWS_BF16 > 1 else probes[:1]:  # bf16: the rows it screens
             z, b = self.approx(x)
             a, qx, f = self._quantized(x)  # the probes are finite
             for i in range(0, w.shape[0], CHUNK):

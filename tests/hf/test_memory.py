@@ -40,9 +40,6 @@ CHILD = textwrap.dedent(
     warm.generate("to be", max_new_tokens=2, **options)
     del warm
     gc.collect()
-    if len(sys.argv) > 4:  # (a check of this test: the packed copies beside the weights, as before)
-        from lmlab.nn.fastpath import FastLinear
-        FastLinear._replaces = property(lambda self: False, lambda self, v: None)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from here
     base = status("VmRSS")
@@ -101,6 +98,7 @@ def test_a_bf16_checkpoint_loads_in_bf16_unless_asked_otherwise(tmp_path):
     int8 = lmlab.load(str(tmp_path / "m"), quantize="int8").module
     assert int8.tok_emb.weight.dtype == torch.float32
     transformers = pytest.importorskip("transformers")
-    transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float16).save_pretrained(tmp_path / "h")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(tmp_path / "m")).half().save_pretrained(tmp_path / "h")
     (tmp_path / "h" / "tokenizer.json").write_bytes((tmp_path / "m" / "tokenizer.json").read_bytes())
     assert lmlab.load(str(tmp_path / "h")).module.dtype == torch.float32

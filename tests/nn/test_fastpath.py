@@ -30,7 +30,7 @@ GPT2 = dict(
 def fast_linear(in_f: int, out_f: int, bias: bool = True, dtype=torch.float32) -> nn.Linear:
     torch.manual_seed(0)
     lin = nn.Linear(in_f, out_f, bias=bias).to(dtype)
-    assert fastpath.enable(lin) == 1 and type(lin) is FastLinear
+    assert fastpath.prepare(lin) == 1 and type(lin) is FastLinear
     return lin
 
 
@@ -352,7 +352,7 @@ def test_a_bf16_weight_is_held_once_and_read_back_bit_for_bit():
         again = lin(x)  # the stand-in path: the same product
     assert stands_in(lin)
     assert torch.equal(lin.weight, w0) and not stands_in(lin)
-    assert lin.__dict__.get("_packed") is None  # one copy: the plain one again
+    assert lin._held is None  # one copy: the plain one again
     with torch.no_grad():
         assert torch.equal(lin(x), again) and stands_in(lin)
 
@@ -437,9 +437,9 @@ def test_tied_and_output_weights_stay_plain_and_one_row_takes_no_copy():
     decoder = [m for n, m in model.named_modules() if isinstance(m, FastLinear) and n != "lm_head"]
     assert decoder and all(stands_in(m) for m in decoder)
     assert model.lm_head.weight is model.tok_emb.weight and not stands_in(model.lm_head)
-    assert model.lm_head.__dict__.get("_packed") is None  # one row at a time: torch.mv on the plain W
+    assert model.lm_head._held is None  # one row at a time: torch.mv on the plain W
     greedy(model, [[5, 6, 7], [1, 2]], fast=True)
-    assert model.lm_head.__dict__.get("_packed") is not None  # two rows: a packed copy beside
+    assert model.lm_head._held is not None  # two rows: a packed copy beside
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(stands_in(m) for m in decoder)  # state_dict gave them back
@@ -455,7 +455,7 @@ def test_one_row_through_a_plain_bf16_weight_is_the_bf16_product():
         with torch.no_grad():
             got = lin(x)
         want = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
-        assert got.shape == (1, 1, 300) and lin.__dict__.get("_packed") is None
+        assert got.shape == (1, 1, 300) and lin._held is None
         assert (got == want.bfloat16()).float().mean() > 0.99  # fp32 sums: at most a last-bit tie apart
         torch.testing.assert_close(got.double(), want, atol=0, rtol=2**-8)
 
@@ -488,3 +488,123 @@ def test_threads_decoding_one_packed_model_agree():
     for o in out:
         torch.testing.assert_close(o, want, atol=0.05, rtol=0.02)
     assert torch.equal(lin.weight, w0)
+
+
+def test_a_pruned_layer_computes_with_its_own_weight():
+    """``torch.nn.utils.prune`` (or a parametrization) takes W out of ``_parameters``: the fast
+    path leaves such a layer to its own ``weight`` (reference: F.linear of the pruned W)."""
+    from torch.nn.utils import prune
+
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = fast_linear(64, 32, dtype=dtype)
+        prune.l1_unstructured(lin, "weight", amount=0.5)
+        x = torch.randn(3, 64, dtype=dtype)
+        with torch.no_grad():
+            got = lin(x)
+        torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias))
+        assert (lin.weight == 0).float().mean() == 0.5
+
+
+def test_a_call_with_other_weights_leaves_the_layers_own_intact():
+    """``torch.func.functional_call`` swaps W for a call: that call uses the given W (untouched
+    by the packing), and afterwards the layer's own W is whole again."""
+    lin, w0, x = packed_bf16_layer()
+    new, bias = torch.randn(32, 64).bfloat16(), torch.zeros(32).bfloat16()
+    new0 = new.clone()
+    with torch.no_grad():
+        got = torch.func.functional_call(lin, {"weight": new, "bias": bias}, (x,))
+    torch.testing.assert_close(got.float(), F.linear(x.float(), new0.float()), atol=0.05, rtol=0.02)
+    assert torch.equal(new, new0)
+    assert torch.equal(lin.weight, w0)
+
+
+def _in_another_thread(fn, wait: float = 0.1):
+    """Start ``fn`` in a thread and give it ``wait`` seconds (it may block on the layer's lock)."""
+    import threading
+    import time
+
+    t = threading.Thread(target=fn)
+    t.start()
+    time.sleep(wait)
+    return t
+
+
+def test_a_state_dict_taken_while_another_thread_decodes_holds_the_weight(monkeypatch):
+    """A decoding thread runs while ``state_dict`` is between giving W back and reading it:
+    the saved W is the real one (reference: a clone taken before), and the decode's output too."""
+    lin, w0, x = packed_bf16_layer()
+    want = F.linear(x.float(), w0.float(), lin.bias.float())
+    real, out, threads = nn.Module._save_to_state_dict, [], []
+
+    def decode() -> None:
+        with torch.no_grad():
+            out.append(lin(x).float())
+
+    def save(self, *args):
+        threads.append(_in_another_thread(decode))
+        return real(self, *args)
+
+    monkeypatch.setattr(nn.Module, "_save_to_state_dict", save)
+    saved = lin.state_dict()["weight"]
+    threads[0].join()
+    assert torch.equal(saved, w0)
+    torch.testing.assert_close(out[0], want, atol=0.05, rtol=0.02)
+
+
+def test_unpacking_from_another_thread_while_the_copy_is_made(monkeypatch):
+    """Another thread asks for W back while this one is packing (between making the copy and
+    replacing W): W ends whole, never a stand-in without its copy."""
+    lin = fast_linear(64, 32, dtype=torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    real_full, threads = torch.full, []
+
+    def full(*args, **kwargs):
+        monkeypatch.setattr(torch, "full", real_full)
+        threads.append(_in_another_thread(lin.unpack))
+        return real_full(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "full", full)
+    with torch.no_grad():
+        first = lin(x)
+    threads[0].join()
+    with torch.no_grad():
+        second = lin(x)
+    want = F.linear(x.float(), w0.float(), lin.bias.float())
+    for y in (first, second):
+        torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.02)
+    assert torch.equal(lin.weight, w0)
+
+
+def test_a_forward_that_finds_its_weight_replaced_midway_uses_the_copy(monkeypatch):
+    """Thread A saw W plain; before it multiplies, thread B packs W and replaces it: A's product
+    is still W's (not the stand-in's NaNs)."""
+    lin = fast_linear(64, 32, dtype=torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    real = FastLinear._onednn_forward
+
+    def late(self, x):
+        def other() -> None:
+            with torch.no_grad():
+                real(self, x)
+
+        _in_another_thread(other, 0).join()
+        return real(self, x)
+
+    monkeypatch.setattr(FastLinear, "_onednn_forward", late)
+    with torch.no_grad():
+        got = lin(x)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w0.float(), lin.bias.float()), atol=0.05, rtol=0.02)
+
+
+def test_pack_in_place_false_keeps_the_plain_weights():
+    model = tiny_model(97, max_seq_len=64, **LLAMA).to(torch.bfloat16)
+    model.pack_in_place = False
+    greedy(model, [[5, 6, 7]], fast=True)
+    layers = [m for n, m in model.named_modules() if isinstance(m, FastLinear) and n != "lm_head"]
+    assert all(m._held is not None and not stands_in(m) for m in layers)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model.pack_in_place = True
+    greedy(model, [[5, 6, 7]], fast=True)
+    assert all(stands_in(m) for m in layers)

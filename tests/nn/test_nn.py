@@ -265,6 +265,24 @@ def test_rope_table_grows_on_demand() -> None:
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_rope_table_grown_in_a_bf16_model_is_the_fp32_table_rounded() -> None:
+    """The table starts at 4,096 rows; a bf16 model reaching past them grows it from the fp32
+    angles (its inv_freq buffer is bf16 by then), rounded once to bf16 like the first rows.
+    Reference: cos/sin of m·θ_i computed by hand in fp64."""
+    rope = RotaryEmbedding(64, 32768, base=1_000_000.0).to(torch.bfloat16)
+    assert rope.cos.shape[0] == 4096 and rope.inv_freq.dtype == torch.bfloat16
+    before = rope(torch.tensor([[10, 4000]]))
+    cos, sin = rope(torch.tensor([[10, 4000, 5000, 20000]]))
+    assert rope.cos.shape[0] > 20000 and cos.dtype == torch.bfloat16
+    assert torch.equal(cos[:, :2], before[0]) and torch.equal(sin[:, :2], before[1])
+    for row, m in enumerate((10, 4000, 5000, 20000)):
+        for i in (0, 5, 31):
+            angle = rope_reference_angle(m, i, 64, base=1_000_000.0)
+            # bf16 rounding (2⁻⁸) and the fp32 angle's own (m·θ·2⁻²⁴)
+            assert abs(cos[0, row, i].item() - math.cos(angle)) <= 2**-8 + 1e-3
+            assert abs(sin[0, row, i + 32].item() - math.sin(angle)) <= 2**-8 + 1e-3
+
+
 # --------------------------------------------------------------------------- norms and MLPs
 def test_rmsnorm_matches_formula_and_torch() -> None:
     torch.manual_seed(10)
