@@ -98,6 +98,11 @@ def unlabelled_corpus(ds: dict, out: Path) -> Path:
     return path
 
 
+def tokenizer_opts(ds: dict) -> dict:
+    """--tokenizer, and --vocab-size where it is read (a BPE trained here)."""
+    return dict(tokenizer=ds["tokenizer"], **({"vocab_size": ds["vocab_size"]} if ds["tokenizer"] == "bpe" else {}))
+
+
 def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out: Path) -> dict:
     import lmlab
     from lmlab.eval.classification import classification_scores
@@ -119,14 +124,14 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
         if body_name == "encoder":  # BERT's masked-LM pretraining (--task mlm)
             lm_opts.update(task="mlm", warmup=100, lr=1e-3)
         t0 = time.perf_counter()
-        res = lmlab.train(data=str(corpus), out=str(folder / "lm"), tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"],
+        res = lmlab.train(data=str(corpus), out=str(folder / "lm"), **tokenizer_opts(ds),
                           time=f"{pretrain_minutes}m", batch_size=32, eval_every=200, **lm_opts, **common)  # fmt: skip
         result["pretrain"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step,
                               "val_loss": res.val_loss, "corpus_chars": corpus.stat().st_size}  # fmt: skip
         init = str(folder / "lm")
     opts = dict(body) if init is None else {k: v for k, v in body.items() if k in ("lr", "warmup", "batch_size", "bidirectional")}
     if init is None:
-        opts.update(tokenizer=ds["tokenizer"], vocab_size=ds["vocab_size"])
+        opts.update(tokenizer_opts(ds))
     train = str(EVAL / ds["train"])
     valid = str(EVAL / ds["valid"]) if ds["valid"] else None
     if ds["valid"] == "sentences":

@@ -131,3 +131,19 @@ def test_a_resumed_run_warns_of_the_options_it_ignores(tmp_path, corpus_path) ->
     with recorded_warnings() as caught:
         lmlab.train(resume=str(out), steps=3, lr=1e-4, beta2=0.9, progress=False)
     assert lmlab_warnings(caught) == ["a resumed run keeps its stored settings; ignoring --beta2, --lr"]
+
+
+def test_vocab_size_without_bpe_is_named_as_ignored(tmp_path, corpus_path) -> None:
+    """--vocab-size sizes a BPE only: with characters it is ignored, and said so (the run's
+    vocabulary is the corpus's distinct characters, not the number asked)."""
+    small = dict(n_layer=1, n_head=2, d_model=16, max_seq_len=16, batch_size=4, device="cpu", progress=False, steps=1)
+    with recorded_warnings() as caught:
+        res = lmlab.train(data=str(corpus_path), out=str(tmp_path / "c"), tokenizer="char", vocab_size=5000, **small)
+    assert lmlab_warnings(caught) == [
+        "--vocab-size is read by --tokenizer bpe only; a char tokenizer has one token per distinct character of "
+        "the data: ignoring --vocab-size 5000"
+    ]
+    assert lmlab.load(res.out).tokenizer.get_vocab_size() == len(set(corpus_path.read_text(encoding="utf-8"))) + 2
+    with recorded_warnings() as caught:
+        lmlab.train(data=str(corpus_path), out=str(tmp_path / "b"), tokenizer="bpe", vocab_size=300, **small)
+    assert not [w for w in lmlab_warnings(caught) if "--vocab-size" in w]
