@@ -54,7 +54,7 @@ def logprob_info(logp: Tensor, tokens: Tensor, n: int) -> tuple[list[float], lis
     return chosen, tops
 
 
-def _argmax_only(cfg: GenerationConfig, penalties: Penalties) -> list[int] | None:
+def argmax_only(cfg: GenerationConfig, penalties: Penalties) -> list[int] | None:
     """When each step's logits serve only an argmax after masks (greedy, no log-probs, no
     penalty that rescales or follows the history's n-grams): the tokens those masks may
     remove — each bad word's last token, EOS before min_new_tokens. Forcing needs no
@@ -92,7 +92,7 @@ def sample(
         gens = [torch.Generator(device=model.device) for _ in prompts]
         for g, s in zip(gens, seeds):
             g.manual_seed(int(s))
-    runner = Runner(model, cfg.max_new_tokens, screen_keep=_argmax_only(cfg, penalties))
+    runner = Runner(model, cfg.max_new_tokens, screen_keep=argmax_only(cfg, penalties))
     seqs = [list(p) for p in prompts]
     prompt_lens = [len(p) for p in prompts]
     active = list(range(len(prompts)))

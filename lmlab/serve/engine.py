@@ -22,6 +22,7 @@ and seeded samples equal those of the same request served alone.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -37,10 +38,11 @@ from lmlab.errors import LmlabError
 from lmlab.generate.config import GenerationConfig
 from lmlab.generate.logits import Penalties, process_logits
 from lmlab.generate.runner import Runner
-from lmlab.generate.sampling import Choice, logprob_info, resolve_seed
+from lmlab.generate.sampling import Choice, argmax_only, logprob_info, resolve_seed
 from lmlab.generate.speculative import check_speculative, speculative_sample
 from lmlab.generate.text import TextStream, bad_words_to_ids
 from lmlab.models.rnn import RecurrentState
+from lmlab.nn import fastpath, screen
 from lmlab.nn.cache import KVCache
 
 log = logging.getLogger("lmlab.serve")
@@ -124,6 +126,14 @@ class Engine:
         self._pos: Tensor | None = None  # (B,) each row's next position (Transformers)
         self._logits: Tensor | None = None  # (B, V) the next-token scores of each running row
         self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        # the decoding loop's fast paths (lmlab.generate.runner): oneDNN products, and for the
+        # batch's one-token steps the unrolled step and the screened output layer (_fast_paths)
+        self._fast = bool(fastpath.prepare(self.module))
+        self._screen_bias = None
+        if self._fast and getattr(self.module, "screen_output", True):
+            self._screened, self._screen_bias = screen.prepare(self.module)
+        else:
+            self._screened = 0
         self._closed = False
         self._logged, self._logged_at = (0, 0), 0.0
         self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0,
@@ -351,14 +361,35 @@ class Engine:
 
     def _step(self, tokens: list[int]) -> Tensor:
         ids = torch.tensor(tokens, device=self.module.device)[:, None]
-        if isinstance(self._state, KVCache):
-            if self._state.remaining < 1:  # pragma: no cover - join reserves every row's room
-                self._state = KVCache.join([self._state], self._room())
-            logits, self._state = self.module(ids, self._state, position_ids=self._pos[:, None], last_only=True)
-            self._pos = self._pos + 1
-        else:
-            logits, self._state = self.module(ids, self._state, last_only=True)
+        with self._fast_paths():
+            if isinstance(self._state, KVCache):
+                if self._state.remaining < 1:  # pragma: no cover - join reserves every row's room
+                    self._state = KVCache.join([self._state], self._room())
+                logits, self._state = self.module(ids, self._state, position_ids=self._pos[:, None], last_only=True)
+                self._pos = self._pos + 1
+            else:
+                logits, self._state = self.module(ids, self._state, last_only=True)
         return logits[:, -1].float()
+
+    def _fast_paths(self) -> contextlib.ExitStack:
+        """What the decoding loop's Runner turns on, for this step of the batch: the unrolled
+        one-token step while nothing observes the model (a hook added meanwhile is seen at the
+        next step), and the screened output layer when every row's logits serve only an argmax
+        (greedy, no log-probs, no penalty that rescales; :func:`argmax_only`) — exact, so each
+        row's tokens are still those ``Model.generate`` gives."""
+        stack = contextlib.ExitStack()
+        if not self._fast:
+            return stack
+        stack.enter_context(fastpath.unrolling(fastpath.unobserved(self.module)))
+        if self._screened:
+            keep: set[int] = set()
+            for row in self._rows:
+                k = argmax_only(row.job.cfg, row.penalties)
+                if k is None:
+                    return stack
+                keep.update(k)
+            stack.enter_context(screen.screening(screen.keep_tensor(sorted(keep)), self._screen_bias))
+        return stack
 
     def _room(self) -> int:
         """Slots every running row may still need: one per token it may still feed back."""

@@ -207,3 +207,48 @@ def test_a_cancelled_row_leaves_within_two_steps(model):
     want = model.generate("ROMEO:", max_new_tokens=60, temperature=0, return_details=True)
     assert "".join(ev.delta for ev in got["stays"]) == want.text and got["stays"][-1].token_ids == want.token_ids
     engine.close()
+
+
+def test_greedy_steps_screen_the_output_layer_and_unroll_and_equal_generate_unscreened(model, monkeypatch):
+    """Greedy rows only: each batched step reads the output layer through the screen (any size
+    of head here) and takes the unrolled one-token step (a Transformer); a sampling row in the
+    batch turns the screen off. Every request still gets what ``Model.generate`` gives it with
+    the screen off (the reference: the full product)."""
+    from lmlab.nn import screen
+    from lmlab.nn.screen import ScreenedLinear
+
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    opts = dict(temperature=0, max_new_tokens=12)
+    model.module.screen_output = False
+    want = [model.generate(p, return_details=True, **opts).token_ids for p in PROMPTS]
+    model.module.screen_output = True
+    screened, unrolled = [], []
+    real_screened = ScreenedLinear._screened
+    monkeypatch.setattr(ScreenedLinear, "_screened", lambda self, *a: screened.append(1) or real_screened(self, *a))
+    if hasattr(model.module, "blocks"):
+        block = type(model.module.blocks[0])
+        real_step = block.step
+        monkeypatch.setattr(block, "step", lambda self, *a: unrolled.append(1) or real_step(self, *a))
+    engine = Engine(model, max_batch=8, thread=False)
+    try:
+        results: dict[int, tuple] = {}
+        threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, run(engine, model, p, **opts)))
+                   for i, p in enumerate(PROMPTS)]  # fmt: skip
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            engine.step()
+        assert [results[i][2][0] for i in range(len(PROMPTS))] == want
+        assert screened and (unrolled or not hasattr(model.module, "blocks"))
+        screened.clear()
+        sampling = dict(temperature=1.0, seed=1, max_new_tokens=12)
+        sampled = threading.Thread(target=lambda: results.__setitem__(8, run(engine, model, "O", **sampling)))
+        greedy = threading.Thread(target=lambda: results.__setitem__(9, run(engine, model, PROMPTS[0], **opts)))
+        sampled.start(), greedy.start()
+        while sampled.is_alive() or greedy.is_alive():
+            engine.step()
+        assert results[9][2][0] == want[0]
+        assert results[8][2][0] == model.generate("O", return_details=True, **sampling).token_ids
+    finally:
+        engine.close()
+        model.module.screen_output = True
