@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.nn import int8
-from lmlab.nn.fastpath import copy_key
+from lmlab.nn.fastpath import copy_key, trim
 from lmlab.nn.int8 import quantize_rows
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -44,6 +44,10 @@ ONEDNN_MIN_WEIGHT = 2**22
 #: ... but not a weight of more than 32M numbers (an output layer of 150k × 896), whose bf16
 #: copy would be a spike of 2 bytes a weight: those stay on the int8 kernel
 DEQUANTIZE_MAX = 2**25
+
+
+#: rows of W quantized at a time (from_linear)
+QUANTIZE_ROWS = 4096
 
 
 class QuantLinear(nn.Module):
@@ -66,13 +70,19 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "") -> QuantLinear:
-        w = linear.weight.detach().float()
-        if not torch.isfinite(w).all():
-            raise LmlabError(
-                f"layer {name or 'linear'} has NaN or infinite weights; int8 quantization needs finite "
-                "weights (check the checkpoint, or load it without --quantize)"
-            )
-        q, scale = quantize_rows(w)
+        """Per-row codes and scales of W, made a block of rows at a time: the float32 transients
+        of a 151,936-row output layer would be several times its size at once."""
+        weight = linear.weight.detach()
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for i in range(0, weight.shape[0], QUANTIZE_ROWS):
+            w = weight[i : i + QUANTIZE_ROWS].float()
+            if not torch.isfinite(w).all():
+                raise LmlabError(
+                    f"layer {name or 'linear'} has NaN or infinite weights; int8 quantization needs finite "
+                    "weights (check the checkpoint, or load it without --quantize)"
+                )
+            q[i : i + QUANTIZE_ROWS], scale[i : i + QUANTIZE_ROWS] = quantize_rows(w)  # row by row: the same codes
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias)
 
@@ -141,7 +151,10 @@ class QuantLinear(nn.Module):
                     self._zero = torch.zeros(self.out_features, dtype=torch.int32)
                     x = torch.sin(torch.arange(1, 2 * self.in_features + 1, dtype=torch.float32)).reshape(2, -1)
                     got = self._onednn(x, packed)
-                    want = F.linear(x.double(), self.dequantize().double())
+                    want = torch.cat([  # the dequantized formula a block of rows at a time: no fp64 copy of W
+                        F.linear(x.double(), (self.qweight[i : i + QUANTIZE_ROWS].float() * self.scale[i : i + QUANTIZE_ROWS, None]).double())
+                        for i in range(0, self.out_features, QUANTIZE_ROWS)
+                    ], dim=1)  # fmt: skip
                     if not bool(((got.double() - want).abs() <= 1e-3 * want.abs().max() + 1e-6).all()):
                         return False
             except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
@@ -196,6 +209,7 @@ def quantize_model(module: nn.Module, method: str = "int8") -> nn.Module:
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, QuantLinear.from_linear(lin, name).to(lin.weight.device))
     module.quantization = method
+    trim()  # the float weights just dropped, back to the system
     return module
 
 

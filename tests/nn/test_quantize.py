@@ -42,9 +42,13 @@ def test_quantization_error_is_at_most_half_a_step():
     assert q.abs().max() == 127
 
 
+@pytest.mark.parametrize("block", [4096, 5])  # 5: W's 24 rows quantized in blocks (the last one short)
 @pytest.mark.parametrize("in_features", [64, 40])  # 40: not a multiple of 16, the formula path
 @pytest.mark.parametrize("bias", [True, False])
-def test_quant_linear_equals_dequantized_formula(in_features, bias):
+def test_quant_linear_equals_dequantized_formula(in_features, bias, block, monkeypatch):
+    import lmlab.nn.quantize as quantize
+
+    monkeypatch.setattr(quantize, "QUANTIZE_ROWS", block)
     torch.manual_seed(0)
     lin = nn.Linear(in_features, 24, bias=bias)
     ql = QuantLinear.from_linear(lin)
@@ -282,3 +286,23 @@ def test_cli_generate_quantize(tmp_path):
     bad = run_lmlab(*run, "--quantize", "int4", check_rc=2, timeout=120)
     assert bad.stderr.startswith("lmlab: error: unknown quantization 'int4'")
     assert "Traceback" not in bad.stderr
+
+
+def test_a_bf16_checkpoint_quantizes_to_the_model_its_fp32_load_quantizes_to(tmp_path):
+    """``quantize="int8"`` with no dtype loads a bf16 checkpoint in bf16 and converts what stays
+    float to fp32 after quantizing (no fp32 copy of the whole model): the very tensors that
+    loading it in fp32 first gives (reference: quantize_model on the fp32 load)."""
+    transformers = pytest.importorskip("transformers")
+    from helpers import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    got = lmlab.load(str(tmp_path / "m"), quantize="int8").module.state_dict()
+    want = quantize_model(lmlab.load(str(tmp_path / "m"), dtype="fp32").module).state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
