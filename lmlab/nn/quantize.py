@@ -86,6 +86,12 @@ class QuantLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """``.float()``, ``.to(dtype)`` convert the bias; the kernel's unit scales stay bf16."""
+        out = super()._apply(fn, recurse)
+        self._ones = self._ones.to(torch.bfloat16)
+        return out
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W ≈ s_o · q_oi, as a (out, in) float tensor."""
         return (self.qweight.float() * self.scale[:, None]).to(dtype)

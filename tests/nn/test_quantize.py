@@ -306,3 +306,5 @@ def test_a_bf16_checkpoint_quantizes_to_the_model_its_fp32_load_quantizes_to(tmp
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    ones = [m._ones.dtype for m in lmlab.load(str(tmp_path / "m"), quantize="int8").module.modules() if isinstance(m, QuantLinear)]
+    assert ones and set(ones) == {torch.bfloat16}  # the int8 kernel's unit scales, as made
