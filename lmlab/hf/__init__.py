@@ -172,9 +172,15 @@ def load_hf(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
+    exact_bf16_only: bool = False,
 ) -> ModelParts:
     """A Hugging Face model (folder or Hub id) as :class:`~lmlab.models.loading.ModelParts`
     (which :func:`lmlab.load` wraps as an :class:`lmlab.Model`).
+
+    ``exact_bf16_only`` (with no ``dtype``): the stored bf16 only where every number loads
+    exactly in it — every tensor of the files is bf16 (whatever config.json says) and no
+    family rule computes a new value (Gemma's 1 + w) — else float32. What an int8 load uses:
+    its float parts are converted to fp32 after quantizing, and must be the fp32 load's.
 
     The Transformer is built on the ``meta`` device and its tensors are filled straight
     from the memory-mapped safetensors in ``dtype`` (default: :func:`stored_dtype`), so loading
@@ -213,6 +219,9 @@ def load_hf(
     else:
         tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     weights = CheckpointWeights(folder, allow_pickle)
+    if exact_bf16_only and dtype is None and dt == torch.bfloat16:
+        if not weights.all_bf16() or any(r.op not in ("copy", "t", "cat", "heads") for r in family.rules(cfg)):
+            dt = torch.float32
     try:
         if seq2seq:
             seq2seq.untie_if_stored(cfg, weights)
@@ -242,11 +251,12 @@ def load_any(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
+    exact_bf16_only: bool = False,
 ) -> ModelParts:
     """Any model source as :class:`ModelParts`: an lmlab checkpoint folder, a Hugging Face
     folder (config.json without lmlab's marker) or a Hub id like ``gpt2``."""
     if not is_lmlab_checkpoint(Path(source)) and _looks_foreign(source):
-        return load_hf(str(source), dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return load_hf(str(source), dtype=dtype, device=device, allow_pickle=allow_pickle, exact_bf16_only=exact_bf16_only)
     return load_checkpoint(source, dtype=dtype, device=device)
 
 

@@ -161,6 +161,14 @@ class CheckpointWeights:
     def names(self) -> set[str]:
         return set(self._where) | set(self._pickled)
 
+    def all_bf16(self) -> bool:
+        """Every floating-point tensor of the checkpoint is stored in bf16 (read from the
+        safetensors headers: no tensor is loaded)."""
+        kinds = {t.dtype for t in self._pickled.values() if t.is_floating_point()}
+        for name, f in self._where.items():
+            kinds.add(self._open[f].get_slice(name).get_dtype())
+        return kinds <= {torch.bfloat16, "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+
     def get(self, name: str) -> Tensor:
         if name in self._pickled:
             return self._pickled[name]

@@ -29,13 +29,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lmlab.errors import LmlabError
-from lmlab.generate.config import GenerationConfig
 from lmlab.generate.logits import Penalties, process_logits
 from lmlab.generate.runner import Runner
 from lmlab.generate.sampling import Choice, argmax_only, logprob_info, resolve_seed
@@ -44,61 +42,9 @@ from lmlab.generate.text import TextStream, bad_words_to_ids
 from lmlab.models.rnn import RecurrentState
 from lmlab.nn import fastpath, screen
 from lmlab.nn.cache import KVCache
+from lmlab.serve.jobs import Job, QueueFull, Row, TokenEvent
 
 log = logging.getLogger("lmlab.serve")
-
-
-class QueueFull(LmlabError):
-    """More requests are waiting than ``max_queue`` allows (the server answers 429)."""
-
-
-@dataclass
-class TokenEvent:
-    """One generated token of one choice, as the engine reports it (from its own thread).
-
-    ``delta`` is the text that became certain with this token (UTF-8 and stop-string safe,
-    see :class:`~lmlab.generate.text.TextStream`); ``finish`` is set on a choice's last
-    event: 'stop' (EOS or a stop string, OpenAI's name for both) or 'length'."""
-
-    index: int
-    token_id: int
-    delta: str
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    finish: str | None = None
-    text: str | None = None  # the whole text, on the last event
-    token_ids: list[int] | None = None  # every generated id, on the last event
-
-
-@dataclass
-class Job:
-    """A request as the engine sees it: prompt ids, decoding options, ``n`` choices, and where
-    its events go (``sink`` is called from the engine's thread; an exception ends the job)."""
-
-    prompt_ids: list[int]
-    cfg: GenerationConfig
-    sink: Callable[[TokenEvent | Exception], None]
-    n: int = 1
-    cancelled: bool = False
-    finished: int = 0
-
-    def cancel(self) -> None:
-        """The client went away: its rows leave the batch at the next step."""
-        self.cancelled = True
-
-
-@dataclass
-class _Row:
-    job: Job
-    index: int
-    seq: list[int]
-    stream: TextStream
-    penalties: Penalties
-    gen: torch.Generator | None
-    prompt_len: int = 0
-    generated: int = 0
-    done: bool = False
-    ids: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -119,9 +65,9 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         # requests decoded speculatively (prompt_lookup_num_tokens): one pass each per turn, beside the batch
-        self._solo: list[tuple[_Row, Iterator[list[Choice]]]] = []
+        self._solo: list[tuple[Row, Iterator[list[Choice]]]] = []
         self._state: KVCache | RecurrentState | None = None
         self._pos: Tensor | None = None  # (B,) each row's next position (Transformers)
         self._logits: Tensor | None = None  # (B, V) the next-token scores of each running row
@@ -129,11 +75,7 @@ class Engine:
         # the decoding loop's fast paths (lmlab.generate.runner): oneDNN products, and for the
         # batch's one-token steps the unrolled step and the screened output layer (_fast_paths)
         self._fast = bool(fastpath.prepare(self.module))
-        self._screen_bias = None
-        if self._fast and getattr(self.module, "screen_output", True):
-            self._screened, self._screen_bias = screen.prepare(self.module)
-        else:
-            self._screened = 0
+        self._screen: tuple[int, Tensor | None] | None = None  # screen.prepare's, once it is wanted
         self._closed = False
         self._logged, self._logged_at = (0, 0), 0.0
         self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0,
@@ -263,7 +205,7 @@ class Engine:
         self.stats["steps"] += 1
         return chosen
 
-    def _choose_one(self, i: int, row: _Row) -> int:
+    def _choose_one(self, i: int, row: Row) -> int:
         """Row i's next token from its logits, with its own options (as ``sample`` does)."""
         cfg = row.job.cfg
         z = self._logits[i : i + 1]
@@ -282,7 +224,7 @@ class Engine:
         self._emit(row, t, lp, top)
         return t
 
-    def _emit(self, row: _Row, t: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
+    def _emit(self, row: Row, t: int, lp: float | None, top: list[tuple[int, float]] | None) -> None:
         cfg = row.job.cfg
         row.seq.append(t)
         row.ids.append(t)
@@ -371,25 +313,35 @@ class Engine:
                 logits, self._state = self.module(ids, self._state, last_only=True)
         return logits[:, -1].float()
 
-    def _fast_paths(self) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def _fast_paths(self) -> Iterator[None]:
         """What the decoding loop's Runner turns on, for this step of the batch: the unrolled
         one-token step while nothing observes the model (a hook added meanwhile is seen at the
         next step), and the screened output layer when every row's logits serve only an argmax
         (greedy, no log-probs, no penalty that rescales; :func:`argmax_only`) — exact, so each
-        row's tokens are still those ``Model.generate`` gives."""
-        stack = contextlib.ExitStack()
-        if not self._fast:
-            return stack
-        stack.enter_context(fastpath.unrolling(fastpath.unobserved(self.module)))
-        if self._screened:
-            keep: set[int] = set()
-            for row in self._rows:
-                k = argmax_only(row.job.cfg, row.penalties)
-                if k is None:
-                    return stack
-                keep.update(k)
-            stack.enter_context(screen.screening(screen.keep_tensor(sorted(keep)), self._screen_bias))
-        return stack
+        row's tokens are still those ``Model.generate`` gives. ``fast_decoding`` and
+        ``screen_output`` are read at every step."""
+        with contextlib.ExitStack() as stack:
+            if self._fast and getattr(self.module, "fast_decoding", True):
+                stack.enter_context(fastpath.unrolling(fastpath.unobserved(self.module)))
+                keep = self._screen_keep()
+                if keep is not None:
+                    stack.enter_context(screen.screening(keep, self._screen[1]))
+            yield
+
+    def _screen_keep(self) -> Tensor | None:
+        """The tokens a mask may remove, over every row, if every row needs only its argmax."""
+        if not getattr(self.module, "screen_output", True):
+            return None
+        keep: set[int] = set()
+        for row in self._rows:
+            k = argmax_only(row.job.cfg, row.penalties)
+            if k is None:
+                return None
+            keep.update(k)
+        if self._screen is None:
+            self._screen = screen.prepare(self.module)
+        return screen.keep_tensor(keep) if self._screen[0] else None
 
     def _room(self) -> int:
         """Slots every running row may still need: one per token it may still feed back."""
@@ -434,7 +386,7 @@ class Engine:
             self._state = runner.state if old_state is None else RecurrentState.cat([old_state, runner.state])
         self._logits = logits if old_logits is None else torch.cat([old_logits, logits])
 
-    def _prefill(self, jobs: list[Job]) -> tuple[Runner, Tensor, list[_Row]]:
+    def _prefill(self, jobs: list[Job]) -> tuple[Runner, Tensor, list[Row]]:
         """The waiting prompts, left-padded together: their state, first logits and rows (n per job)."""
         # max_new_tokens=1: the cache need hold only the prompts (join reserves each row's own room),
         # and no sliding-window warning for a prompt that fits with its own max_tokens
@@ -446,7 +398,7 @@ class Engine:
             logits = logits.index_select(0, repeat)
         return runner, logits, [self._new_row(j, c) for j in jobs for c in range(j.n)]
 
-    def _new_row(self, job: Job, index: int) -> _Row:
+    def _new_row(self, job: Job, index: int) -> Row:
         cfg = job.cfg
         gen = None
         if not cfg.greedy:
@@ -454,7 +406,7 @@ class Engine:
             gen = torch.Generator(device=self.module.device)
             gen.manual_seed(int(base) + index)  # the copies of one prompt differ, as in Model.generate
         penalties = Penalties(cfg, bad_words_to_ids(self.tokenizer, cfg.bad_words))
-        return _Row(job, index, list(job.prompt_ids), TextStream(self.tokenizer, cfg.stop), penalties, gen,
+        return Row(job, index, list(job.prompt_ids), TextStream(self.tokenizer, cfg.stop), penalties, gen,
                     prompt_len=len(job.prompt_ids))  # fmt: skip
 
 

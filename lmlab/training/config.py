@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lmlab.errors import LmlabError
-from lmlab.messages import warn
 from lmlab.training.budget import check_batch_split, check_one_budget, parse_duration  # noqa: F401 - re-exported
 from lmlab.training.tasks import (
     SEQ2SEQ_MODELS,
@@ -348,10 +347,6 @@ class TrainConfig:
                                  "positions, one key/value head per query head and no output layer to tie; drop "
                                  + ("it" if len(unread) == 1 else "them"))  # fmt: skip
         check_task_flags(self, given)
-        if "vocab_size" in given and self.init is None and self.tokenizer != "bpe":
-            what = ("a char tokenizer has one token per distinct character of the data" if self.tokenizer == "char"
-                    else f"{self.tokenizer} brings its own vocabulary")  # fmt: skip
-            warn(f"--vocab-size is read by --tokenizer bpe only; {what}: ignoring --vocab-size {self.vocab_size}")
         if self.init is not None:
             fixed = [k for k in INIT_FIXED if k in given]
             if fixed:

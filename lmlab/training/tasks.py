@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lmlab.errors import LmlabError
+from lmlab.messages import warn
 
 if TYPE_CHECKING:
     from lmlab.training.config import TrainConfig
@@ -157,6 +158,10 @@ def check_task_flags(cfg: TrainConfig, given: set[str]) -> None:
             raise LmlabError(f"{', '.join('--' + n.replace('_', '-') for n in names)}: {why}; drop "
                              + ("it" if len(names) == 1 else "them"))
 
+    if "vocab_size" in given and cfg.init is None and cfg.tokenizer != "bpe":  # a warning: runs that gave it worked
+        what = ("a char tokenizer has one token per distinct character of the data" if cfg.tokenizer == "char"
+                else f"{cfg.tokenizer} brings its own vocabulary")  # fmt: skip
+        warn(f"--vocab-size is read by --tokenizer bpe only; {what}: ignoring --vocab-size {cfg.vocab_size}")
     if cfg.task not in SEQ2SEQ_TASKS:
         drop([n for n in _TRANSLATE_ONLY if n in given], "for --task translate or summarize only")
     if cfg.task != "classify":

@@ -288,23 +288,41 @@ def test_cli_generate_quantize(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-def test_a_bf16_checkpoint_quantizes_to_the_model_its_fp32_load_quantizes_to(tmp_path):
-    """``quantize="int8"`` with no dtype loads a bf16 checkpoint in bf16 and converts what stays
-    float to fp32 after quantizing (no fp32 copy of the whole model): the very tensors that
-    loading it in fp32 first gives (reference: quantize_model on the fp32 load)."""
+@pytest.mark.parametrize("case", ["llama", "gemma", "mislabelled"])
+def test_a_bf16_checkpoint_quantizes_to_the_model_its_fp32_load_quantizes_to(tmp_path, case):
+    """``quantize="int8"`` with no dtype reads a checkpoint whose numbers are all bf16 in bf16 and
+    converts what stays float to fp32 after quantizing (no fp32 copy of the whole model): the
+    very tensors, buffers included, that quantizing its fp32 load gives (the reference). Gemma
+    (its norms load as 1 + w, a sum bf16 would round) and a config.json that says bf16 over fp32
+    tensors are read in fp32."""
+    import json
+
     transformers = pytest.importorskip("transformers")
     from helpers import bpe_tokenizer
 
     tok = bpe_tokenizer()
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    shape = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    if case == "gemma":
+        hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(head_dim=16, **shape))
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if "norm" in n:
+                    p.normal_(0, 0.3)  # 1 + w is then rarely a bf16 number
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    (hf if case == "mislabelled" else hf.to(torch.bfloat16)).save_pretrained(tmp_path / "m")
+    if case == "mislabelled":  # fp32 tensors, a config that says bf16
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    got = lmlab.load(str(tmp_path / "m"), quantize="int8").module.state_dict()
-    want = quantize_model(lmlab.load(str(tmp_path / "m"), dtype="fp32").module).state_dict()
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
-    ones = [m._ones.dtype for m in lmlab.load(str(tmp_path / "m"), quantize="int8").module.modules() if isinstance(m, QuantLinear)]
+    got = lmlab.load(str(tmp_path / "m"), quantize="int8").module
+    want = quantize_model(lmlab.load(str(tmp_path / "m"), dtype="fp32").module)
+    for a, b in ((got.state_dict(), want.state_dict()), (dict(got.named_buffers()), dict(want.named_buffers()))):
+        assert a.keys() == b.keys()
+        for k in b:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ones = [m._ones.dtype for m in got.modules() if isinstance(m, QuantLinear)]
     assert ones and set(ones) == {torch.bfloat16}  # the int8 kernel's unit scales, as made

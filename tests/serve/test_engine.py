@@ -249,6 +249,13 @@ def test_greedy_steps_screen_the_output_layer_and_unroll_and_equal_generate_unsc
             engine.step()
         assert results[9][2][0] == want[0]
         assert results[8][2][0] == model.generate("O", return_details=True, **sampling).token_ids
+        model.module.screen_output = False  # read at every step: no screen from here on
+        screened.clear()
+        greedy = threading.Thread(target=lambda: results.__setitem__(10, run(engine, model, PROMPTS[1], **opts)))
+        greedy.start()
+        while greedy.is_alive():
+            engine.step()
+        assert results[10][2][0] == want[1] and not screened
     finally:
         engine.close()
         model.module.screen_output = True
