@@ -220,7 +220,7 @@ def load_hf(
         tok = load_tokenizer(folder)  # before the weights: a missing tokenizer fails fast
     weights = CheckpointWeights(folder, allow_pickle)
     if exact_bf16_only and dtype is None and dt == torch.bfloat16:
-        if not weights.all_bf16() or any(r.op not in ("copy", "t", "cat", "heads") for r in family.rules(cfg)):
+        if not weights.all_bf16() or any(r.computes for r in family.rules(cfg)):
             dt = torch.float32
     try:
         if seq2seq:

@@ -57,6 +57,12 @@ class Rule:
     op: str = "copy"
     sizes: tuple[int, ...] = ()
 
+    @property
+    def computes(self) -> bool:
+        """Whether the op makes new numbers (plus1) rather than moving the stored ones: a value
+        it makes may not be exact in the dtype the stored ones are."""
+        return self.op == "plus1"
+
 
 #: one layer's tensor: (lmlab suffix, Hugging Face suffixes, op, dim-0 sizes of the ``cat`` parts)
 LayerTensor = tuple[str, tuple[str, ...], str, tuple[int, ...]]

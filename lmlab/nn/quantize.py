@@ -22,6 +22,8 @@ dequantized on the fly and multiplied with ``F.linear`` — the formula above, s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,6 +98,11 @@ class QuantLinear(nn.Module):
         """W ≈ s_o · q_oi, as a (out, in) float tensor."""
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
+    def _dequantized_blocks(self) -> Iterator[Tensor]:
+        """``dequantize()`` in fp64, ``QUANTIZE_ROWS`` rows at a time: no fp64 copy of all of W."""
+        for i in range(0, self.out_features, QUANTIZE_ROWS):
+            yield (self.qweight[i : i + QUANTIZE_ROWS].float() * self.scale[i : i + QUANTIZE_ROWS, None]).double()
+
     def forward(self, x: Tensor) -> Tensor:
         fast_cpu = self.fast and x.device.type == "cpu"
         rows = x.numel() // max(1, self.in_features)
@@ -157,10 +164,7 @@ class QuantLinear(nn.Module):
                     self._zero = torch.zeros(self.out_features, dtype=torch.int32)
                     x = torch.sin(torch.arange(1, 2 * self.in_features + 1, dtype=torch.float32)).reshape(2, -1)
                     got = self._onednn(x, packed)
-                    want = torch.cat([  # the dequantized formula a block of rows at a time: no fp64 copy of W
-                        F.linear(x.double(), (self.qweight[i : i + QUANTIZE_ROWS].float() * self.scale[i : i + QUANTIZE_ROWS, None]).double())
-                        for i in range(0, self.out_features, QUANTIZE_ROWS)
-                    ], dim=1)  # fmt: skip
+                    want = torch.cat([F.linear(x.double(), w) for w in self._dequantized_blocks()], dim=1)
                     if not bool(((got.double() - want).abs() <= 1e-3 * want.abs().max() + 1e-6).all()):
                         return False
             except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
