@@ -1,9 +1,13 @@
 """Speculative decoding: prompt lookup and a draft model vs plain greedy, lmlab and transformers.
 
 A target and a draft are trained here on the same text with one tokenizer (default: Tiny
-Shakespeare, a 6-layer/384-wide target and a 2-layer/128-wide draft, byte-level BPE 2,048),
-then exported as Hugging Face (GPT-2) folders so ``transformers`` runs the very same pair.
-Both sides decode greedily at batch 1, in one process, rounds alternating:
+Shakespeare, characters; a 12-layer/768-wide target, GPT-2 small's body, 20 minutes; a
+2-layer/128-wide draft, 4 minutes; both trained in bf16), then exported as Hugging Face
+(GPT-2) folders so ``transformers`` runs the very same pair. A draft pays when a pass of it
+costs a small share of a target pass: on a 2-core CPU a small model's pass is ~1 ms of
+per-call overhead, so the target must be big enough that its pass is 10-20 times that.
+Both sides decode greedily at batch 1 in ``--dtype`` (bf16: how a CPU runs a big model), in
+one process, rounds alternating:
 
 - plain greedy;
 - ``assistant_model``: the draft guesses ``--k`` tokens, the target checks them (lmlab
@@ -15,8 +19,10 @@ Reported: tokens/s, the ratio to plain greedy of the same library, lmlab's accep
 (accepted / proposed guesses) and forward passes per token, and whether every output equals
 plain greedy decoding (it must: the method is exact). Medians over rounds.
 
-    .venv/bin/python benchmarks/speculative.py                         # trains 8 + 4 min, then ~5 min
+    .venv/bin/python benchmarks/speculative.py                         # trains 20 + 4 min, then ~5 min
     .venv/bin/python benchmarks/speculative.py --target runs/big --draft runs/draft   # reuse a pair
+    .venv/bin/python benchmarks/speculative.py --tokenizer bpe --target-shape 6x384 --target-minutes 8 \
+        --target-lr 2e-3 --precision fp32 --dtype fp32 --out runs/bench-speculative-small   # the first, small pair
 """
 
 from __future__ import annotations
@@ -31,18 +37,21 @@ HERE = Path(__file__).resolve().parent
 SHAKESPEARE = HERE.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def train_pair(out: Path, target_min: float, draft_min: float) -> tuple[Path, Path]:
+def train_pair(out: Path, a: argparse.Namespace) -> tuple[Path, Path]:
     import lmlab
 
-    common = dict(data=str(SHAKESPEARE), progress=False, overwrite=True, model="gpt", max_seq_len=512, dropout=0.0,
-                  batch_size=8)
+    common = dict(data=str(SHAKESPEARE), progress=False, overwrite=True, model="gpt", dropout=0.0)
+    tok = dict(tokenizer="char") if a.tokenizer == "char" else dict(tokenizer="bpe", vocab_size=2048)
     target, draft = out / "target", out / "draft"
     if not (target / "model.safetensors").exists():
-        lmlab.train(out=str(target), tokenizer="bpe", vocab_size=2048, n_layer=6, d_model=384, n_head=6,
-                    time=f"{target_min}m", **common)  # fmt: skip
+        layers, width = (int(v) for v in a.target_shape.split("x"))
+        lmlab.train(out=str(target), n_layer=layers, d_model=width, n_head=width // 64, time=f"{a.target_minutes}m",
+                    max_seq_len=a.seq_len, batch_size=a.batch_size, lr=a.target_lr, precision=a.precision, **tok,
+                    **common)  # fmt: skip
     if not (draft / "model.safetensors").exists():
         lmlab.train(out=str(draft), tokenizer=str(target / "tokenizer.json"), n_layer=2, d_model=128, n_head=4,
-                    time=f"{draft_min}m", **common)  # fmt: skip
+                    time=f"{a.draft_minutes}m", max_seq_len=a.seq_len, batch_size=a.batch_size,
+                    precision=a.precision, **common)  # fmt: skip
     return target, draft
 
 
@@ -50,12 +59,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default=None, help="an lmlab run (default: train one)")
     ap.add_argument("--draft", default=None, help="an lmlab run with the target's tokenizer (default: train one)")
-    ap.add_argument("--target-minutes", type=float, default=8.0)
+    ap.add_argument("--target-minutes", type=float, default=20.0)
     ap.add_argument("--draft-minutes", type=float, default=4.0)
+    ap.add_argument("--target-shape", default="12x768", help="the target's layers x width (the draft: 2x128)")
+    ap.add_argument("--target-lr", type=float, default=6e-4)
+    ap.add_argument("--tokenizer", default="char", choices=("char", "bpe"), help="char, or a byte-level BPE of 2,048")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="training arithmetic")
     ap.add_argument("--k", type=int, default=4, help="guesses per check (draft and prompt lookup)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="both sides decode in this dtype")
     ap.add_argument("--out", default="runs/bench-speculative")
     a = ap.parse_args()
 
@@ -72,18 +88,20 @@ def main() -> None:
     if a.target and a.draft:
         target_dir, draft_dir = Path(a.target), Path(a.draft)
     else:
-        target_dir, draft_dir = train_pair(out, a.target_minutes, a.draft_minutes)
+        target_dir, draft_dir = train_pair(out, a)
     hf_target, hf_draft = out / "hf-target", out / "hf-draft"
     export_hf(str(target_dir), hf_target)
     export_hf(str(draft_dir), hf_draft)
-    model, draft = lmlab.load(str(target_dir)), lmlab.load(str(draft_dir))
-    hf_m = AutoModelForCausalLM.from_pretrained(hf_target).eval()
-    hf_d = AutoModelForCausalLM.from_pretrained(hf_draft).eval()
+    model, draft = lmlab.load(str(target_dir), dtype=a.dtype), lmlab.load(str(draft_dir), dtype=a.dtype)
+    torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    hf_m = AutoModelForCausalLM.from_pretrained(hf_target, dtype=torch_dtype).eval()
+    hf_d = AutoModelForCausalLM.from_pretrained(hf_draft, dtype=torch_dtype).eval()
 
     text = SHAKESPEARE.read_text(encoding="utf-8")
-    free = text[10_000:10_400]  # a passage to continue freely
-    passage = text[20_000:20_500]
-    copying = passage + "\n\n" + passage[:100]  # its first lines again: the output may copy the rest
+    f, p, again = (400, 500, 100) if a.tokenizer == "bpe" else (200, 250, 60)  # in characters: ~the same tokens
+    free = text[10_000 : 10_000 + f]  # a passage to continue freely
+    passage = text[20_000 : 20_000 + p]
+    copying = passage + "\n\n" + passage[:again]  # its first lines again: the output may copy the rest
     n = a.new_tokens
     hf_plain = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
@@ -140,7 +158,7 @@ def main() -> None:
                 outputs[key, side] = ids
                 if st:
                     stats_of[key] = st
-    print(f"load average: {os.getloadavg()}; threads {a.threads}; k {a.k}; {n} new tokens; {a.rounds} rounds")
+    print(f"load average: {os.getloadavg()}; {a.dtype}; threads {a.threads}; k {a.k}; {n} new tokens; {a.rounds} rounds")
     print(f"target {model.module.num_parameters() / 1e6:.1f}M, draft {draft.module.num_parameters() / 1e6:.1f}M params")
     print(f"{'prompt':8s} {'method':7s} {'lmlab tok/s':>11s} {'vs plain':>8s} {'hf tok/s':>9s} {'vs plain':>8s} "
           f"{'lmlab/hf':>8s} {'accept':>7s} {'passes/tok':>10s}  same as greedy")  # fmt: skip

@@ -119,6 +119,12 @@ class Transformer(LanguageModel):
             elif isinstance(m, LearnedPositions):
                 nn.init.normal_(m.weight, 0.0, std)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What it computes in: its final norm's dtype (an int8 model read from bf16 keeps its
+        token embedding in bf16 and computes in fp32, see :func:`lmlab.api.load`)."""
+        return self.norm_f.weight.dtype
+
     # ------------------------------------------------------------------ state
     def state_bytes(self, batch_size: int, max_len: int) -> int:
         # keys and values: 2 · n_layer · B · n_kv_head · S · head_dim numbers
@@ -179,7 +185,7 @@ class Transformer(LanguageModel):
                 f"of a model with {cfg.pos} positions; crop the input to the last {cfg.max_seq_len} tokens"
             )
 
-        x = self.tok_emb(ids)  # (B, T) -> (B, T, C)
+        x = self.tok_emb(ids).to(self.norm_f.weight.dtype)  # (B, T) -> (B, T, C); a bf16 table upcast
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if self.pos_emb is not None:

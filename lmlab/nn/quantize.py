@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.nn import int8
-from lmlab.nn.fastpath import copy_key, trim
+from lmlab.nn.fastpath import copy_key, freed, trim
 from lmlab.nn.int8 import quantize_rows
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -48,8 +48,12 @@ ONEDNN_MIN_WEIGHT = 2**22
 DEQUANTIZE_MAX = 2**25
 
 
-#: rows of W quantized at a time (from_linear)
-QUANTIZE_ROWS = 4096
+#: rows of W quantized at a time (from_linear): at most this many, and at most
+#: QUANTIZE_BYTES of them in fp32 (quantize_rows makes a few transients of that size)
+QUANTIZE_ROWS, QUANTIZE_BYTES = 4096, 4 << 20
+#: rows of W dequantized in fp64 at a time for the one-time check of oneDNN's kernel (4 MB
+#: transients at d 1024: 4096 rows left +70 MB that glibc kept after the first check)
+CHECK_ROWS = 512
 
 
 class QuantLinear(nn.Module):
@@ -77,14 +81,15 @@ class QuantLinear(nn.Module):
         weight = linear.weight.detach()
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for i in range(0, weight.shape[0], QUANTIZE_ROWS):
-            w = weight[i : i + QUANTIZE_ROWS].float()
+        block = max(1, min(QUANTIZE_ROWS, QUANTIZE_BYTES // (4 * max(1, weight.shape[1]))))
+        for i in range(0, weight.shape[0], block):
+            w = weight[i : i + block].float()
             if not torch.isfinite(w).all():
                 raise LmlabError(
                     f"layer {name or 'linear'} has NaN or infinite weights; int8 quantization needs finite "
                     "weights (check the checkpoint, or load it without --quantize)"
                 )
-            q[i : i + QUANTIZE_ROWS], scale[i : i + QUANTIZE_ROWS] = quantize_rows(w)  # row by row: the same codes
+            q[i : i + block], scale[i : i + block] = quantize_rows(w)  # row by row: the same codes
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias)
 
@@ -98,10 +103,10 @@ class QuantLinear(nn.Module):
         """W ≈ s_o · q_oi, as a (out, in) float tensor."""
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
-    def _dequantized_blocks(self) -> Iterator[Tensor]:
-        """``dequantize()`` in fp64, ``QUANTIZE_ROWS`` rows at a time: no fp64 copy of all of W."""
-        for i in range(0, self.out_features, QUANTIZE_ROWS):
-            yield (self.qweight[i : i + QUANTIZE_ROWS].float() * self.scale[i : i + QUANTIZE_ROWS, None]).double()
+    def _dequantized_blocks(self, rows: int = CHECK_ROWS) -> Iterator[Tensor]:
+        """``dequantize()`` in fp64, ``rows`` rows at a time: no fp64 copy of all of W."""
+        for i in range(0, self.out_features, rows):
+            yield (self.qweight[i : i + rows].float() * self.scale[i : i + rows, None]).double()
 
     def forward(self, x: Tensor) -> Tensor:
         fast_cpu = self.fast and x.device.type == "cpu"
@@ -170,6 +175,7 @@ class QuantLinear(nn.Module):
             except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
                 return False
             self._packed, self._packed_src = packed, self.qweight.untyped_storage()
+            trim()  # the check's transients, back to the system
         return True
 
     def _onednn(self, x: Tensor, packed: Tensor | None = None) -> Tensor | None:
@@ -213,11 +219,16 @@ def quantize_model(module: nn.Module, method: str = "int8") -> nn.Module:
     targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
     if not targets:
         raise LmlabError(f"{type(module).__name__} has no linear layers to quantize")
+    shared = {id(p) for m in module.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     with torch.inference_mode(False), torch.no_grad():
-        for name, lin in targets:
+        while targets:  # each float weight dropped as soon as its int8 copy exists (not all at the end)
+            name, lin = targets.pop(0)
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, QuantLinear.from_linear(lin, name).to(lin.weight.device))
+            if id(lin.weight) not in shared:  # (a tied output layer's W is the embedding's: it stays)
+                freed(lin.weight.numel() * lin.weight.element_size())
+            del lin
     module.quantization = method
     trim()  # the float weights just dropped, back to the system
     return module
