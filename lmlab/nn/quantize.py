@@ -14,7 +14,8 @@ the product runs on PyTorch's int8-weight kernel (``torch._weight_int8pack_mm``,
 takes bfloat16 activations); an output-layer-sized weight runs on oneDNN's int8 kernel where
 the CPU sums int8 exactly (VNNI/AMX), the input split into two int8 parts (~14 bits: finer
 than bf16), which streams a large int8 matrix from memory where PyTorch's kernel does not
-(cache-cold, 58,101 × 512: 1.6 vs 2.8 ms). Elsewhere, or without those kernels, the weight is
+(cache-cold, 58,101 × 512: 1.6 vs 2.8 ms); its packed copy then replaces the codes (they read
+back from it exactly). Elsewhere, or without those kernels, the weight is
 dequantized on the fly and multiplied with ``F.linear`` — the formula above, spelled out.
 
     model = lmlab.load("gpt2", quantize="int8")        # or: lmlab generate gpt2 --quantize int8
@@ -22,6 +23,7 @@ dequantized on the fly and multiplied with ``F.linear`` — the formula above, s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +49,9 @@ ONEDNN_MIN_WEIGHT = 2**22
 #: copy would be a spike of 2 bytes a weight: those stay on the int8 kernel
 DEQUANTIZE_MAX = 2**25
 
+
+#: guards the swap of a layer's codes and its oneDNN copy (one pair, never one without the other)
+_lock = threading.Lock()
 
 #: rows of W quantized at a time (from_linear): at most this many, and at most
 #: QUANTIZE_BYTES of them in fp32 (quantize_rows makes a few transients of that size)
@@ -95,6 +100,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
         """``.float()``, ``.to(dtype)`` convert the bias; the kernel's unit scales stay bf16."""
+        self.unpack()  # the codes themselves go wherever the module goes
         out = super()._apply(fn, recurse)
         self._ones = self._ones.to(torch.bfloat16)
         return out
@@ -105,25 +111,38 @@ class QuantLinear(nn.Module):
 
     def _dequantized_blocks(self, rows: int = CHECK_ROWS) -> Iterator[Tensor]:
         """``dequantize()`` in fp64, ``rows`` rows at a time: no fp64 copy of all of W."""
+        q = self.qweight
         for i in range(0, self.out_features, rows):
-            yield (self.qweight[i : i + rows].float() * self.scale[i : i + rows, None]).double()
+            yield (q[i : i + rows].float() * self.scale[i : i + rows, None]).double()
 
     def forward(self, x: Tensor) -> Tensor:
         fast_cpu = self.fast and x.device.type == "cpu"
-        rows = x.numel() // max(1, self.in_features)
-        if fast_cpu and rows >= DEQUANTIZE_ROWS and self.qweight.numel() <= DEQUANTIZE_MAX:
+        rows, numel = x.numel() // max(1, self.in_features), self.out_features * self.in_features
+        dequantize = fast_cpu and rows >= DEQUANTIZE_ROWS and numel <= DEQUANTIZE_MAX
+        if dequantize:
             # a prefill's many rows: the int8 kernel is a matrix-vector kernel at heart (512 rows
             # of 9728×896: 75 ms); Ŵ = s ⊙ q made for the call in bf16 (2 bytes a weight, freed
             # after it) and a bf16 product take 21 ms
-            w = self.qweight.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             b = None if self.bias is None else self.bias.to(torch.bfloat16)
+            held = self.__dict__.get("_held")
+            if held is not None and self._buffers["qweight"] is held[1]:
+                # the codes live in oneDNN's copy, which reads back as qᵀ: Ŵᵀ = qᵀ ⊙ s from it
+                # (no transposing copy), and x Ŵᵀ as a plain product with it
+                w_t = held[0].to_dense().to(torch.bfloat16).mul_(self.scale.to(torch.bfloat16))
+                y = torch.matmul(x.to(torch.bfloat16), w_t)
+                return (y if b is None else y.add_(b)).to(x.dtype)
+            w = self.qweight.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
-        if (
-            x.device.type == "cpu" and x.numel() > 0 and rows <= MAX_ONEDNN_ROWS
-            and self.qweight.numel() >= ONEDNN_MIN_WEIGHT and self._onednn_ok()
-        ):  # fmt: skip
+        packed = None
+        if x.device.type == "cpu" and x.numel() > 0 and numel >= ONEDNN_MIN_WEIGHT:
+            packed = self._onednn_copy()
+        if packed is not None and (rows <= MAX_ONEDNN_ROWS or self._replaced()):
+            # more rows than decoding has, once the copy replaced the codes: 64 rows at a time
+            # (no dense copy of the codes made per call)
             shape = x.shape
-            y = self._onednn(x.reshape(-1, shape[-1]).float())
+            x2 = x.reshape(-1, shape[-1]).float()
+            parts = [self._onednn(x2[i : i + MAX_ONEDNN_ROWS], packed) for i in range(0, rows, MAX_ONEDNN_ROWS)]
+            y = None if any(part is None for part in parts) else torch.cat(parts)
             if y is not None:
                 if self.bias is not None:
                     y = y + self.bias.float()
@@ -143,42 +162,83 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
-    _packed: Tensor | None = None
-    _packed_key: tuple[int, int] | None = None
+    #: oneDNN's packed copy of the codes and the stand-in that replaced them in ``qweight``
+    _held: tuple[Tensor, Tensor] | None = None
+    #: the codes (address, write counter) oneDNN's kernel failed its check on: not tried again
+    _failed: tuple[int, int] | None = None
+
+    def __getattr__(self, name: str) -> Tensor | nn.Module:
+        """``qweight``: the codes, read back from oneDNN's copy once it replaced them
+        (``to_dense`` gives qᵀ exactly: a reorder, no arithmetic)."""
+        held = self.__dict__.get("_held")
+        if name == "qweight" and held is not None and self._buffers.get("qweight") is held[1]:
+            return held[0].to_dense().t().contiguous()
+        return super().__getattr__(name)
+
+    def _replaced(self) -> bool:
+        held = self.__dict__.get("_held")
+        return held is not None and self._buffers.get("qweight") is held[1]
+
+    def unpack(self) -> None:
+        """Put the codes back in ``qweight`` and drop oneDNN's copy (made again when needed)."""
+        with _lock:
+            held = self.__dict__.get("_held")
+            if held is not None and self._buffers["qweight"] is held[1]:
+                self._buffers["qweight"] = held[0].to_dense().t().contiguous()
+            self._held = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._replaced():
+            destination[prefix + "qweight"] = self.qweight  # the codes, not the stand-in
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module's signature
+        self.unpack()  # copied into the codes' own storage, not into the stand-in
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:
+        self.unpack()  # pickled and deep-copied with its codes
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if not k.startswith("_packed")}
+        return {k: v for k, v in state.items() if k != "_held"}
 
-    def _onednn_ok(self) -> bool:
-        """oneDNN's int8 kernel sums exactly here (VNNI/AMX) and has a packed copy of this
-        qweight, made once (and remade if it changes; like ``FastLinear``'s copies, a write
-        through ``.data`` is not seen) and checked once against the dequantized formula."""
+    def _onednn_copy(self) -> Tensor | None:
+        """oneDNN's packed copy of the codes, where its int8 kernel sums exactly (VNNI/AMX):
+        made once, checked once against the dequantized formula, and then standing *in place
+        of* the codes (``qweight`` holds a 1-byte stand-in; reading it gives the codes back):
+        an output layer's codes are held once, not twice. Codes assigned anew are packed
+        anew; None where the kernel cannot serve."""
         if not int8.exact_sums():
-            return False
-        key = copy_key(self.qweight)
-        if key is None:
-            return False
-        if self._packed is None or self._packed_key != key:
-            if self._packed_key is not None and self._packed_key[0] == key[0] and self._packed is None:
-                return False  # this very weight failed before
-            self._packed, self._packed_key = None, key
-            try:
-                with torch.inference_mode(False), torch.no_grad():
-                    packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
-                    self._zero = torch.zeros(self.out_features, dtype=torch.int32)
-                    x = torch.sin(torch.arange(1, 2 * self.in_features + 1, dtype=torch.float32)).reshape(2, -1)
-                    got = self._onednn(x, packed)
-                    want = torch.cat([F.linear(x.double(), w) for w in self._dequantized_blocks()], dim=1)
-                    if not bool(((got.double() - want).abs() <= 1e-3 * want.abs().max() + 1e-6).all()):
-                        return False
-            except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
-                return False
-            self._packed, self._packed_src = packed, self.qweight.untyped_storage()
-            trim()  # the check's transients, back to the system
-        return True
+            return None
+        held, q = self.__dict__.get("_held"), self._buffers["qweight"]
+        if held is not None and q is held[1]:
+            return held[0]
+        key = copy_key(q)
+        if key is None or key == self._failed:  # an inference tensor, or codes that failed before
+            return None
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                packed = torch.ops.onednn.qlinear_prepack(q, None)
+                self._zero = torch.zeros(self.out_features, dtype=torch.int32)
+                x = torch.sin(torch.arange(1, 2 * self.in_features + 1, dtype=torch.float32)).reshape(2, -1)
+                got = self._onednn(x, packed)
+                want = torch.cat([F.linear(x.double(), w) for w in self._dequantized_blocks()], dim=1)
+                ok = bool(((got.double() - want).abs() <= 1e-3 * want.abs().max() + 1e-6).all())
+        except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
+            ok = False
+        if not ok:
+            self._failed = key
+            return None
+        with _lock:
+            if self._buffers["qweight"] is q:  # (not assigned anew meanwhile)
+                stand_in = torch.zeros((), dtype=torch.int8).expand(q.shape)
+                self._held = (packed, stand_in)
+                self._buffers["qweight"] = stand_in
+        del q
+        freed(self.out_features * self.in_features)
+        trim()  # the codes and the check's transients, back to the system
+        return packed
 
-    def _onednn(self, x: Tensor, packed: Tensor | None = None) -> Tensor | None:
+    def _onednn(self, x: Tensor, packed: Tensor) -> Tensor | None:
         """(x qᵀ) ⊙ s on oneDNN's int8 kernel (VNNI/AMX: exact integer sums, 1.2–1.5× faster
         than PyTorch's int8-weight kernel here), x given to it in two int8 parts:
 
@@ -199,7 +259,7 @@ class QuantLinear(nn.Module):
         q2 = torch.round((t - q1) * 127).clamp_(-127, 127)
         q = torch.cat([q1, q2]).add_(128).to(torch.uint8)
         y = torch.ops.onednn.qlinear_pointwise(
-            q, a, 128, self._packed if packed is None else packed, self.scale.float(), self._zero, None, 1.0, 0,
+            q, a, 128, packed, self.scale.float(), self._zero, None, 1.0, 0,
             torch.float32, "none", [], "",
         )  # fmt: skip
         return y[:n].add_(y[n:], alpha=1 / 127).div_(f)

@@ -95,6 +95,60 @@ def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_round
     assert (got.double() - want).abs().max() < 1e-3 * want.abs().max()  # ~14 bits: far finer than bf16
 
 
+def test_onednns_int8_copy_replaces_the_codes_and_gives_them_back(monkeypatch):
+    """Once oneDNN's packed copy of a big weight's codes is made and checked, it stands in
+    place of them (``qweight`` holds a 1-byte stand-in: an output layer's codes held once);
+    every way of reading them gives the original codes (reference: a clone taken before),
+    products of more rows than decoding has still match the formula, and codes assigned or
+    loaded anew are what the layer multiplies by."""
+    import copy
+    import pickle
+
+    from lmlab.nn import quantize as Q
+    from lmlab.nn import screen
+
+    if not screen.int8_screen():
+        pytest.skip("oneDNN's int8 kernel sums exactly only with VNNI/AMX")
+    monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 300, bias=True)
+    ql = QuantLinear.from_linear(lin)
+    codes = ql.qweight.clone()
+
+    def formula(x, layer):
+        return F.linear(x.double(), layer.dequantize().double(), layer.bias.double())
+
+    x1 = torch.randn(1, 64)
+    with torch.inference_mode():
+        y1 = ql(x1)
+    assert ql._buffers["qweight"].untyped_storage().nbytes() <= 1  # replaced
+    assert torch.equal(ql.qweight, codes) and torch.equal(ql.state_dict()["qweight"], codes)
+    assert torch.equal(copy.deepcopy(ql).qweight, codes)
+    assert torch.equal(pickle.loads(pickle.dumps(ql)).qweight, codes)
+    for rows in (100, 200):  # 64 rows at a time on oneDNN; the dequantized bf16 product
+        x = torch.randn(rows, 64)
+        with torch.inference_mode():
+            got = ql(x).double()
+        want = formula(x, ql)
+        tol = 1e-3 if rows < Q.DEQUANTIZE_ROWS else 2e-2
+        assert (got - want).abs().max() <= tol * want.abs().max()
+    other = torch.randint(-127, 128, codes.shape, dtype=torch.int8)
+    ql.qweight = other  # assigned anew: packed anew
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        got = ql(x).double()
+    assert torch.equal(ql.qweight, other)
+    assert (got - formula(x, ql)).abs().max() <= 1e-3 * formula(x, ql).abs().max()
+    ql.load_state_dict({**ql.state_dict(), "qweight": codes})
+    assert torch.equal(ql.qweight, codes)
+    with torch.inference_mode():
+        assert torch.equal(ql(x1), y1)  # the loaded codes are the first ones: the same output
+        got = ql(x).double()
+    assert (got - formula(x, ql)).abs().max() <= 1e-3 * formula(x, ql).abs().max()
+    ql.float()  # the codes go with the module, in their own storage again
+    assert ql._buffers["qweight"].untyped_storage().nbytes() == codes.numel() and torch.equal(ql.qweight, codes)
+
+
 def test_a_non_finite_row_stays_its_own_and_inference_tensors_work(monkeypatch):
     """oneDNN's int8 path shares one input scale across rows: a row with an infinity must not
     turn the others into NaN (that product goes to the per-row path), and a layer whose
