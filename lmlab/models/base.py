@@ -98,5 +98,5 @@ class LanguageModel(nn.Module):
         # an int8 model's linear layers keep their weights and biases as buffers: still parameters
         for m in self.modules():
             if isinstance(m, QuantLinear):
-                n += m.qweight.numel() + (0 if m.bias is None else m.bias.numel())
+                n += m.out_features * m.in_features + (0 if m.bias is None else m.bias.numel())
         return n

@@ -51,7 +51,7 @@ DEQUANTIZE_MAX = 2**25
 
 
 #: guards the swap of a layer's codes and its oneDNN copy (one pair, never one without the other)
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 #: rows of W quantized at a time (from_linear): at most this many, and at most
 #: QUANTIZE_BYTES of them in fp32 (quantize_rows makes a few transients of that size)
@@ -107,11 +107,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """W ≈ s_o · q_oi, as a (out, in) float tensor."""
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        return (self._codes().float() * self.scale[:, None]).to(dtype)
 
     def _dequantized_blocks(self, rows: int = CHECK_ROWS) -> Iterator[Tensor]:
         """``dequantize()`` in fp64, ``rows`` rows at a time: no fp64 copy of all of W."""
-        q = self.qweight
+        q = self._codes()
         for i in range(0, self.out_features, rows):
             yield (q[i : i + rows].float() * self.scale[i : i + rows, None]).double()
 
@@ -131,7 +131,7 @@ class QuantLinear(nn.Module):
                 w_t = held[0].to_dense().to(torch.bfloat16).mul_(self.scale.to(torch.bfloat16))
                 y = torch.matmul(x.to(torch.bfloat16), w_t)
                 return (y if b is None else y.add_(b)).to(x.dtype)
-            w = self.qweight.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
+            w = self._buffers["qweight"].to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
         packed = None
         if x.device.type == "cpu" and x.numel() > 0 and numel >= ONEDNN_MIN_WEIGHT:
@@ -152,7 +152,7 @@ class QuantLinear(nn.Module):
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
             # x qᵀ with unit scales (the kernel's bf16 scales would round s_o), then ⊙ s in fp32
             ones = self._ones.to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(x2, self.qweight, ones).float() * self.scale.float()  # (x qᵀ) ⊙ s
+            y = torch._weight_int8pack_mm(x2, self._codes(), ones).float() * self.scale.float()  # (x qᵀ) ⊙ s
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -168,12 +168,17 @@ class QuantLinear(nn.Module):
     _failed: tuple[int, int] | None = None
 
     def __getattr__(self, name: str) -> Tensor | nn.Module:
-        """``qweight``: the codes, read back from oneDNN's copy once it replaced them
-        (``to_dense`` gives qᵀ exactly: a reorder, no arithmetic)."""
-        held = self.__dict__.get("_held")
-        if name == "qweight" and held is not None and self._buffers.get("qweight") is held[1]:
-            return held[0].to_dense().t().contiguous()
+        """``layer.qweight``: the codes themselves (put back from oneDNN's copy if it replaced
+        them, so that a write into them is the layer's), as ``FastLinear``'s ``weight``."""
+        if name == "qweight" and self._replaced():
+            self.unpack()
         return super().__getattr__(name)
+
+    def _codes(self) -> Tensor:
+        """The codes, read back from oneDNN's copy if it replaced them (``to_dense`` gives qᵀ
+        exactly: a reorder, no arithmetic), without undoing the replacement."""
+        held, q = self.__dict__.get("_held"), self._buffers["qweight"]
+        return held[0].to_dense().t().contiguous() if held is not None and q is held[1] else q
 
     def _replaced(self) -> bool:
         held = self.__dict__.get("_held")
@@ -190,16 +195,17 @@ class QuantLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._replaced():
-            destination[prefix + "qweight"] = self.qweight  # the codes, not the stand-in
+            destination[prefix + "qweight"] = self._codes()  # the codes, not the stand-in
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module's signature
         self.unpack()  # copied into the codes' own storage, not into the stand-in
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:
-        self.unpack()  # pickled and deep-copied with its codes
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_held"}
+        state = {k: v for k, v in state.items() if k != "_held"}  # pickled, deep-copied with its codes
+        state["_buffers"] = {**state["_buffers"], "qweight": self._codes()}
+        return state
 
     def _onednn_copy(self) -> Tensor | None:
         """oneDNN's packed copy of the codes, where its int8 kernel sums exactly (VNNI/AMX):

@@ -145,8 +145,18 @@ def test_onednns_int8_copy_replaces_the_codes_and_gives_them_back(monkeypatch):
         assert torch.equal(ql(x1), y1)  # the loaded codes are the first ones: the same output
         got = ql(x).double()
     assert (got - formula(x, ql)).abs().max() <= 1e-3 * formula(x, ql).abs().max()
+    with torch.inference_mode():
+        ql(x)  # replaced again
     ql.float()  # the codes go with the module, in their own storage again
     assert ql._buffers["qweight"].untyped_storage().nbytes() == codes.numel() and torch.equal(ql.qweight, codes)
+    with torch.inference_mode():
+        ql(x)
+    assert ql._buffers["qweight"].untyped_storage().nbytes() <= 1
+    ql.qweight[:10] = 0  # written through the attribute (it puts the codes back first): the layer's codes
+    with torch.inference_mode():
+        got = ql(x).double()
+    assert (got[:, :10] - ql.bias[:10].double()).abs().max() < 1e-6
+    assert (got - formula(x, ql)).abs().max() <= 1e-3 * formula(x, ql).abs().max()
 
 
 def test_a_non_finite_row_stays_its_own_and_inference_tensors_work(monkeypatch):
