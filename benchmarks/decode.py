@@ -14,7 +14,7 @@ the two sides are checked to be identical. Also measured:
   once per token, so  achieved bandwidth = weight bytes × tokens/s  and its fraction of
   the measured bandwidth says how close decoding is to its bound;
 - prefill: the time to the first new token after a 512-token prompt, both sides;
-- ``--quantize int8``: lmlab's weight-only int8 model, its speed and its logits error
+- ``--quantize int8`` / ``int4``: lmlab's weight-only int8 (int4) model, its speed and its logits error
   against the fp32 model.
 
     .venv/bin/python benchmarks/decode.py                          # 3 rounds, ~6 min on 2 cores
@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="also time lmlab int8")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="also time lmlab int8 / int4")
     p.add_argument("--omp-wait-policy", choices=["inherit", "passive", "active"], default="inherit")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args()
@@ -179,8 +179,8 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> str:
     return "identical"
 
 
-def int8_error(folder: Path, lm32, lm8, text: str, new: int) -> dict:
-    """Logits of the int8 model against the fp32 one on every position of the prompt, and how
+def quantized_error(folder: Path, lm32, lm8, text: str, new: int) -> dict:
+    """Logits of the int8 or int4 model against the fp32 one on every position of the prompt, and how
     many greedy tokens agree before the first difference."""
     ids = torch.tensor([lm32.encode(text)])
     a, b = lm32.logits(ids)[0].float(), lm8.logits(ids)[0].float()
@@ -212,8 +212,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp))
         models = {dt: (lmlab.load(str(folder), dtype=dt), load_hf(folder, DTYPES[dt])) for dt in dtypes}
-        if ARGS.quantize == "int8":
-            models["int8"] = (lmlab.load(str(folder), quantize="int8"), None)
+        Q = ARGS.quantize
+        if Q != "none":
+            models[Q] = (lmlab.load(str(folder), quantize=Q), None)
         cases = [(dt, b) for dt in models for b in batches]
         texts = {b: prompts(b, P, seed=b) for b in batches}
         ids = {b: torch.tensor([models[dtypes[0]][0].encode(t) for t in texts[b]]) for b in batches}
@@ -249,9 +250,9 @@ def main() -> None:
                 for side in ["lmlab", "hf"] if r % 2 == 0 else ["hf", "lmlab"]:
                     sec = run_lmlab(lm, long_text, 1)[0] if side == "lmlab" else run_hf(hf, pid, 1)[0]
                     times.setdefault((dt, "prefill", side), []).append(sec)
-            if ARGS.quantize == "int8":
-                sec = run_lmlab(models["int8"][0], long_text, 1)[0]
-                times.setdefault(("int8", "prefill", "lmlab"), []).append(sec)
+            if Q != "none":
+                sec = run_lmlab(models[Q][0], long_text, 1)[0]
+                times.setdefault((Q, "prefill", "lmlab"), []).append(sec)
             print(f"round {r + 1}/{ARGS.rounds} done (bandwidth {bws[-1]:.1f} GB/s)", file=sys.stderr)
 
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -286,16 +287,16 @@ def main() -> None:
             row["tokens"] = check
             results["cases"].append(row)
         print(f"\n{'prefill ' + str(ARGS.prefill_tokens):<14}{'lmlab s':>12}{'HF s':>10}{'HF/lmlab':>9}")
-        for dt in [*dtypes, *(["int8"] if ARGS.quantize == "int8" else [])]:
+        for dt in [*dtypes, *([Q] if Q != "none" else [])]:
             a, h = med[(dt, "prefill", "lmlab")], med.get((dt, "prefill", "hf"))
             print(f"{dt:<14}{a:>12.3f}{(h or 0):>10.3f}" + (f"{h / a:8.2f}x" if h else ""))
             results["cases"].append(
                 {"dtype": dt, "prefill_tokens": ARGS.prefill_tokens, "lmlab_s": a, "hf_s": h}
             )
-        if ARGS.quantize == "int8" and "fp32" in models:
-            err = int8_error(folder, models["fp32"][0], models["int8"][0], texts[1][0], new)
-            results["int8_error"] = err
-            print(f"\nint8 vs fp32 logits ({P} positions): max |err| {err['max_abs_err']:.4f}, rms err / "
+        if Q != "none" and "fp32" in models:
+            err = quantized_error(folder, models["fp32"][0], models[Q][0], texts[1][0], new)
+            results[f"{Q}_error"] = err
+            print(f"\n{Q} vs fp32 logits ({P} positions): max |err| {err['max_abs_err']:.4f}, rms err / "
                   f"logits std {err['rel_err']:.4f}, top-1 agreement {err['top1_agree']:.0%}; greedy "
                   f"tokens identical for the first {err['greedy_same_prefix']} of {new}")  # fmt: skip
         if ARGS.json:

@@ -305,6 +305,7 @@ def load(
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
     quantize: str | None = None,
+    group_size: int | None = None,
 ) -> Model:
     """Load a model: an lmlab checkpoint folder, a Hugging Face folder or a Hub id.
 
@@ -314,7 +315,8 @@ def load(
     :func:`lmlab.hf.load_hf`; ``allow_pickle`` lets it read a pickle ``pytorch_model.bin``
     (with ``torch.load(weights_only=True)``). ``quantize="int8"`` stores the linear layers'
     weights in int8 (see :mod:`lmlab.nn.quantize`): faster CPU decoding, logits within
-    about 1% of the float model's.
+    about 1% of the float model's; ``quantize="int4"`` in int4, a scale and zero point per
+    ``group_size`` inputs (default 64; :mod:`lmlab.nn.int4`): faster still, coarser.
     """
     from lmlab.hf import load_any
     from lmlab.nn.quantize import quantize_model, resolve_quantize
@@ -322,13 +324,15 @@ def load(
     if not isinstance(path, (str, Path)):
         raise LmlabError(f"lmlab.load takes a folder path or a Hub id (a str), not {type(path).__name__} {path!r}")
     method = resolve_quantize(quantize)  # a bad value fails before anything is read
+    if group_size is not None and method != "int4":
+        raise LmlabError(f"group_size (--group-size) is for quantize='int4', not {quantize!r}")
     # quantizing with no dtype: a checkpoint whose every number is bf16 is read in bf16, its
     # linear layers quantized from those numbers, and what stays float converted to float32 only
     # then — the fp32 load's very tensors, without ever holding a float32 copy of the whole model
     # (peak memory for a Qwen2-0.5B stored in bf16: 3.3 GB when it did, 1.6 GB now)
     parts = load_any(path, dtype=dtype, device=device, allow_pickle=allow_pickle, exact_bf16_only=method is not None)
     if method is not None:
-        quantize_model(parts.module, method)
+        quantize_model(parts.module, method, **({"group_size": group_size} if group_size else {}))
         if dtype is None:
             _float_but_embedding(parts.module)
     return Model.from_parts(parts)

@@ -183,7 +183,11 @@ def add_decoding_args(p: argparse.ArgumentParser, seq2seq: bool = True) -> None:
         "--json", action="store_true", help="print one JSON object per sequence (text, tokens, finish reason)"
     )
     p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: fp32; bf16 for a checkpoint stored in bf16)")
-    p.add_argument("--quantize", default=None, metavar="METHOD", help="int8: int8 weights (faster on CPU)")
+    p.add_argument(
+        "--quantize", default=None, metavar="METHOD",
+        help="int8 (one scale a row) or int4 (a scale and zero point a group of inputs): faster on CPU",
+    )  # fmt: skip
+    p.add_argument("--group-size", type=int, default=None, help="--quantize int4: inputs per group (32, 64, 128, 256; 64)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
     pickle_flag(p)
 

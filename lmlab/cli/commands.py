@@ -91,8 +91,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         raise LmlabError("give --prompt-lookup or --draft, not both (one way of guessing at a time)")
     prompt = read_prompt(a.prompt, a.prompt_file)  # before the (slow) load: a wrong path fails at once
     model = lmlab.load(
-        a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize
-    )
+        a.checkpoint, dtype=a.dtype, device=a.device, allow_pickle=a.allow_pickle, quantize=a.quantize,
+        group_size=a.group_size,
+    )  # fmt: skip
     opts = {k: getattr(a, k) for k in GENERATION_KEYS if getattr(a, k, None) is not None}
     if "early_stopping" in opts and opts["early_stopping"] != "never":
         opts["early_stopping"] = opts["early_stopping"] == "true"

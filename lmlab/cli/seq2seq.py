@@ -113,7 +113,8 @@ def load_model(a: argparse.Namespace) -> Any:
         return a._model
 
     return lmlab.load(a.checkpoint, dtype=getattr(a, "dtype", None), device=getattr(a, "device", None),
-                      allow_pickle=a.allow_pickle, quantize=getattr(a, "quantize", None))  # fmt: skip
+                      allow_pickle=a.allow_pickle, quantize=getattr(a, "quantize", None),
+                      group_size=getattr(a, "group_size", None))  # fmt: skip
 
 
 def translate_lines(model: Any, texts: list[str], a: argparse.Namespace, return_details: bool = False) -> list[Any]:

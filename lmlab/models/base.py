@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lmlab.nn.int4 import Int4Linear
 from lmlab.nn.quantize import QuantLinear
 
 
@@ -95,8 +96,8 @@ class LanguageModel(nn.Module):
             if exclude_embeddings and ("emb" in name.split(".")[0]):
                 continue
             n += p.numel()
-        # an int8 model's linear layers keep their weights and biases as buffers: still parameters
+        # an int8 or int4 model's linear layers keep their weights and biases as buffers: still parameters
         for m in self.modules():
-            if isinstance(m, QuantLinear):
+            if isinstance(m, (QuantLinear, Int4Linear)):
                 n += m.out_features * m.in_features + (0 if m.bias is None else m.bias.numel())
         return n

@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
+from lmlab.messages import warn
 from lmlab.nn import int8
 from lmlab.nn.fastpath import copy_key, freed, trim
+from lmlab.nn.int4 import GROUP_SIZE, Int4Linear
 from lmlab.nn.int8 import quantize_rows
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 #: rows (tokens × batch) from which a product dequantizes its weight to bf16 instead of
 #: running the int8 kernel: a prefill (measured: 512 rows 3.5–5.8× faster, 64 rows even)
@@ -271,8 +273,9 @@ class QuantLinear(nn.Module):
         return y[:n].add_(y[n:], alpha=1 / 127).div_(f)
 
 
-def quantize_model(module: nn.Module, method: str = "int8") -> nn.Module:
-    """Replace every ``nn.Linear`` of ``module`` (in place) by its :class:`QuantLinear`.
+def quantize_model(module: nn.Module, method: str = "int8", group_size: int = GROUP_SIZE) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``module`` (in place) by its :class:`QuantLinear`
+    (``"int8"``) or :class:`~lmlab.nn.int4.Int4Linear` (``"int4"``, groups of ``group_size``).
 
     Embedding tables stay in floating point: a token reads one row of them. A tied output
     layer gets its own int8 copy (the input embedding keeps the float one). Returns ``module``.
@@ -280,21 +283,33 @@ def quantize_model(module: nn.Module, method: str = "int8") -> nn.Module:
     method = resolve_quantize(method)
     if method is None:
         return module
-    if any(isinstance(m, QuantLinear) for m in module.modules()):
+    if any(isinstance(m, (QuantLinear, Int4Linear)) for m in module.modules()):
         raise LmlabError("this model is already quantized; quantize a floating-point model once")
     targets = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
     if not targets:
         raise LmlabError(f"{type(module).__name__} has no linear layers to quantize")
+    if method == "int4":
+        Int4Linear.check_group_size(group_size)
+    kept_int8 = 0
     shared = {id(p) for m in module.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     with torch.inference_mode(False), torch.no_grad():
         while targets:  # each float weight dropped as soon as its int8 copy exists (not all at the end)
             name, lin = targets.pop(0)
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, child, QuantLinear.from_linear(lin, name).to(lin.weight.device))
+            if method == "int4" and lin.in_features % group_size == 0:
+                quantized = Int4Linear.from_linear(lin, group_size, name)
+            else:  # int8, or a width the int4 groups do not divide: int8 (one scale a row)
+                kept_int8 += method == "int4"
+                quantized = QuantLinear.from_linear(lin, name)
+            setattr(parent, child, quantized.to(lin.weight.device))
             if id(lin.weight) not in shared:  # (a tied output layer's W is the embedding's: it stays)
                 freed(lin.weight.numel() * lin.weight.element_size())
             del lin
+    if kept_int8:
+        hint = "; --group-size 32 divides more widths" if group_size > 32 else ""
+        warn(f"{kept_int8} linear layer(s) have a width that groups of {group_size} do not divide: "
+             f"they are int8 (one scale a row){hint}")  # fmt: skip
     module.quantization = method
     trim()  # the float weights just dropped, back to the system
     return module
@@ -305,7 +320,7 @@ def resolve_quantize(method: str | None) -> str | None:
     if method is None or method == "none":
         return None
     if method not in QUANTIZE_CHOICES:
-        raise LmlabError(f"unknown quantization {method!r}; lmlab implements weight-only 'int8' (or 'none')")
+        raise LmlabError(f"unknown quantization {method!r}; lmlab implements weight-only 'int8', 'int4' (or 'none')")
     return method
 
 

@@ -317,7 +317,7 @@ def test_load_quantize_int8_and_generate(tmp_path):
     assert (a - b).pow(2).mean().sqrt() / a.std() < 0.03
 
 
-@pytest.mark.parametrize("bad", ["int4", "INT8", "fp8", ""])
+@pytest.mark.parametrize("bad", ["int2", "INT8", "fp8", ""])
 def test_bad_quantize_value_is_a_clear_error(tmp_path, bad):
     ckpt = tiny_checkpoint(tmp_path / "ckpt", d_model=32)
     with pytest.raises(LmlabError, match="unknown quantization"):
@@ -347,8 +347,8 @@ def test_cli_generate_quantize(tmp_path):
     run = ["generate", str(ckpt), "--prompt", "To be", "--max-new-tokens", "8", "--temperature", "0"]
     ok = run_lmlab(*run, "--quantize", "int8", timeout=120)
     assert ok.stdout == expected + "\n"
-    bad = run_lmlab(*run, "--quantize", "int4", check_rc=2, timeout=120)
-    assert bad.stderr.startswith("lmlab: error: unknown quantization 'int4'")
+    bad = run_lmlab(*run, "--quantize", "int2", check_rc=2, timeout=120)
+    assert bad.stderr.startswith("lmlab: error: unknown quantization 'int2'")
     assert "Traceback" not in bad.stderr
 
 
