@@ -65,11 +65,8 @@ def test_quant_linear_equals_dequantized_formula(in_features, bias, block, monke
     torch.testing.assert_close(ql.dequantize(), w_hat)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_rounding(monkeypatch, rows):
-    """Large weights (an output layer) run on oneDNN's int8 kernel with the input in two int8
-    parts, x̂ = (a/f)(q₁ + q₂/127): per number |x − x̂| ≤ a/(254 f), so each output is within
-    Σ_i |Ŵ_oi| · a/(254 f) of x·Ŵ_o (the formula, in fp64), rows of different sizes included."""
+def onednn_int8_layer(monkeypatch, in_features: int) -> tuple[nn.Linear, QuantLinear]:
+    """A 300-row layer and its QuantLinear, which runs on oneDNN's int8 kernel whatever its size."""
     from lmlab.nn import quantize as Q
     from lmlab.nn import screen
 
@@ -77,8 +74,16 @@ def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_round
         pytest.skip("oneDNN's int8 kernel sums exactly only with VNNI/AMX")
     monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
     torch.manual_seed(0)
-    lin = nn.Linear(40, 300, bias=True)
-    ql = QuantLinear.from_linear(lin)
+    lin = nn.Linear(in_features, 300, bias=True)
+    return lin, QuantLinear.from_linear(lin)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_an_output_sized_weight_on_onednns_int8_kernel_is_within_its_input_rounding(monkeypatch, rows):
+    """Large weights (an output layer) run on oneDNN's int8 kernel with the input in two int8
+    parts, x̂ = (a/f)(q₁ + q₂/127): per number |x − x̂| ≤ a/(254 f), so each output is within
+    Σ_i |Ŵ_oi| · a/(254 f) of x·Ŵ_o (the formula, in fp64), rows of different sizes included."""
+    lin, ql = onednn_int8_layer(monkeypatch, 40)
     x = torch.randn(rows, 40) * torch.logspace(0, 2, rows)[:, None]
     calls = []
     real = QuantLinear._onednn
@@ -105,14 +110,8 @@ def test_onednns_int8_copy_replaces_the_codes_and_gives_them_back(monkeypatch):
     import pickle
 
     from lmlab.nn import quantize as Q
-    from lmlab.nn import screen
 
-    if not screen.int8_screen():
-        pytest.skip("oneDNN's int8 kernel sums exactly only with VNNI/AMX")
-    monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 300, bias=True)
-    ql = QuantLinear.from_linear(lin)
+    lin, ql = onednn_int8_layer(monkeypatch, 64)
     codes = ql.qweight.clone()
 
     def formula(x, layer):
