@@ -326,13 +326,17 @@ def load(
     method = resolve_quantize(quantize)  # a bad value fails before anything is read
     if group_size is not None and method != "int4":
         raise LmlabError(f"group_size (--group-size) is for quantize='int4', not {quantize!r}")
+    if group_size is not None:
+        from lmlab.nn.int4 import Int4Linear
+
+        Int4Linear.check_group_size(group_size)  # before anything is read
     # quantizing with no dtype: a checkpoint whose every number is bf16 is read in bf16, its
     # linear layers quantized from those numbers, and what stays float converted to float32 only
     # then — the fp32 load's very tensors, without ever holding a float32 copy of the whole model
     # (peak memory for a Qwen2-0.5B stored in bf16: 3.3 GB when it did, 1.6 GB now)
     parts = load_any(path, dtype=dtype, device=device, allow_pickle=allow_pickle, exact_bf16_only=method is not None)
     if method is not None:
-        quantize_model(parts.module, method, **({"group_size": group_size} if group_size else {}))
+        quantize_model(parts.module, method, **({"group_size": group_size} if group_size is not None else {}))
         if dtype is None:
             _float_but_embedding(parts.module)
     return Model.from_parts(parts)

@@ -126,14 +126,14 @@ class QuantLinear(nn.Module):
             # of 9728×896: 75 ms); Ŵ = s ⊙ q made for the call in bf16 (2 bytes a weight, freed
             # after it) and a bf16 product take 21 ms
             b = None if self.bias is None else self.bias.to(torch.bfloat16)
-            held = self.__dict__.get("_held")
-            if held is not None and self._buffers["qweight"] is held[1]:
+            q, packed = self._state()
+            if packed is not None:
                 # the codes live in oneDNN's copy, which reads back as qᵀ: Ŵᵀ = qᵀ ⊙ s from it
                 # (no transposing copy), and x Ŵᵀ as a plain product with it
-                w_t = held[0].to_dense().to(torch.bfloat16).mul_(self.scale.to(torch.bfloat16))
+                w_t = packed.to_dense().to(torch.bfloat16).mul_(self.scale.to(torch.bfloat16))
                 y = torch.matmul(x.to(torch.bfloat16), w_t)
                 return (y if b is None else y.add_(b)).to(x.dtype)
-            w = self._buffers["qweight"].to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
+            w = q.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
         packed = None
         if x.device.type == "cpu" and x.numel() > 0 and numel >= ONEDNN_MIN_WEIGHT:
@@ -143,8 +143,13 @@ class QuantLinear(nn.Module):
             # (no dense copy of the codes made per call)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).float()
-            parts = [self._onednn(x2[i : i + MAX_ONEDNN_ROWS], packed) for i in range(0, rows, MAX_ONEDNN_ROWS)]
-            y = None if any(part is None for part in parts) else torch.cat(parts)
+            y = x2.new_empty(rows, self.out_features) if rows > MAX_ONEDNN_ROWS else None
+            for i in range(0, rows, MAX_ONEDNN_ROWS):
+                part = self._onednn(x2[i : i + MAX_ONEDNN_ROWS], packed)
+                if part is None or y is None:
+                    y = part
+                    break
+                y[i : i + MAX_ONEDNN_ROWS] = part
             if y is not None:
                 if self.bias is not None:
                     y = y + self.bias.float()
@@ -176,22 +181,27 @@ class QuantLinear(nn.Module):
             self.unpack()
         return super().__getattr__(name)
 
+    def _state(self) -> tuple[Tensor | None, Tensor | None]:
+        """(``qweight``'s tensor, oneDNN's copy if it replaced the codes), read together: a swap
+        by another thread between the two reads would pair the stand-in with no copy."""
+        with _lock:
+            held, q = self.__dict__.get("_held"), self._buffers.get("qweight")
+            return (q, held[0]) if held is not None and q is held[1] else (q, None)
+
     def _codes(self) -> Tensor:
-        """The codes, read back from oneDNN's copy if it replaced them (``to_dense`` gives qᵀ
-        exactly: a reorder, no arithmetic), without undoing the replacement."""
-        held, q = self.__dict__.get("_held"), self._buffers["qweight"]
-        return held[0].to_dense().t().contiguous() if held is not None and q is held[1] else q
+        """The codes, read back from oneDNN's copy if it replaced them, without undoing that."""
+        q, packed = self._state()
+        return q if packed is None else _dense_codes(packed)
 
     def _replaced(self) -> bool:
-        held = self.__dict__.get("_held")
-        return held is not None and self._buffers.get("qweight") is held[1]
+        return self._state()[1] is not None
 
     def unpack(self) -> None:
         """Put the codes back in ``qweight`` and drop oneDNN's copy (made again when needed)."""
         with _lock:
-            held = self.__dict__.get("_held")
-            if held is not None and self._buffers["qweight"] is held[1]:
-                self._buffers["qweight"] = held[0].to_dense().t().contiguous()
+            q, packed = self._state()
+            if packed is not None:
+                self._buffers["qweight"] = _dense_codes(packed)
             self._held = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
@@ -217,9 +227,9 @@ class QuantLinear(nn.Module):
         anew; None where the kernel cannot serve."""
         if not int8.exact_sums():
             return None
-        held, q = self.__dict__.get("_held"), self._buffers["qweight"]
-        if held is not None and q is held[1]:
-            return held[0]
+        q, packed = self._state()
+        if packed is not None:
+            return packed
         key = copy_key(q)
         if key is None or key == self._failed:  # an inference tensor, or codes that failed before
             return None
@@ -234,7 +244,10 @@ class QuantLinear(nn.Module):
         except RuntimeError:  # a oneDNN build without the op: PyTorch's int8-weight kernel
             ok = False
         if not ok:
-            self._failed = key
+            with _lock:
+                self._failed = key
+                if self._buffers["qweight"] is q:
+                    self._held = None  # a copy of codes assigned before these: not kept
             return None
         with _lock:
             if self._buffers["qweight"] is q:  # (not assigned anew meanwhile)
@@ -271,6 +284,13 @@ class QuantLinear(nn.Module):
             torch.float32, "none", [], "",
         )  # fmt: skip
         return y[:n].add_(y[n:], alpha=1 / 127).div_(f)
+
+
+def _dense_codes(packed: Tensor) -> Tensor:
+    """q from oneDNN's packed copy (``to_dense`` gives qᵀ exactly: a reorder, no arithmetic),
+    as a plain tensor even inside inference mode (its writes counted: see ``copy_key``)."""
+    with torch.inference_mode(False):
+        return packed.to_dense().t().contiguous()
 
 
 def quantize_model(module: nn.Module, method: str = "int8", group_size: int = GROUP_SIZE) -> nn.Module:

@@ -100,6 +100,9 @@ def test_load_quantize_int4_generates_and_the_cli_agrees(tmp_path):
     assert ok.stdout == expected + "\n"
     bad = run_lmlab(*run, "--quantize", "int8", "--group-size", "32", check_rc=2, timeout=120)
     assert "group_size (--group-size) is for quantize='int4'" in bad.stderr and "Traceback" not in bad.stderr
+    for bad_size in (0, 48):  # refused before the checkpoint is read
+        with pytest.raises(LmlabError, match="int4 groups are 32, 64, 128, 256"):
+            lmlab.load(ckpt, quantize="int4", group_size=bad_size)
     with pytest.raises(LmlabError, match="already quantized"):
         lmlab.nn.quantize.quantize_model(q4.module, "int8")
 

@@ -151,6 +151,11 @@ def test_onednns_int8_copy_replaces_the_codes_and_gives_them_back(monkeypatch):
     with torch.inference_mode():
         ql(x)
     assert ql._buffers["qweight"].untyped_storage().nbytes() <= 1
+    with torch.inference_mode():  # codes put back inside inference mode: a plain tensor, packed again later
+        assert torch.equal(ql.qweight, codes)
+        ql(x)
+    assert ql._buffers["qweight"].untyped_storage().nbytes() <= 1
+    ql.load_state_dict({**ql.state_dict(), "qweight": codes})
     ql.qweight[:10] = 0  # written through the attribute (it puts the codes back first): the layer's codes
     with torch.inference_mode():
         got = ql(x).double()
