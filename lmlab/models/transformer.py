@@ -185,7 +185,7 @@ class Transformer(LanguageModel):
                 f"of a model with {cfg.pos} positions; crop the input to the last {cfg.max_seq_len} tokens"
             )
 
-        x = self.tok_emb(ids).to(self.norm_f.weight.dtype)  # (B, T) -> (B, T, C); a bf16 table upcast
+        x = self.tok_emb(ids).to(self.dtype)  # (B, T) -> (B, T, C); a bf16 table upcast
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if self.pos_emb is not None:

@@ -53,6 +53,17 @@ def kernel_works() -> bool:
     return _KERNEL_OK
 
 
+def finite_float(w: Tensor, name: str, method: str) -> Tensor:
+    """A block of W's rows in fp32, or the one-line error a non-finite weight deserves."""
+    w = w.float()
+    if not torch.isfinite(w).all():
+        raise LmlabError(
+            f"layer {name or 'linear'} has NaN or infinite weights; {method} quantization needs finite "
+            "weights (check the checkpoint, or load it without --quantize)"
+        )
+    return w
+
+
 def quantize_groups(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(q, s, z) for w (rows, in) in fp32: codes (rows, in) int32 in [0, 15], and per group
     scales and zero points (rows, in / group_size), rounded to bf16 (kept as fp32 numbers)."""
@@ -98,12 +109,7 @@ class Int4Linear(nn.Module):
         scales = torch.zeros(padded, in_f // group_size)
         zeros = torch.zeros(padded, in_f // group_size)
         for i in range(0, padded, BLOCK_ROWS):
-            w = weight[i : min(i + BLOCK_ROWS, out_f)].float()
-            if not torch.isfinite(w).all():
-                raise LmlabError(
-                    f"layer {name or 'linear'} has NaN or infinite weights; int4 quantization needs finite "
-                    "weights (check the checkpoint, or load it without --quantize)"
-                )
+            w = finite_float(weight[i : min(i + BLOCK_ROWS, out_f)], name, "int4")
             if w.shape[0] < min(BLOCK_ROWS, padded - i):  # the padding rows: zeros, sliced off the output
                 w = torch.cat([w, w.new_zeros(min(BLOCK_ROWS, padded - i) - w.shape[0], in_f)])
             q, s, z = quantize_groups(w, group_size)

@@ -34,7 +34,7 @@ from lmlab.errors import LmlabError
 from lmlab.messages import warn
 from lmlab.nn import int8
 from lmlab.nn.fastpath import copy_key, freed, trim
-from lmlab.nn.int4 import GROUP_SIZE, Int4Linear
+from lmlab.nn.int4 import GROUP_SIZE, Int4Linear, finite_float
 from lmlab.nn.int8 import quantize_rows
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
@@ -90,12 +90,7 @@ class QuantLinear(nn.Module):
         scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
         block = max(1, min(QUANTIZE_ROWS, QUANTIZE_BYTES // (4 * max(1, weight.shape[1]))))
         for i in range(0, weight.shape[0], block):
-            w = weight[i : i + block].float()
-            if not torch.isfinite(w).all():
-                raise LmlabError(
-                    f"layer {name or 'linear'} has NaN or infinite weights; int8 quantization needs finite "
-                    "weights (check the checkpoint, or load it without --quantize)"
-                )
+            w = finite_float(weight[i : i + block], name, "int8")
             q[i : i + block], scale[i : i + block] = quantize_rows(w)  # row by row: the same codes
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scale, bias)
