@@ -9,14 +9,17 @@ own scale, symmetric around zero:
     W_oi ≈ s_o · q_oi                                 error ≤ s_o / 2 per weight
 
 and y = x Wᵀ + b ≈ (x qᵀ) ⊙ s + b: the scale is applied to the output, once per channel.
-Activations stay in floating point (weight-only: no calibration data needed). On the CPU
-the product runs on PyTorch's int8-weight kernel (``torch._weight_int8pack_mm``, which
-takes bfloat16 activations); an output-layer-sized weight runs on oneDNN's int8 kernel where
-the CPU sums int8 exactly (VNNI/AMX), the input split into two int8 parts (~14 bits: finer
-than bf16), which streams a large int8 matrix from memory where PyTorch's kernel does not
-(cache-cold, 58,101 × 512: 1.6 vs 2.8 ms); its packed copy then replaces the codes (they read
-back from it exactly). Elsewhere, or without those kernels, the weight is
-dequantized on the fly and multiplied with ``F.linear`` — the formula above, spelled out.
+Activations stay in floating point (weight-only: no calibration data needed). On a CPU with
+AVX-512 the products of decoding (fewer rows than a prefill's) run on lmlab's own kernel
+(:mod:`lmlab.nn.native`: the codes widened to fp32 in registers, fp32 sums, 8 rows of x per
+pass over q), built with g++ on first use. Without it, they run on PyTorch's int8-weight
+kernel (``torch._weight_int8pack_mm``, which takes bfloat16 activations), and an
+output-layer-sized weight on oneDNN's int8 kernel where the CPU sums int8 exactly
+(VNNI/AMX), the input split into two int8 parts (~14 bits: finer than bf16), which streams
+a large int8 matrix from memory where PyTorch's kernel does not (cache-cold, 58,101 × 512:
+1.6 vs 2.8 ms); its packed copy then replaces the codes (they read back from it exactly).
+Elsewhere, or without those kernels, the weight is dequantized on the fly and multiplied
+with ``F.linear`` — the formula above, spelled out.
 
     model = lmlab.load("gpt2", quantize="int8")        # or: lmlab generate gpt2 --quantize int8
 """
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 
 from lmlab.errors import LmlabError
 from lmlab.messages import warn
-from lmlab.nn import int8
+from lmlab.nn import int8, native
 from lmlab.nn.fastpath import copy_key, freed, trim
 from lmlab.nn.int4 import GROUP_SIZE, Int4Linear, finite_float
 from lmlab.nn.int8 import quantize_rows
@@ -130,6 +133,10 @@ class QuantLinear(nn.Module):
                 return (y if b is None else y.add_(b)).to(x.dtype)
             w = q.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
+        if fast_cpu and rows > 0:  # (a prefill's many rows dequantized above)
+            y = self._native(x)
+            if y is not None:
+                return y
         packed = None
         if x.device.type == "cpu" and x.numel() > 0 and numel >= ONEDNN_MIN_WEIGHT:
             packed = self._onednn_copy()
@@ -160,6 +167,17 @@ class QuantLinear(nn.Module):
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         # the formula: y = x Ŵᵀ + b with Ŵ = s ⊙ q, dequantized for this call
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _native(self, x: Tensor) -> Tensor | None:
+        """Fewer rows than a prefill's on lmlab's own kernel (:mod:`lmlab.nn.native`: the codes
+        widened to fp32 in registers, the input kept in fp32, no copy of the codes); None where
+        it cannot serve (then oneDNN's or PyTorch's int8 kernel, as the rest of ``forward``)."""
+        q, packed = self._state()
+        if packed is not None or q is None:
+            return None
+        shape = x.shape
+        y = native.int8_linear(x.reshape(-1, shape[-1]), q, self.scale, self.bias)
+        return None if y is None else y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"

@@ -65,6 +65,14 @@ def test_quant_linear_equals_dequantized_formula(in_features, bias, block, monke
     torch.testing.assert_close(ql.dequantize(), w_hat)
 
 
+def torch_int8_kernels(monkeypatch) -> None:
+    """Without lmlab's own kernel (tests/nn/test_native.py): PyTorch's and oneDNN's, as on a
+    machine without a C++ compiler or AVX-512."""
+    from lmlab.nn import native
+
+    monkeypatch.setattr(native, "int8_linear", lambda *args: None)
+
+
 def onednn_int8_layer(monkeypatch, in_features: int) -> tuple[nn.Linear, QuantLinear]:
     """A 300-row layer and its QuantLinear, which runs on oneDNN's int8 kernel whatever its size."""
     from lmlab.nn import quantize as Q
@@ -72,6 +80,7 @@ def onednn_int8_layer(monkeypatch, in_features: int) -> tuple[nn.Linear, QuantLi
 
     if not screen.int8_screen():
         pytest.skip("oneDNN's int8 kernel sums exactly only with VNNI/AMX")
+    torch_int8_kernels(monkeypatch)
     monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
     torch.manual_seed(0)
     lin = nn.Linear(in_features, 300, bias=True)
@@ -169,6 +178,7 @@ def test_a_non_finite_row_stays_its_own_and_inference_tensors_work(monkeypatch):
     int8 weight is an inference tensor (no version counter) still multiplies."""
     from lmlab.nn import quantize as Q
 
+    torch_int8_kernels(monkeypatch)
     monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)
     torch.manual_seed(0)
     lin = nn.Linear(64, 300)
@@ -220,7 +230,8 @@ def test_width_not_a_multiple_of_16_dequantizes_and_stays_within_the_quantizatio
 
 
 @pytest.mark.skipif(not _int8_kernel_works(), reason="no int8 CPU kernel in this build")
-def test_fast_and_formula_paths_agree():
+def test_fast_and_formula_paths_agree(monkeypatch):
+    torch_int8_kernels(monkeypatch)
     torch.manual_seed(1)
     ql = QuantLinear.from_linear(nn.Linear(96, 50))
     x = torch.randn(7, 96)
@@ -252,6 +263,7 @@ def test_many_rows_dequantize_to_bf16_within_the_rounding_of_the_kernel_path(mon
     want = F.linear(x, w_hat, lin.bias.detach())
     assert got.shape == want.shape and got.dtype == x.dtype
     torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+    torch_int8_kernels(monkeypatch)
     monkeypatch.setattr(Q, "DEQUANTIZE_MAX", 96 * 50 - 1)  # a weight too big for a bf16 copy: the kernel
     with pytest.raises(AssertionError, match="int8 kernel called"), torch.inference_mode():
         ql(x)

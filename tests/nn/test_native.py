@@ -1,0 +1,130 @@
+"""lmlab's own int8 kernel (lmlab/nn/kernels/int8_linear.cpp), against the formula in fp64."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from lmlab.nn import native
+from lmlab.nn.quantize import QuantLinear
+
+#: where the kernel can be built it must be: a machine with the compiler and the CPU for it
+#: that silently fell back would test nothing here
+BUILDABLE = native._cpu_ok() and shutil.which("g++") is not None
+needs_kernel = pytest.mark.skipif(not BUILDABLE, reason="no g++ or no AVX-512 on this machine")
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """y = x (s ⊙ q)ᵀ + b written out in fp64."""
+    y = x.double() @ (q.double() * s.double()[:, None]).T
+    return y if b is None else y + b.double()
+
+
+@needs_kernel
+def test_the_kernel_builds_where_it_can():
+    assert native.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("out_features", [1, 4, 37, 300])  # four at a time, and the rest
+@pytest.mark.parametrize("in_features", [16, 48, 896])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_the_formula(rows, out_features, in_features, bias):
+    """Every shape the kernel's loops split differently (four output rows at a time for one
+    input row, eight input rows a pass, the tails), within fp32 summation error of fp64."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    q = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    s = torch.rand(out_features, generator=g) * 0.02 + 1e-3
+    b = torch.randn(out_features, generator=g) if bias else None
+    x = torch.randn(rows, in_features, generator=g)
+    got = native.int8_linear(x, q, s, b)
+    want = reference(x, q, s, b)
+    assert got is not None and got.shape == (rows, out_features) and got.dtype == torch.float32
+    # fp32 sums of in_features terms: |error| ≤ ~in_features · ulp · Σ|x q s|
+    bound = 1e-6 * in_features * (x.double().abs() @ (q.double().abs() * s.double()[:, None]).T) + 1e-6
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+@needs_kernel
+def test_a_bf16_input_and_a_non_finite_row():
+    """bf16 rows are read as fp32 (exactly); an infinity spoils its own row only."""
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
+    s = torch.rand(40) * 0.01
+    x = torch.randn(3, 64).bfloat16()
+    x[1, 3] = float("inf")
+    got = native.int8_linear(x, q, s, None)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all() and not torch.isfinite(got[1]).all()
+    want = reference(x[[0, 2]].float(), q, s, None)
+    assert torch.allclose(got[[0, 2]].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_same_numbers_on_one_thread_and_on_two():
+    """Each output is one thread's sum, in one order: the thread count changes nothing."""
+    torch.manual_seed(1)
+    q = torch.randint(-127, 128, (4096, 64), dtype=torch.int8)  # big enough to run in parallel
+    s, x = torch.rand(4096), torch.randn(5, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_linear(x, q, s, None)
+        torch.set_num_threads(2)
+        two = native.int8_linear(x, q, s, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_shapes_the_kernel_does_not_take_get_none():
+    """A width that is not a multiple of 16, codes that are not int8 or not contiguous: None
+    (the caller's other paths), never a wrong sum."""
+    q = torch.zeros(8, 40, dtype=torch.int8)
+    assert native.int8_linear(torch.randn(1, 40), q, torch.ones(8), None) is None
+    assert native.int8_linear(torch.randn(1, 16), torch.zeros(8, 16), torch.ones(8), None) is None
+    assert native.int8_linear(torch.randn(1, 16), torch.zeros(16, 8, dtype=torch.int8).T, torch.ones(8), None) is None
+
+
+@needs_kernel
+def test_an_int8_layer_decodes_on_it_and_keeps_its_codes_plain(monkeypatch):
+    """A QuantLinear's products of fewer rows than a prefill go to the kernel, whatever the
+    weight's size; no oneDNN copy is made beside (or in place of) the codes."""
+    from lmlab.nn import quantize as Q
+
+    monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)  # (oneDNN would take any size)
+    calls = []
+    real = native.int8_linear
+    monkeypatch.setattr(native, "int8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 300)
+    ql = QuantLinear.from_linear(lin)
+    for rows in (1, 32):
+        x = torch.randn(rows, 64)
+        with torch.inference_mode():
+            got = ql(x)
+        want = reference(x, ql.qweight, ql.scale, ql.bias)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert calls == [1, 32]
+    assert ql.__dict__.get("_held") is None and ql._buffers["qweight"].untyped_storage().nbytes() == 300 * 64
+
+
+def test_no_compiler_means_no_kernel_and_no_error(monkeypatch, tmp_path):
+    """A compiler that fails (or LMLAB_NATIVE=0): available() is False, int8 layers take
+    PyTorch's kernels, and nothing is raised."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # exits 1
+    assert not native.available()
+    assert native.int8_linear(torch.randn(1, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4), None) is None
+    ql = QuantLinear.from_linear(nn.Linear(16, 4))
+    with torch.inference_mode():
+        assert ql(torch.randn(1, 16)).shape == (1, 4)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("LMLAB_NATIVE", "0")
+    assert not native.available()
