@@ -11,8 +11,9 @@ and widens them to fp32 in registers,
 at 19–27 GB/s cache-cold on the 2-core Xeon where ``torch.sum`` reads 24 GB/s.
 
 It is built with the system's C++ compiler (``g++``, or ``$CXX``) into ``$LMLAB_CACHE/kernels``
-(default ``~/.cache/lmlab``) the first time an int8 model decodes, keyed by a hash of the
-source and flags (under a second, once). Without a compiler, without AVX-512 (or off x86),
+(default ``~/.cache/lmlab``; a folder under the temporary directory if that cannot be written)
+the first time an int8 model decodes, keyed by a hash of the source, compiler and flags
+(under a second, once). Without a compiler, without AVX-512 (or off x86),
 or with ``LMLAB_NATIVE=0``, :func:`int8_linear` returns None and int8 layers use PyTorch's
 kernels, as before.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,36 +55,61 @@ def _cpu_ok() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "fma"} <= _cpu_flags()
 
 
-def _cache() -> Path:
-    return Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab")) / "kernels"
+def _folders() -> list[Path]:
+    """Where the compiled kernel may live: $LMLAB_CACHE/kernels (~/.cache/lmlab), else a
+    folder of this user's under the temporary directory (a read-only or absent home)."""
+    found = []
+    try:
+        found.append(Path(os.environ.get("LMLAB_CACHE") or Path.home() / ".cache" / "lmlab") / "kernels")
+    except RuntimeError:  # no home directory (an arbitrary uid in a container)
+        pass
+    found.append(Path(tempfile.gettempdir()) / f"lmlab-kernels-{os.getuid()}")
+    return found
+
+
+def _compile(cxx: list[str], lib: Path) -> None:
+    """Compile into ``lib`` through a file of our own and an atomic rename: processes building
+    at once each write their own file, and one wins."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=lib.parent)
+    os.close(fd)
+    try:
+        subprocess.run([*cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+        os.chmod(tmp, 0o755)  # (mkstemp's 0600: another user sharing the cache could not load it)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _build() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per source and compiler (an atomic rename: processes
-    building at once each write their own file and one wins)."""
-    cxx = os.environ.get("CXX") or shutil.which("g++")
+    """The compiled kernel, built once per source, compiler and flags; None without a compiler
+    that works. A cached library that will not load (corrupt, or built on another system) is
+    built again."""
+    cxx = shlex.split(os.environ.get("CXX") or shutil.which("g++") or "")
     if not cxx or not SOURCE.exists():
         return None
-    flags = FLAGS
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *flags]).encode()).hexdigest()[:16]
-    lib = _cache() / f"int8_linear-{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-        os.close(fd)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*cxx, *FLAGS]).encode()).hexdigest()[:16]
+    for folder in _folders():
+        lib = folder / f"int8_linear-{key}.so"
         try:
-            subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    # torch (imported above) has loaded its own libgomp.so.1: the kernel's OpenMP calls bind
-    # to that one, so its threads are PyTorch's (torch.set_num_threads applies)
-    handle = ctypes.CDLL(str(lib))
-    fn = handle.lmlab_int8_linear
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
-    fn.restype = ctypes.c_int
-    return handle
+            if not lib.exists():
+                _compile(cxx, lib)
+            try:
+                handle = ctypes.CDLL(str(lib))
+            except OSError:
+                _compile(cxx, lib)
+                handle = ctypes.CDLL(str(lib))
+        except OSError:  # an unwritable folder: the next one
+            continue
+        # torch (imported above) has loaded its own libgomp.so.1: the kernel's OpenMP calls
+        # bind to that one, so its threads are PyTorch's
+        fn = handle.lmlab_int8_linear
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+        fn.restype = ctypes.c_int
+        return handle
+    return None
 
 
 def available() -> bool:
@@ -94,24 +121,32 @@ def available() -> bool:
                 ok = os.environ.get("LMLAB_NATIVE", "1") != "0" and sys.platform == "linux" and _cpu_ok()
                 try:
                     _lib = _build() if ok else None
-                except (OSError, subprocess.SubprocessError, AttributeError):
-                    _lib = None  # no compiler that works, or a library that will not load
+                except Exception:  # noqa: BLE001 - a compiler that fails or hangs, anything: no kernel
+                    _lib = None
                 _tried = True
     return _lib is not None
 
 
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor | None:
-    """(x qᵀ) ⊙ s + b in fp32 for x (M, K), q (N, K) int8, s (N,) fp32;
-    None where the kernel cannot serve (not built, shapes, dtypes, a non-CPU tensor)."""
-    M, K = x.shape
-    N = q.shape[0]
+    """(x qᵀ) ⊙ s + b in fp32 for x (M, K), q (N, K) int8, s (N,) and b (N,) or None;
+    None where the kernel cannot serve (not built, shapes that do not fit together or that
+    it does not take, dtypes, a tensor not on the CPU). It reads raw memory: every size is
+    checked here, not trusted."""
+    if x.dim() != 2 or q.dim() != 2:
+        return None
+    (M, K), N = x.shape, q.shape[0]
+    tensors = (x, q, scale) if bias is None else (x, q, scale, bias)
     if (
-        not available()
-        or M < 1
+        M < 1
+        or N < 1
         or K % 16
+        or q.shape[1] != K
+        or scale.numel() != N
+        or (bias is not None and bias.numel() != N)
         or q.dtype != torch.int8
-        or q.device.type != "cpu"
         or not q.is_contiguous()
+        or any(t.device.type != "cpu" for t in tensors)
+        or not available()
     ):
         return None
     x = x.float().contiguous()
@@ -120,7 +155,7 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Ten
     y = torch.empty(M, N, dtype=torch.float32)
     assert _lib is not None
     rc = _lib.lmlab_int8_linear(x.data_ptr(), q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(),
-                                y.data_ptr(), M, N, K)  # fmt: skip
+                                y.data_ptr(), M, N, K, torch.get_num_threads())  # fmt: skip
     return y if rc == 0 else None
 
 

@@ -10,9 +10,9 @@ own scale, symmetric around zero:
 
 and y = x Wᵀ + b ≈ (x qᵀ) ⊙ s + b: the scale is applied to the output, once per channel.
 Activations stay in floating point (weight-only: no calibration data needed). On a CPU with
-AVX-512 the products of decoding (fewer rows than a prefill's) run on lmlab's own kernel
+AVX-512 the products of decoding (up to NATIVE_MAX_ROWS rows) run on lmlab's own kernel
 (:mod:`lmlab.nn.native`: the codes widened to fp32 in registers, fp32 sums, 8 rows of x per
-pass over q), built with g++ on first use. Without it, they run on PyTorch's int8-weight
+pass over q), built with g++ on first use; more rows dequantize (below). Without it, they run on PyTorch's int8-weight
 kernel (``torch._weight_int8pack_mm``, which takes bfloat16 activations), and an
 output-layer-sized weight on oneDNN's int8 kernel where the CPU sums int8 exactly
 (VNNI/AMX), the input split into two int8 parts (~14 bits: finer than bf16), which streams
@@ -53,6 +53,12 @@ ONEDNN_MIN_WEIGHT = 2**22
 #: ... but not a weight of more than 32M numbers (an output layer of 150k × 896), whose bf16
 #: copy would be a spike of 2 bytes a weight: those stay on the int8 kernel
 DEQUANTIZE_MAX = 2**25
+#: rows up to which products run on lmlab's own kernel (lmlab.nn.native), where it is built:
+#: it reads the codes once per 8 rows, so from ~32 rows dequantizing to bf16 is faster
+#: (4,864 × 896: 1.57 vs 1.76 ms at 32 rows, 3.04 vs 1.84 at 64); above, those products
+#: dequantize (no oneDNN copy is made). An output-layer-sized weight (> DEQUANTIZE_MAX),
+#: which is not dequantized, takes the kernel up to 8 rows and oneDNN's above.
+NATIVE_MAX_ROWS, NATIVE_MAX_ROWS_BIG = 32, 8
 
 
 #: guards the swap of a layer's codes and its oneDNN copy (one pair, never one without the other)
@@ -116,9 +122,18 @@ class QuantLinear(nn.Module):
             yield (q[i : i + rows].float() * self.scale[i : i + rows, None]).double()
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            # a gradient through the layer (to x; the codes have none): the formula, whose
+            # backward autograd knows (the kernels below have none)
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         fast_cpu = self.fast and x.device.type == "cpu"
         rows, numel = x.numel() // max(1, self.in_features), self.out_features * self.in_features
-        dequantize = fast_cpu and rows >= DEQUANTIZE_ROWS and numel <= DEQUANTIZE_MAX
+        own = fast_cpu and self._native_serves(x)
+        if own and rows <= (NATIVE_MAX_ROWS if numel <= DEQUANTIZE_MAX else NATIVE_MAX_ROWS_BIG):
+            y = self._native(x)
+            if y is not None:
+                return y
+        dequantize = fast_cpu and rows >= (NATIVE_MAX_ROWS + 1 if own else DEQUANTIZE_ROWS) and numel <= DEQUANTIZE_MAX
         if dequantize:
             # a prefill's many rows: the int8 kernel is a matrix-vector kernel at heart (512 rows
             # of 9728×896: 75 ms); Ŵ = s ⊙ q made for the call in bf16 (2 bytes a weight, freed
@@ -133,10 +148,6 @@ class QuantLinear(nn.Module):
                 return (y if b is None else y.add_(b)).to(x.dtype)
             w = q.to(torch.bfloat16) * self.scale.to(torch.bfloat16)[:, None]
             return F.linear(x.to(torch.bfloat16), w, b).to(x.dtype)
-        if fast_cpu and rows > 0:  # (a prefill's many rows dequantized above)
-            y = self._native(x)
-            if y is not None:
-                return y
         packed = None
         if x.device.type == "cpu" and x.numel() > 0 and numel >= ONEDNN_MIN_WEIGHT:
             packed = self._onednn_copy()
@@ -168,10 +179,15 @@ class QuantLinear(nn.Module):
         # the formula: y = x Ŵᵀ + b with Ŵ = s ⊙ q, dequantized for this call
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def _native_serves(self, x: Tensor) -> bool:
+        """lmlab's own kernel is built and x is as wide as the layer (else the usual shape
+        error, from the paths below)."""
+        return x.numel() > 0 and x.shape[-1] == self.in_features and native.available()
+
     def _native(self, x: Tensor) -> Tensor | None:
-        """Fewer rows than a prefill's on lmlab's own kernel (:mod:`lmlab.nn.native`: the codes
-        widened to fp32 in registers, the input kept in fp32, no copy of the codes); None where
-        it cannot serve (then oneDNN's or PyTorch's int8 kernel, as the rest of ``forward``)."""
+        """Decoding's few rows on lmlab's own kernel (:mod:`lmlab.nn.native`: the codes widened
+        to fp32 in registers, the input kept in fp32, no copy of the codes); None where it
+        cannot serve (then oneDNN's or PyTorch's int8 kernel, as the rest of ``forward``)."""
         q, packed = self._state()
         if packed is not None or q is None:
             return None

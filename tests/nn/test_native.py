@@ -128,3 +128,81 @@ def test_no_compiler_means_no_kernel_and_no_error(monkeypatch, tmp_path):
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("LMLAB_NATIVE", "0")
     assert not native.available()
+
+
+def test_sizes_that_do_not_fit_together_get_none_not_a_read_past_the_end():
+    """The kernel reads raw memory: every size is checked before (a review found a wrong-width
+    input read past the codes: garbage, or a segfault)."""
+    q, s = torch.zeros(8, 16, dtype=torch.int8), torch.ones(8)
+    x = torch.randn(1, 16)
+    assert native.int8_linear(torch.randn(1, 32), q, s, None) is None  # x wider than q
+    assert native.int8_linear(x, torch.zeros(1 << 12, 16, dtype=torch.int8), s, None) is None  # too few scales
+    assert native.int8_linear(x, q, s, torch.ones(3)) is None  # a bias of the wrong length
+    assert native.int8_linear(x[0], q, s, None) is None  # not a matrix
+    assert native.int8_linear(torch.empty(1, 16, device="meta"), q, s, None) is None
+    assert native.int8_linear(torch.empty(0, 16), q, s, None) is None
+
+
+def test_a_wrong_width_input_is_the_usual_error_and_a_gradient_flows():
+    """Through a QuantLinear: an input of the wrong width raises (as nn.Linear does), and an
+    input that needs a gradient gets the formula's, not a result detached from it."""
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 48)
+    ql = QuantLinear.from_linear(lin)
+    with pytest.raises(RuntimeError):
+        ql(torch.randn(1, 128))
+    x = torch.randn(4, 64, requires_grad=True)
+    ql(x).pow(2).sum().backward()
+    w = ql.dequantize().double()
+    xd = x.detach().double().requires_grad_()
+    torch.nn.functional.linear(xd, w, ql.bias.double()).pow(2).sum().backward()
+    assert torch.allclose(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_rows_past_the_kernels_take_the_dequantized_product_and_no_copy_is_made(monkeypatch):
+    """Up to NATIVE_MAX_ROWS rows: the kernel; more: Ŵ in bf16 for the call (faster there:
+    the kernel reads the codes once per 8 rows), never oneDNN's copy, which would take the
+    codes from the kernel. An output-layer-sized weight: the kernel up to 8 rows only."""
+    from lmlab.nn import quantize as Q
+
+    calls = []
+    real = native.int8_linear
+    monkeypatch.setattr(native, "int8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    torch.manual_seed(5)
+    ql = QuantLinear.from_linear(nn.Linear(64, 300))
+    for rows in (Q.NATIVE_MAX_ROWS, Q.NATIVE_MAX_ROWS + 1, 200):
+        x = torch.randn(rows, 64)
+        with torch.inference_mode():
+            got = ql(x)
+        want = reference(x, ql.qweight, ql.scale, ql.bias)
+        assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()  # bf16's rounding at most
+    assert calls == [Q.NATIVE_MAX_ROWS] and ql.__dict__.get("_held") is None
+    monkeypatch.setattr(Q, "DEQUANTIZE_MAX", 64 * 300 - 1)  # as if an output layer
+    with torch.inference_mode():
+        ql(torch.randn(Q.NATIVE_MAX_ROWS_BIG, 64))
+        ql(torch.randn(Q.NATIVE_MAX_ROWS_BIG + 1, 64))
+    assert calls == [Q.NATIVE_MAX_ROWS, Q.NATIVE_MAX_ROWS_BIG]
+
+
+@needs_kernel
+def test_built_without_a_home_and_with_a_compiler_given_with_flags(monkeypatch, tmp_path):
+    """No home directory (an arbitrary uid in a container) and no LMLAB_CACHE: a folder under
+    the temporary directory; CXX may carry arguments ("ccache g++", "g++ -g0")."""
+    from pathlib import Path
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.delenv("LMLAB_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(native.tempfile, "tempdir", None)  # (gettempdir reads TMPDIR again)
+    monkeypatch.setenv("CXX", "g++ -g0")
+    assert native.available()
+    assert list((tmp_path / f"lmlab-kernels-{__import__('os').getuid()}").glob("int8_linear-*.so"))
+    q = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
+    x, s = torch.randn(2, 32), torch.rand(5)
+    assert torch.allclose(native.int8_linear(x, q, s, None).double(), reference(x, q, s, None), rtol=1e-5, atol=1e-5)

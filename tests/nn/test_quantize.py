@@ -70,6 +70,7 @@ def torch_int8_kernels(monkeypatch) -> None:
     machine without a C++ compiler or AVX-512."""
     from lmlab.nn import native
 
+    monkeypatch.setattr(native, "available", lambda: False)
     monkeypatch.setattr(native, "int8_linear", lambda *args: None)
 
 

@@ -7,7 +7,7 @@
 // The next rows of q are prefetched while these are summed: decoding is a stream of weights
 // from memory, and the hardware prefetcher alone left a third of the bandwidth unused.
 // Built by lmlab.nn.native with g++ -O3 -mavx512f -mavx512bw -fopenmp; the threads are
-// PyTorch's own OpenMP pool (its libgomp is loaded first), so torch.set_num_threads holds.
+// PyTorch's own OpenMP pool (its libgomp is loaded first), as many as torch.get_num_threads().
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -78,9 +78,10 @@ inline void two_rows(const float* x, const int8_t* q, int64_t K, float* out0, fl
 }
 
 template <int M>
-void rows_of(const float* x, const int8_t* q, const float* s, const float* b, float* y, int64_t N, int64_t K) {
+void rows_of(const float* x, const int8_t* q, const float* s, const float* b, float* y, int64_t N, int64_t K,
+             int threads) {
     const int64_t pairs = N / 2;
-#pragma omp parallel for schedule(static) if (N * K >= (1 << 17))
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= (1 << 17))
     for (int64_t i = 0; i < pairs; i++) {
         const int64_t n = 2 * i;
         float o0[M], o1[M];
@@ -101,12 +102,15 @@ void rows_of(const float* x, const int8_t* q, const float* s, const float* b, fl
 
 // 0 on success; 1 if the shapes are not this kernel's (the caller takes another path).
 // More than 8 rows of x: 8 at a time, each group reading q once more.
+// ``threads``: PyTorch's setting (torch.get_num_threads()), which a thread that has not run
+// OpenMP work before would not see.
 extern "C" int lmlab_int8_linear(const float* x, const int8_t* q, const float* s, const float* b, float* y,
-                                 int64_t M, int64_t N, int64_t K) {
-    if (K <= 0 || K % 16 != 0 || M < 1 || N < 1) return 1;
+                                 int64_t M, int64_t N, int64_t K, int64_t threads) {
+    if (K <= 0 || K % 16 != 0 || M < 1 || N < 1 || threads < 1) return 1;
+    const int nt = static_cast<int>(threads);
     if (M == 1) {
         const int64_t blocks = N / 4;
-#pragma omp parallel for schedule(static) if (N * K >= (1 << 17))
+#pragma omp parallel for schedule(static) num_threads(nt) if (N * K >= (1 << 17))
         for (int64_t i = 0; i < blocks; i++) {
             const int64_t n = 4 * i;
             float o[4];
@@ -124,14 +128,14 @@ extern "C" int lmlab_int8_linear(const float* x, const int8_t* q, const float* s
         const float* xm = x + m0 * K;
         float* ym = y + m0 * N;
         switch (M - m0 < 8 ? M - m0 : 8) {
-            case 1: rows_of<1>(xm, q, s, b, ym, N, K); break;
-            case 2: rows_of<2>(xm, q, s, b, ym, N, K); break;
-            case 3: rows_of<3>(xm, q, s, b, ym, N, K); break;
-            case 4: rows_of<4>(xm, q, s, b, ym, N, K); break;
-            case 5: rows_of<5>(xm, q, s, b, ym, N, K); break;
-            case 6: rows_of<6>(xm, q, s, b, ym, N, K); break;
-            case 7: rows_of<7>(xm, q, s, b, ym, N, K); break;
-            default: rows_of<8>(xm, q, s, b, ym, N, K); break;
+            case 1: rows_of<1>(xm, q, s, b, ym, N, K, nt); break;
+            case 2: rows_of<2>(xm, q, s, b, ym, N, K, nt); break;
+            case 3: rows_of<3>(xm, q, s, b, ym, N, K, nt); break;
+            case 4: rows_of<4>(xm, q, s, b, ym, N, K, nt); break;
+            case 5: rows_of<5>(xm, q, s, b, ym, N, K, nt); break;
+            case 6: rows_of<6>(xm, q, s, b, ym, N, K, nt); break;
+            case 7: rows_of<7>(xm, q, s, b, ym, N, K, nt); break;
+            default: rows_of<8>(xm, q, s, b, ym, N, K, nt); break;
         }
     }
     return 0;
