@@ -18,6 +18,7 @@ Run alone on an otherwise idle machine (2-core timings are meaningless under loa
     .venv/bin/python benchmarks/sentiment.py --datasets sst2 --runs lstm+lm,gpt+lm --pretrain-minutes 20
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs lstm,encoder
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --tokenizer bpe --vocab-size 8000
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 28 --max-seq-len 512
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs encoder+mlm --minutes 15 --pretrain-minutes 15
     .venv/bin/python benchmarks/sentiment.py --minutes 0.3 --pretrain-minutes 0.2 --out /tmp/sa-smoke   # smoke
 """
@@ -163,9 +164,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-sentiment")
     ap.add_argument("--tokenizer", default=None, help="override the dataset's tokenizer (char, bpe, or a tokenizer.json path)")
     ap.add_argument("--vocab-size", type=int, default=None, help="override the dataset's vocabulary size")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="override the dataset's token limit (longer texts are cut)")
     a = ap.parse_args()
     for ds in DATASETS.values():
-        ds.update({k: v for k, v in (("tokenizer", a.tokenizer), ("vocab_size", a.vocab_size)) if v is not None})
+        given = (("tokenizer", a.tokenizer), ("vocab_size", a.vocab_size), ("max_seq_len", a.max_seq_len))
+        ds.update({k: v for k, v in given if v is not None})
     out = Path(a.out)
     print(f"load average before: {os.getloadavg()}")
     for dataset in a.datasets.split(","):
