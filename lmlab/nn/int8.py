@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from lmlab.nn.native import cpu_flags
+
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """(q, s) with W_oi ≈ s_o · q_oi, symmetric per row. A row of zeros gets s_o = 1 (q = 0)."""
@@ -47,12 +49,10 @@ def exact_sums() -> bool:
     if _EXACT is None:
         _EXACT = False
         try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                flags = next((line.split() for line in f if line.startswith("flags")), [])
-            _EXACT = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)) and hasattr(
+            _EXACT = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags()) and hasattr(
                 torch.ops.onednn, "qlinear_pointwise"
             )
-        except (OSError, RuntimeError, AttributeError):
+        except (RuntimeError, AttributeError):
             _EXACT = False
     return _EXACT
 

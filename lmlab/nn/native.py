@@ -42,7 +42,8 @@ _tried = False
 _build_lock = threading.Lock()
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             return set(next((line.split() for line in f if line.startswith("flags")), []))
@@ -52,7 +53,7 @@ def _cpu_flags() -> set[str]:
 
 def _cpu_ok() -> bool:
     """An x86 CPU with AVX-512 F and BW (what the kernel's instructions need)."""
-    return {"avx512f", "avx512bw", "avx512vl", "fma"} <= _cpu_flags()
+    return {"avx512f", "avx512bw", "avx512vl", "fma"} <= cpu_flags()
 
 
 def _folders() -> list[Path]:
@@ -159,4 +160,4 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Ten
     return y if rc == 0 else None
 
 
-__all__ = ["available", "int8_linear"]
+__all__ = ["available", "cpu_flags", "int8_linear"]

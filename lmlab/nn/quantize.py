@@ -125,7 +125,7 @@ class QuantLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             # a gradient through the layer (to x; the codes have none): the formula, whose
             # backward autograd knows (the kernels below have none)
-            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return self._formula(x)
         fast_cpu = self.fast and x.device.type == "cpu"
         rows, numel = x.numel() // max(1, self.in_features), self.out_features * self.in_features
         own = fast_cpu and self._native_serves(x)
@@ -176,7 +176,10 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.float()
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        # the formula: y = x Ŵᵀ + b with Ŵ = s ⊙ q, dequantized for this call
+        return self._formula(x)
+
+    def _formula(self, x: Tensor) -> Tensor:
+        """y = x Ŵᵀ + b with Ŵ = s ⊙ q, dequantized for this call."""
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _native_serves(self, x: Tensor) -> bool:
