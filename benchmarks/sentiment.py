@@ -19,6 +19,9 @@ Run alone on an otherwise idle machine (2-core timings are meaningless under loa
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs lstm,encoder
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --tokenizer bpe --vocab-size 8000
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 28 --max-seq-len 512
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 27 --max-seq-len 512 --ema-decay 0.998
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 27 --max-seq-len 512 \
+        --ema-decay 0.998 --bigram-buckets 40000
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs encoder+mlm --minutes 15 --pretrain-minutes 15
     .venv/bin/python benchmarks/sentiment.py --minutes 0.3 --pretrain-minutes 0.2 --out /tmp/sa-smoke   # smoke
 """
@@ -104,7 +107,8 @@ def tokenizer_opts(ds: dict) -> dict:
     return dict(tokenizer=ds["tokenizer"], **({"vocab_size": ds["vocab_size"]} if ds["tokenizer"] == "bpe" else {}))
 
 
-def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out: Path) -> dict:
+def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out: Path, ema_decay: float = 0.0,
+            bigram_buckets: int = 0) -> dict:
     import lmlab
     from lmlab.eval.classification import classification_scores
     from lmlab.labeled import read_labeled
@@ -114,7 +118,8 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
     body = BODIES[body_name]
     folder = out / f"{dataset}-{run.replace('+', '-')}"
     folder.mkdir(parents=True, exist_ok=True)
-    result = {"dataset": dataset, "run": run, "minutes_budget": minutes}
+    result = {"dataset": dataset, "run": run, "minutes_budget": minutes, "ema_decay": ema_decay,
+              "bigram_buckets": bigram_buckets}  # fmt: skip
     common = dict(progress=False, overwrite=True, max_seq_len=ds["max_seq_len"])
     init = None
     if pretrain:
@@ -133,13 +138,15 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
     opts = dict(body) if init is None else {k: v for k, v in body.items() if k in ("lr", "warmup", "batch_size", "bidirectional")}
     if init is None:
         opts.update(tokenizer_opts(ds))
+    if bigram_buckets and opts.get("bidirectional"):  # read by a bidirectional body only
+        opts["bigram_buckets"] = bigram_buckets
     train = str(EVAL / ds["train"])
     valid = str(EVAL / ds["valid"]) if ds["valid"] else None
     if ds["valid"] == "sentences":
         train, valid = map(str, sentence_split(EVAL / ds["train"], folder / "split"))
     t0 = time.perf_counter()
     res = lmlab.train(task="classify", data=train, valid=valid, init=init, out=str(folder / "clf"),
-                      time=f"{minutes}m", eval_every=200, val_fraction=0.03, **opts, **common)  # fmt: skip
+                      time=f"{minutes}m", eval_every=200, val_fraction=0.03, ema_decay=ema_decay, **opts, **common)  # fmt: skip
     result["train"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step, "best_dev": res.best}
     test = read_labeled(EVAL / ds["test"])
     clf = lmlab.pipeline("sentiment-analysis", str(folder / "clf" / "best"), batch_size=64)
@@ -165,6 +172,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="override the dataset's tokenizer (char, bpe, or a tokenizer.json path)")
     ap.add_argument("--vocab-size", type=int, default=None, help="override the dataset's vocabulary size")
     ap.add_argument("--max-seq-len", type=int, default=None, help="override the dataset's token limit (longer texts are cut)")
+    ap.add_argument("--ema-decay", type=float, default=0.0, help="the classifier's weight average (lmlab train --ema-decay)")
+    ap.add_argument("--bigram-buckets", type=int, default=0, help="bilstm: hashed pair embeddings (lmlab train --bigram-buckets)")
     a = ap.parse_args()
     for ds in DATASETS.values():
         given = (("tokenizer", a.tokenizer), ("vocab_size", a.vocab_size), ("max_seq_len", a.max_seq_len))
@@ -173,7 +182,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     for dataset in a.datasets.split(","):
         for run in a.runs.split(","):
-            r = run_one(dataset, run, a.minutes, a.pretrain_minutes, out)
+            r = run_one(dataset, run, a.minutes, a.pretrain_minutes, out, a.ema_decay, a.bigram_buckets)
             pre = r.get("pretrain")
             pre_txt = f"; pretraining {pre['wall_s']} s, {pre['steps']} steps (val loss {pre['val_loss']:.3f})" if pre else ""
             t = r["test"]

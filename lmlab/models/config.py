@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.models.limits import check_field_types
+from lmlab.models.limits import MAX_FIELD, check_field_types
 
 __all__ = [
     "ACTIVATIONS",
@@ -141,6 +141,9 @@ class RNNConfig:
     # read each text both ways, hidden_size units per direction (a BiLSTM): the body of a
     # task head only — it sees the future, so it has no next-token head and cannot generate
     bidirectional: bool = False
+    # > 0: add a hashed embedding of each pair of adjacent tokens (see RNNLanguageModel._embed);
+    # a classifier's bidirectional body only (a generating model would need the previous token)
+    bigram_buckets: int = 0
     model_type: str = field(default="rnn", init=False)
 
     def __post_init__(self) -> None:
@@ -152,10 +155,16 @@ class RNNConfig:
                 raise LmlabError(f"{name} must be positive (got {getattr(self, name)})")
         if not 0.0 <= self.dropout < 1.0:
             raise LmlabError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.bigram_buckets > MAX_FIELD:
+            raise LmlabError(f"bigram_buckets = {self.bigram_buckets} is out of range (0 to {MAX_FIELD:,})")
+        if self.bigram_buckets < 0 or (self.bigram_buckets and not self.bidirectional):
+            raise LmlabError(f"bigram_buckets must be 0, or positive for a bidirectional body (got {self.bigram_buckets}"
+                             f"{'' if self.bidirectional else ', one-way'}): a classifier's --bidirectional body reads them")  # fmt: skip
 
     @property
     def n_params_hint(self) -> str:
         bi = "bidirectional " if self.bidirectional else ""
+        bi += f"bigram-embedding ({self.bigram_buckets} buckets) " if self.bigram_buckets else ""
         return f"{bi}{self.cell.upper()} {self.n_layer}x{self.hidden_size} (embedding {self.d_model})"
 
 

@@ -114,8 +114,10 @@ def estimate_bytes(cfg: Any) -> tuple[int, str]:
     else:
         d, H, V, L = cfg.d_model, cfg.hidden_size, cfg.vocab_size, cfg.n_layer
         gates = {"rnn": 1, "gru": 3, "lstm": 4}.get(cfg.cell, 4)
+        ways = 2 if getattr(cfg, "bidirectional", False) else 1
         terms["vocab_size"] = V * d + V * H
-        terms["n_layer"] = L * gates * (H * (d + H) + 2 * H)
+        terms["n_layer"] = ways * L * gates * (H * (d + ways * H) + 2 * H)  # (upper layers read [h→; h←])
+        terms["bigram_buckets"] = getattr(cfg, "bigram_buckets", 0) * d
     total = 4 * sum(terms.values())
     return total, max(terms, key=terms.get)
 

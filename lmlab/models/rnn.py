@@ -86,6 +86,7 @@ class RNNLanguageModel(LanguageModel):
         super().__init__()
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.bigram_emb = nn.Embedding(cfg.bigram_buckets, cfg.d_model) if cfg.bigram_buckets else None
         # Dropout on the non-recurrent connections only (Zaremba et al. 2014): the
         # embeddings, between layers (inside the fused layer) and before the output.
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -120,6 +121,8 @@ class RNNLanguageModel(LanguageModel):
         than halving it each step. (Smaller embeddings, U(-0.1, 0.1), left a small char
         model stuck at the unigram loss for a hundred steps longer.)"""
         self.tok_emb.reset_parameters()
+        if self.bigram_emb is not None:  # zeros: the model starts as the one without bigrams
+            nn.init.zeros_(self.bigram_emb.weight)
         if self.lm_head is not None:
             if not self.config.tie_embeddings:
                 self.lm_head.reset_parameters()
@@ -206,7 +209,7 @@ class RNNLanguageModel(LanguageModel):
                 "give sequences one at a time (or of equal length) without an attention mask"
             )
         s = self._check_state(state, ids.shape[0])
-        x = self.drop(self.tok_emb(ids))  # (B, T) -> (B, T, d_model)
+        x = self._embed(ids)  # (B, T) -> (B, T, d_model)
         if (self.explicit or self._steps_cells(ids)) and not self.config.bidirectional:
             # (B, T, d_model) -> (B, T, hidden): the equations, or their one-step kernels
             out, s = run_layers(
@@ -243,7 +246,7 @@ class RNNLanguageModel(LanguageModel):
         lengths = attention_mask.long().sum(1).clamp(min=1).to(ids.device)  # (B,)
         t = torch.arange(T, device=ids.device)[None]  # (1, T)
         flip = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # its own inverse
-        x = self.drop(self.tok_emb(ids))
+        x = self._embed(ids)
         w = self.rnn._flat_weights  # per layer, per direction: w_ih, w_hh, b_ih, b_hh
         for k in range(self.config.n_layer):
             if k > 0 and self.training and self.config.dropout > 0:
@@ -252,6 +255,22 @@ class RNNLanguageModel(LanguageModel):
             back = _rows_gather(self._one_way(_rows_gather(x, flip), w[8 * k + 4 : 8 * k + 8]), flip)
             x = torch.cat([fwd, back], dim=-1)
         return self.drop(x * attention_mask[..., None].to(x.dtype))  # (B, T, 2·hidden), zeros at padding
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """(B, T) -> (B, T, d_model): the token embeddings, with ``bigram_buckets`` plus an
+        embedding of each (previous, current) pair hashed into N buckets (fastText's n-gram
+        buckets; the first token pairs with a start mark, id V):
+
+            x_t = E[id_t] + G[bucket(id_{t-1}, id_t)]        (see :func:`bigram_bucket`)
+
+        For Chinese characters the pairs are word-like units (很好, 不错, 失望) that the
+        characters keep beside them, where a tokenizer of words would replace them."""
+        x = self.tok_emb(ids)
+        if self.bigram_emb is not None:
+            V = self.config.vocab_size
+            prev = torch.nn.functional.pad(ids[:, :-1], (1, 0), value=V)  # (B, T): id_{t-1}, V at t = 0
+            x = x + self.bigram_emb(bigram_bucket(prev, ids, V, self.config.bigram_buckets))
+        return self.drop(x)
 
     def _one_way(self, x: Tensor, weights: list[Tensor]) -> Tensor:
         """One recurrent layer, one direction, over (B, T, I): PyTorch's fused kernel, these weights."""
@@ -305,9 +324,26 @@ class RNNLanguageModel(LanguageModel):
             )
 
 
+#: The hash's prime modulus (2³¹ − 1) and multiplier (Knuth's 2654435761 ≈ 2³²/φ).
+_HASH_M, _HASH_A = 2_147_483_647, 2_654_435_761
+
+
+def bigram_bucket(prev: Tensor, ids: Tensor, vocab_size: int, buckets: int) -> Tensor:
+    """The bucket of each pair: the pair's number p = prev·(V + 1) + id, mixed before it is
+    cut to N buckets,
+
+        bucket = ((p mod M) · A mod M) mod N        (M = 2³¹ − 1, a prime; A = 2654435761)
+
+    (p mod N alone would be linear: the previous token would count only through
+    prev·(V + 1) mod N, as few as 5 classes when V + 1 and N share a large factor.) Every
+    product stays below 2⁶³."""
+    p = (prev * (vocab_size + 1) + ids) % _HASH_M
+    return p * _HASH_A % _HASH_M % buckets
+
+
 def _rows_gather(x: Tensor, index: Tensor) -> Tensor:
     """x[b, index[b, t]] for (B, T, C) x and (B, T) index."""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
-__all__ = ["RNNLanguageModel", "RNNState", "RecurrentState"]
+__all__ = ["RNNLanguageModel", "RNNState", "RecurrentState", "bigram_bucket"]

@@ -75,6 +75,10 @@ class ClassifyTrainer(BucketPlan, Trainer):
             if self.cfg.bidirectional and not getattr(module.config.body, "bidirectional", False):
                 raise LmlabError(f"--bidirectional: {self.cfg.init} is a classifier with a one-way body, trained as it "
                                  "is; drop --bidirectional, or start from a language model")  # fmt: skip
+            has = getattr(module.config.body, "bigram_buckets", 0)
+            if self.cfg.bigram_buckets and self.cfg.bigram_buckets != has:
+                raise LmlabError(f"--bigram-buckets {self.cfg.bigram_buckets}: {self.cfg.init} is a classifier with "
+                                 f"{has or 'no'} bigram buckets, trained as it is; drop --bigram-buckets")  # fmt: skip
             return module.train(), module.config
         if cfg == "mlm":  # an encoder pretrained here (--task mlm): its body under a new classifier
             self.cfg.model = "encoder"
@@ -94,7 +98,8 @@ class ClassifyTrainer(BucketPlan, Trainer):
             if body.model_type != "rnn":
                 raise LmlabError(f"--bidirectional is for a recurrent body; {self.cfg.init} is a Transformer "
                                  "(drop --bidirectional: its last token has read the whole text)")  # fmt: skip
-            body = dataclasses.replace(body, bidirectional=True, tie_embeddings=False)
+            body = dataclasses.replace(body, bidirectional=True, tie_embeddings=False,
+                                       bigram_buckets=self.cfg.bigram_buckets)  # fmt: skip
         mcfg = classifier_config(self.cfg, body, self.data.label_set)
         model = build_model(mcfg)
         if self.cfg.bidirectional:

@@ -112,12 +112,8 @@ class TrainConfig:
     out: str | None = option(None, "folder for checkpoints, metrics.jsonl and loss.png", group="data")
     tokenizer: str = option("char", "char, bpe, or a tokenizer.json / Hugging Face folder", group="data")
     vocab_size: int = option(4096, "BPE vocabulary size", group="data")
-    encoding_errors: str = option(
-        "strict",
-        "what to do with bytes that are not UTF-8 (strict stops with an error), replace or ignore",
-        group="data",
-        choices=("strict", "replace", "ignore"),
-    )
+    encoding_errors: str = option("strict", "what to do with bytes that are not UTF-8 (strict stops with an error), "
+                                  "replace or ignore", group="data", choices=("strict", "replace", "ignore"))  # fmt: skip
     # model (the default: lmlab's recipe for small CPU runs, see README)
     model: str = option(
         "gpt",
@@ -132,6 +128,9 @@ class TrainConfig:
         False, "--task classify with rnn/gru/lstm: read each text both ways (a BiLSTM; such a body cannot generate)",
         group="model", flag="switch",
     )
+    bigram_buckets: int = option(0, "--task classify with --bidirectional: add an embedding of each pair of adjacent "
+                                 "tokens, hashed into N buckets (Chinese characters: word-like pairs); 0: off",
+                                 group="model", metavar="N")  # fmt: skip
     cell: str = option("gru", "--model rnn-attention: the recurrent cell", group="model", choices=("gru", "lstm"))
     post_norm: bool = option(
         False, "--task translate: the paper's post-norm Norm(x + f(x)) instead of pre-norm x + f(Norm(x))",
@@ -163,12 +162,8 @@ class TrainConfig:
     hidden_size: int = option(
         512, "recurrent models: units per layer; --d-model is the embedding", group="model"
     )
-    stateful: bool = option(
-        False,
-        "recurrent models: carry the state across consecutive chunks of the text, not random windows",
-        group="model",
-        flag="bool",
-    )
+    stateful: bool = option(False, "recurrent models: carry the state across consecutive chunks of the text, not "
+                            "random windows", group="model", flag="bool")  # fmt: skip
     # optimisation
     steps: int | None = option(
         None, "optimizer steps", group="optimisation", default_text=f"{DEFAULT_STEPS} without --time"
@@ -192,6 +187,8 @@ class TrainConfig:
         0.99, "AdamW β₂, the decay of the squared gradient's running mean", group="optimisation"
     )
     grad_clip: float = option(1.0, "clip the gradient's norm to this; 0: no clipping", group="optimisation")
+    ema_decay: float = option(0.0, "average the weights, θ̄ ← d·θ̄ + (1−d)·θ after each step (0.999: about the last "
+                              "1,000 steps); evaluations and the saved model use θ̄; 0: off", group="optimisation")  # fmt: skip
     class_weight: str = option("none", "--task classify: balanced weighs each class's loss by n / (k · n_class)",
                                group="optimisation", choices=("none", "balanced"))  # fmt: skip
     seed: int = option(1337, "random seed (initialisation, batches, dropout)", group="optimisation")
@@ -317,6 +314,7 @@ class TrainConfig:
             f"--min-lr must be between 0 and --lr {self.lr} (got {self.min_lr}); it is where the cosine ends",
         )
         need(self.warmup >= 0, f"--warmup must be 0 or more steps (got {self.warmup})")
+        need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), e.g. 0.999 (got {self.ema_decay}); 0 is off")
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         need(self.eval_every > 0, f"--eval-every must be positive (got {self.eval_every})")
         need(self.save_every > 0, f"--save-every must be positive (got {self.save_every})")
@@ -396,7 +394,7 @@ class TrainConfig:
             return RNNConfig(
                 cell=self.model, vocab_size=vocab_size, d_model=self.d_model, hidden_size=self.hidden_size,
                 n_layer=self.n_layer, dropout=self.dropout, tie_embeddings=self.tie_embeddings and not self.bidirectional,
-                max_seq_len=self.max_seq_len, bidirectional=self.bidirectional,
+                max_seq_len=self.max_seq_len, bidirectional=self.bidirectional, bigram_buckets=self.bigram_buckets,
             )  # fmt: skip
         return TransformerConfig(
             vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head, n_kv_head=self.n_kv_head,

@@ -28,6 +28,7 @@ from lmlab.models.loading import load_weights, read_checkpoint, step_folder
 from lmlab.runtime import resolve_device
 from lmlab.tokenizer import EOT, load_tokenizer, tokenizer_kind, train_tokenizer
 from lmlab.training import distributed
+from lmlab.training.average import WeightAverage
 from lmlab.training.config import TrainConfig, check_batch_split, parse_duration
 from lmlab.training.state import load_training_state, rank_seed
 
@@ -266,8 +267,9 @@ class TrainerSetup:
             f"precision {cfg.precision}"
         )
         self.optimizer = self._make_optimizer()
+        stored: dict[str, torch.Tensor] = {}
         if resuming:
-            load_training_state(
+            stored = load_training_state(
                 Path(cfg.resume),
                 self.model,
                 self.optimizer,
@@ -300,6 +302,11 @@ class TrainerSetup:
                 total = self.max_steps if self.max_steps is not None else f"--time {cfg.time}"
                 say(f"lmlab: resuming {cfg.resume} at step {done} (of {total})")
         self._setup_ddp()
+        # --ema-decay: made after DDP's broadcast of rank 0's weights, so every rank's average is the same
+        if cfg.ema_decay > 0:
+            self.average = WeightAverage(self.model, cfg.ema_decay)
+            if resuming:
+                self.average.resume(stored, cfg.resume)
 
     def _setup_ddp(self) -> None:
         """Say how the global batch is split; under torchrun, wrap the model in DDP."""

@@ -50,10 +50,11 @@ def load_training_state(
     rank: int,
     seed: int,
     step: int,
-) -> None:
+) -> dict[str, torch.Tensor]:
     """Restore what ``state_tensors`` stored in ``folder``: the optimizer's moments (onto
     ``device``) and this rank's RNG state (a fresh stream from (seed, rank, step) for a
-    rank the stored run did not have)."""
+    rank the stored run did not have). Returns every stored tensor (--ema-decay's raw
+    weights are read from them)."""
     path = folder / "training_state.safetensors"
     if not path.is_file():
         raise LmlabError(
@@ -85,6 +86,7 @@ def load_training_state(
         torch.set_rng_state(t[key])
     elif rank > 0:
         torch.manual_seed(rank_seed(seed, rank, step))
+    return t
 
 
 def stored_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -64,6 +64,10 @@ def check_classify_options(cfg: TrainConfig) -> None:
     need(not cfg.bidirectional or cfg.init is not None or cfg.model in ("rnn", "gru", "lstm"),
          f"--bidirectional is for recurrent bodies (--model rnn, gru or lstm), not --model {cfg.model}: "
          "the encoder is bidirectional already")
+    need(cfg.bigram_buckets >= 0, f"--bigram-buckets must be 0 (off) or positive (got {cfg.bigram_buckets})")
+    need(not cfg.bigram_buckets or cfg.bidirectional,
+         "--bigram-buckets is read by a --bidirectional recurrent body (--model lstm --bidirectional); add "
+         "--bidirectional, or drop --bigram-buckets")
 
 
 def classify_model_config(cfg: TrainConfig, vocab_size: int, labels: list[str]) -> Any:
@@ -146,7 +150,7 @@ def classifier_config(cfg: TrainConfig, body: Any, labels: list[str]) -> Any:
 _TRANSLATE_ONLY = ("post_norm", "cell", "attention", "batch_tokens", "label_smoothing", "bleu_samples",
                    "source_field", "target_field")
 _RNN_ATTENTION_ONLY = ("cell", "attention")
-_CLASSIFY_ONLY = ("text_field", "label_field", "pooling", "class_weight", "bidirectional")
+_CLASSIFY_ONLY = ("text_field", "label_field", "pooling", "class_weight", "bidirectional", "bigram_buckets")
 _TRANSFORMER_ONLY = ("post_norm", "pos", "n_head", "norm", "mlp")
 
 

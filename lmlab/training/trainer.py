@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Collection
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +31,7 @@ from lmlab.data import sample_starts, step_generator, windows
 from lmlab.errors import LmlabError
 from lmlab.messages import warn
 from lmlab.models.loading import write_checkpoint
+from lmlab.training.average import WeightAverage
 from lmlab.training.config import TrainConfig
 from lmlab.training.console import bar_log
 from lmlab.training.prepare import TrainerSetup
@@ -93,6 +94,7 @@ class Trainer(TrainerSetup):
         self.cfg = cfg
         self.given = set(given)  # the options set explicitly (``train`` passes them)
         self.stop_reason: str | None = None
+        self.average: WeightAverage | None = None  # --ema-decay (made in setup)
         self.carry: dict[int, Any] = {}  # --stateful: each micro-batch's state, detached
         # --time (see _follow_budget): the step count last printed, set as the loop starts;
         # whether the hard stop ended the run before its plan's end, and that end (None:
@@ -110,11 +112,18 @@ class Trainer(TrainerSetup):
         meta = {**self.state, "max_steps": self.max_steps, "train_config": stored_config(self.cfg)}
 
         def write(folder: Path) -> None:
-            tensors = state_tensors(self.model, self.optimizer, rank_rngs)
-            write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, tensors,
-                             target_tokenizer=self._target_tokenizer_to_save())  # fmt: skip
+            with self._averaged():  # --ema-decay: the model file holds θ̄, the training state θ
+                tensors = state_tensors(self.model, self.optimizer, rank_rngs)
+                if self.average is not None:
+                    tensors.update(self.average.raw_tensors())
+                write_checkpoint(folder, self.model, self.tok, self.gen_cfg, meta, tensors,
+                                 target_tokenizer=self._target_tokenizer_to_save())  # fmt: skip
 
         self.run.save(step, write, best=best)
+
+    def _averaged(self) -> AbstractContextManager[None]:
+        """Inside, the model holds the averaged weights θ̄ (--ema-decay); without it, nothing."""
+        return self.average.swapped_in() if self.average is not None else nullcontext()
 
     def _target_tokenizer_to_save(self) -> Any:
         """A second tokenizer the checkpoint keeps (an encoder-decoder's target side); None."""
@@ -182,6 +191,8 @@ class Trainer(TrainerSetup):
             torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(self.state["step"])  # the step just taken, counted from 0
         return total
 
     def _stream_starts(self, step: int) -> torch.Tensor:
@@ -307,7 +318,10 @@ class Trainer(TrainerSetup):
             if moved or (budget is not None and is_last):  # the bar ends full, where the run ends
                 bar.total = self._bar_total(step)
                 bar.refresh()
-            is_best = self._evaluate_into(row, seen) if step % cfg.eval_every == 0 or is_last else False
+            is_best = False
+            if step % cfg.eval_every == 0 or is_last:
+                with self._averaged():  # --ema-decay: the average is what is scored (and kept as best)
+                    is_best = self._evaluate_into(row, seen)
             if mfile is not None:
                 mfile.write(json.dumps(row) + "\n")
                 mfile.flush()

@@ -44,6 +44,7 @@ FLAGS = {
     "--post-norm": ("post_norm", True), "--separate-vocab": ("separate_vocab", True),
     "--text-field": ("text_field", "review"), "--label-field": ("label_field", "stars"), "--pooling": ("pooling", "max"),
     "--class-weight": ("class_weight", "balanced"), "--bidirectional": ("bidirectional", True),
+    "--ema-decay": ("ema_decay", 0.5), "--bigram-buckets": ("bigram_buckets", 64),
 }  # fmt: skip
 
 
