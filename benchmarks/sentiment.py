@@ -174,10 +174,14 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=None, help="override the dataset's token limit (longer texts are cut)")
     ap.add_argument("--ema-decay", type=float, default=0.0, help="the classifier's weight average (lmlab train --ema-decay)")
     ap.add_argument("--bigram-buckets", type=int, default=0, help="bilstm: hashed pair embeddings (lmlab train --bigram-buckets)")
+    ap.add_argument("--dropout", type=float, default=None, help="override every body's dropout")
     a = ap.parse_args()
     for ds in DATASETS.values():
         given = (("tokenizer", a.tokenizer), ("vocab_size", a.vocab_size), ("max_seq_len", a.max_seq_len))
         ds.update({k: v for k, v in given if v is not None})
+    if a.dropout is not None:
+        for body in BODIES.values():
+            body["dropout"] = a.dropout
     out = Path(a.out)
     print(f"load average before: {os.getloadavg()}")
     for dataset in a.datasets.split(","):
