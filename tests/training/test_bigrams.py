@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_tasks import SMALL, toy_rows, write_tsv
+from test_tasks import SMALL, tiny_lstm_lm, toy_rows, write_tsv
 
 import lmlab
 from lmlab.errors import LmlabError
@@ -86,11 +86,7 @@ def test_a_classifier_with_bigrams_trains_saves_and_pads_alike(data, tmp_path):
 
 def test_a_classifier_with_bigrams_from_a_language_model(data, tmp_path):
     train, dev = data
-    plain = tmp_path / "plain.txt"
-    plain.write_text("\n".join(t for t, _ in toy_rows(400, seed=3)) * 3, encoding="utf-8")
-    lm = tmp_path / "lm"
-    lmlab.train(data=str(plain), out=str(lm), model="lstm", steps=5, d_model=16, hidden_size=16, n_layer=1,
-                max_seq_len=64, progress=False)  # fmt: skip
+    lm = tiny_lstm_lm(tmp_path, n_layer=1)
     out = tmp_path / "clf"
     lmlab.train(task="classify", init=str(lm), data=str(train), valid=str(dev), out=str(out), bidirectional=True,
                 bigram_buckets=64, steps=1, lr=1e-12, warmup=0, progress=False)  # fmt: skip

@@ -36,6 +36,16 @@ def write_tsv(path: Path, rows: list[tuple[str, str]], header: bool = True) -> P
     return path
 
 
+def tiny_lstm_lm(folder: Path, n_layer: int) -> Path:
+    """A 16-wide LSTM language model trained 5 steps on the toy texts without labels (an --init)."""
+    plain = folder / "plain.txt"
+    plain.write_text("\n".join(t for t, _ in toy_rows(400, seed=3)) * 3, encoding="utf-8")
+    lm = folder / "lm"
+    lmlab.train(data=str(plain), out=str(lm), model="lstm", steps=5, d_model=16, hidden_size=16, n_layer=n_layer,
+                max_seq_len=64, progress=False)  # fmt: skip
+    return lm
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("cls")
@@ -92,11 +102,7 @@ def test_a_bidirectional_lstm_classifier_trains_from_scratch_and_from_a_language
     together, alone = clf(texts, batch_size=3), [clf(t)[0] for t in texts]  # padding changes nothing
     assert [r["label"] for r in together] == [r["label"] for r in alone]
     assert [r["score"] for r in together] == pytest.approx([r["score"] for r in alone], abs=1e-5)
-    plain = tmp_path / "plain.txt"
-    plain.write_text("\n".join(t for t, _ in toy_rows(400, seed=3)) * 3, encoding="utf-8")
-    lm = tmp_path / "lm"
-    lmlab.train(data=str(plain), out=str(lm), model="lstm", steps=5, d_model=16, hidden_size=16, n_layer=2,
-                max_seq_len=64, progress=False)  # fmt: skip
+    lm = tiny_lstm_lm(tmp_path, n_layer=2)
     clf_dir = tmp_path / "bi-init"
     lmlab.train(task="classify", init=str(lm), bidirectional=True, data=str(train), valid=str(dev), out=str(clf_dir),
                 steps=1, lr=1e-12, warmup=0, progress=False)  # fmt: skip
