@@ -108,7 +108,7 @@ def tokenizer_opts(ds: dict) -> dict:
 
 
 def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out: Path, ema_decay: float = 0.0,
-            bigram_buckets: int = 0) -> dict:
+            bigram_buckets: int = 0, extra: dict | None = None) -> dict:
     import lmlab
     from lmlab.eval.classification import classification_scores
     from lmlab.labeled import read_labeled
@@ -119,7 +119,7 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
     folder = out / f"{dataset}-{run.replace('+', '-')}"
     folder.mkdir(parents=True, exist_ok=True)
     result = {"dataset": dataset, "run": run, "minutes_budget": minutes, "ema_decay": ema_decay,
-              "bigram_buckets": bigram_buckets}  # fmt: skip
+              "bigram_buckets": bigram_buckets, "options": extra or {}}  # fmt: skip
     common = dict(progress=False, overwrite=True, max_seq_len=ds["max_seq_len"])
     init = None
     if pretrain:
@@ -140,13 +140,14 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
         opts.update(tokenizer_opts(ds))
     if bigram_buckets and opts.get("bidirectional"):  # read by a bidirectional body only
         opts["bigram_buckets"] = bigram_buckets
+    opts.update(extra or {})
     train = str(EVAL / ds["train"])
     valid = str(EVAL / ds["valid"]) if ds["valid"] else None
     if ds["valid"] == "sentences":
         train, valid = map(str, sentence_split(EVAL / ds["train"], folder / "split"))
     t0 = time.perf_counter()
     res = lmlab.train(task="classify", data=train, valid=valid, init=init, out=str(folder / "clf"),
-                      time=f"{minutes}m", eval_every=200, val_fraction=0.03, ema_decay=ema_decay, **opts, **common)  # fmt: skip
+                      time=f"{minutes}m", val_fraction=0.03, ema_decay=ema_decay, **{"eval_every": 200, **opts}, **common)  # fmt: skip
     result["train"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step, "best_dev": res.best}
     test = read_labeled(EVAL / ds["test"])
     clf = lmlab.pipeline("sentiment-analysis", str(folder / "clf" / "best"), batch_size=64)
@@ -175,6 +176,8 @@ def main() -> None:
     ap.add_argument("--ema-decay", type=float, default=0.0, help="the classifier's weight average (lmlab train --ema-decay)")
     ap.add_argument("--bigram-buckets", type=int, default=0, help="bilstm: hashed pair embeddings (lmlab train --bigram-buckets)")
     ap.add_argument("--dropout", type=float, default=None, help="override every body's dropout")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other lmlab.train option of the classifier (e.g. weight_decay=1.0, eval_every=100)")
     a = ap.parse_args()
     for ds in DATASETS.values():
         given = (("tokenizer", a.tokenizer), ("vocab_size", a.vocab_size), ("max_seq_len", a.max_seq_len))
@@ -182,11 +185,18 @@ def main() -> None:
     if a.dropout is not None:
         for body in BODIES.values():
             body["dropout"] = a.dropout
+    extra = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        try:
+            extra[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key.replace("-", "_")] = value
     out = Path(a.out)
     print(f"load average before: {os.getloadavg()}")
     for dataset in a.datasets.split(","):
         for run in a.runs.split(","):
-            r = run_one(dataset, run, a.minutes, a.pretrain_minutes, out, a.ema_decay, a.bigram_buckets)
+            r = run_one(dataset, run, a.minutes, a.pretrain_minutes, out, a.ema_decay, a.bigram_buckets, extra)
             pre = r.get("pretrain")
             pre_txt = f"; pretraining {pre['wall_s']} s, {pre['steps']} steps (val loss {pre['val_loss']:.3f})" if pre else ""
             t = r["test"]

@@ -28,7 +28,7 @@ from lmlab.errors import LmlabError
 from lmlab.labeled import Labeled, read_labeled
 from lmlab.messages import say, warn
 from lmlab.pairs import bucket_batches, pad_batch
-from lmlab.tokenizer import load_tokenizer, train_tokenizer
+from lmlab.tokenizer import EOT, UNK, load_tokenizer, train_tokenizer
 from lmlab.training.buckets import BucketPlan
 from lmlab.training.tasks import classifier_config
 from lmlab.training.trainer import Trainer, _Progress
@@ -176,7 +176,28 @@ class ClassifyTrainer(BucketPlan, Trainer):
     def train_step(self, step: int) -> float:
         rows = self._batch_at(step)
         self.step_tokens = sum(len(self.train_x[i]) for i in rows)
-        return self._step_on(rows, lambda micro: self._classify_loss(micro, self.train_x, self.train_y))
+        xs: Any = self.train_x
+        if self.cfg.token_dropout:  # a fresh draw each step, from (seed, step): a resumed run draws the same
+            rng = np.random.default_rng([self.cfg.seed, step])
+            blank, keep = self._blank_tokens()
+            xs = {i: word_dropout(self.train_x[i], self.cfg.token_dropout, blank, keep, rng) for i in rows}
+        return self._step_on(rows, lambda micro: self._classify_loss(micro, xs, self.train_y))
+
+    def _blank_tokens(self) -> tuple[int, frozenset[int]]:
+        """What a dropped token becomes — the tokenizer's unknown token (a byte-level BPE has
+        none: its end-of-text token, which a classifier's inputs never hold, stands in) — and
+        the special tokens ([CLS], [SEP]) that are never dropped."""
+        if getattr(self, "_blank", None) is None:
+            tok = self.tok
+            unk = getattr(tok.model, "unk_token", None) or UNK
+            blank = tok.token_to_id(unk)
+            blank = tok.token_to_id(EOT) if blank is None else blank
+            if blank is None:
+                raise LmlabError("--token-dropout replaces tokens by the tokenizer's unknown token, and this "
+                                 "tokenizer has none (nor <|endoftext|>): drop --token-dropout")  # fmt: skip
+            keep = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special and i != blank)
+            self._blank = blank, keep
+        return self._blank
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -203,6 +224,15 @@ class ClassifyTrainer(BucketPlan, Trainer):
         return self._keep_best(row, "accuracy", getattr(self, "dev_accuracy", None), 4)
 
 
+def word_dropout(ids: list[int], p: float, blank: int, keep: frozenset[int], rng: np.random.Generator) -> list[int]:
+    """Word dropout (Iyyer et al. 2015; Bowman et al. 2016): each token becomes ``blank`` with
+    probability p, so the classifier cannot lean on any single word or character and learns
+    from every cue of a text; special tokens in ``keep`` stay. Training only: dev texts and
+    predictions read every token."""
+    drop = rng.random(len(ids)) < p
+    return [blank if d and i not in keep else i for i, d in zip(ids, drop)]
+
+
 def load_forward_direction(body: torch.nn.Module, lm: dict[str, torch.Tensor]) -> None:
     """A bidirectional body from a one-way language model (ULMFiT's forward half): the
     embedding and every forward-direction weight are the LM's; the backward direction keeps
@@ -222,4 +252,4 @@ def load_forward_direction(body: torch.nn.Module, lm: dict[str, torch.Tensor]) -
                 dst[:, : t.shape[1]].copy_(t)
 
 
-__all__ = ["ClassifyTrainer", "load_forward_direction"]
+__all__ = ["ClassifyTrainer", "load_forward_direction", "word_dropout"]

@@ -183,12 +183,12 @@ class TrainConfig:
     warmup: int = option(100, "warmup steps", group="optimisation")
     weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", group="optimisation")
     beta1: float = option(0.9, "AdamW β₁, the decay of the gradient's running mean", group="optimisation")
-    beta2: float = option(
-        0.99, "AdamW β₂, the decay of the squared gradient's running mean", group="optimisation"
-    )
+    beta2: float = option(0.99, "AdamW β₂, the decay of the squared gradient's running mean", group="optimisation")
     grad_clip: float = option(1.0, "clip the gradient's norm to this; 0: no clipping", group="optimisation")
     ema_decay: float = option(0.0, "average the weights, θ̄ ← d·θ̄ + (1−d)·θ after each step (0.999: about the last "
                               "1,000 steps); evaluations and the saved model use θ̄; 0: off", group="optimisation")  # fmt: skip
+    token_dropout: float = option(0.0, "--task classify: word dropout, each training token becomes the unknown token "
+                                  "with this probability (0.1: one in ten); 0: off", group="optimisation")  # fmt: skip
     class_weight: str = option("none", "--task classify: balanced weighs each class's loss by n / (k · n_class)",
                                group="optimisation", choices=("none", "balanced"))  # fmt: skip
     seed: int = option(1337, "random seed (initialisation, batches, dropout)", group="optimisation")

@@ -65,6 +65,7 @@ def check_classify_options(cfg: TrainConfig) -> None:
          f"--bidirectional is for recurrent bodies (--model rnn, gru or lstm), not --model {cfg.model}: "
          "the encoder is bidirectional already")
     need(cfg.bigram_buckets >= 0, f"--bigram-buckets must be 0 (off) or positive (got {cfg.bigram_buckets})")
+    need(0 <= cfg.token_dropout < 1, f"--token-dropout must be in [0, 1), e.g. 0.1 (got {cfg.token_dropout}); 0 is off")
     need(not cfg.bigram_buckets or cfg.bidirectional,
          "--bigram-buckets is read by a --bidirectional recurrent body (--model lstm --bidirectional); add "
          "--bidirectional, or drop --bigram-buckets")
@@ -150,7 +151,8 @@ def classifier_config(cfg: TrainConfig, body: Any, labels: list[str]) -> Any:
 _TRANSLATE_ONLY = ("post_norm", "cell", "attention", "batch_tokens", "label_smoothing", "bleu_samples",
                    "source_field", "target_field")
 _RNN_ATTENTION_ONLY = ("cell", "attention")
-_CLASSIFY_ONLY = ("text_field", "label_field", "pooling", "class_weight", "bidirectional", "bigram_buckets")
+_CLASSIFY_ONLY = ("text_field", "label_field", "pooling", "class_weight", "bidirectional", "bigram_buckets",
+                  "token_dropout")
 _TRANSFORMER_ONLY = ("post_norm", "pos", "n_head", "norm", "mlp")
 
 

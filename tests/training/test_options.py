@@ -45,6 +45,7 @@ FLAGS = {
     "--text-field": ("text_field", "review"), "--label-field": ("label_field", "stars"), "--pooling": ("pooling", "max"),
     "--class-weight": ("class_weight", "balanced"), "--bidirectional": ("bidirectional", True),
     "--ema-decay": ("ema_decay", 0.5), "--bigram-buckets": ("bigram_buckets", 64),
+    "--token-dropout": ("token_dropout", 0.1),
 }  # fmt: skip
 
 
