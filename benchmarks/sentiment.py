@@ -29,6 +29,7 @@ Run alone on an otherwise idle machine (2-core timings are meaningless under loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -140,14 +141,14 @@ def run_one(dataset: str, run: str, minutes: float, pretrain_minutes: float, out
         opts.update(tokenizer_opts(ds))
     if bigram_buckets and opts.get("bidirectional"):  # read by a bidirectional body only
         opts["bigram_buckets"] = bigram_buckets
-    opts.update(extra or {})
     train = str(EVAL / ds["train"])
     valid = str(EVAL / ds["valid"]) if ds["valid"] else None
     if ds["valid"] == "sentences":
         train, valid = map(str, sentence_split(EVAL / ds["train"], folder / "split"))
     t0 = time.perf_counter()
-    res = lmlab.train(task="classify", data=train, valid=valid, init=init, out=str(folder / "clf"),
-                      time=f"{minutes}m", val_fraction=0.03, ema_decay=ema_decay, **{"eval_every": 200, **opts}, **common)  # fmt: skip
+    kw = dict(task="classify", data=train, valid=valid, init=init, out=str(folder / "clf"), time=f"{minutes}m",
+              val_fraction=0.03, ema_decay=ema_decay, eval_every=200, **opts, **common)  # fmt: skip
+    res = lmlab.train(**{**kw, **(extra or {})})
     result["train"] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": res.step, "best_dev": res.best}
     test = read_labeled(EVAL / ds["test"])
     clf = lmlab.pipeline("sentiment-analysis", str(folder / "clf" / "best"), batch_size=64)
@@ -179,6 +180,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other lmlab.train option of the classifier (e.g. weight_decay=1.0, eval_every=100)")
     a = ap.parse_args()
+    from lmlab.training import TrainConfig
+
     for ds in DATASETS.values():
         given = (("tokenizer", a.tokenizer), ("vocab_size", a.vocab_size), ("max_seq_len", a.max_seq_len))
         ds.update({k: v for k, v in given if v is not None})
@@ -186,8 +189,11 @@ def main() -> None:
         for body in BODIES.values():
             body["dropout"] = a.dropout
     extra = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in a.set:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq or key.replace("-", "_") not in fields:
+            ap.error(f"--set {item}: give KEY=VALUE with KEY an lmlab.train option (e.g. weight_decay=1.0)")
         try:
             extra[key.replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:

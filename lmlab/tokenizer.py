@@ -169,6 +169,20 @@ def eos_token_id(tok: Tokenizer) -> int | None:
     return None
 
 
+def unk_token_id(tok: Tokenizer) -> int | None:
+    """The unknown token as the tokenizer's model names it (WordPiece, BPE, WordLevel:
+    ``unk_token``; Unigram: ``unk_id``), else one of the usual names; None if it has none
+    (a byte-level BPE reads every byte and needs none)."""
+    model = json.loads(tok.to_str()).get("model", {})
+    if model.get("type") == "Unigram" and isinstance(model.get("unk_id"), int):
+        return model["unk_id"]
+    for name in (model.get("unk_token"), UNK, "[UNK]"):
+        i = tok.token_to_id(name) if isinstance(name, str) else None
+        if i is not None:
+            return i
+    return None
+
+
 class UnknownCharWarner:
     """Warns once when text contains characters a char tokenizer never saw."""
 

@@ -28,13 +28,15 @@ from lmlab.errors import LmlabError
 from lmlab.labeled import Labeled, read_labeled
 from lmlab.messages import say, warn
 from lmlab.pairs import bucket_batches, pad_batch
-from lmlab.tokenizer import EOT, UNK, load_tokenizer, train_tokenizer
+from lmlab.tokenizer import eos_token_id, load_tokenizer, train_tokenizer, unk_token_id
 from lmlab.training.buckets import BucketPlan
 from lmlab.training.tasks import classifier_config
 from lmlab.training.trainer import Trainer, _Progress
 
 #: dev texts held out when no --valid is given (at most)
 MAX_VALID = 2000
+#: word dropout's draws: their own stream beside bucket_batches' [seed, epoch] (data.step_generator's are 1–3)
+WORD_DROPOUT_STREAM = 4
 
 
 class ClassifyTrainer(BucketPlan, Trainer):
@@ -154,6 +156,10 @@ class ClassifyTrainer(BucketPlan, Trainer):
             self.class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
         self.seq_len = mcfg.max_seq_len
         self.val_starts = None
+        if cfg.token_dropout:
+            self._blank = blank_token(self.tok)
+            say(f"lmlab: word dropout: {cfg.token_dropout:.0%} of the training tokens become "
+                f"{self.tok.id_to_token(self._blank[0])}")  # fmt: skip
         shares = ", ".join(f"{lab} {c:,}" for lab, c in zip(self.labels, counts))
         say(f"lmlab: {len(train):,} training texts ({shares}), {len(valid):,} dev texts"
             + (f" ({cfg.valid})" if cfg.valid else " (held out from --data)"))  # fmt: skip
@@ -178,26 +184,10 @@ class ClassifyTrainer(BucketPlan, Trainer):
         self.step_tokens = sum(len(self.train_x[i]) for i in rows)
         xs: Any = self.train_x
         if self.cfg.token_dropout:  # a fresh draw each step, from (seed, step): a resumed run draws the same
-            rng = np.random.default_rng([self.cfg.seed, step])
-            blank, keep = self._blank_tokens()
+            rng = np.random.default_rng([self.cfg.seed, step, WORD_DROPOUT_STREAM])
+            blank, keep = self._blank
             xs = {i: word_dropout(self.train_x[i], self.cfg.token_dropout, blank, keep, rng) for i in rows}
         return self._step_on(rows, lambda micro: self._classify_loss(micro, xs, self.train_y))
-
-    def _blank_tokens(self) -> tuple[int, frozenset[int]]:
-        """What a dropped token becomes — the tokenizer's unknown token (a byte-level BPE has
-        none: its end-of-text token, which a classifier's inputs never hold, stands in) — and
-        the special tokens ([CLS], [SEP]) that are never dropped."""
-        if getattr(self, "_blank", None) is None:
-            tok = self.tok
-            unk = getattr(tok.model, "unk_token", None) or UNK
-            blank = tok.token_to_id(unk)
-            blank = tok.token_to_id(EOT) if blank is None else blank
-            if blank is None:
-                raise LmlabError("--token-dropout replaces tokens by the tokenizer's unknown token, and this "
-                                 "tokenizer has none (nor <|endoftext|>): drop --token-dropout")  # fmt: skip
-            keep = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special and i != blank)
-            self._blank = blank, keep
-        return self._blank
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -225,12 +215,29 @@ class ClassifyTrainer(BucketPlan, Trainer):
 
 
 def word_dropout(ids: list[int], p: float, blank: int, keep: frozenset[int], rng: np.random.Generator) -> list[int]:
-    """Word dropout (Iyyer et al. 2015; Bowman et al. 2016): each token becomes ``blank`` with
-    probability p, so the classifier cannot lean on any single word or character and learns
-    from every cue of a text; special tokens in ``keep`` stay. Training only: dev texts and
-    predictions read every token."""
-    drop = rng.random(len(ids)) < p
-    return [blank if d and i not in keep else i for i, d in zip(ids, drop)]
+    """Word dropout (after Iyyer et al. 2015, who delete words; as Bowman et al. 2016, who
+    replace them): each token becomes ``blank`` with probability p, so the classifier cannot
+    lean on any single word or character and learns from every cue of a text; special tokens
+    in ``keep`` stay. Training only: dev texts and predictions read every token."""
+    a = np.asarray(ids, dtype=np.int64)
+    a[(rng.random(a.size) < p) & ~np.isin(a, list(keep))] = blank
+    return a.tolist()
+
+
+def blank_token(tok: Tokenizer) -> tuple[int, frozenset[int]]:
+    """What word dropout turns a token into — the tokenizer's unknown token; else its mask
+    token (a body pretrained here as a masked LM reads it as "a token is hidden here"); else
+    its end-of-text token (lmlab's and GPT-2's byte-level BPE have no unknown token) — and
+    the special tokens ([CLS], [SEP], <s>) that are never dropped."""
+    blank = unk_token_id(tok)
+    for name in ("[MASK]", "<mask>"):
+        blank = tok.token_to_id(name) if blank is None else blank
+    blank = eos_token_id(tok) if blank is None else blank
+    if blank is None:
+        raise LmlabError("--token-dropout replaces tokens by the tokenizer's unknown token, and this tokenizer has "
+                         "none (nor a mask or end-of-text token): drop --token-dropout")  # fmt: skip
+    keep = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special and i != blank)
+    return blank, keep
 
 
 def load_forward_direction(body: torch.nn.Module, lm: dict[str, torch.Tensor]) -> None:
@@ -252,4 +259,4 @@ def load_forward_direction(body: torch.nn.Module, lm: dict[str, torch.Tensor]) -
                 dst[:, : t.shape[1]].copy_(t)
 
 
-__all__ = ["ClassifyTrainer", "load_forward_direction", "word_dropout"]
+__all__ = ["ClassifyTrainer", "blank_token", "load_forward_direction", "word_dropout"]

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from helpers import assert_resume_is_exact
 from test_tasks import SMALL, toy_rows, write_tsv
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models
 
 import lmlab
 from lmlab.errors import LmlabError
-from lmlab.training.classify import ClassifyTrainer, word_dropout
+from lmlab.tokenizer import train_bpe_tokenizer, train_char_tokenizer
+from lmlab.training.classify import ClassifyTrainer, blank_token, word_dropout
+from lmlab.training.mlm import mlm_tokenizer
 
 
 def test_word_dropout_replaces_about_p_of_the_tokens_and_keeps_the_special_ones():
@@ -31,6 +33,39 @@ def test_word_dropout_replaces_about_p_of_the_tokens_and_keeps_the_special_ones(
     assert 0.28 < rate < 0.32, rate  # 16,000 droppable tokens: σ ≈ 0.004
     assert word_dropout(ids, 0.3, 1, frozenset({2}), np.random.default_rng(0)) == out  # seeded: the same draw
     assert word_dropout(ids, 0.0, 1, frozenset(), np.random.default_rng(0)) == ids
+
+
+def _with_specials(model, specials: list[str]) -> Tokenizer:
+    tok = Tokenizer(model)
+    tok.add_special_tokens(specials)
+    return tok
+
+
+WP = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "bad": 5}
+
+
+@pytest.mark.parametrize("make, blank, keep", [
+    (lambda: train_char_tokenizer(["好坏"]), "<unk>", {"<|endoftext|>"}),  # lmlab's characters
+    (lambda: train_bpe_tokenizer(["good film, bad film"] * 20, 300), "<|endoftext|>", set()),  # byte-level: no unk
+    (lambda: mlm_tokenizer(train_bpe_tokenizer(["good film"] * 20, 300)), "[MASK]",
+     {"<|endoftext|>", "[PAD]", "[CLS]", "[SEP]"}),
+    (lambda: _with_specials(models.WordPiece(WP, unk_token="[UNK]"), ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]),
+     "[UNK]", {"[PAD]", "[CLS]", "[SEP]"}),  # BERT
+    (lambda: _with_specials(models.BPE({"<s>": 0, "</s>": 1, "<unk>": 2, "a": 3}, [], unk_token=None),
+                            ["<s>", "</s>", "<unk>"]), "<unk>", {"<s>", "</s>"}),  # RoBERTa: no unk in the model
+    (lambda: _with_specials(models.Unigram([("<pad>", 0.0), ("[UNK]", 0.0), ("a", -1.0)], unk_id=1),
+                            ["<pad>", "[UNK]"]), "[UNK]", {"<pad>"}),  # SentencePiece: unk_id, not a name
+])  # fmt: skip
+def test_the_blank_is_the_unknown_token_else_the_mask_else_the_end_of_text(make, blank, keep):
+    tok = make()
+    got, kept = blank_token(tok)
+    assert tok.id_to_token(got) == blank
+    assert {tok.id_to_token(i) for i in kept} == keep
+
+
+def test_a_tokenizer_with_no_blank_is_refused():
+    with pytest.raises(LmlabError, match="--token-dropout replaces tokens by the tokenizer's unknown token"):
+        blank_token(Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token=None)))
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +140,20 @@ def test_the_cli_flag_is_for_classifiers_only(data, tmp_path):
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("lmlab: error:") and "--token-dropout" in last, last
+
+
+def test_a_classifier_from_a_masked_lm_blanks_with_mask_and_keeps_cls_and_sep(data, tmp_path, monkeypatch):
+    train, dev = data
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(t for t, _ in toy_rows(300, seed=3)), encoding="utf-8")
+    mlm = tmp_path / "mlm"
+    lmlab.train(data=str(plain), out=str(mlm), task="mlm", tokenizer="bpe", vocab_size=300, steps=2, d_model=32,
+                n_layer=1, n_head=2, max_seq_len=64, batch_size=8, progress=False)  # fmt: skip
+    fed, _, tok = _fed(monkeypatch, data=str(train), valid=str(dev), out=str(tmp_path / "c"), init=str(mlm), steps=6,
+                       token_dropout=0.5, **{k: v for k, v in SMALL.items() if k not in ("d_model", "n_layer")})  # fmt: skip
+    cls, sep, mask = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[MASK]"))
+    assert fed
+    for got, text in fed:
+        assert text[0] == got[0] == cls and text[-1] == got[-1] == sep  # the pooled [CLS] is never dropped
+        assert all(g == t or g == mask for g, t in zip(got, text))
+    assert sum(g != t for got, text in fed for g, t in zip(got, text)) > 0
