@@ -125,10 +125,15 @@ class ClassifyTrainer(BucketPlan, Trainer):
         return pick(sorted(order[k:])), pick(sorted(order[:k]))
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as the pipeline will read them: a long text is cut by the tokenizer's own
+        truncation, which keeps a template's closing [SEP] (slicing the ids would drop it)."""
         limit = unwrap(self.model).config.max_seq_len
-        ids = [e.ids or [0] for e in self.tok.encode_batch(texts)]
-        self._cut += sum(len(x) > limit for x in ids)
-        return [x[:limit] for x in ids]
+        tok = Tokenizer.from_str(self.tok.to_str())  # a copy: the saved tokenizer keeps no truncation
+        tok.no_padding()
+        tok.enable_truncation(limit)
+        encs = tok.encode_batch(texts)
+        self._cut += sum(bool(e.overflowing) for e in encs)
+        return [e.ids or [0] for e in encs]
 
     def _label_ids(self, labels: list[str], what: str) -> list[int]:
         index = {lab: i for i, lab in enumerate(self.labels)}

@@ -231,3 +231,29 @@ def test_one_labelled_text_is_not_enough(tmp_path):
 def test_qa_refuses_a_decoder_body(tmp_path):
     with pytest.raises(LmlabError, match="--task qa trains an extractive reader: --model encoder"):
         lmlab.train(task="qa", model="lstm", data=str(tmp_path / "x.json"), out=str(tmp_path / "o"), steps=1)
+
+
+def test_a_long_text_is_cut_as_the_pipeline_cuts_it_keeping_sep(tmp_path, monkeypatch):
+    """An encoder from a masked LM reads [CLS] text [SEP]: a text longer than the model is cut
+    by the tokenizer's truncation, which keeps [SEP], in training as in the pipeline (slicing
+    the ids would train on texts without it and predict on texts with it)."""
+    from lmlab.training.classify import ClassifyTrainer
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n".join(t for t, _ in toy_rows(300, seed=3)), encoding="utf-8")
+    lmlab.train(data=str(plain), out=str(tmp_path / "mlm"), task="mlm", tokenizer="bpe", vocab_size=300, steps=2,
+                d_model=32, n_layer=1, n_head=2, max_seq_len=12, batch_size=8, progress=False)  # fmt: skip
+    rows = [(f"{t} , {t} , {t}", y) for t, y in toy_rows(60)]  # 3× a toy text: longer than 12 tokens
+    train = write_tsv(tmp_path / "long.tsv", rows)
+    fed = []
+    real = ClassifyTrainer._logits
+    monkeypatch.setattr(ClassifyTrainer, "_logits", lambda self, r, xs: (fed.extend(list(xs[i]) for i in r),
+                                                                         real(self, r, xs))[1])  # fmt: skip
+    lmlab.train(data=str(train), out=str(tmp_path / "c"), init=str(tmp_path / "mlm"), steps=2, **{
+        k: v for k, v in SMALL.items() if k not in ("d_model", "n_layer")})  # fmt: skip
+    clf = lmlab.pipeline("sentiment-analysis", str(tmp_path / "c"))
+    tok = clf.model.tokenizer
+    want = {tuple(clf.tokenizer.encode(t).ids) for t, _ in rows}  # what the pipeline reads
+    assert fed and all(len(x) == 12 and x[0] == tok.token_to_id("[CLS]") and x[-1] == tok.token_to_id("[SEP]")
+                       for x in fed)  # fmt: skip
+    assert {tuple(x) for x in fed} <= want
