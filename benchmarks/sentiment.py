@@ -22,6 +22,8 @@ Run alone on an otherwise idle machine (2-core timings are meaningless under loa
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 27 --max-seq-len 512 --ema-decay 0.998
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 27 --max-seq-len 512 \
         --ema-decay 0.998 --bigram-buckets 40000
+    .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs bilstm --minutes 27 --max-seq-len 512 \
+        --ema-decay 0.998 --bigram-buckets 40000 --set weight_decay=1.0 --set eval_every=100   # the best recipe
     .venv/bin/python benchmarks/sentiment.py --datasets chnsenticorp --runs encoder+mlm --minutes 15 --pretrain-minutes 15
     .venv/bin/python benchmarks/sentiment.py --minutes 0.3 --pretrain-minutes 0.2 --out /tmp/sa-smoke   # smoke
 """
