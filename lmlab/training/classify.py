@@ -130,6 +130,10 @@ class ClassifyTrainer(BucketPlan, Trainer):
         limit = unwrap(self.model).config.max_seq_len
         tok = Tokenizer.from_str(self.tok.to_str())  # a copy: the saved tokenizer keeps no truncation
         tok.no_padding()
+        room = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor is not None else 0
+        if limit <= room:  # tokenizers would skip the truncation silently
+            raise LmlabError(f"--max-seq-len {limit} leaves no room for text beside the tokenizer's {room} special "
+                             "tokens ([CLS], [SEP]): raise --max-seq-len")  # fmt: skip
         tok.enable_truncation(limit)
         encs = tok.encode_batch(texts)
         self._cut += sum(bool(e.overflowing) for e in encs)

@@ -157,3 +157,15 @@ def test_a_classifier_from_a_masked_lm_blanks_with_mask_and_keeps_cls_and_sep(da
         assert text[0] == got[0] == cls and text[-1] == got[-1] == sep  # the pooled [CLS] is never dropped
         assert all(g == t or g == mask for g, t in zip(got, text))
     assert sum(g != t for got, text in fed for g, t in zip(got, text)) > 0
+
+
+def test_a_length_with_no_room_for_text_beside_cls_and_sep_is_refused():
+    from types import SimpleNamespace
+
+    t = ClassifyTrainer.__new__(ClassifyTrainer)
+    t.tok = mlm_tokenizer(train_bpe_tokenizer(["good film"] * 20, 300))
+    t.model, t._cut = SimpleNamespace(config=SimpleNamespace(max_seq_len=2)), 0
+    with pytest.raises(LmlabError, match="--max-seq-len 2 leaves no room for text beside the tokenizer's 2 special"):
+        t._encode(["good film"])
+    t.model.config.max_seq_len = 3
+    assert len(t._encode(["good film good film"])[0]) == 3 and t._cut == 1  # [CLS] one token [SEP]
