@@ -169,6 +169,19 @@ def eos_token_id(tok: Tokenizer) -> int | None:
     return None
 
 
+def truncating(tok: Tokenizer, max_length: int | None = None, stride: int = 0, strategy: str = "longest_first") -> Tokenizer:
+    """A copy of ``tok`` without padding that cuts to ``max_length`` tokens (None: never) by the
+    tokenizers library's own truncation, which keeps a template's special tokens; the
+    tokenizer a model was saved with keeps its own settings."""
+    t = Tokenizer.from_str(tok.to_str())
+    t.no_padding()
+    if max_length:
+        t.enable_truncation(max_length, stride=stride, strategy=strategy)
+    else:
+        t.no_truncation()
+    return t
+
+
 def unk_token_id(tok: Tokenizer) -> int | None:
     """The unknown token as the tokenizer's model names it (WordPiece, BPE, WordLevel:
     ``unk_token``; Unigram: ``unk_id``), else one of the usual names; None if it has none

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Encoding, Tokenizer
 
 from lmlab.errors import LmlabError
+from lmlab.tokenizer import truncating
 
 
 def task_tokenizer(model: Any, max_length: int | None = None, stride: int = 0, strategy: str = "longest_first") -> Tokenizer:
@@ -19,13 +20,7 @@ def task_tokenizer(model: Any, max_length: int | None = None, stride: int = 0, s
     tok = model.tokenizer
     if not hasattr(tok, "to_str"):
         raise LmlabError("this model's tokenizer is a SentencePiece pair (Marian); it has no classifier or QA head")
-    t = Tokenizer.from_str(tok.to_str())
-    t.no_padding()
-    if max_length:
-        t.enable_truncation(max_length, stride=stride, strategy=strategy)
-    else:
-        t.no_truncation()
-    return t
+    return truncating(tok, max_length, stride, strategy)
 
 
 def pad_id_of(model: Any) -> int:

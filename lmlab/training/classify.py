@@ -28,7 +28,7 @@ from lmlab.errors import LmlabError
 from lmlab.labeled import Labeled, read_labeled
 from lmlab.messages import say, warn
 from lmlab.pairs import bucket_batches, pad_batch
-from lmlab.tokenizer import eos_token_id, load_tokenizer, train_tokenizer, unk_token_id
+from lmlab.tokenizer import eos_token_id, load_tokenizer, train_tokenizer, truncating, unk_token_id
 from lmlab.training.buckets import BucketPlan
 from lmlab.training.tasks import classifier_config
 from lmlab.training.trainer import Trainer, _Progress
@@ -128,13 +128,11 @@ class ClassifyTrainer(BucketPlan, Trainer):
         """Token ids as the pipeline will read them: a long text is cut by the tokenizer's own
         truncation, which keeps a template's closing [SEP] (slicing the ids would drop it)."""
         limit = unwrap(self.model).config.max_seq_len
-        tok = Tokenizer.from_str(self.tok.to_str())  # a copy: the saved tokenizer keeps no truncation
-        tok.no_padding()
+        tok = truncating(self.tok, limit)
         room = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor is not None else 0
         if limit <= room:  # tokenizers would skip the truncation silently
             raise LmlabError(f"--max-seq-len {limit} leaves no room for text beside the tokenizer's {room} special "
                              "tokens ([CLS], [SEP]): raise --max-seq-len")  # fmt: skip
-        tok.enable_truncation(limit)
         encs = tok.encode_batch(texts)
         self._cut += sum(bool(e.overflowing) for e in encs)
         return [e.ids or [0] for e in encs]

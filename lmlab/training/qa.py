@@ -28,7 +28,7 @@ from lmlab.errors import LmlabError
 from lmlab.messages import say, warn
 from lmlab.pairs import bucket_batches, pad_batch
 from lmlab.qa_data import QAExample, read_qa
-from lmlab.tokenizer import load_tokenizer, train_tokenizer
+from lmlab.tokenizer import load_tokenizer, train_tokenizer, truncating
 from lmlab.training.buckets import BucketPlan
 from lmlab.training.trainer import Trainer, _Progress
 
@@ -120,10 +120,8 @@ class QATrainer(BucketPlan, Trainer):
     def _windows(self, examples: list[QAExample]) -> list[tuple[list[int], list[int], int, int]]:
         """(ids, type ids, start, end) of every window of every question."""
         limit = unwrap(self.model).config.max_seq_len
-        tok = Tokenizer.from_str(self.tok.to_str())
-        tok.no_padding()
-        plain = Tokenizer.from_str(tok.to_str())  # for a question's length: no truncation
-        plain.no_truncation()
+        tok = truncating(self.tok)
+        plain = truncating(self.tok)  # for a question's length: no truncation
         specials = tok.post_processor.num_special_tokens_to_add(True) if tok.post_processor is not None else 0
         out, skipped = [], []
         for ex in examples:
