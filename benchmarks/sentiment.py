@@ -194,12 +194,13 @@ def main() -> None:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in a.set:
         key, eq, value = item.partition("=")
-        if not eq or key.replace("-", "_") not in fields:
+        key = key.replace("-", "_")
+        if not eq or key not in fields:
             ap.error(f"--set {item}: give KEY=VALUE with KEY an lmlab.train option (e.g. weight_decay=1.0)")
         try:
-            extra[key.replace("-", "_")] = json.loads(value)
+            extra[key] = json.loads(value)
         except json.JSONDecodeError:
-            extra[key.replace("-", "_")] = value
+            extra[key] = value
     out = Path(a.out)
     print(f"load average before: {os.getloadavg()}")
     for dataset in a.datasets.split(","):
