@@ -215,7 +215,9 @@ def main() -> None:
         Q = ARGS.quantize
         if Q != "none":
             models[Q] = (lmlab.load(str(folder), quantize=Q), None)
-        cases = [(dt, b) for dt in models for b in batches]
+        # batch by batch, the quantized model right after the float ones: its ratio to lmlab
+        # bf16 compares runs seconds apart (this machine drifts between fast and slow phases)
+        cases = [(dt, b) for b in batches for dt in models]
         texts = {b: prompts(b, P, seed=b) for b in batches}
         ids = {b: torch.tensor([models[dtypes[0]][0].encode(t) for t in texts[b]]) for b in batches}
         assert all(x.shape == (b, P) for b, x in ids.items()), "prompt tokenization"
@@ -279,9 +281,18 @@ def main() -> None:
             tag = "same" if check == "identical" else ("-" if check == "-" else "DIFFER")
             print(f"{dt + ' b' + str(b):<14}{lm_tps:>12.1f}{(hf_tps or 0):>10.1f}{ratio}   {tag:<8}"
                   f"{ach:>10.1f}  {ach / bw:5.0%}")  # fmt: skip
-            rounds = "  ".join(f"{x:.1f}/{y:.1f}" for x, y in zip(times[(dt, b, "lmlab")], times.get((dt, b, "hf"), [])))
-            if rounds:
+            if (dt, b, "hf") in times:
+                rounds = "  ".join(f"{x:.1f}/{y:.1f}" for x, y in zip(times[(dt, b, "lmlab")], times[(dt, b, "hf")]))
                 print(f"    rounds, lmlab/HF tok/s: {rounds}")
+            else:
+                print(f"    rounds, lmlab tok/s: {'  '.join(f'{x:.1f}' for x in times[(dt, b, 'lmlab')])}")
+            if dt == Q and (base := times.get(("bf16", b, "lmlab"))):
+                # the measure: the quantized model against lmlab bf16, round by round
+                # (the two ran minutes apart at most, in the same phase of the machine)
+                per = [x / y for x, y in zip(times[(dt, b, "lmlab")], base)]
+                row["vs_lmlab_bf16"] = per
+                print(f"    {dt} / lmlab bf16: median {statistics.median(per):.2f}x, rounds "
+                      f"{'  '.join(f'{x:.2f}x' for x in per)}")  # fmt: skip
             if tag == "DIFFER":
                 print(f"    first difference: {check}")
             row["tokens"] = check

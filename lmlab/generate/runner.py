@@ -77,7 +77,8 @@ class Runner:
         self.sliding = False
         self.warned = False
         fast = fastpath.prepare(model)  # on the CPU: oneDNN matmuls, unless model.fast_decoding is False
-        self.unroll = bool(fast) and fastpath.unobserved(model)  # one-token steps without module calls
+        # one-token steps without module calls (an int8/int4 model's layers are not FastLinear)
+        self.unroll = (bool(fast) or fastpath.quantized(model)) and fastpath.unobserved(model)
         self.keep, self.bias = None, None
         if fast and not getattr(model, "screen_output", True):
             screen.prepare(model, on=False)  # its int8/bf16 copy goes too

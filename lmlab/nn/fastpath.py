@@ -353,6 +353,16 @@ def unroll_step(module: nn.Module, new_tokens: int, cache: object) -> bool:
     return new_tokens == 1 and cache is not None and unrolled() and not module.training and not torch.is_grad_enabled()
 
 
+def quantized(model: nn.Module) -> bool:
+    """``model``'s linear layers are int8 or int4 (:mod:`lmlab.nn.quantize`, ``.int4``): none is
+    a :class:`FastLinear` for :func:`prepare` to count, but they decode on kernels of their own,
+    and the unrolled one-token step serves them as it serves the fast path (unless
+    ``model.fast_decoding`` is False)."""
+    return bool(getattr(model, "fast_decoding", True)) and any(
+        getattr(m, "quantized_layer", False) for m in model.modules()
+    )
+
+
 def unobserved(model: nn.Module) -> bool:
     """Nothing watches the model's modules run: no forward hooks (lmlab.inspection's neuron
     traces use them), no attention recording its weights or set to the explicit path, no
@@ -396,4 +406,4 @@ def works() -> bool:
     return _WORKS
 
 
-__all__ = ["FastLinear", "available", "enable", "prepare", "unobserved", "unroll_step", "unrolled", "unrolling", "works"]
+__all__ = ["FastLinear", "available", "enable", "prepare", "quantized", "unobserved", "unroll_step", "unrolled", "unrolling", "works"]

@@ -81,6 +81,8 @@ class Int4Linear(nn.Module):
     rows padded to a multiple of 16) or ``codes`` (int8 holding q − 8, where the kernel cannot
     serve), ``scales_and_zeros`` (groups, rows, 2) bf16, ``bias`` or None. Inference only."""
 
+    quantized_layer = True  # (lmlab.nn.fastpath.quantized: the unrolled decoding step serves it)
+
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size

@@ -79,6 +79,8 @@ class QuantLinear(nn.Module):
     in the dtype of the layer it replaced. Inference only (nothing here has a gradient).
     """
 
+    quantized_layer = True  # (lmlab.nn.fastpath.quantized: the unrolled decoding step serves it)
+
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
@@ -129,7 +131,10 @@ class QuantLinear(nn.Module):
         fast_cpu = self.fast and x.device.type == "cpu"
         rows, numel = x.numel() // max(1, self.in_features), self.out_features * self.in_features
         own = fast_cpu and self._native_serves(x)
-        if own and rows <= (NATIVE_MAX_ROWS if numel <= DEQUANTIZE_MAX else NATIVE_MAX_ROWS_BIG):
+        big = numel > DEQUANTIZE_MAX
+        if own and (rows <= (NATIVE_MAX_ROWS_BIG if big else NATIVE_MAX_ROWS) or (big and self._blocked())):
+            # (an output layer whose codes are blocked for the kernel: any number of rows, 8
+            # at a time, rather than a oneDNN copy made in their place)
             y = self._native(x)
             if y is not None:
                 return y
@@ -140,6 +145,8 @@ class QuantLinear(nn.Module):
             # after it) and a bf16 product take 21 ms
             b = None if self.bias is None else self.bias.to(torch.bfloat16)
             q, packed = self._state()
+            if isinstance(packed, native.Blocked):
+                q, packed = packed.dense(), None
             if packed is not None:
                 # the codes live in oneDNN's copy, which reads back as qᵀ: Ŵᵀ = qᵀ ⊙ s from it
                 # (no transposing copy), and x Ŵᵀ as a plain product with it
@@ -189,20 +196,47 @@ class QuantLinear(nn.Module):
 
     def _native(self, x: Tensor) -> Tensor | None:
         """Decoding's few rows on lmlab's own kernel (:mod:`lmlab.nn.native`: the codes widened
-        to fp32 in registers, the input kept in fp32, no copy of the codes); None where it
-        cannot serve (then oneDNN's or PyTorch's int8 kernel, as the rest of ``forward``)."""
-        q, packed = self._state()
-        if packed is not None or q is None:
+        to fp32 in registers, the input kept in fp32), from the codes blocked in its order
+        (:meth:`_blocked_copy`, in place of the plain codes); None where it cannot serve (then
+        oneDNN's or PyTorch's int8 kernel, as the rest of ``forward``)."""
+        blocked = self._blocked_copy()
+        if blocked is None:
             return None
         shape = x.shape
-        y = native.int8_linear(x.reshape(-1, shape[-1]), q, self.scale, self.bias)
+        y = native.int8_linear(x.reshape(-1, shape[-1]), blocked, self.scale, self.bias)
         return None if y is None else y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _blocked(self) -> bool:
+        return isinstance(self._state()[1], native.Blocked)
+
+    def _blocked_copy(self) -> native.Blocked | None:
+        """The codes in the native kernel's order (:func:`lmlab.nn.native.block`), made once and
+        then standing in place of the plain codes, as oneDNN's copy does (``qweight`` holds a
+        1-byte stand-in; reading it gives the codes back): held once, the same N·K bytes.
+        None where oneDNN's copy holds them already, or the codes are not plain CPU int8."""
+        q, held = self._state()
+        if held is not None:
+            return held if isinstance(held, native.Blocked) else None
+        if q is None or q.dtype != torch.int8 or q.dim() != 2 or q.device.type != "cpu" or q.shape[1] % 16:
+            return None
+        with torch.inference_mode(False):  # (plain tensors, whatever mode decoding runs in)
+            blocked = native.block(q)
+            stand_in = torch.zeros((), dtype=torch.int8).expand(q.shape)
+        with _lock:
+            if self._buffers["qweight"] is not q or self.__dict__.get("_held") is not None:
+                return None  # assigned anew, or copied by another thread meanwhile: this call plain
+            self._held = (blocked, stand_in)
+            self._buffers["qweight"] = stand_in
+        del q
+        freed(self.out_features * self.in_features)
+        return blocked
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
-    #: oneDNN's packed copy of the codes and the stand-in that replaced them in ``qweight``
-    _held: tuple[Tensor, Tensor] | None = None
+    #: the copy of the codes that replaced them in ``qweight`` (the native kernel's blocked
+    #: codes, or oneDNN's packed copy) and the stand-in that holds their place
+    _held: tuple[Tensor | native.Blocked, Tensor] | None = None
     #: the codes (address, write counter) oneDNN's kernel failed its check on: not tried again
     _failed: tuple[int, int] | None = None
 
@@ -261,7 +295,7 @@ class QuantLinear(nn.Module):
             return None
         q, packed = self._state()
         if packed is not None:
-            return packed
+            return None if isinstance(packed, native.Blocked) else packed
         key = copy_key(q)
         if key is None or key == self._failed:  # an inference tensor, or codes that failed before
             return None
@@ -318,10 +352,13 @@ class QuantLinear(nn.Module):
         return y[:n].add_(y[n:], alpha=1 / 127).div_(f)
 
 
-def _dense_codes(packed: Tensor) -> Tensor:
-    """q from oneDNN's packed copy (``to_dense`` gives qᵀ exactly: a reorder, no arithmetic),
-    as a plain tensor even inside inference mode (its writes counted: see ``copy_key``)."""
+def _dense_codes(packed: Tensor | native.Blocked) -> Tensor:
+    """q from the copy that replaced it: the native kernel's blocked codes, or oneDNN's packed
+    copy (``to_dense`` gives qᵀ exactly: a reorder, no arithmetic), as a plain tensor even
+    inside inference mode (its writes counted: see ``copy_key``)."""
     with torch.inference_mode(False):
+        if isinstance(packed, native.Blocked):
+            return packed.dense()
         return packed.to_dense().t().contiguous()
 
 

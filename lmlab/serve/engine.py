@@ -74,7 +74,7 @@ class Engine:
         self._calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
         # the decoding loop's fast paths (lmlab.generate.runner): oneDNN products, and for the
         # batch's one-token steps the unrolled step and the screened output layer (_fast_paths)
-        self._fast = bool(fastpath.prepare(self.module))
+        self._fast = bool(fastpath.prepare(self.module)) or fastpath.quantized(self.module)
         self._screen: tuple[int, Tensor | None] | None = None  # screen.prepare's, once it is wanted
         self._closed = False
         self._logged, self._logged_at = (0, 0), 0.0

@@ -1,0 +1,100 @@
+"""lmlab's int8 decoding kernel, one product at a time: the weights of decoding, cache-cold.
+
+A decoding step reads each weight once from memory, so what matters is how fast a kernel
+streams a weight it has not seen for a while. Each case multiplies ``rows`` rows of x by
+enough different weights of one shape (~600 MB in all, far past the caches) in turn, and
+reports the best of ``--rounds`` passes per product and as GB/s of the weight's bytes:
+
+- lmlab's kernel (``lmlab.nn.native``) on the codes blocked in its order, as an int8 layer
+  holds them;
+- bf16 ``F.linear`` on oneDNN's packed weight (what a bf16 model decodes with);
+- ``torch._weight_int8pack_mm``, PyTorch's int8-weight kernel (what int8 used before);
+
+and the machine's bandwidth (``torch.sum`` over 1 GB) at the start of each round.
+
+    .venv/bin/python benchmarks/int8_kernel.py               # Qwen2-0.5B's and GPT-2's shapes, 1 and 8 rows, ~1 min
+    .venv/bin/python benchmarks/int8_kernel.py --rows 1 --shapes 4864x896
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lmlab  # noqa: E402, F401, I001  (before torch: lmlab sets libgomp's spin)
+import torch  # noqa: E402, I001
+import torch.nn.functional as F  # noqa: E402
+from roofline import memory_bandwidth  # noqa: E402
+
+from lmlab.nn import native  # noqa: E402
+from lmlab.nn.int8 import quantize_rows  # noqa: E402
+
+SHAPES = "9728x896,4864x896,896x4864,1152x896,896x896,151936x896,2304x768,3072x768,768x3072"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=SHAPES, help="comma-separated out×in (Qwen2-0.5B's, then GPT-2's)")
+    p.add_argument("--rows", default="1,8", help="comma-separated rows of x (batch)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--megabytes", type=int, default=600, help="int8 bytes of distinct weights per shape")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+def timed(fn, weights: list) -> float:  # noqa: ANN001 - a product of x with one weight
+    t = time.perf_counter()
+    for w in weights:
+        fn(w)
+    return (time.perf_counter() - t) / len(weights)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if not native.available():
+        sys.exit("lmlab's int8 kernel is not built here (no g++, no AVX-512, or LMLAB_NATIVE=0)")
+    big = torch.ones(256 << 20)
+    print(f"torch {torch.__version__}, {args.threads} threads; best of {args.rounds} rounds, cache-cold")
+    print(f"{'rows':>4} {'weight':>12} {'lmlab int8':>18} {'bf16 F.linear':>18} {'_weight_int8pack_mm':>20}  int8/bf16")
+    bws = []
+    for spec in args.shapes.split(","):
+        n_out, n_in = map(int, spec.split("x"))
+        count = max(2, args.megabytes * 10**6 // (n_out * n_in))
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(count):
+            q, s = quantize_rows(torch.randn(n_out, n_in))
+            w16 = (q.float() * s[:, None]).to(torch.bfloat16)
+            layers.append((native.block(q), s, q, torch.ops.mkldnn._reorder_linear_weight(w16, 1)))
+        ones = torch.ones(n_out, dtype=torch.bfloat16)
+        for rows in map(int, args.rows.split(",")):
+            x = torch.randn(rows, n_in)
+            xb = x.to(torch.bfloat16)
+            best = {"int8": [], "bf16": [], "pack": []}
+            for _ in range(args.rounds):
+                bws.append(memory_bandwidth(big))
+                best["int8"].append(timed(lambda L: native.int8_linear(x, L[0], L[1], None), layers))
+                best["bf16"].append(
+                    timed(lambda L: torch.ops.mkldnn._linear_pointwise(xb, L[3], None, "none", [], ""), layers)
+                )
+                best["pack"].append(timed(lambda L: torch._weight_int8pack_mm(xb, L[2], ones), layers))
+            t = {k: min(v) for k, v in best.items()}
+
+            def cell(sec: float, nbytes: int) -> str:
+                return f"{sec * 1e3:7.3f} ms {nbytes / sec / 1e9:5.1f} GB/s"
+
+            n = n_out * n_in
+            print(f"{rows:>4} {spec:>12} {cell(t['int8'], n):>18} {cell(t['bf16'], 2 * n):>18} "
+                  f"{cell(t['pack'], n):>20}  {t['bf16'] / t['int8']:6.2f}x")  # fmt: skip
+        del layers
+    print(f"\nmemory bandwidth (torch.sum over 1 GB, best of 5): median {statistics.median(bws):.1f} GB/s, "
+          f"range {min(bws):.1f}-{max(bws):.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
