@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lmlab  # noqa: E402, F401, I001  (before torch: lmlab sets libgomp's spin)
 import torch  # noqa: E402, I001
-import torch.nn.functional as F  # noqa: E402
 from roofline import memory_bandwidth  # noqa: E402
 
 from lmlab.nn import native  # noqa: E402
@@ -78,11 +77,11 @@ def main() -> None:
             best = {"int8": [], "bf16": [], "pack": []}
             for _ in range(args.rounds):
                 bws.append(memory_bandwidth(big))
-                best["int8"].append(timed(lambda L: native.int8_linear(x, L[0], L[1], None), layers))
+                best["int8"].append(timed(lambda L, x=x: native.int8_linear(x, L[0], L[1], None), layers))
                 best["bf16"].append(
-                    timed(lambda L: torch.ops.mkldnn._linear_pointwise(xb, L[3], None, "none", [], ""), layers)
+                    timed(lambda L, xb=xb: torch.ops.mkldnn._linear_pointwise(xb, L[3], None, "none", [], ""), layers)
                 )
-                best["pack"].append(timed(lambda L: torch._weight_int8pack_mm(xb, L[2], ones), layers))
+                best["pack"].append(timed(lambda L, xb=xb, ones=ones: torch._weight_int8pack_mm(xb, L[2], ones), layers))
             t = {k: min(v) for k, v in best.items()}
 
             def cell(sec: float, nbytes: int) -> str:

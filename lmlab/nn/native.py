@@ -198,4 +198,42 @@ def int8_linear(x: Tensor, q: Tensor | Blocked, scale: Tensor, bias: Tensor | No
     return y if rc == 0 else None
 
 
-__all__ = ["Blocked", "available", "block", "cpu_flags", "int8_linear"]
+class Bound:
+    """:func:`int8_linear` for one layer's blocked codes, fp32 scales and bias, checked once:
+    each call then checks only the input (an fp32 CPU matrix of the right width) — a decoding
+    step makes ~100 of these products, and the full checks cost ~15 µs each, as much as the
+    product of a small weight. The tensors are held here, so their memory stays valid; the
+    layer drops this when it lets go of any of them."""
+
+    __slots__ = ("args", "n", "k", "tensors")
+
+    def __init__(self, q: Blocked, scale: Tensor, bias: Tensor | None) -> None:
+        self.tensors = (q.codes, scale, bias)
+        self.n, self.k = q.rows, q.cols
+        self.args = (q.codes.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
+
+    @staticmethod
+    def make(q: Blocked, scale: Tensor, bias: Tensor | None) -> Bound | None:
+        """None unless every piece is what the kernel reads raw: contiguous fp32 CPU scales and
+        bias of the right length, and the kernel built."""
+        ok = all(
+            t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" and t.numel() == q.rows)
+            for t in (scale, bias)
+        )
+        return Bound(q, scale, bias) if ok and available() and q.cols % 16 == 0 else None
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        """(x qᵀ) ⊙ s + b for x (..., K) fp32 on the CPU, contiguous; None for any other x."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape[-1] != self.k:
+            return None
+        rows = x.numel() // self.k
+        if rows < 1:
+            return None
+        y = torch.empty(*x.shape[:-1], self.n)
+        q, s, b = self.args
+        assert _lib is not None
+        rc = _lib.lmlab_int8_linear(x.data_ptr(), q, s, b, y.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
+        return y if rc == 0 else None
+
+
+__all__ = ["Blocked", "Bound", "available", "block", "cpu_flags", "int8_linear"]

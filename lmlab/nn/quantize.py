@@ -128,6 +128,15 @@ class QuantLinear(nn.Module):
             # a gradient through the layer (to x; the codes have none): the formula, whose
             # backward autograd knows (the kernels below have none)
             return self._formula(x)
+        bound = self.__dict__.get("_bound")
+        if bound is not None and x.numel() <= bound[1] * self.in_features:
+            # a decoding step's product, on the kernel bound to these very codes, scales and bias
+            d = self.__dict__
+            b = self._buffers
+            if bound[0] is d.get("_held") and b["qweight"] is bound[0][1] and b["scale"] is bound[2] and b["bias"] is bound[3]:
+                y = bound[4](x)
+                if y is not None:
+                    return y
         fast_cpu = self.fast and x.device.type == "cpu"
         rows, numel = x.numel() // max(1, self.in_features), self.out_features * self.in_features
         own = fast_cpu and self._native_serves(x)
@@ -204,6 +213,13 @@ class QuantLinear(nn.Module):
             return None
         shape = x.shape
         y = native.int8_linear(x.reshape(-1, shape[-1]), blocked, self.scale, self.bias)
+        held, scale, bias = self.__dict__.get("_held"), self._buffers["scale"], self._buffers["bias"]
+        now = self.__dict__.get("_bound")
+        if y is not None and (now is None or now[0] is not held or now[2] is not scale or now[3] is not bias):
+            call = native.Bound.make(blocked, scale, bias) if held is not None and held[0] is blocked else None
+            if call is not None:  # the next calls skip the checks above (see forward)
+                big = self.out_features * self.in_features > DEQUANTIZE_MAX
+                self._bound = (held, 1 << 62 if big else NATIVE_MAX_ROWS, scale, bias, call)
         return None if y is None else y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _blocked(self) -> bool:
@@ -223,9 +239,9 @@ class QuantLinear(nn.Module):
             blocked = native.block(q)
             stand_in = torch.zeros((), dtype=torch.int8).expand(q.shape)
         with _lock:
-            if self._buffers["qweight"] is not q or self.__dict__.get("_held") is not None:
+            if self._buffers["qweight"] is not q or self._state()[1] is not None:
                 return None  # assigned anew, or copied by another thread meanwhile: this call plain
-            self._held = (blocked, stand_in)
+            self._held, self._bound = (blocked, stand_in), None
             self._buffers["qweight"] = stand_in
         del q
         freed(self.out_features * self.in_features)
@@ -237,6 +253,8 @@ class QuantLinear(nn.Module):
     #: the copy of the codes that replaced them in ``qweight`` (the native kernel's blocked
     #: codes, or oneDNN's packed copy) and the stand-in that holds their place
     _held: tuple[Tensor | native.Blocked, Tensor] | None = None
+    #: (``_held``, most rows, scale, bias, the kernel bound to them): see ``forward``
+    _bound: tuple | None = None
     #: the codes (address, write counter) oneDNN's kernel failed its check on: not tried again
     _failed: tuple[int, int] | None = None
 
@@ -263,12 +281,13 @@ class QuantLinear(nn.Module):
         return self._state()[1] is not None
 
     def unpack(self) -> None:
-        """Put the codes back in ``qweight`` and drop oneDNN's copy (made again when needed)."""
+        """Put the codes back in ``qweight`` and drop the copy that replaced them (blocked, or
+        oneDNN's; made again when needed) with the kernel bound to it."""
         with _lock:
             q, packed = self._state()
             if packed is not None:
                 self._buffers["qweight"] = _dense_codes(packed)
-            self._held = None
+            self._held = self._bound = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -281,7 +300,7 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = {k: v for k, v in state.items() if k != "_held"}  # pickled, deep-copied with its codes
+        state = {k: v for k, v in state.items() if k not in ("_held", "_bound")}  # pickled, deep-copied with its codes
         state["_buffers"] = {**state["_buffers"], "qweight": self._codes()}
         return state
 
@@ -318,7 +337,7 @@ class QuantLinear(nn.Module):
         with _lock:
             if self._buffers["qweight"] is q:  # (not assigned anew meanwhile)
                 stand_in = torch.zeros((), dtype=torch.int8).expand(q.shape)
-                self._held = (packed, stand_in)
+                self._held, self._bound = (packed, stand_in), None
                 self._buffers["qweight"] = stand_in
         del q
         freed(self.out_features * self.in_features)

@@ -23,6 +23,20 @@ def reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor
     return y if b is None else y + b.double()
 
 
+def kernel_calls(monkeypatch) -> list[int]:
+    """The rows of x of each call into the compiled kernel, from here on (every path to it)."""
+    assert native.available()
+    calls, lib = [], native._lib
+
+    class Spy:
+        def lmlab_int8_linear(self, *args):  # (x, q, s, b, y, M, N, K, threads)
+            calls.append(args[5])
+            return lib.lmlab_int8_linear(*args)
+
+    monkeypatch.setattr(native, "_lib", Spy())
+    return calls
+
+
 @needs_kernel
 def test_the_kernel_builds_where_it_can():
     assert native.available()
@@ -99,9 +113,7 @@ def test_an_int8_layer_decodes_on_it_from_its_codes_blocked_in_their_place(monke
     from lmlab.nn import quantize as Q
 
     monkeypatch.setattr(Q, "ONEDNN_MIN_WEIGHT", 0)  # (oneDNN would take any size)
-    calls = []
-    real = native.int8_linear
-    monkeypatch.setattr(native, "int8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    calls = kernel_calls(monkeypatch)
     torch.manual_seed(2)
     ql = QuantLinear.from_linear(nn.Linear(64, 301))
     q = ql.qweight.clone()
@@ -194,9 +206,7 @@ def test_rows_past_the_kernels_take_the_dequantized_product_and_no_copy_is_made(
     codes were blocked for it first (decoding), then every product."""
     from lmlab.nn import quantize as Q
 
-    calls = []
-    real = native.int8_linear
-    monkeypatch.setattr(native, "int8_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    calls = kernel_calls(monkeypatch)
     torch.manual_seed(5)
     ql = QuantLinear.from_linear(nn.Linear(64, 300))
     for rows in (Q.NATIVE_MAX_ROWS, Q.NATIVE_MAX_ROWS + 1, 200):
@@ -244,3 +254,38 @@ def test_built_without_a_home_and_with_a_compiler_given_with_flags(monkeypatch, 
     q = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
     x, s = torch.randn(2, 32), torch.rand(5)
     assert torch.allclose(native.int8_linear(x, q, s, None).double(), reference(x, q, s, None), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_kernel_bound_to_a_layer_follows_what_is_assigned_and_lets_go():
+    """After its first product a layer calls the kernel bound to its blocked codes, scales and
+    bias (few checks a call); codes, scales or a bias assigned anew, or scales written in
+    place, give the new products; reading the codes back drops the binding and its memory."""
+    import weakref
+
+    torch.manual_seed(7)
+    ql = QuantLinear.from_linear(nn.Linear(64, 40))
+
+    def check(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            got = ql(x)
+        want = reference(x, ql._codes(), ql.scale, ql.bias)
+        assert got.dtype == x.dtype and torch.allclose(got.double(), want, rtol=1e-2 if x.dtype != torch.float32 else 1e-5, atol=1e-4)
+
+    x = torch.randn(3, 1, 64)
+    check(x)
+    assert ql.__dict__.get("_bound") is not None
+    ql.scale.mul_(2.0)  # in place: the bound kernel reads it
+    check(x)
+    ql.scale = torch.rand(40)  # a new tensor
+    check(x)
+    ql.bias = torch.randn(40)
+    check(x)
+    ql.qweight = torch.randint(-127, 128, (40, 64), dtype=torch.int8)  # new codes (not blocked yet)
+    check(x)
+    check(x.to(torch.bfloat16))  # other inputs take the checked path
+    check(torch.randn(64, 3).T)  # (not contiguous)
+    blocked = weakref.ref(ql.__dict__["_held"][0].codes)
+    ql.qweight  # noqa: B018 - reading the codes puts them back
+    assert ql.__dict__.get("_bound") is None and blocked() is None
+    check(x)
