@@ -10,8 +10,8 @@ and widens them to fp32 in registers,
 
 from the codes *blocked* (:func:`block`: four rows interleaved 16 codes at a time, so that
 each cache line holds one step of the loop and a thread reads one stream front to back):
-31–34 GB/s cache-cold on a 2-core AMD EPYC where ``torch.sum`` reads ~35, against 16 GB/s
-for four plain rows read at once (896-wide weights).
+22–31 GB/s cache-cold on a 2-core AMD EPYC where ``torch.sum`` reads ~31–35, against ~16
+GB/s for four plain rows read at once on 896-wide weights (``benchmarks/int8_kernel.py``).
 
 It is built with the system's C++ compiler (``g++``, or ``$CXX``) into ``$LMLAB_CACHE/kernels``
 (default ``~/.cache/lmlab``; a folder under the temporary directory if that cannot be written)
@@ -191,7 +191,7 @@ def int8_linear(x: Tensor, q: Tensor | Blocked, scale: Tensor, bias: Tensor | No
     x = x.float().contiguous()
     s = scale.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
+    y = torch.empty(M, N, dtype=torch.float32, device="cpu")
     assert _lib is not None
     rc = _lib.lmlab_int8_linear(x.data_ptr(), codes.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(),
                                 y.data_ptr(), M, N, K, torch.get_num_threads())  # fmt: skip
@@ -199,40 +199,53 @@ def int8_linear(x: Tensor, q: Tensor | Blocked, scale: Tensor, bias: Tensor | No
 
 
 class Bound:
-    """:func:`int8_linear` for one layer's blocked codes, fp32 scales and bias, checked once:
-    each call then checks only the input (an fp32 CPU matrix of the right width) — a decoding
-    step makes ~100 of these products, and the full checks cost ~15 µs each, as much as the
-    product of a small weight. The tensors are held here, so their memory stays valid; the
-    layer drops this when it lets go of any of them."""
+    """:func:`int8_linear` for one layer's blocked codes, fp32 scales and bias, checked in full
+    once: each call then checks only the input (an fp32 CPU matrix of the right width) and
+    that each tensor is still what the kernel reads raw (its dtype, size and contiguity; its
+    address is read afresh, so storage swapped under the same tensor, ``t.data = ...``, is
+    followed) — a decoding step makes ~100 of these products, and the full checks cost
+    ~15 µs each, as much as the product of a small weight."""
 
-    __slots__ = ("args", "n", "k", "tensors")
+    __slots__ = ("codes", "k", "n", "scale", "bias")
 
     def __init__(self, q: Blocked, scale: Tensor, bias: Tensor | None) -> None:
-        self.tensors = (q.codes, scale, bias)
+        self.codes, self.scale, self.bias = q.codes, scale, bias
         self.n, self.k = q.rows, q.cols
-        self.args = (q.codes.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
 
     @staticmethod
     def make(q: Blocked, scale: Tensor, bias: Tensor | None) -> Bound | None:
-        """None unless every piece is what the kernel reads raw: contiguous fp32 CPU scales and
-        bias of the right length, and the kernel built."""
-        ok = all(
-            t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" and t.numel() == q.rows)
-            for t in (scale, bias)
-        )
-        return Bound(q, scale, bias) if ok and available() and q.cols % 16 == 0 else None
+        """None unless the kernel is built and every piece is what it reads raw: int8 codes
+        of N·K numbers (N ≥ 1, K a positive multiple of 16), contiguous fp32 scales and bias of
+        N numbers, all on the CPU."""
+        if q.rows < 1 or q.cols < 16 or q.cols % 16 or not available():
+            return None
+        bound = Bound(q, scale, bias)
+        return bound if bound._pointers() is not None else None
+
+    def _pointers(self) -> tuple[int, int, int | None] | None:
+        """The three addresses, or None if a tensor is no longer what the kernel reads."""
+        c, s, b = self.codes, self.scale, self.bias
+        if c.dtype != torch.int8 or c.numel() != self.n * self.k or not c.is_contiguous() or c.device.type != "cpu":
+            return None
+        for t in (s, b):
+            if t is not None and (
+                t.dtype != torch.float32 or t.numel() != self.n or not t.is_contiguous() or t.device.type != "cpu"
+            ):
+                return None
+        return c.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr()
 
     def __call__(self, x: Tensor) -> Tensor | None:
-        """(x qᵀ) ⊙ s + b for x (..., K) fp32 on the CPU, contiguous; None for any other x."""
+        """(x qᵀ) ⊙ s + b for x (..., K) fp32 on the CPU, contiguous; None for any other x (or
+        a tensor that changed: see the class)."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape[-1] != self.k:
             return None
         rows = x.numel() // self.k
-        if rows < 1:
+        ptrs = self._pointers() if rows >= 1 else None
+        if ptrs is None:
             return None
-        y = torch.empty(*x.shape[:-1], self.n)
-        q, s, b = self.args
+        y = torch.empty(*x.shape[:-1], self.n, dtype=torch.float32, device="cpu")
         assert _lib is not None
-        rc = _lib.lmlab_int8_linear(x.data_ptr(), q, s, b, y.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
+        rc = _lib.lmlab_int8_linear(x.data_ptr(), *ptrs, y.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
         return y if rc == 0 else None
 
 

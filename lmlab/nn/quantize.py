@@ -26,7 +26,6 @@ with ``F.linear`` — the formula above, spelled out.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -39,6 +38,7 @@ from lmlab.nn import int8, native
 from lmlab.nn.fastpath import copy_key, freed, trim
 from lmlab.nn.int4 import GROUP_SIZE, Int4Linear, finite_float
 from lmlab.nn.int8 import quantize_rows
+from lmlab.nn.int8_blocked import LOCK, BlockedCodes
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 
@@ -61,8 +61,8 @@ DEQUANTIZE_MAX = 2**25
 NATIVE_MAX_ROWS, NATIVE_MAX_ROWS_BIG = 32, 8
 
 
-#: guards the swap of a layer's codes and its oneDNN copy (one pair, never one without the other)
-_lock = threading.RLock()
+#: guards the swap of a layer's codes and the copy that replaces them (one pair, never one without the other)
+_lock = LOCK
 
 #: rows of W quantized at a time (from_linear): at most this many, and at most
 #: QUANTIZE_BYTES of them in fp32 (quantize_rows makes a few transients of that size)
@@ -72,7 +72,7 @@ QUANTIZE_ROWS, QUANTIZE_BYTES = 4096, 4 << 20
 CHECK_ROWS = 512
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(BlockedCodes, nn.Module):
     """A linear layer with int8 weights and one float32 scale per output channel.
 
     Buffers: ``qweight`` (out, in) int8, ``scale`` (out,) float32, ``bias`` (out,) or None,
@@ -131,9 +131,14 @@ class QuantLinear(nn.Module):
         bound = self.__dict__.get("_bound")
         if bound is not None and x.numel() <= bound[1] * self.in_features:
             # a decoding step's product, on the kernel bound to these very codes, scales and bias
-            d = self.__dict__
-            b = self._buffers
-            if bound[0] is d.get("_held") and b["qweight"] is bound[0][1] and b["scale"] is bound[2] and b["bias"] is bound[3]:
+            d, b = self.__dict__, self._buffers
+            if (
+                bound[0] is d.get("_held")
+                and b["qweight"] is bound[0][1]
+                and b["scale"] is bound[2]
+                and b.get("bias") is bound[3]
+                and not self._plain_written()
+            ):
                 y = bound[4](x)
                 if y is not None:
                     return y
@@ -213,39 +218,9 @@ class QuantLinear(nn.Module):
             return None
         shape = x.shape
         y = native.int8_linear(x.reshape(-1, shape[-1]), blocked, self.scale, self.bias)
-        held, scale, bias = self.__dict__.get("_held"), self._buffers["scale"], self._buffers["bias"]
-        now = self.__dict__.get("_bound")
-        if y is not None and (now is None or now[0] is not held or now[2] is not scale or now[3] is not bias):
-            call = native.Bound.make(blocked, scale, bias) if held is not None and held[0] is blocked else None
-            if call is not None:  # the next calls skip the checks above (see forward)
-                big = self.out_features * self.in_features > DEQUANTIZE_MAX
-                self._bound = (held, 1 << 62 if big else NATIVE_MAX_ROWS, scale, bias, call)
+        if y is not None and "bias" not in self._parameters:  # (a bias made a Parameter: not bound)
+            self._bind(blocked, 1 << 62 if self.out_features * self.in_features > DEQUANTIZE_MAX else NATIVE_MAX_ROWS)
         return None if y is None else y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def _blocked(self) -> bool:
-        return isinstance(self._state()[1], native.Blocked)
-
-    def _blocked_copy(self) -> native.Blocked | None:
-        """The codes in the native kernel's order (:func:`lmlab.nn.native.block`), made once and
-        then standing in place of the plain codes, as oneDNN's copy does (``qweight`` holds a
-        1-byte stand-in; reading it gives the codes back): held once, the same N·K bytes.
-        None where oneDNN's copy holds them already, or the codes are not plain CPU int8."""
-        q, held = self._state()
-        if held is not None:
-            return held if isinstance(held, native.Blocked) else None
-        if q is None or q.dtype != torch.int8 or q.dim() != 2 or q.device.type != "cpu" or q.shape[1] % 16:
-            return None
-        with torch.inference_mode(False):  # (plain tensors, whatever mode decoding runs in)
-            blocked = native.block(q)
-            stand_in = torch.zeros((), dtype=torch.int8).expand(q.shape)
-        with _lock:
-            if self._buffers["qweight"] is not q or self._state()[1] is not None:
-                return None  # assigned anew, or copied by another thread meanwhile: this call plain
-            self._held, self._bound = (blocked, stand_in), None
-            self._buffers["qweight"] = stand_in
-        del q
-        freed(self.out_features * self.in_features)
-        return blocked
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -253,8 +228,6 @@ class QuantLinear(nn.Module):
     #: the copy of the codes that replaced them in ``qweight`` (the native kernel's blocked
     #: codes, or oneDNN's packed copy) and the stand-in that holds their place
     _held: tuple[Tensor | native.Blocked, Tensor] | None = None
-    #: (``_held``, most rows, scale, bias, the kernel bound to them): see ``forward``
-    _bound: tuple | None = None
     #: the codes (address, write counter) oneDNN's kernel failed its check on: not tried again
     _failed: tuple[int, int] | None = None
 
@@ -270,6 +243,10 @@ class QuantLinear(nn.Module):
         by another thread between the two reads would pair the stand-in with no copy."""
         with _lock:
             held, q = self.__dict__.get("_held"), self._buffers.get("qweight")
+            if held is not None and q is held[1] and isinstance(held[0], native.Blocked) and self._plain_written():
+                q = self.__dict__["_plain"][0]()  # written through a reference taken before: the layer's codes
+                self._buffers["qweight"], self._held, self._bound, self._plain = q, None, None, None
+                return q, None
             return (q, held[0]) if held is not None and q is held[1] else (q, None)
 
     def _codes(self) -> Tensor:
@@ -286,8 +263,11 @@ class QuantLinear(nn.Module):
         with _lock:
             q, packed = self._state()
             if packed is not None:
-                self._buffers["qweight"] = _dense_codes(packed)
-            self._held = self._bound = None
+                plain = self._plain[0]() if isinstance(packed, native.Blocked) and self._plain else None
+                # the very tensor the blocked codes replaced, if someone still holds it (its
+                # numbers: a write into it since would have put it back already), else a copy
+                self._buffers["qweight"] = plain if plain is not None else _dense_codes(packed)
+            self._held = self._bound = self._plain = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -300,7 +280,7 @@ class QuantLinear(nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = {k: v for k, v in state.items() if k not in ("_held", "_bound")}  # pickled, deep-copied with its codes
+        state = {k: v for k, v in state.items() if k not in ("_held", "_bound", "_plain")}  # pickled, deep-copied with its codes
         state["_buffers"] = {**state["_buffers"], "qweight": self._codes()}
         return state
 
@@ -410,7 +390,7 @@ def quantize_model(module: nn.Module, method: str = "int8", group_size: int = GR
             else:  # int8, or a width the int4 groups do not divide: int8 (one scale a row)
                 kept_int8 += method == "int4"
                 quantized = QuantLinear.from_linear(lin, name)
-            setattr(parent, child, quantized.to(lin.weight.device))
+            setattr(parent, child, quantized.to(lin.weight.device).train(lin.training))
             if id(lin.weight) not in shared:  # (a tied output layer's W is the embedding's: it stays)
                 freed(lin.weight.numel() * lin.weight.element_size())
             del lin

@@ -43,7 +43,7 @@ def test_the_kernel_builds_where_it_can():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17])
 @pytest.mark.parametrize("out_features", [1, 4, 37, 300])  # four at a time, and the rest
 @pytest.mark.parametrize("in_features", [16, 48, 896])
 @pytest.mark.parametrize("bias", [False, True])
@@ -289,3 +289,87 @@ def test_the_kernel_bound_to_a_layer_follows_what_is_assigned_and_lets_go():
     ql.qweight  # noqa: B018 - reading the codes puts them back
     assert ql.__dict__.get("_bound") is None and blocked() is None
     check(x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_the_bound_kernel_writes_fp32_whatever_the_default_dtype(default):
+    torch.manual_seed(8)
+    ql = QuantLinear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        ql(x)  # (binds)
+        try:
+            torch.set_default_dtype(default)
+            got = ql(x)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    assert ql.__dict__.get("_bound") is not None and got.dtype == torch.float32
+    assert torch.allclose(got.double(), reference(x, ql._codes(), ql.scale, ql.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_storage_swapped_under_a_bound_tensor_and_a_bias_made_a_parameter_are_followed():
+    torch.manual_seed(9)
+    ql = QuantLinear.from_linear(nn.Linear(64, 40))
+    x = torch.randn(2, 64)
+
+    def check() -> None:
+        with torch.inference_mode():
+            got = ql(x)
+        assert torch.allclose(got.double(), reference(x, ql._codes(), ql.scale, ql.bias), rtol=1e-5, atol=1e-5)
+
+    check()
+    ql.scale.data = ql.scale.data * 2  # new storage under the same tensor: the old one is freed
+    check()
+    ql.bias.data = torch.randn(40, dtype=torch.float64)  # not fp32 any more: the checked path
+    check()
+    ql.bias = nn.Parameter(torch.randn(40))  # out of the buffers
+    check()
+
+
+@needs_kernel
+def test_codes_written_through_a_reference_taken_before_decoding_are_the_layers():
+    """``w = layer.qweight`` taken before the codes were blocked in their place: a write into
+    w is the layer's (``__getattr__``'s promise), read at the next call."""
+    torch.manual_seed(10)
+    ql = QuantLinear.from_linear(nn.Linear(64, 40))
+    w = ql.qweight
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        ql(x)
+    assert isinstance(ql.__dict__["_held"][0], native.Blocked)
+    w[:5] = -w[:5]
+    with torch.inference_mode():
+        got = ql(x)
+    assert torch.allclose(got.double(), reference(x, w, ql.scale, ql.bias), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ql.state_dict()["qweight"], w)
+    assert ql.qweight is w  # (the codes put back are the very tensor held outside)
+
+
+@needs_kernel
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_model_takes_the_unrolled_step_with_the_module_paths_tokens(tmp_path, method):
+    """int8/int4 models decode on the unrolled one-token step (no module calls), as oneDNN
+    models do, and give the module path's tokens (``fast_decoding = False`` turns it off)."""
+    from helpers import tiny_checkpoint
+
+    import lmlab
+    from lmlab.models import transformer
+
+    ckpt = tiny_checkpoint(
+        tmp_path / "ckpt", d_model=64, d_ff=128, n_head=4, n_kv_head=2, pos="rope", norm="rmsnorm", gated_mlp=True
+    )
+    lm = lmlab.load(ckpt, quantize=method)
+    steps = []
+    real = transformer.Block.step
+    transformer.Block.step = lambda self, *a: steps.append(1) or real(self, *a)
+    try:
+        fast = lm.generate("hello", max_new_tokens=12, do_sample=False)
+        unrolled = len(steps)
+        lm.module.fast_decoding = False
+        plain = lm.generate("hello", max_new_tokens=12, do_sample=False)
+    finally:
+        transformer.Block.step = real
+    assert unrolled > 0 and len(steps) == unrolled  # the second run took the module path
+    assert fast == plain
