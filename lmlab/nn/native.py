@@ -143,9 +143,18 @@ class Blocked(NamedTuple):
 
     def dense(self) -> Tensor:
         """The plain (N, K) codes back (a copy; a reordering, no arithmetic)."""
+        return self.dense_rows(0, self.rows)
+
+    def dense_rows(self, i: int, j: int) -> Tensor:
+        """Plain codes of rows i..j−1 (a copy), i a multiple of 4, j a multiple of 4 or N."""
         n4, k = self.rows - self.rows % 4, self.cols
-        head = self.codes[: n4 * k].view(n4 // 4, k // 16, 4, 16).permute(0, 2, 1, 3).reshape(n4, k)
-        return torch.cat([head, self.codes[n4 * k :].view(-1, k)])
+        parts = []
+        if min(j, n4) > i:
+            b = min(j, n4)
+            parts.append(self.codes[i * k : b * k].view((b - i) // 4, k // 16, 4, 16).permute(0, 2, 1, 3).reshape(b - i, k))
+        if j > n4:
+            parts.append(self.codes[max(i, n4) * k : j * k].view(-1, k))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def block(q: Tensor) -> Blocked:

@@ -59,6 +59,9 @@ DEQUANTIZE_MAX = 2**25
 #: dequantize (no oneDNN copy is made). An output-layer-sized weight (> DEQUANTIZE_MAX),
 #: which is not dequantized, takes the kernel up to 8 rows and oneDNN's above.
 NATIVE_MAX_ROWS, NATIVE_MAX_ROWS_BIG = 32, 8
+#: rows up to which an output-layer-sized weight whose codes are blocked (it has decoded) stays
+#: on the kernel; more (a long sequence's logits): BlockedCodes._from_blocked
+BLOCKED_MAX_ROWS_BIG = 64
 
 
 #: guards the swap of a layer's codes and the copy that replaces them (one pair, never one without the other)
@@ -146,12 +149,15 @@ class QuantLinear(BlockedCodes, nn.Module):
         rows, numel = x.numel() // max(1, self.in_features), self.out_features * self.in_features
         own = fast_cpu and self._native_serves(x)
         big = numel > DEQUANTIZE_MAX
-        if own and (rows <= (NATIVE_MAX_ROWS_BIG if big else NATIVE_MAX_ROWS) or (big and self._blocked())):
-            # (an output layer whose codes are blocked for the kernel: any number of rows, 8
-            # at a time, rather than a oneDNN copy made in their place)
+        blocked = big and fast_cpu and self._blocked()
+        if own and (rows <= (NATIVE_MAX_ROWS_BIG if big else NATIVE_MAX_ROWS) or (blocked and rows <= BLOCKED_MAX_ROWS_BIG)):
+            # (an output layer whose codes are blocked for the kernel stays on it rather than
+            # have a oneDNN copy made in their place)
             y = self._native(x)
             if y is not None:
                 return y
+        if blocked and x.numel() > 0 and x.shape[-1] == self.in_features:
+            return self._from_blocked(x)
         dequantize = fast_cpu and rows >= (NATIVE_MAX_ROWS + 1 if own else DEQUANTIZE_ROWS) and numel <= DEQUANTIZE_MAX
         if dequantize:
             # a prefill's many rows: the int8 kernel is a matrix-vector kernel at heart (512 rows
@@ -219,7 +225,7 @@ class QuantLinear(BlockedCodes, nn.Module):
         shape = x.shape
         y = native.int8_linear(x.reshape(-1, shape[-1]), blocked, self.scale, self.bias)
         if y is not None and "bias" not in self._parameters:  # (a bias made a Parameter: not bound)
-            self._bind(blocked, 1 << 62 if self.out_features * self.in_features > DEQUANTIZE_MAX else NATIVE_MAX_ROWS)
+            self._bind(blocked, BLOCKED_MAX_ROWS_BIG if self.out_features * self.in_features > DEQUANTIZE_MAX else NATIVE_MAX_ROWS)
         return None if y is None else y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

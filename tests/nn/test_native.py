@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmlab.nn import int8, native
+from lmlab.nn import int8, int8_blocked, native
 from lmlab.nn.quantize import QuantLinear
 
 #: where the kernel can be built it must be: a machine with the compiler and the CPU for it
@@ -144,6 +144,8 @@ def test_the_blocked_order_is_four_rows_interleaved_16_codes_at_a_time(rows, col
     b = native.block(q)
     assert b.codes.shape == (rows * cols,) and (b.rows, b.cols) == (rows, cols)
     assert torch.equal(b.dense(), q)
+    for i in range(0, rows, 8):  # row ranges, across the N mod 4 plain rows at the end
+        assert torch.equal(b.dense_rows(i, min(rows, i + 8)), q[i : i + 8])
     n4 = rows - rows % 4
     for n in range(rows):  # where the kernel reads code (n, k): by hand
         for k in (0, cols - 1, 17 % cols):
@@ -203,7 +205,8 @@ def test_rows_past_the_kernels_take_the_dequantized_product_and_no_copy_is_made(
     """Up to NATIVE_MAX_ROWS rows: the kernel; more: Ŵ in bf16 for the call (faster there:
     the kernel reads the codes once per 8 rows), never oneDNN's copy, which would take the
     codes from the kernel. An output-layer-sized weight: the kernel up to 8 rows unless its
-    codes were blocked for it first (decoding), then every product."""
+    codes were blocked for it first (decoding), then up to BLOCKED_MAX_ROWS_BIG rows, and more
+    by Ŵ in bf16 made from the blocked codes a chunk of rows at a time."""
     from lmlab.nn import quantize as Q
 
     calls = kernel_calls(monkeypatch)
@@ -222,15 +225,24 @@ def test_rows_past_the_kernels_take_the_dequantized_product_and_no_copy_is_made(
         ql(torch.randn(Q.NATIVE_MAX_ROWS_BIG + 1, 64))  # first more rows: not on the kernel
         ql(torch.randn(Q.NATIVE_MAX_ROWS_BIG, 64))
     assert calls == [Q.NATIVE_MAX_ROWS_BIG] or (int8.exact_sums() and not calls)  # (or oneDNN's copy took the codes)
-    ql = QuantLinear.from_linear(nn.Linear(64, 300))  # blocked first (decoding): then any rows on the kernel
+    # blocked first (decoding): then up to BLOCKED_MAX_ROWS_BIG rows on the kernel, more by Ŵ
+    # in bf16 made from the blocked codes a chunk of rows of W at a time (no copy in their place)
+    monkeypatch.setattr(int8_blocked, "BLOCKED_CHUNK", 24)  # several chunks, the last with the N mod 4 tail
+    ql = QuantLinear.from_linear(nn.Linear(64, 301))
     q = ql.qweight.clone()
+    monkeypatch.setattr(Q, "DEQUANTIZE_MAX", 64 * 301 - 1)
     calls.clear()
-    for rows in (1, Q.NATIVE_MAX_ROWS_BIG + 1, 200):
+    for rows in (1, Q.NATIVE_MAX_ROWS_BIG + 1, Q.BLOCKED_MAX_ROWS_BIG, Q.BLOCKED_MAX_ROWS_BIG + 1, 200):
         x = torch.randn(rows, 64)
         with torch.inference_mode():
             got = ql(x)
-        assert torch.allclose(got.double(), reference(x, q, ql.scale, ql.bias), rtol=1e-5, atol=1e-5)
-    assert calls == [1, Q.NATIVE_MAX_ROWS_BIG + 1, 200] and isinstance(ql.__dict__["_held"][0], native.Blocked)
+        want = reference(x, q, ql.scale, ql.bias)
+        if rows <= Q.BLOCKED_MAX_ROWS_BIG:
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+        else:
+            assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()  # bf16's rounding at most
+    assert calls == [1, Q.NATIVE_MAX_ROWS_BIG + 1, Q.BLOCKED_MAX_ROWS_BIG]
+    assert isinstance(ql.__dict__["_held"][0], native.Blocked)
 
 
 @needs_kernel
