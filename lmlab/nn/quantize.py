@@ -57,7 +57,8 @@ DEQUANTIZE_MAX = 2**25
 #: it reads the codes once per 8 rows, so from ~32 rows dequantizing to bf16 is faster
 #: (4,864 × 896: 1.57 vs 1.76 ms at 32 rows, 3.04 vs 1.84 at 64); above, those products
 #: dequantize (no oneDNN copy is made). An output-layer-sized weight (> DEQUANTIZE_MAX),
-#: which is not dequantized, takes the kernel up to 8 rows and oneDNN's above.
+#: which is not dequantized whole, takes the kernel up to 8 rows and oneDNN's above — unless
+#: its codes are blocked (it has decoded): then BLOCKED_MAX_ROWS_BIG, below.
 NATIVE_MAX_ROWS, NATIVE_MAX_ROWS_BIG = 32, 8
 #: rows up to which an output-layer-sized weight whose codes are blocked (it has decoded) stays
 #: on the kernel; more (a long sequence's logits): BlockedCodes._from_blocked

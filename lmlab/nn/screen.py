@@ -22,6 +22,9 @@ asks. Two screens:
 - **int8** (:class:`_Int8Copy`, a quarter of W's bytes), where the CPU has int8 dot products
   whose sums are exact (VNNI, AMX): Ŵ_v = s_v·q_v per row, x̂ = a·q_x, and
   b_v = ‖x‖‖W_v − Ŵ_v‖ + ‖x − x̂‖‖Ŵ_v‖ + 2⁻²¹|ẑ_v| (Cauchy–Schwarz on the exact residuals).
+- **native** (:class:`_NativeCopy`) for a bf16 head where lmlab's own int8 kernel is built:
+  the same codes, blocked, multiplied by x in fp32 (no quantized input), b_v = ‖x‖‖W_v − Ŵ_v‖
+  + 2γ_d‖x‖‖Ŵ_v‖ + 2⁻²²|ẑ_v|.
 - **bf16** (:class:`_Bf16Copy`, half the bytes) elsewhere: ẑ = bf16(x)·bf16(W)ᵀ and
   b_v = ε‖x‖‖W_v‖ + 2u|ẑ_v|, the standard bound for a dot product of rounded inputs (Higham,
   *Accuracy and Stability of Numerical Algorithms*, §3.1).
@@ -46,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.nn import fastpath, int8
+from lmlab.nn import fastpath, int8, native
 from lmlab.nn.fastpath import FastLinear, copy_key
 
 #: bf16's unit roundoff (8 significant bits, round to nearest)
@@ -220,9 +223,64 @@ class _Int8Copy:
         return z, b
 
 
+class _NativeCopy:
+    """A bf16 head's screen on lmlab's own int8 kernel (:mod:`lmlab.nn.native`): the per-row
+    codes Ŵ_v = s_v·q_v of :class:`_Int8Copy`, blocked in the kernel's order (a quarter of W's
+    bytes, read at ~30 GB/s where oneDNN's int8 kernel reads ~18 after quantizing x), and x kept
+    in fp32 — no ‖x − x̂‖ term:
+
+        ẑ_v = fl(s_v · fl(Σ_k x_k q_vk))          fp32 sums (FMAs; q widened exactly)
+        |z_v − ẑ_v| ≤ ‖x‖ r_v + 2γ_d ‖x‖ m_v + 2⁻²²|ẑ_v|
+
+    x·(W_v − Ŵ_v) by Cauchy–Schwarz (r_v = ‖W_v − Ŵ_v‖); an fp32 sum of d products in any order
+    is within γ_d Σ|x_k Ŵ_vk| ≤ γ_d ‖x‖ m_v (Higham §3.1; m_v = ‖Ŵ_v‖), doubled for the
+    roundings of the bound's own arithmetic; the scaling by s_v rounds once (2⁻²⁴|ẑ|, taken
+    4×). One row at a time (a bf16 head is screened at ``MAX_ROWS_BF16`` = 1)."""
+
+    def __init__(self, w: Tensor) -> None:
+        V, d = w.shape
+        if d % 16 or not native.available():
+            raise RuntimeError("lmlab's int8 kernel is not built here, or d is not a multiple of 16")
+        self.scale, self.r, self.m = torch.empty(V), torch.empty(V), torch.empty(V)
+        codes = torch.empty(V * d, dtype=torch.int8)
+        step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)  # a multiple of 4 rows: blocks stay whole
+        for lo in range(0, V, step):  # one part's plain codes at a time beside the blocked ones
+            hi = min(V, lo + step)
+            q = torch.empty(hi - lo, d, dtype=torch.int8)
+            for i in range(lo, hi, CHUNK):
+                rows = slice(i, min(hi, i + CHUNK))
+                q[i - lo : rows.stop - lo], self.r[rows], self.m[rows], self.scale[rows] = _Int8Copy._codes(w[rows])
+            codes[lo * d : hi * d] = native.block(q).codes  # (rows lo.. blocked are that stretch)
+            del q
+        self.blocked = native.Blocked(codes, V, d)
+        self.gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)
+
+    def check(self, w: Tensor) -> bool:
+        """On the fixed one-row input, the kernel's error against x·W_v is within the bound."""
+        x = _probes(w.shape[1])[0]
+        z, b = self.approx(x)
+        for i in range(0, w.shape[0], CHUNK):
+            part = slice(i, i + CHUNK)
+            exact = F.linear(x.double(), w[part].double())
+            if not bool(((z[:, part].double() - exact).abs() <= b[:, part].double()).all()):
+                return False
+        return True
+
+    def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = native.int8_linear(x, self.blocked, self.scale, None) if x.shape[0] <= MAX_ROWS_BF16 else None
+        if z is None:  # more rows than it screens, or the kernel refused: no bound (the plain product)
+            nan = torch.full((x.shape[0], self.blocked.rows), float("nan"))
+            return nan, nan.clone()
+        nx = _norms(x)
+        return z, z.abs().mul_(2.0**-22).addcmul_(self.r, nx).addcmul_(self.m, nx * self.gamma)
+
+
 #: None: the int8 screen where oneDNN's int8 kernel sums exactly (VNNI or AMX), else the
 #: bf16 one; True/False force it (tests)
 INT8: bool | None = None
+#: None: a bf16 head screens on lmlab's own int8 kernel (_NativeCopy) where it is built;
+#: False: not (tests)
+NATIVE: bool | None = None
 
 
 def int8_screen() -> bool:
@@ -241,7 +299,7 @@ class ScreenedLinear(FastLinear):
     int8 exactly, else bf16 in oneDNN's layout) with what its bound needs, made on first use
     and remade when W changes (dropped when the model trains)."""
 
-    _screen: _Int8Copy | _Bf16Copy | None = None
+    _screen: _NativeCopy | _Int8Copy | _Bf16Copy | None = None
     _screen_key: tuple[int, int] | None = None
     _screen_src: object = None  # W's storage: held, so its address is not reused while the copy lives
     _screen_ok: bool = True
@@ -261,7 +319,7 @@ class ScreenedLinear(FastLinear):
         out = self._screened(x.reshape(rows, x.shape[-1]).float(), copy, *state)
         return super().forward(x) if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _copy(self) -> _Int8Copy | _Bf16Copy | None:
+    def _copy(self) -> _NativeCopy | _Int8Copy | _Bf16Copy | None:
         w = self.weight
         key = copy_key(w)
         if key is None or not w.is_contiguous():
@@ -274,7 +332,8 @@ class ScreenedLinear(FastLinear):
             if self._screen_key is not None and self._screen_key[0] == key[0] and not self._screen_ok:
                 return None  # this very weight failed the check before
             copy = None
-            kinds = [_Int8Copy] if int8_screen() else []
+            kinds = [_NativeCopy] if w.dtype == torch.bfloat16 and NATIVE is not False and native.available() else []
+            kinds += [_Int8Copy] if int8_screen() else []
             kinds += [_Bf16Copy] if w.dtype == torch.float32 else []  # a bf16 copy of a bf16 W saves nothing
             for kind in kinds:
                 try:
@@ -290,7 +349,9 @@ class ScreenedLinear(FastLinear):
             fastpath.trim()  # the build's transients, back to the system
             return copy
 
-    def _screened(self, x: Tensor, copy: _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None) -> Tensor | None:
+    def _screened(
+        self, x: Tensor, copy: _NativeCopy | _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None
+    ) -> Tensor | None:
         z, b = copy.approx(x)
         V = z.shape[1]
         parts = [t.float() for t in (bias, self.bias) if t is not None]  # in fp32: no rounding of their sum

@@ -15,7 +15,7 @@ from helpers import tiny_model
 from torch import nn
 
 from lmlab.generate import GenerationConfig, sample
-from lmlab.nn import fastpath, screen
+from lmlab.nn import fastpath, native, screen
 from lmlab.nn.screen import ScreenedLinear
 
 pytestmark = pytest.mark.skipif(not fastpath.works(), reason="no oneDNN linear in this build")
@@ -44,7 +44,17 @@ def small(monkeypatch, request):
     without VNNI/AMX use)."""
     monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
     monkeypatch.setattr(screen, "INT8", request.param == "int8")
+    monkeypatch.setattr(screen, "NATIVE", False)  # (a bf16 head's screen on lmlab's kernel: its own tests)
     return request.param
+
+
+BF16_KERNELS = ["onednn"] + (["lmlab"] if native.available() else [])  # a bf16 head's int8 screen
+
+
+def bf16_kernel(kernel: str, monkeypatch) -> type:
+    """Screen bf16 heads with oneDNN's int8 kernel (_Int8Copy) or lmlab's own (_NativeCopy)."""
+    monkeypatch.setattr(screen, "NATIVE", None if kernel == "lmlab" else False)
+    return screen._NativeCopy if kernel == "lmlab" else screen._Int8Copy
 
 
 def owner(V: int = 3000, d: int = 64, bias: bool = False) -> Owner:
@@ -86,8 +96,9 @@ def test_the_argmax_and_the_candidates_logits_are_the_fp32_products(small, rows,
     assert torch.isfinite(plain).all() and torch.allclose(plain.double(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
 @pytest.mark.parametrize("rows", [1, 4])
-def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, rows, monkeypatch):
+def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, rows, monkeypatch, kernel):
     """A bf16 model's head (int8 screen only) returns what a bf16 kernel returns at the
     candidates — each logit rounded to bf16 — so the argmax, first of equal values included,
     is the plain path's. Reference: the exact product (fp64) rounded to bf16. Made so that
@@ -95,6 +106,7 @@ def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, 
     if small != "int8":
         pytest.skip("a bf16 weight is screened by the int8 copy only")
     monkeypatch.setattr(screen, "MAX_ROWS_BF16", screen.MAX_ROWS)  # several rows too (by default: one)
+    kind = bf16_kernel(kernel, monkeypatch)
     m = Owner(3000, 64).eval()
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) * 2
     with torch.no_grad():
@@ -106,7 +118,7 @@ def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, 
     xb = x.to(torch.bfloat16)
     got = run(m, xb)
     ref = reference(m, xb).to(torch.bfloat16)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.bfloat16 and type(m.lm_head._screen) is kind
     assert int((ref[0] == ref[0].max()).sum()) > 1, "no tie to break"
     assert torch.equal(got.float().argmax(-1), ref.float().argmax(-1))
     finite = torch.isfinite(got)
@@ -115,12 +127,14 @@ def test_a_bf16_head_gives_the_bf16_logits_and_the_first_of_equal_maxima(small, 
     assert torch.equal(got.float().argmax(-1), m(xb).float().argmax(-1))  # the plain bf16 kernel's choice
 
 
-def test_a_bf16_logits_bias_that_rounds_logits_together_still_gives_the_first_of_them(small):
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
+def test_a_bf16_logits_bias_that_rounds_logits_together_still_gives_the_first_of_them(small, kernel, monkeypatch):
     """bf16(z + 1024) is the same number for logits z a few units apart (bf16's step at 1024
     is 8): the plain path then picks the first of those tokens, not the largest z. The screen
     must keep all of them as candidates to reproduce that."""
     if small != "int8":
         pytest.skip("a bf16 weight is screened by the int8 copy only")
+    kind = bf16_kernel(kernel, monkeypatch)
     m = owner(V=3000, d=64, bias=True)
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -134,7 +148,7 @@ def test_a_bf16_logits_bias_that_rounds_logits_together_still_gives_the_first_of
     with torch.no_grad():
         plain = m(xb).float()
     assert int(plain.argmax()) == 0 and float(plain[0, 0]) == float(plain[0, 7])
-    assert int(run(m, xb).float().argmax()) == 0
+    assert int(run(m, xb).float().argmax()) == 0 and type(m.lm_head._screen) is kind
 
 
 @pytest.mark.parametrize("gap", [3e-5, -3e-5, 2e-4, -2e-4])
@@ -362,7 +376,8 @@ def test_greedy_decoding_with_the_screen_equals_the_plain_model(small, monkeypat
     assert "_screen" not in model.lm_head.__dict__  # the bf16 copy is gone too
 
 
-def test_greedy_decoding_of_a_bf16_model_equals_its_plain_kernels(small, monkeypatch):
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
+def test_greedy_decoding_of_a_bf16_model_equals_its_plain_kernels(small, monkeypatch, kernel):
     """A bf16 decoder-only model screened (int8 copy) chooses the tokens its plain bf16 output
     layer chooses, near-ties included: 40 prompts with an output layer of wide logits, 16
     tokens each, against the same model with the screen off; and as one batch."""
@@ -370,6 +385,7 @@ def test_greedy_decoding_of_a_bf16_model_equals_its_plain_kernels(small, monkeyp
         pytest.skip("a bf16 weight is screened by the int8 copy only")
     monkeypatch.setattr(screen, "MAX_CANDIDATES", 1.0)
     monkeypatch.setattr(screen, "MAX_ROWS_BF16", screen.MAX_ROWS)  # the batch of 40 stays plain: > 32 rows
+    kind = bf16_kernel(kernel, monkeypatch)
     model = tiny_model(vocab_size=2048, d_model=64, n_head=4, tie_embeddings=False).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
@@ -390,6 +406,36 @@ def test_greedy_decoding_of_a_bf16_model_equals_its_plain_kernels(small, monkeyp
         return out
 
     screened = tokens(True)
-    assert "_screen" in model.lm_head.__dict__, "the screen never ran"
+    assert type(model.lm_head.__dict__.get("_screen")) is kind, "the screen never ran"
     assert screened == tokens(False)
     assert tokens(True, batch=True) == screened
+
+
+@pytest.mark.skipif(not native.available(), reason="lmlab's int8 kernel is not built here")
+def test_lmlabs_kernel_screens_a_bf16_head_within_its_bound_and_a_broken_bound_is_refused(monkeypatch):
+    """_NativeCopy: its ẑ is within b of x·W_v computed in fp64 (inputs of very different sizes,
+    a vocabulary that is not a multiple of 4); its codes take V·d bytes; more rows than it
+    screens give no bound (the plain product); and a bound made too tight fails its check."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(3001, 64, generator=g) * 0.3).to(torch.bfloat16)
+    copy = screen._NativeCopy(w)
+    assert copy.check(w) and copy.blocked.codes.numel() == 3001 * 64
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(1, 64, generator=g) * scale
+        z, b = copy.approx(x)
+        exact = F.linear(x.double(), w.double())
+        assert bool(((z.double() - exact).abs() <= b.double()).all())
+        assert float(b.max()) < 0.05 * float(exact.abs().max())  # a bound that separates
+    z, b = copy.approx(torch.randn(2, 64))  # two rows: a bf16 head screens one
+    assert torch.isnan(z).all() and torch.isnan(b).all()
+    real = screen._NativeCopy.approx
+    monkeypatch.setattr(screen._NativeCopy, "approx", lambda self, x: (lambda z, b: (z, b * 1e-4))(*real(self, x)))
+    assert not screen._NativeCopy(w).check(w)
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    m = Owner(3000, 64).eval().to(torch.bfloat16)
+    assert fastpath.enable(m) >= 1 and screen.prepare(m)[0] == 1
+    xb = torch.randn(1, 64, generator=g).to(torch.bfloat16)
+    out = run(m, xb)
+    fallback = screen._Int8Copy if screen.int8_screen() else type(None)
+    assert type(m.lm_head.__dict__.get("_screen")) is fallback
+    assert int(out.float().argmax()) == int(m(xb).float().argmax())
