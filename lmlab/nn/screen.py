@@ -230,18 +230,21 @@ class _NativeCopy:
     in fp32 — no ‖x − x̂‖ term:
 
         ẑ_v = fl(s_v · fl(Σ_k x_k q_vk))          fp32 sums (FMAs; q widened exactly)
-        |z_v − ẑ_v| ≤ ‖x‖ r_v + 2γ_d ‖x‖ m_v + 2⁻²²|ẑ_v|
+        |z_v − ẑ_v| ≤ ‖x‖ r_v + 2γ_d ‖x‖ m_v + 2⁻²²|ẑ_v| + 2⁻¹⁴⁰
 
     x·(W_v − Ŵ_v) by Cauchy–Schwarz (r_v = ‖W_v − Ŵ_v‖); an fp32 sum of d products in any order
-    is within γ_d Σ|x_k Ŵ_vk| ≤ γ_d ‖x‖ m_v (Higham §3.1; m_v = ‖Ŵ_v‖), doubled for the
-    roundings of the bound's own arithmetic; the scaling by s_v rounds once (2⁻²⁴|ẑ|, taken
-    4×). One row at a time (a bf16 head is screened at ``MAX_ROWS_BF16`` = 1)."""
+    is within γ_d Σ|x_k Ŵ_vk| ≤ γ_d ‖x‖ m_v (Higham §3.1; m_v = ‖Ŵ_v‖; the kernel's longest
+    chain of roundings is d/16 + 4), doubled; the scaling by s_v rounds once (2⁻²⁴|ẑ|, taken
+    4×), and 2⁻¹⁴⁰ for fp32's subnormal range. The bound is computed in fp64 from fp64 r_v,
+    m_v and ‖x‖, widened, then rounded to fp32. A ẑ that overflowed (a finite x with huge
+    entries) gives no bound: the plain product."""
 
     def __init__(self, w: Tensor) -> None:
         V, d = w.shape
         if d % 16 or not native.available():
             raise RuntimeError("lmlab's int8 kernel is not built here, or d is not a multiple of 16")
-        self.scale, self.r, self.m = torch.empty(V), torch.empty(V), torch.empty(V)
+        self.scale = torch.empty(V)
+        r, m = torch.empty(V, dtype=torch.float64), torch.empty(V, dtype=torch.float64)
         codes = torch.empty(V * d, dtype=torch.int8)
         step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)  # a multiple of 4 rows: blocks stay whole
         for lo in range(0, V, step):  # one part's plain codes at a time beside the blocked ones
@@ -249,30 +252,43 @@ class _NativeCopy:
             q = torch.empty(hi - lo, d, dtype=torch.int8)
             for i in range(lo, hi, CHUNK):
                 rows = slice(i, min(hi, i + CHUNK))
-                q[i - lo : rows.stop - lo], self.r[rows], self.m[rows], self.scale[rows] = _Int8Copy._codes(w[rows])
+                q[i - lo : rows.stop - lo], r[rows], m[rows], self.scale[rows] = _Int8Copy._codes(w[rows])
             codes[lo * d : hi * d] = native.block(q).codes  # (rows lo.. blocked are that stretch)
             del q
         self.blocked = native.Blocked(codes, V, d)
         self.gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)
+        self.m = m
+        self.rm = r.add_(m, alpha=self.gamma)  # r_v + 2γ_d m_v, in fp64
 
     def check(self, w: Tensor) -> bool:
-        """On the fixed one-row input, the kernel's error against x·W_v is within the bound."""
+        """On the fixed one-row input: the kernel's sums are within their own rounding term of
+        s_v·(x·q_v) in fp64 (a layout or kernel error is off by far more), and ẑ within the
+        bound of x·W_v."""
         x = _probes(w.shape[1])[0]
         z, b = self.approx(x)
+        nx = torch.linalg.vector_norm(x.double())
         for i in range(0, w.shape[0], CHUNK):
-            part = slice(i, i + CHUNK)
+            part = slice(i, min(w.shape[0], i + CHUNK))
+            q = self.blocked.dense_rows(part.start, part.stop).double()
+            got = z[:, part].double()
+            want = F.linear(x.double(), q) * self.scale[part].double()
+            own = self.m[part] * (self.gamma * nx) + got.abs() * 2.0**-22 + 2.0**-140
+            if not bool(((got - want).abs() <= own).all()):
+                return False
             exact = F.linear(x.double(), w[part].double())
-            if not bool(((z[:, part].double() - exact).abs() <= b[:, part].double()).all()):
+            if not bool(((got - exact).abs() <= b[:, part].double()).all()):
                 return False
         return True
 
     def approx(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = native.int8_linear(x, self.blocked, self.scale, None) if x.shape[0] <= MAX_ROWS_BF16 else None
-        if z is None:  # more rows than it screens, or the kernel refused: no bound (the plain product)
+        if z is None or not bool(torch.isfinite(z).all()):  # more rows than a bf16 head screens (1),
+            # the kernel refused, or a sum overflowed: no bound (the plain product)
             nan = torch.full((x.shape[0], self.blocked.rows), float("nan"))
             return nan, nan.clone()
-        nx = _norms(x)
-        return z, z.abs().mul_(2.0**-22).addcmul_(self.r, nx).addcmul_(self.m, nx * self.gamma)
+        nx = torch.linalg.vector_norm(x.double(), dim=-1, keepdim=True)
+        b = (self.rm * nx).add_(z.double().abs(), alpha=2.0**-22).mul_(1 + 2.0**-20).add_(2.0**-140)
+        return z, b.float()
 
 
 #: None: the int8 screen where oneDNN's int8 kernel sums exactly (VNNI or AMX), else the
@@ -288,9 +304,11 @@ def int8_screen() -> bool:
 
 
 def screenable(w: Tensor) -> bool:
-    """fp32 weights (either screen); bf16 ones with the int8 screen only (a bf16 copy of a bf16
-    weight would save nothing)."""
-    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and int8_screen())
+    """fp32 weights (either screen); bf16 ones with an int8 screen only, oneDNN's or lmlab's (a
+    bf16 copy of a bf16 weight would save nothing)."""
+    return w.dtype == torch.float32 or (
+        w.dtype == torch.bfloat16 and (int8_screen() or (NATIVE is not False and native.available()))
+    )
 
 
 class ScreenedLinear(FastLinear):
@@ -364,6 +382,7 @@ class ScreenedLinear(FastLinear):
             # choice, first of equal values included.
             cabs = sum(t.abs() for t in parts)
             b.add_(z.abs().add_(b).add_(cabs), alpha=2.0**-6)
+            b.add_(2.0**-132)  # bf16 rounds |z| < 2⁻¹³⁴ to 0: a relative widening alone misses that
         if c is not None:
             z += c
         # fp32 rounding of ẑ + c ± b itself (and of the plain path's own z + c): a relative 2⁻²², generous

@@ -439,3 +439,58 @@ def test_lmlabs_kernel_screens_a_bf16_head_within_its_bound_and_a_broken_bound_i
     fallback = screen._Int8Copy if screen.int8_screen() else type(None)
     assert type(m.lm_head.__dict__.get("_screen")) is fallback
     assert int(out.float().argmax()) == int(m(xb).float().argmax())
+
+
+@pytest.mark.skipif(not native.available(), reason="lmlab's int8 kernel is not built here")
+def test_lmlabs_screen_built_in_parts_and_at_the_edges_of_fp32(monkeypatch):
+    """Built in several parts (the last with V mod 4 rows), the codes are native.block's; an
+    fp32 sum that overflows though the logit is finite, and inputs near fp32's and bf16's
+    underflow, still give the plain bf16 kernel's argmax (or no bound: the plain product)."""
+    monkeypatch.setattr(screen, "PART_BYTES", 1)  # parts of CHUNK rows
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(3001, 32, generator=g) * 0.3).to(torch.bfloat16)
+    copy = screen._NativeCopy(w)
+    from lmlab.nn.int8 import quantize_rows
+
+    assert torch.equal(copy.blocked.codes, native.block(quantize_rows(w.float())[0]).codes) and copy.check(w)
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    monkeypatch.setattr(screen, "NATIVE", None)
+
+    def plain_and_screened(weight: torch.Tensor, x: torch.Tensor) -> tuple[int, int]:
+        m = Owner(*weight.shape).eval().to(torch.bfloat16)
+        with torch.no_grad():
+            m.lm_head.weight.copy_(weight)
+        assert fastpath.enable(m) >= 1 and screen.prepare(m)[0] == 1
+        xb = x.to(torch.bfloat16)
+        got = run(m, xb)
+        return int(m(xb).float().argmax()), int(got.float().argmax())
+
+    big = torch.zeros(3000, 32)
+    big[0, 0], big[0, 16] = -1.0, 1.0  # z₀ = 0 (the largest), but x₀·q₀ = −1e37·127 overflows in its lane
+    big[1:, 0] = big[1:, 16] = -torch.arange(1, 3000) / 3000 * 0.1  # the others below 0, spread out,
+    big[1:, 1] = 1.0  # their largest weight where x is 0: their sums stay finite, and the screen separates
+    x = torch.zeros(1, 32)
+    x[0, 0] = x[0, 16] = 1e37
+    plain, screened = plain_and_screened(big, x)
+    assert screened == plain == 0
+    tiny = torch.zeros(3000, 32)
+    tiny[0, 0], tiny[1, 0] = 2.0**-7, 2.0**-5  # logits 2⁻¹⁴⁰ and 2⁻¹³⁸: both 0 in bf16, a tie
+    x = torch.zeros(1, 32)
+    x[0, 0] = 2.0**-133
+    plain, screened = plain_and_screened(tiny, x)
+    assert screened == plain == 0
+
+
+@pytest.mark.skipif(not native.available(), reason="lmlab's int8 kernel is not built here")
+def test_a_bf16_head_is_screened_on_lmlabs_kernel_without_vnni(monkeypatch):
+    """A CPU with AVX-512 but no exact int8 dot products (no VNNI, no AMX): no oneDNN int8
+    screen, but lmlab's kernel screens the bf16 head."""
+    monkeypatch.setattr(screen, "INT8", False)
+    monkeypatch.setattr(screen, "NATIVE", None)
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    m = Owner(3000, 64).eval().to(torch.bfloat16)
+    assert fastpath.enable(m) >= 1 and screen.prepare(m)[0] == 1
+    xb = torch.randn(1, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    out = run(m, xb)
+    assert type(m.lm_head._screen) is screen._NativeCopy and torch.isfinite(out).sum() < out.numel() / 4
+    assert int(out.float().argmax()) == int(m(xb).float().argmax())
