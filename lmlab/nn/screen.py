@@ -109,6 +109,20 @@ CHUNK = 1024  # rows of W handled at a time while building and checking a copy: 
 PART_BYTES = 32 << 20
 
 
+def _coded_parts(w: Tensor, r: Tensor, m: Tensor, scale: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+    """(lo, hi, q) for W's rows in parts of about PART_BYTES codes (a multiple of CHUNK rows),
+    filling r, m and scale (:meth:`_Int8Copy._codes`) as it goes: one part's codes at a time."""
+    V, d = w.shape
+    step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)
+    for lo in range(0, V, step):
+        hi = min(V, lo + step)
+        q = torch.empty(hi - lo, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
+        for i in range(lo, hi, CHUNK):
+            rows = slice(i, min(hi, i + CHUNK))
+            q[i - lo : rows.stop - lo], r[rows], m[rows], scale[rows] = _Int8Copy._codes(w[rows])
+        yield lo, hi, q
+
+
 class _Bf16Copy:
     """ẑ = bf16(x) · bf16(W)ᵀ on oneDNN (W pre-blocked), b = ε‖x‖‖W_v‖ + 2u|ẑ_v|."""
 
@@ -153,15 +167,8 @@ class _Int8Copy:
         V, d = w.shape
         self.scale, self.r, self.m = torch.empty(V), torch.empty(V), torch.empty(V)
         self.parts: list[tuple[int, int, Tensor]] = []  # (first row, end row, oneDNN's packed codes)
-        step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)
-        for lo in range(0, V, step):  # in parts: the int8 codes and their packed form of one part at a time
-            hi = min(V, lo + step)
-            q = torch.empty(hi - lo, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
-            for i in range(lo, hi, CHUNK):
-                rows = slice(i, min(hi, i + CHUNK))
-                q[i - lo : rows.stop - lo], self.r[rows], self.m[rows], self.scale[rows] = self._codes(w[rows])
+        for lo, hi, q in _coded_parts(w, self.r, self.m, self.scale):  # the codes and their packed form, a part at a time
             self.parts.append((lo, hi, torch.ops.onednn.qlinear_prepack(q, None)))
-            del q
         self.zero = torch.zeros(V, dtype=torch.int32)
 
     @staticmethod
@@ -246,15 +253,8 @@ class _NativeCopy:
         self.scale = torch.empty(V)
         r, m = torch.empty(V, dtype=torch.float64), torch.empty(V, dtype=torch.float64)
         codes = torch.empty(V * d, dtype=torch.int8)
-        step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)  # a multiple of 4 rows: blocks stay whole
-        for lo in range(0, V, step):  # one part's plain codes at a time beside the blocked ones
-            hi = min(V, lo + step)
-            q = torch.empty(hi - lo, d, dtype=torch.int8)
-            for i in range(lo, hi, CHUNK):
-                rows = slice(i, min(hi, i + CHUNK))
-                q[i - lo : rows.stop - lo], r[rows], m[rows], self.scale[rows] = _Int8Copy._codes(w[rows])
+        for lo, hi, q in _coded_parts(w, r, m, self.scale):  # parts of a multiple of 4 rows: blocks stay whole
             codes[lo * d : hi * d] = native.block(q).codes  # (rows lo.. blocked are that stretch)
-            del q
         self.blocked = native.Blocked(codes, V, d)
         self.gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)
         self.m = m
