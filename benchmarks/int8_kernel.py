@@ -1,4 +1,4 @@
-"""lmlab's int8 decoding kernel, one product at a time: the weights of decoding, cache-cold.
+"""lmlab's decoding kernels (int8 and bf16), one product at a time: the weights of decoding, cache-cold.
 
 A decoding step reads each weight once from memory, so what matters is how fast a kernel
 streams a weight it has not seen for a while. Each case multiplies ``rows`` rows of x by
@@ -7,7 +7,10 @@ reports the best of ``--rounds`` passes per product and as GB/s of the weight's 
 
 - lmlab's kernel (``lmlab.nn.native``) on the codes blocked in its order, as an int8 layer
   holds them;
-- bf16 ``F.linear`` on oneDNN's packed weight (what a bf16 model decodes with);
+- bf16 ``F.linear`` on oneDNN's packed weight (what a bf16 model decodes with where lmlab's
+  bf16 kernel is not built);
+- lmlab's bf16 kernel (``lmlab.nn.native_bf16``, CPUs with AVX-512 BF16) on W packed in its
+  order, as a bf16 layer holds it while decoding;
 - ``torch._weight_int8pack_mm``, PyTorch's int8-weight kernel (what int8 used before);
 
 and the machine's bandwidth (``torch.sum`` over 1 GB) at the start of each round.
@@ -29,7 +32,7 @@ import lmlab  # noqa: E402, F401, I001  (before torch: lmlab sets libgomp's spin
 import torch  # noqa: E402, I001
 from roofline import memory_bandwidth  # noqa: E402
 
-from lmlab.nn import native  # noqa: E402
+from lmlab.nn import native, native_bf16  # noqa: E402
 from lmlab.nn.int8 import quantize_rows  # noqa: E402
 
 SHAPES = "9728x896,4864x896,896x4864,1152x896,896x896,151936x896,2304x768,3072x768,768x3072"
@@ -59,7 +62,9 @@ def main() -> None:
         sys.exit("lmlab's int8 kernel is not built here (no g++, no AVX-512, or LMLAB_NATIVE=0)")
     big = torch.ones(256 << 20)
     print(f"torch {torch.__version__}, {args.threads} threads; best of {args.rounds} rounds, cache-cold")
-    print(f"{'rows':>4} {'weight':>12} {'lmlab int8':>18} {'bf16 F.linear':>18} {'_weight_int8pack_mm':>20}  int8/bf16")
+    own16 = native_bf16.available()
+    print(f"{'rows':>4} {'weight':>12} {'lmlab int8':>18} {'bf16 F.linear':>18} {'_weight_int8pack_mm':>20}  int8/bf16"
+          f"{'':>3}{'lmlab bf16':>18}  lmlab/oneDNN bf16")  # fmt: skip
     bws = []
     for spec in args.shapes.split(","):
         n_out, n_in = map(int, spec.split("x"))
@@ -69,12 +74,13 @@ def main() -> None:
         for _ in range(count):
             q, s = quantize_rows(torch.randn(n_out, n_in))
             w16 = (q.float() * s[:, None]).to(torch.bfloat16)
-            layers.append((native.block(q), s, q, torch.ops.mkldnn._reorder_linear_weight(w16, 1)))
+            own = native_bf16.pack(w16) if own16 else None
+            layers.append((native.block(q), s, q, torch.ops.mkldnn._reorder_linear_weight(w16, 1), own))
         ones = torch.ones(n_out, dtype=torch.bfloat16)
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, n_in)
             xb = x.to(torch.bfloat16)
-            best = {"int8": [], "bf16": [], "pack": []}
+            best = {"int8": [], "bf16": [], "pack": [], "own": [0.0]}
             for _ in range(args.rounds):
                 bws.append(memory_bandwidth(big))
                 best["int8"].append(timed(lambda L, x=x: native.int8_linear(x, L[0], L[1], None), layers))
@@ -82,6 +88,10 @@ def main() -> None:
                     timed(lambda L, xb=xb: torch.ops.mkldnn._linear_pointwise(xb, L[3], None, "none", [], ""), layers)
                 )
                 best["pack"].append(timed(lambda L, xb=xb, ones=ones: torch._weight_int8pack_mm(xb, L[2], ones), layers))
+                if own16:
+                    best["own"].append(timed(lambda L, xb=xb: L[4](xb, None), layers))
+            if own16:
+                best["own"].remove(0.0)
             t = {k: min(v) for k, v in best.items()}
 
             def cell(sec: float, nbytes: int) -> str:
@@ -89,7 +99,8 @@ def main() -> None:
 
             n = n_out * n_in
             print(f"{rows:>4} {spec:>12} {cell(t['int8'], n):>18} {cell(t['bf16'], 2 * n):>18} "
-                  f"{cell(t['pack'], n):>20}  {t['bf16'] / t['int8']:6.2f}x")  # fmt: skip
+                  f"{cell(t['pack'], n):>20}  {t['bf16'] / t['int8']:6.2f}x"
+                  + (f"   {cell(t['own'], 2 * n):>18}  {t['bf16'] / t['own']:6.2f}x" if own16 else ""))  # fmt: skip
         del layers
     print(f"\nmemory bandwidth (torch.sum over 1 GB, best of 5): median {statistics.median(bws):.1f} GB/s, "
           f"range {min(bws):.1f}-{max(bws):.1f}")  # fmt: skip

@@ -29,12 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.nn import native_bf16
+
 
 class FastLinear(nn.Linear):
-    """y = x Wᵀ + b, exactly ``nn.Linear``, computed by oneDNN when autograd is off on a CPU.
+    """y = x Wᵀ + b, exactly ``nn.Linear``, computed by oneDNN (bf16: by lmlab's kernel, where it
+    is built) when autograd is off on a CPU.
 
-    The same W (fp32: read in place, no copy; bf16: a copy in oneDNN's blocked layout, made
-    once and remade if W changes). Training, and any forward with autograd on, takes the
+    The same W (fp32: read in place, no copy; bf16: a copy in a packed layout, made once and
+    remade if W changes — lmlab's own, multiplied by :mod:`lmlab.nn.native_bf16`'s kernel, on
+    CPUs with AVX-512 BF16; oneDNN's blocked layout elsewhere). Training, and any forward with autograd on, takes the
     plain path — and drops the bf16 copy, since W is about to change.
 
     A bf16 W that is this layer's alone (not tied to an embedding, not an output layer whose
@@ -42,7 +46,7 @@ class FastLinear(nn.Linear):
     shape and dtype but its data becomes a 2-byte stand-in (NaN broadcast to W's shape), so a
     decoding model holds its weights once, not twice (a Qwen2-0.5B after its first token:
     2.07× → 1.06× its weights' bytes; benchmarks/load_memory.py). W comes back, bit for bit
-    (``to_dense`` is a reorder), whenever it is read through the module: ``layer.weight``,
+    (``to_dense`` is a reorder, in either layout), whenever it is read through the module: ``layer.weight``,
     ``state_dict``, ``load_state_dict``, ``.to()``, pickling and deepcopy, a forward with
     autograd on, :func:`enable` off. Parameters read past the module — ``model.parameters()``,
     ``named_parameters()`` — hold the stand-in while their layer is packed: read ``state_dict()``
@@ -52,7 +56,7 @@ class FastLinear(nn.Linear):
 
     #: (packed copy, the key of the W it was made from, the stand-in W holds meanwhile or None,
     #: the Parameter whose data was replaced or None): swapped whole, so a reader sees one state
-    _held: tuple[Tensor, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
+    _held: tuple[Tensor | native_bf16.Packed, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
     #: set by :func:`prepare`: the packed copy may stand in for W (see the class docstring)
     _replaces: bool = False
 
@@ -106,7 +110,7 @@ class FastLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         held = self._held
         if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr() and x.dtype == w.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), held[0], self._parameters["bias"], "none", [], "")
+            return _product(x, held[0], self._parameters["bias"])
         if x.dtype is torch.float32 and w.dtype is torch.float32 and x.numel() <= 2 * x.shape[-1] and _MKL_ROWS:
             return F.linear(x, w, self._parameters["bias"])  # a greedy step's fp32 rows on Intel: MKL (below), no more checks
         return self._onednn_forward(x)
@@ -153,7 +157,7 @@ class FastLinear(nn.Linear):
                     operand = held[0]
                 else:
                     with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
-                        operand = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+                        operand = _packed_copy(w.detach())
                     self._held = (operand, key, None, None)
                 if self._replaces and w.grad is None and isinstance(w, nn.Parameter):
                     # the packed copy is W from now on (a W with a gradient is between a
@@ -166,8 +170,23 @@ class FastLinear(nn.Linear):
         if operand is None:
             y = torch.mv(plain, x.reshape(-1)) if bias is None else torch.addmv(bias, plain, x.reshape(-1))
             return y.view(x.shape[:-1] + (plain.shape[0],))
-        # y = x Wᵀ + b on oneDNN (the same formula as F.linear; summation order may differ)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), operand, bias, "none", [], "")
+        return _product(x, operand, bias)
+
+
+def _packed_copy(w: Tensor) -> Tensor | native_bf16.Packed:
+    """A bf16 W in the layout of the faster kernel here: lmlab's own (:mod:`lmlab.nn.native_bf16`,
+    on CPUs with AVX-512 BF16: 1.3–1.8× oneDNN's speed), else oneDNN's blocked layout."""
+    return native_bf16.pack(w) or torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+
+def _product(x: Tensor, operand: Tensor | native_bf16.Packed, bias: Tensor | None) -> Tensor:
+    """y = x Wᵀ + b, W a packed copy (the same formula as F.linear; summation order may differ)."""
+    if type(operand) is native_bf16.Packed:
+        y = operand(x, bias)
+        if y is None:  # a bias of another dtype (fp32 beside a bf16 W, as oneDNN takes it): in fp32, rounded once
+            y = F.linear(x.float(), operand.to_dense().float(), None if bias is None else bias.float()).to(x.dtype)
+        return y
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), operand, bias, "none", [], "")
 
 
 #: guards every change of a FastLinear's packed state (re-entrant: unpack inside _apply)

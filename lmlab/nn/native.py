@@ -72,14 +72,14 @@ def _folders() -> list[Path]:
     return found
 
 
-def _compile(cxx: list[str], lib: Path) -> None:
+def _compile(cxx: list[str], lib: Path, source: Path = SOURCE, flags: list[str] = FLAGS) -> None:
     """Compile into ``lib`` through a file of our own and an atomic rename: processes building
     at once each write their own file, and one wins."""
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=lib.parent)
     os.close(fd)
     try:
-        subprocess.run([*cxx, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+        subprocess.run([*cxx, *flags, str(source), "-o", tmp], check=True, capture_output=True,
                        stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
         os.chmod(tmp, 0o755)  # (mkstemp's 0600: another user sharing the cache could not load it)
         os.replace(tmp, lib)
@@ -88,33 +88,38 @@ def _compile(cxx: list[str], lib: Path) -> None:
             os.unlink(tmp)
 
 
-def _build() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per source, compiler and flags; None without a compiler
-    that works. A cached library that will not load (corrupt, or built on another system) is
-    built again."""
+def build(source: Path = SOURCE, flags: list[str] = FLAGS) -> ctypes.CDLL | None:
+    """The compiled ``source``, built once per source, compiler and flags; None without a
+    compiler that works. A cached library that will not load (corrupt, or built on another
+    system) is built again. (Also lmlab.nn.native_bf16's.)"""
     cxx = shlex.split(os.environ.get("CXX") or shutil.which("g++") or "")
-    if not cxx or not SOURCE.exists():
+    if not cxx or not source.exists():
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*cxx, *FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + " ".join([*cxx, *flags]).encode()).hexdigest()[:16]
     for folder in _folders():
-        lib = folder / f"int8_linear-{key}.so"
+        lib = folder / f"{source.stem}-{key}.so"
         try:
             if not lib.exists():
-                _compile(cxx, lib)
+                _compile(cxx, lib, source, flags)
             try:
-                handle = ctypes.CDLL(str(lib))
+                # torch (imported above) has loaded its own libgomp.so.1: the kernel's OpenMP
+                # calls bind to that one, so its threads are PyTorch's
+                return ctypes.CDLL(str(lib))
             except OSError:
-                _compile(cxx, lib)
-                handle = ctypes.CDLL(str(lib))
+                _compile(cxx, lib, source, flags)
+                return ctypes.CDLL(str(lib))
         except OSError:  # an unwritable folder: the next one
             continue
-        # torch (imported above) has loaded its own libgomp.so.1: the kernel's OpenMP calls
-        # bind to that one, so its threads are PyTorch's
+    return None
+
+
+def _build() -> ctypes.CDLL | None:
+    handle = build()
+    if handle is not None:
         fn = handle.lmlab_int8_linear
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
         fn.restype = ctypes.c_int
-        return handle
-    return None
+    return handle
 
 
 def available() -> bool:
@@ -258,4 +263,4 @@ class Bound:
         return y if rc == 0 else None
 
 
-__all__ = ["Blocked", "Bound", "available", "block", "cpu_flags", "int8_linear"]
+__all__ = ["Blocked", "Bound", "available", "block", "build", "cpu_flags", "int8_linear"]
