@@ -9,7 +9,7 @@ reports the best of ``--rounds`` passes per product and as GB/s of the weight's 
   holds them;
 - bf16 ``F.linear`` on oneDNN's packed weight (what a bf16 model decodes with where lmlab's
   bf16 kernel is not built);
-- lmlab's bf16 kernel (``lmlab.nn.native_bf16``, CPUs with AVX-512 BF16) on W packed in its
+- lmlab's bf16 kernel (``lmlab.nn.native_packed``, CPUs with AVX-512 BF16) on W packed in its
   order, as a bf16 layer holds it while decoding;
 - ``torch._weight_int8pack_mm``, PyTorch's int8-weight kernel (what int8 used before);
 
@@ -17,6 +17,7 @@ and the machine's bandwidth (``torch.sum`` over 1 GB) at the start of each round
 
     .venv/bin/python benchmarks/int8_kernel.py               # Qwen2-0.5B's and GPT-2's shapes, 1 and 8 rows, ~1 min
     .venv/bin/python benchmarks/int8_kernel.py --rows 1 --shapes 4864x896
+    .venv/bin/python benchmarks/int8_kernel.py --fp32    # and fp32: oneDNN vs lmlab's packed fp32 kernel
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import lmlab  # noqa: E402, F401, I001  (before torch: lmlab sets libgomp's spin
 import torch  # noqa: E402, I001
 from roofline import memory_bandwidth  # noqa: E402
 
-from lmlab.nn import native, native_bf16  # noqa: E402
+from lmlab.nn import native, native_packed  # noqa: E402
 from lmlab.nn.int8 import quantize_rows  # noqa: E402
 
 SHAPES = "9728x896,4864x896,896x4864,1152x896,896x896,151936x896,2304x768,3072x768,768x3072"
@@ -45,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--megabytes", type=int, default=600, help="int8 bytes of distinct weights per shape")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fp32", action="store_true", help="then fp32: oneDNN (W in place) vs lmlab's packed fp32 kernel")
     return p.parse_args()
 
 
@@ -62,7 +64,7 @@ def main() -> None:
         sys.exit("lmlab's int8 kernel is not built here (no g++, no AVX-512, or LMLAB_NATIVE=0)")
     big = torch.ones(256 << 20)
     print(f"torch {torch.__version__}, {args.threads} threads; best of {args.rounds} rounds, cache-cold")
-    own16 = native_bf16.available()
+    own16 = native_packed.available()
     print(f"{'rows':>4} {'weight':>12} {'lmlab int8':>18} {'bf16 F.linear':>18} {'_weight_int8pack_mm':>20}  int8/bf16"
           f"{'':>3}{'lmlab bf16':>18}  lmlab/oneDNN bf16")  # fmt: skip
     bws = []
@@ -74,7 +76,7 @@ def main() -> None:
         for _ in range(count):
             q, s = quantize_rows(torch.randn(n_out, n_in))
             w16 = (q.float() * s[:, None]).to(torch.bfloat16)
-            own = native_bf16.pack(w16) if own16 else None
+            own = native_packed.pack(w16) if own16 else None
             layers.append((native.block(q), s, q, torch.ops.mkldnn._reorder_linear_weight(w16, 1), own))
         ones = torch.ones(n_out, dtype=torch.bfloat16)
         for rows in map(int, args.rows.split(",")):
@@ -102,8 +104,36 @@ def main() -> None:
                   f"{cell(t['pack'], n):>20}  {t['bf16'] / t['int8']:6.2f}x"
                   + (f"   {cell(t['own'], 2 * n):>18}  {t['bf16'] / t['own']:6.2f}x" if own16 else ""))  # fmt: skip
         del layers
+    if args.fp32:
+        fp32_table(args, big, bws)
     print(f"\nmemory bandwidth (torch.sum over 1 GB, best of 5): median {statistics.median(bws):.1f} GB/s, "
           f"range {min(bws):.1f}-{max(bws):.1f}")  # fmt: skip
+
+
+def fp32_table(args: argparse.Namespace, big: torch.Tensor, bws: list[float]) -> None:
+    """fp32 products: oneDNN with W in place (what an fp32 model decoded with on AMD) against
+    lmlab's fp32 kernel on W packed its way (``native_packed``, CPUs with AVX-512)."""
+    if not native_packed.available(torch.float32):
+        print("\nlmlab's fp32 kernel is not built here")
+        return
+    print(f"\n{'rows':>4} {'weight':>12} {'fp32 oneDNN':>18} {'lmlab fp32':>18}  lmlab/oneDNN")
+    for spec in args.shapes.split(","):
+        n_out, n_in = map(int, spec.split("x"))
+        torch.manual_seed(0)
+        plain = [torch.randn(n_out, n_in) for _ in range(max(2, args.megabytes * 10**6 // (4 * n_out * n_in)))]
+        packed = [native_packed.pack(w) for w in plain]
+        for rows in map(int, args.rows.split(",")):
+            x = torch.randn(rows, n_in)
+            dnn, own = [], []
+            for _ in range(args.rounds):
+                bws.append(memory_bandwidth(big))
+                dnn.append(timed(lambda w, x=x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), plain))
+                own.append(timed(lambda p, x=x: p(x, None), packed))
+            a, b = min(dnn), min(own)
+            n = 4 * n_out * n_in
+            print(f"{rows:>4} {spec:>12} {a * 1e3:7.3f} ms {n / a / 1e9:5.1f} GB/s {b * 1e3:7.3f} ms {n / b / 1e9:5.1f} GB/s"
+                  f"  {a / b:6.2f}x")  # fmt: skip
+        del plain, packed
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.nn import native_bf16
+from lmlab.nn import native_packed
 
 
 class FastLinear(nn.Linear):
@@ -37,7 +37,7 @@ class FastLinear(nn.Linear):
     is built) when autograd is off on a CPU.
 
     The same W (fp32: read in place, no copy; bf16: a copy in a packed layout, made once and
-    remade if W changes — lmlab's own, multiplied by :mod:`lmlab.nn.native_bf16`'s kernel, on
+    remade if W changes — lmlab's own, multiplied by :mod:`lmlab.nn.native_packed`'s kernel, on
     CPUs with AVX-512 BF16; oneDNN's blocked layout elsewhere). Training, and any forward with autograd on, takes the
     plain path — and drops the bf16 copy, since W is about to change.
 
@@ -56,7 +56,7 @@ class FastLinear(nn.Linear):
 
     #: (packed copy, the key of the W it was made from, the stand-in W holds meanwhile or None,
     #: the Parameter whose data was replaced or None): swapped whole, so a reader sees one state
-    _held: tuple[Tensor | native_bf16.Packed, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
+    _held: tuple[Tensor | native_packed.Packed, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
     #: set by :func:`prepare`: the packed copy may stand in for W (see the class docstring)
     _replaces: bool = False
 
@@ -119,21 +119,26 @@ class FastLinear(nn.Linear):
         w, bias = self._parameters["weight"], self._parameters["bias"]
         if w.dtype == torch.bfloat16:
             if x.dtype == w.dtype:
-                return self._bf16(x, bias)
+                return self._packed(x, bias)
             with _lock:  # another input dtype (autocast): the plain W, never a stand-in
                 self.unpack()
                 w = self._parameters["weight"].detach()
             return F.linear(x, w, bias)
         if x.dtype != w.dtype or w.dtype != torch.float32 or not w.is_contiguous():
             return F.linear(x, w, bias)
+        if self._replaces and w.grad is None and w.numel() and not mkl_for_fp32_rows() and native_packed.available(torch.float32):
+            # packed as bf16 is, for lmlab's fp32 kernel, but only where the copy replaces W (never
+            # a second fp32 copy beside it); on Intel MKL's kernel (below) is the rule for few rows
+            return self._packed(x, bias)
         if _few_rows(x.numel() // max(1, x.shape[-1]), w.numel()) and mkl_for_fp32_rows():
             return F.linear(x, w, bias)  # a few fp32 rows: MKL is the faster kernel here
         # y = x Wᵀ + b on oneDNN (the same formula as F.linear; summation order may differ)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
 
-    def _bf16(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """oneDNN's bf16 kernel wants W pre-blocked (2× faster). The operand is chosen under the
-        lock — the packed copy, made (and standing in for W) if need be, or W's plain storage —
+    def _packed(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """A bf16 W (any CPU: oneDNN's kernel wants W pre-blocked, 2× faster; lmlab's, packed its
+        way) or an fp32 W that may be replaced (lmlab's fp32 kernel) multiplied packed. The
+        operand is chosen under the lock — the packed copy, made (and standing in for W) if need be, or W's plain storage —
         and multiplied outside it: a reference to either stays valid whatever another thread
         does to the layer meanwhile."""
         with _lock:
@@ -173,20 +178,32 @@ class FastLinear(nn.Linear):
         return _product(x, operand, bias)
 
 
-def _packed_copy(w: Tensor) -> Tensor | native_bf16.Packed:
-    """A bf16 W in the layout of the faster kernel here: lmlab's own (:mod:`lmlab.nn.native_bf16`,
-    on CPUs with AVX-512 BF16: 1.3–1.8× oneDNN's speed), else oneDNN's blocked layout."""
-    return native_bf16.pack(w) or torch.ops.mkldnn._reorder_linear_weight(w, 1)
+def _packed_copy(w: Tensor) -> Tensor | native_packed.Packed:
+    """W in the layout of the faster kernel here: lmlab's own (:mod:`lmlab.nn.native_packed`; bf16
+    on CPUs with AVX-512 BF16, fp32 with AVX-512: 1.2–2.4× oneDNN's speed), else oneDNN's blocked
+    layout."""
+    return native_packed.pack(w) or torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
 
-def _product(x: Tensor, operand: Tensor | native_bf16.Packed, bias: Tensor | None) -> Tensor:
+def _product(x: Tensor, operand: Tensor | native_packed.Packed, bias: Tensor | None) -> Tensor:
     """y = x Wᵀ + b, W a packed copy (the same formula as F.linear; summation order may differ)."""
-    if type(operand) is native_bf16.Packed:
-        y = operand(x, bias)
-        if y is None:  # a bias of another dtype (fp32 beside a bf16 W, as oneDNN takes it): in fp32, rounded once
-            y = F.linear(x.float(), operand.to_dense().float(), None if bias is None else bias.float()).to(x.dtype)
-        return y
+    if type(operand) is native_packed.Packed:
+        if bias is not None and bias.dtype != x.dtype:  # (an fp32 bias beside a bf16 W, as oneDNN takes it)
+            bias = bias.to(x.dtype)
+        y = operand(x, bias) if x.numel() <= PACKED_MAX_ROWS[x.dtype] * x.shape[-1] else None
+        if y is not None:
+            return y
+        # more rows than the kernel is fast for (a long prompt's pass): W plain for this product
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), operand.to_dense(), bias, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), operand, bias, "none", [], "")
+
+
+#: rows of x up to which lmlab's packed kernels multiply (decoding steps, a batch's, a prompt's
+#: chunk); a pass over more makes W plain for the product and runs oneDNN's: the kernels read
+#: the rows of x once per pair of 16-row blocks, and past a few hundred rows x no longer stays
+#: in the cache (fp32, GPT-2's weights cache-cold, ms lmlab vs oneDNN: 104 vs 138 at 64 rows,
+#: 400 vs 430 at 256, 1,767 vs 872 at 512; bf16, Qwen2-0.5B's: 845 vs 879 at 512)
+PACKED_MAX_ROWS = {torch.bfloat16: 512, torch.float32: 256}
 
 
 #: guards every change of a FastLinear's packed state (re-entrant: unpack inside _apply)

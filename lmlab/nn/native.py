@@ -91,7 +91,7 @@ def _compile(cxx: list[str], lib: Path, source: Path = SOURCE, flags: list[str] 
 def build(source: Path = SOURCE, flags: list[str] = FLAGS) -> ctypes.CDLL | None:
     """The compiled ``source``, built once per source, compiler and flags; None without a
     compiler that works. A cached library that will not load (corrupt, or built on another
-    system) is built again. (Also lmlab.nn.native_bf16's.)"""
+    system) is built again. (Also lmlab.nn.native_packed's.)"""
     cxx = shlex.split(os.environ.get("CXX") or shutil.which("g++") or "")
     if not cxx or not source.exists():
         return None
@@ -163,10 +163,13 @@ class Blocked(NamedTuple):
 
 
 def block(q: Tensor) -> Blocked:
-    """q (N, K) int8, K a multiple of 16, in the kernel's order (a copy)."""
+    """q (N, K) int8, K a multiple of 16, in the kernel's order (a copy, written in place into
+    one buffer: the codes and their copy are the only two held, even for an output layer)."""
     (n, k), n4 = q.shape, q.shape[0] - q.shape[0] % 4
-    head = q[:n4].reshape(n4 // 4, 4, k // 16, 16).permute(0, 2, 1, 3).reshape(-1)
-    return Blocked(torch.cat([head, q[n4:].reshape(-1)]), n, k)
+    out = torch.empty(n * k, dtype=q.dtype, device=q.device)
+    out[: n4 * k].view(n4 // 4, k // 16, 4, 16).copy_(q[:n4].view(n4 // 4, 4, k // 16, 16).permute(0, 2, 1, 3))
+    out[n4 * k :].copy_(q[n4:].reshape(-1))
+    return Blocked(out, n, k)
 
 
 def int8_linear(x: Tensor, q: Tensor | Blocked, scale: Tensor, bias: Tensor | None) -> Tensor | None:

@@ -70,6 +70,8 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: floa
     fewer than ``FP32_MIN_KEYS`` keys): the caller uses PyTorch's attention."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[2] != 1 or not available():
         return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # the kernel computes no gradient: PyTorch's attention does
     B, nh, _, hs = q.shape
     _, nkv, S, _ = k.shape
     dtype = _DTYPES.get(q.dtype)

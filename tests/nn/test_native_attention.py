@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmlab.nn import native, native_attention
 
@@ -65,6 +66,23 @@ def test_a_scale_a_broadcast_mask_and_a_strided_query():
     mask = torch.tensor([True, False, True, True, False, True, True, True, True]).view(1, 1, 1, 9)
     got = native_attention.attend_one(q, k, v, mask, 0.3)
     torch.testing.assert_close(got.double(), exact(q, k, v, mask, 0.3), atol=2**-7, rtol=2**-7)
+
+
+@needs_kernel
+def test_a_row_with_every_key_masked_is_zeros_as_pytorchs():
+    """Not a decoding step's mask (which keeps the query's own key), but the function is public:
+    a row that may attend to nothing gives 0, as F.scaled_dot_product_attention does, not 0/0;
+    and an input that needs a gradient is refused (the kernel computes none)."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 1, 32, generator=g).bfloat16()
+    k, v = cache_views(2, 2, 6, 32, torch.bfloat16, g)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1] = False
+    got = native_attention.attend_one(q, k, v, mask, None)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert bool((got[1] == 0).all()) and bool((want[1] == 0).all())
+    torch.testing.assert_close(got[0].double(), exact(q[:1], k[:1], v[:1], None)[0], atol=2**-7, rtol=2**-7)
+    assert native_attention.attend_one(q.clone().requires_grad_(), k, v, None, None) is None
 
 
 @needs_kernel

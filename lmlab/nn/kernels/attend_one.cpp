@@ -72,7 +72,9 @@ void unit(const char* q, const char* k, const char* v, const uint8_t* mask, char
             const char* vj = v + j * v_pos * E;
             for (int64_t l = 0; l < L; l++) out[l] = _mm512_fmadd_ps(pv, load16<BF16>(vj + 16 * l * E), out[l]);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / total);
+        // every key masked (not a decoding step's mask, which keeps the query's own): zeros, as
+        // PyTorch's attention gives, not 0/0
+        const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
         for (int64_t l = 0; l < L; l++) {
             alignas(64) float o[16];
             _mm512_store_ps(o, _mm512_mul_ps(out[l], inv));

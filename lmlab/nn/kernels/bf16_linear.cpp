@@ -4,7 +4,7 @@
 //
 //     y_mn = bf16( Σ_k x_mk W_nk + b_n )          (fp32 sums; K even)
 //
-// W is stored *packed* (lmlab.nn.native_bf16.pack): columns of y in blocks of 16, and in a
+// W is stored *packed* (lmlab.nn.native_packed.pack): columns of y in blocks of 16, and in a
 // block, for each pair of inputs (k, k+1), the 16 rows' two weights side by side — one 64-byte
 // cache line per pair, 32 bf16:
 //
@@ -14,11 +14,11 @@
 // multiplies a line by the pair (x_mk, x_m,k+1) broadcast to all 16 lanes and adds both
 // products into 16 fp32 sums, one per row of W: no horizontal sums, no widening, and each
 // thread reads its blocks as one stream front to back. On a 2-core AMD EPYC (Zen 4), cache-cold
-// over a Qwen2-0.5B's decoder weights (benchmarks/bf16_kernel.py): ~30 GB/s for one row of x,
+// over a Qwen2-0.5B's decoder weights (benchmarks/int8_kernel.py): ~30 GB/s for one row of x,
 // ~26 for eight, where oneDNN's bf16 kernel (its own packed layout) streams 19–22 and
 // torch.sum reads 31–35.
 //
-// Built by lmlab.nn.native_bf16 with g++ -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16
+// Built by lmlab.nn.native_packed with g++ -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16
 // -fopenmp; PyTorch's OpenMP threads, as many as torch.get_num_threads().
 #include <immintrin.h>
 #include <stdint.h>
