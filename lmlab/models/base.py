@@ -58,7 +58,7 @@ class LanguageModel(nn.Module):
     #: a quarter of an fp32 layer's bytes a step, a copy of that size kept); set False to keep
     #: only the model's own weight and kernel.
     screen_output: bool = True
-    #: On that path a bf16 layer's packed copy *replaces* its weight (the weights held once:
+    #: On that path a bf16 layer's packed copy (an fp32 one's, on lmlab's fp32 kernel) *replaces* its weight (the weights held once:
     #: :class:`lmlab.nn.fastpath.FastLinear`; read back whole through the module or state_dict);
     #: set False to keep plain weights beside the copies, for code that reads ``parameters()``
     #: while the model decodes.

@@ -36,13 +36,15 @@ class FastLinear(nn.Linear):
     """y = x Wᵀ + b, exactly ``nn.Linear``, computed by oneDNN (bf16: by lmlab's kernel, where it
     is built) when autograd is off on a CPU.
 
-    The same W (fp32: read in place, no copy; bf16: a copy in a packed layout, made once and
-    remade if W changes — lmlab's own, multiplied by :mod:`lmlab.nn.native_packed`'s kernel, on
-    CPUs with AVX-512 BF16; oneDNN's blocked layout elsewhere). Training, and any forward with autograd on, takes the
+    The same W — fp32: read in place, no copy, or (a layer's own W, off Intel CPUs, where lmlab's
+    fp32 kernel is built) a packed copy that replaces it as below; bf16: a copy in a packed
+    layout, made once and remade if W changes — lmlab's own, multiplied by
+    :mod:`lmlab.nn.native_packed`'s kernels, on CPUs with AVX-512 BF16; oneDNN's blocked layout
+    elsewhere. Training, and any forward with autograd on, takes the
     plain path — and drops the bf16 copy, since W is about to change.
 
-    A bf16 W that is this layer's alone (not tied to an embedding, not an output layer whose
-    rows the greedy screen reads) is *replaced* by its packed copy: the parameter keeps its
+    A bf16 (or, as above, fp32) W that is this layer's alone (not tied to an embedding, not an
+    output layer whose rows the greedy screen reads) is *replaced* by its packed copy: the parameter keeps its
     shape and dtype but its data becomes a 2-byte stand-in (NaN broadcast to W's shape), so a
     decoding model holds its weights once, not twice (a Qwen2-0.5B after its first token:
     2.07× → 1.06× its weights' bytes; benchmarks/load_memory.py). W comes back, bit for bit
@@ -117,23 +119,24 @@ class FastLinear(nn.Linear):
 
     def _onednn_forward(self, x: Tensor) -> Tensor:
         w, bias = self._parameters["weight"], self._parameters["bias"]
-        if w.dtype == torch.bfloat16:
-            if x.dtype == w.dtype:
-                return self._packed(x, bias)
-            with _lock:  # another input dtype (autocast): the plain W, never a stand-in
+        if x.dtype == w.dtype and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and self._fp32_packs(w))):
+            return self._packed(x, bias)  # (W packed or to be packed; one another thread just replaced included)
+        if self._held is not None:
+            with _lock:  # another input dtype (autocast), or W no longer to be packed: the plain W, never a stand-in
                 self.unpack()
-                w = self._parameters["weight"].detach()
-            return F.linear(x, w, bias)
+                w = self._parameters["weight"]
         if x.dtype != w.dtype or w.dtype != torch.float32 or not w.is_contiguous():
             return F.linear(x, w, bias)
-        if self._replaces and w.grad is None and w.numel() and not mkl_for_fp32_rows() and native_packed.available(torch.float32):
-            # packed as bf16 is, for lmlab's fp32 kernel, but only where the copy replaces W (never
-            # a second fp32 copy beside it); on Intel MKL's kernel (below) is the rule for few rows
-            return self._packed(x, bias)
         if _few_rows(x.numel() // max(1, x.shape[-1]), w.numel()) and mkl_for_fp32_rows():
             return F.linear(x, w, bias)  # a few fp32 rows: MKL is the faster kernel here
         # y = x Wᵀ + b on oneDNN (the same formula as F.linear; summation order may differ)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
+
+    def _fp32_packs(self, w: Tensor) -> bool:
+        """An fp32 W is packed for lmlab's fp32 kernel only where the copy replaces it (never a
+        second fp32 copy beside it: a layer's own W, no gradient held) and not on Intel CPUs,
+        where MKL's kernel is the rule for a few rows."""
+        return self._replaces and w.grad is None and w.numel() > 0 and not mkl_for_fp32_rows() and native_packed.available(torch.float32)
 
     def _packed(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """A bf16 W (any CPU: oneDNN's kernel wants W pre-blocked, 2× faster; lmlab's, packed its
@@ -342,7 +345,7 @@ def prepare(module: nn.Module) -> int:
 
 
 def mark_replaceable(module: nn.Module) -> None:
-    """Which bf16 layers' packed copies may replace their W (``FastLinear._replaces``): W held
+    """Which layers' packed copies (bf16; fp32 on lmlab's kernel) may replace their W (``FastLinear._replaces``): W held
     by this layer alone (not tied to an embedding), not an output layer (the greedy screen
     reads rows of its plain W), and ``module.pack_in_place`` (default True). Done at every
     :func:`prepare`, so weights tied after loading are seen; a layer that may no longer

@@ -137,6 +137,9 @@ class TrainerSetup:
         if resuming:
             load_weights(self.model, tensors, cfg.resume)
         self.model.to(self.device)
+        # A model in training may decode between steps (dev BLEU/ROUGE, samples): its packed
+        # copies must not replace its weights, which the optimizer and the weight average write
+        self.model.pack_in_place = False
         self.seq_len = self._window(mcfg, resuming)
         if cfg.init is not None and not resuming:
             self._adopt_init_config(getattr(mcfg, "body", mcfg))

@@ -217,3 +217,26 @@ def test_a_model_decodes_the_same_on_either_kernel(dtype, monkeypatch):
     tol = dict(atol=0.08, rtol=0.05) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[True], outs[False], **tol)
     torch.testing.assert_close(outs[True], ref, **(dict(atol=0.15, rtol=0.1) if dtype == torch.bfloat16 else tol))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_layer_never_multiplies_its_stand_in(dtype, monkeypatch):
+    """After W was replaced: an input of another dtype (CPU autocast) gets the plain W back, and
+    a forward that reached the slow path just as another thread packed (forced here by calling
+    it directly) takes the packed copy — the formula both times, never the NaN stand-in (a
+    review found fp32 layers multiplying it)."""
+    monkeypatch.setattr(fastpath, "_MKL_ROWS", False)
+    torch.manual_seed(5)
+    lin = nn.Linear(64, 40).to(dtype)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    fastpath.enable(lin)
+    lin._replaces = True
+    x = torch.randn(2, 64).to(dtype)
+    with torch.no_grad():
+        lin(x)
+        assert lin._held is not None and lin._held[2] is not None  # W stands in
+        raced = lin._onednn_forward(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = lin(torch.randn(2, 64, dtype=torch.float16 if dtype == torch.bfloat16 else torch.float32))
+    within_rounding(raced, x, w0, b0)
+    assert bool(torch.isfinite(cast).all())

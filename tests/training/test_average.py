@@ -118,3 +118,33 @@ def test_a_checkpoint_without_its_raw_weights_is_not_resumed(tmp_path, corpus_pa
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("raw.")}, str(path))
     with pytest.raises(LmlabError, match="no raw weights for --ema-decay"):
         lmlab.train(resume=str(out), steps=6)
+
+
+def test_a_translation_run_that_decodes_its_dev_set_keeps_real_weights_for_the_average(tmp_path, monkeypatch):
+    """Dev BLEU decodes between steps, inside the weight average's swap: a model in training
+    keeps its parameters real tensors while it decodes (``pack_in_place`` off: a packed copy
+    that replaced a weight — bf16, or fp32 on lmlab's fp32 kernel — left a one-number stand-in
+    that the average's swap-out could not write into; a review found the crash)."""
+    import random
+
+    import lmlab.generate.seq2seq as s2s
+
+    words = "the a cat dog sees likes big small red house tree".split()
+    de = dict(zip(words, "der ein katze hund sieht mag grosse kleine rote haus baum".split()))
+    rng = random.Random(0)
+    pairs = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 5))) for _ in range(200)]
+    data = tmp_path / "p.tsv"
+    data.write_text("source\ttarget\n" + "".join(f"{s}\t{' '.join(de[w] for w in s.split())}\n" for s in pairs))
+    stand_ins, real = [], s2s.seq2seq_generate
+
+    def spy(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        stand_ins.extend(n for n, p in model.named_parameters() if p.dim() == 2 and 0 in p.stride())
+        return out
+
+    monkeypatch.setattr(s2s, "seq2seq_generate", spy)
+    lmlab.train(task="translate", data=str(data), out=str(tmp_path / "run"), d_model=32, n_layer=1, n_head=2,
+                batch_size=16, tokenizer="char", lr=1e-3, progress=False, steps=6, eval_every=2, save_every=100,
+                bleu_samples=3, ema_decay=0.9)  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("bleu" in r for r in rows) >= 2 and not stand_ins
