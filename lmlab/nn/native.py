@@ -95,7 +95,8 @@ def build(source: Path = SOURCE, flags: list[str] = FLAGS) -> ctypes.CDLL | None
     cxx = shlex.split(os.environ.get("CXX") or shutil.which("g++") or "")
     if not cxx or not source.exists():
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join([*cxx, *flags]).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what a source may include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([*cxx, *flags]).encode()).hexdigest()[:16]
     for folder in _folders():
         lib = folder / f"{source.stem}-{key}.so"
         try:

@@ -141,6 +141,17 @@ def test_no_compiler_means_no_kernel_and_no_error(monkeypatch, tmp_path):
     assert not native_packed.available() and not native_packed.available(torch.float32)
 
 
+def decoding_layer(n_in: int, n_out: int, dtype: torch.dtype, seed: int) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """An nn.Linear on the decoding path whose packed copy may replace W (as ``prepare`` marks a
+    layer's own weight), with clones of W and b taken before anything packed them."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, n_out).to(dtype)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    fastpath.enable(lin)
+    lin._replaces = True
+    return lin, w0, b0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 8, 600])
 def test_a_decoding_layer_is_held_in_the_kernels_order_and_read_back_exactly(dtype, rows, monkeypatch):
@@ -149,11 +160,7 @@ def test_a_decoding_layer_is_held_in_the_kernels_order_and_read_back_exactly(dty
     ``state_dict`` and ``layer.weight``. (fp32: where MKL is not the rule for few rows, i.e.
     off Intel; forced here.)"""
     monkeypatch.setattr(fastpath, "_MKL_ROWS", False)
-    torch.manual_seed(3)
-    lin = nn.Linear(96, 50).to(dtype)
-    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
-    fastpath.enable(lin)
-    lin._replaces = True
+    lin, w0, b0 = decoding_layer(96, 50, dtype, seed=3)
     x = torch.randn(rows, 96).to(dtype)
     with torch.inference_mode():
         got = lin(x)
@@ -226,11 +233,7 @@ def test_a_packed_layer_never_multiplies_its_stand_in(dtype, monkeypatch):
     it directly) takes the packed copy — the formula both times, never the NaN stand-in (a
     review found fp32 layers multiplying it)."""
     monkeypatch.setattr(fastpath, "_MKL_ROWS", False)
-    torch.manual_seed(5)
-    lin = nn.Linear(64, 40).to(dtype)
-    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
-    fastpath.enable(lin)
-    lin._replaces = True
+    lin, w0, b0 = decoding_layer(64, 40, dtype, seed=5)
     x = torch.randn(2, 64).to(dtype)
     with torch.no_grad():
         lin(x)

@@ -18,11 +18,14 @@
 // ~26 for eight, where oneDNN's bf16 kernel (its own packed layout) streams 19–22 and
 // torch.sum reads 31–35.
 //
-// Built by lmlab.nn.native_packed with g++ -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16
+// The loops over blocks and rows are packed_plan.h's (shared with f32_linear.cpp). Built by
+// lmlab.nn.native_packed with g++ -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16
 // -fopenmp; PyTorch's OpenMP threads, as many as torch.get_num_threads().
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "packed_plan.h"
 
 namespace {
 
@@ -35,95 +38,63 @@ inline __m512bh pair(const uint16_t* p) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
-// One block of W against one row of x: four sums per lane (pairs p, p+1, p+2, p+3 in flight
-// at once: one chain of dependent vdpbf16ps would wait on each result), added at the end.
-inline __m512 block_one(const uint16_t* x, const uint16_t* w, int64_t P) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + 4 <= P; p += 4) {
-        a0 = _mm512_dpbf16_ps(a0, line(w + 32 * p), pair(x + 2 * p));
-        a1 = _mm512_dpbf16_ps(a1, line(w + 32 * p + 32), pair(x + 2 * p + 2));
-        a2 = _mm512_dpbf16_ps(a2, line(w + 32 * p + 64), pair(x + 2 * p + 4));
-        a3 = _mm512_dpbf16_ps(a3, line(w + 32 * p + 96), pair(x + 2 * p + 6));
-    }
-    for (; p < P; p++) a0 = _mm512_dpbf16_ps(a0, line(w + 32 * p), pair(x + 2 * p));
-    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-}
+struct Bf16 {
+    using T = uint16_t;
+    static constexpr int64_t MIN_PARALLEL = 1 << 16;
 
-// B blocks of W (adjacent: B streams) against M rows of x: each line read once and used M
-// times, B·M independent sums in registers (B·M ≤ 16)
-template <int B, int M>
-inline void blocks_many(const uint16_t* x, const uint16_t* w, int64_t K, __m512* out /* [B][M] */) {
-    const int64_t P = K / 2;
-    __m512 a[B][M];
-    for (int j = 0; j < B; j++) for (int m = 0; m < M; m++) a[j][m] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P; p++) {
-        __m512bh wv[B];
-        for (int j = 0; j < B; j++) wv[j] = line(w + j * 16 * K + 32 * p);
-        for (int m = 0; m < M; m++) {
-            const __m512bh xv = pair(x + m * K + 2 * p);
-            for (int j = 0; j < B; j++) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
+    // One block against one row of x: four sums per lane (pairs p..p+3 in flight at once: one
+    // chain of dependent vdpbf16ps would wait on each result), added at the end.
+    static __m512 block_one(const uint16_t* x, const uint16_t* w, int64_t K) {
+        const int64_t P = K / 2;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t p = 0;
+        for (; p + 4 <= P; p += 4) {
+            a0 = _mm512_dpbf16_ps(a0, line(w + 32 * p), pair(x + 2 * p));
+            a1 = _mm512_dpbf16_ps(a1, line(w + 32 * p + 32), pair(x + 2 * p + 2));
+            a2 = _mm512_dpbf16_ps(a2, line(w + 32 * p + 64), pair(x + 2 * p + 4));
+            a3 = _mm512_dpbf16_ps(a3, line(w + 32 * p + 96), pair(x + 2 * p + 6));
         }
+        for (; p < P; p++) a0 = _mm512_dpbf16_ps(a0, line(w + 32 * p), pair(x + 2 * p));
+        return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
     }
-    for (int j = 0; j < B; j++) for (int m = 0; m < M; m++) out[j * M + m] = a[j][m];
-}
 
-// + b, rounded to bf16 (nearest even), the block's rows that exist stored
-inline void finish(__m512 s, const uint16_t* b, uint16_t* y, int64_t n0, int64_t N) {
-    const int64_t cnt = N - n0 < 16 ? N - n0 : 16;
-    const __mmask16 msk = cnt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
-    if (b) {  // bf16 → fp32 is a shift: exact
-        const __m512i bi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(msk, b + n0));
-        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(bi, 16)));
+    // B adjacent blocks against M rows of x: each line read once and used M times (B·M ≤ 16 sums)
+    template <int B, int M>
+    static void blocks_many(const uint16_t* x, const uint16_t* w, int64_t K, __m512* out /* [B][M] */) {
+        const int64_t P = K / 2;
+        __m512 a[B][M];
+        for (int j = 0; j < B; j++) for (int m = 0; m < M; m++) a[j][m] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < P; p++) {
+            __m512bh wv[B];
+            for (int j = 0; j < B; j++) wv[j] = line(w + j * 16 * K + 32 * p);
+            for (int m = 0; m < M; m++) {
+                const __m512bh xv = pair(x + m * K + 2 * p);
+                for (int j = 0; j < B; j++) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
+            }
+        }
+        for (int j = 0; j < B; j++) for (int m = 0; m < M; m++) out[j * M + m] = a[j][m];
     }
-    _mm256_mask_storeu_epi16(y + n0, msk, (__m256i)_mm512_cvtneps_pbh(s));
-}
 
-// g rows of x (1 ≤ g ≤ 8) against the B blocks starting at block j
-template <int B>
-inline void group(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y, int64_t g, int64_t j,
-                  int64_t N, int64_t K) {
-    __m512 o[B * 8];
-    const uint16_t* wj = w + j * 16 * K;
-    switch (g) {
-        case 1: blocks_many<B, 1>(x, wj, K, o); break;
-        case 2: blocks_many<B, 2>(x, wj, K, o); break;
-        case 3: blocks_many<B, 3>(x, wj, K, o); break;
-        case 4: blocks_many<B, 4>(x, wj, K, o); break;
-        case 5: blocks_many<B, 5>(x, wj, K, o); break;
-        case 6: blocks_many<B, 6>(x, wj, K, o); break;
-        case 7: blocks_many<B, 7>(x, wj, K, o); break;
-        default: blocks_many<B, 8>(x, wj, K, o); break;
+    // + b, rounded to bf16 (nearest even), the block's rows that exist stored
+    static void finish(__m512 s, const uint16_t* b, uint16_t* y, int64_t n0, int64_t N) {
+        const int64_t cnt = N - n0 < 16 ? N - n0 : 16;
+        const __mmask16 msk = cnt == 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
+        if (b) {  // bf16 → fp32 is a shift: exact
+            const __m512i bi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(msk, b + n0));
+            s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(bi, 16)));
+        }
+        _mm256_mask_storeu_epi16(y + n0, msk, (__m256i)_mm512_cvtneps_pbh(s));
     }
-    for (int u = 0; u < B; u++)
-        for (int64_t m = 0; m < g; m++) finish(o[u * g + m], b, y + m * N, (j + u) * 16, N);
-}
+};
 
 }  // namespace
 
 // 0 on success; 1 if the shapes are not this kernel's (the caller takes another path).
 // x: M rows of K bf16; w: the packed W (above), ⌈N/16⌉·16·K bf16; b: N bf16 or null; y: M rows
-// of N bf16. One row of x: blocks one at a time, four sums each. More: blocks two at a time
-// (two streams), rows of x in groups of 8 — the second group on reads the pair of blocks
-// (16·K·4 bytes) from the cache, not from memory.
+// of N bf16.
 extern "C" int lmlab_bf16_linear(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y, int64_t M,
                                  int64_t N, int64_t K, int64_t threads) {
     if (K < 2 || K % 2 != 0 || M < 1 || N < 1 || threads < 1) return 1;
-    const int nt = static_cast<int>(threads);
-    const int64_t NB = (N + 15) / 16, P = K / 2;
-    if (M == 1) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (N * K >= (1 << 16))
-        for (int64_t j = 0; j < NB; j++) finish(block_one(x, w + j * 16 * K, P), b, y, 16 * j, N);
-        return 0;
-    }
-    const int64_t pairs = NB / 2, units = pairs + NB % 2;
-#pragma omp parallel for schedule(static) num_threads(nt) if (M * N * K >= (1 << 16))
-    for (int64_t u = 0; u < units; u++) {
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            const int64_t g = M - m0 < 8 ? M - m0 : 8;
-            if (u < pairs) group<2>(x + m0 * K, w, b, y + m0 * N, g, 2 * u, N, K);
-            else group<1>(x + m0 * K, w, b, y + m0 * N, g, NB - 1, N, K);
-        }
-    }
+    packed::run<Bf16>(x, w, b, y, M, N, K, static_cast<int>(threads));
     return 0;
 }
