@@ -103,8 +103,6 @@ def build(source: Path = SOURCE, flags: list[str] = FLAGS) -> ctypes.CDLL | None
             if not lib.exists():
                 _compile(cxx, lib, source, flags)
             try:
-                # torch (imported above) has loaded its own libgomp.so.1: the kernel's OpenMP
-                # calls bind to that one, so its threads are PyTorch's
                 return ctypes.CDLL(str(lib))
             except OSError:
                 _compile(cxx, lib, source, flags)
@@ -114,13 +112,20 @@ def build(source: Path = SOURCE, flags: list[str] = FLAGS) -> ctypes.CDLL | None
     return None
 
 
-def _build() -> ctypes.CDLL | None:
-    handle = build()
-    if handle is not None:
-        fn = handle.lmlab_int8_linear
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
-        fn.restype = ctypes.c_int
-    return handle
+def load(source: Path, flags: list[str], symbol: str, argtypes: list, cpu: bool) -> ctypes.CDLL | None:
+    """``source`` built and loaded, ``symbol`` typed (returns int); None — never an error — off
+    Linux, with ``LMLAB_NATIVE=0``, on a CPU without the instructions (``cpu`` False), or with
+    a compiler that fails or hangs. Every lmlab kernel module loads through here, once."""
+    if os.environ.get("LMLAB_NATIVE", "1") == "0" or sys.platform != "linux" or not cpu:
+        return None
+    try:
+        handle = build(source, flags)
+        if handle is not None:
+            fn = getattr(handle, symbol)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        return handle
+    except Exception:  # noqa: BLE001 - a compiler that fails or hangs, anything: no kernel
+        return None
 
 
 def available() -> bool:
@@ -129,11 +134,9 @@ def available() -> bool:
     if not _tried:
         with _build_lock:
             if not _tried:
-                ok = os.environ.get("LMLAB_NATIVE", "1") != "0" and sys.platform == "linux" and _cpu_ok()
-                try:
-                    _lib = _build() if ok else None
-                except Exception:  # noqa: BLE001 - a compiler that fails or hangs, anything: no kernel
-                    _lib = None
+                # torch (imported above) has loaded its own libgomp.so.1: the kernel's OpenMP calls
+                # bind to that one, so its threads are PyTorch's
+                _lib = load(SOURCE, FLAGS, "lmlab_int8_linear", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4, _cpu_ok())
                 _tried = True
     return _lib is not None
 
@@ -267,4 +270,4 @@ class Bound:
         return y if rc == 0 else None
 
 
-__all__ = ["Blocked", "Bound", "available", "block", "build", "cpu_flags", "int8_linear"]
+__all__ = ["Blocked", "Bound", "available", "block", "build", "cpu_flags", "int8_linear", "load"]

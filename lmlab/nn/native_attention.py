@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import sys
 import threading
 
 import torch
@@ -46,17 +44,8 @@ def available() -> bool:
     if not _tried:
         with _lock:
             if not _tried:
-                ok = os.environ.get("LMLAB_NATIVE", "1") != "0" and sys.platform == "linux" and native._cpu_ok()
-                try:
-                    handle = native.build(SOURCE, FLAGS) if ok else None
-                    if handle is not None:
-                        fn = handle.lmlab_attend_one
-                        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_float]
-                        fn.argtypes += [ctypes.c_int64] * 2
-                        fn.restype = ctypes.c_int
-                    _lib = handle
-                except Exception:  # noqa: BLE001 - a compiler that fails or hangs, anything: no kernel
-                    _lib = None
+                types = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
+                _lib = native.load(SOURCE, FLAGS, "lmlab_attend_one", types, native._cpu_ok())
                 _tried = True
     return _lib is not None
 

@@ -25,8 +25,6 @@ and later), the fp32 one AVX-512; both a C++ compiler, built like the int8 kerne
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
 import threading
 from pathlib import Path
 from typing import NamedTuple
@@ -70,18 +68,10 @@ def available(dtype: torch.dtype = torch.bfloat16) -> bool:
     if dtype not in _libs:
         with _lock:
             if dtype not in _libs:
-                spec, handle = KERNELS.get(dtype), None
-                ok = spec is not None and os.environ.get("LMLAB_NATIVE", "1") != "0" and sys.platform == "linux"
-                try:
-                    if ok and _cpu_ok(dtype):
-                        handle = native.build(spec.source, spec.flags)
-                    if handle is not None:
-                        fn = getattr(handle, spec.symbol)
-                        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-                        fn.restype = ctypes.c_int
-                except Exception:  # noqa: BLE001 - a compiler that fails or hangs, anything: no kernel
-                    handle = None
-                _libs[dtype] = handle
+                spec = KERNELS.get(dtype)
+                _libs[dtype] = None if spec is None else native.load(
+                    spec.source, spec.flags, spec.symbol, [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4, _cpu_ok(dtype)
+                )
     return _libs.get(dtype) is not None
 
 
