@@ -8,10 +8,12 @@ and widens them to fp32 in registers,
 
     y_mn = s_n · Σ_k x_mk q_nk + b_n                 (fp32 sums; 8 rows of x per pass over q)
 
-from the codes *blocked* (:func:`block`: four rows interleaved 16 codes at a time, so that
-each cache line holds one step of the loop and a thread reads one stream front to back):
-22–31 GB/s cache-cold on a 2-core AMD EPYC where ``torch.sum`` reads ~31–35, against ~16
-GB/s for four plain rows read at once on 896-wide weights (``benchmarks/int8_kernel.py``).
+from the codes *blocked* (:func:`block`: rows in blocks of 16, each 64-byte cache line the
+16 rows' codes of four inputs, so that a line adds into 16 sums, one per row, and a thread
+reads one stream front to back): 28–31 GB/s cache-cold on a 2-core AMD EPYC where
+``torch.sum`` reads ~31–35, against ~16 GB/s for four plain rows read at once on 896-wide
+weights and 25 for the earlier order (four rows interleaved) on 4,864-wide ones
+(``benchmarks/int8_kernel.py``).
 
 It is built with the system's C++ compiler (``g++``, or ``$CXX``) into ``$LMLAB_CACHE/kernels``
 (default ``~/.cache/lmlab``; a folder under the temporary directory if that cannot be written)
@@ -143,8 +145,9 @@ def available() -> bool:
 
 class Blocked(NamedTuple):
     """Int8 codes (N, K) in the kernel's order (``kernels/int8_linear.cpp``): rows in blocks of
-    four, each block as K/16 cache lines of 16 codes of each of its four rows, then the last
-    N mod 4 rows plain. ``codes`` is 1-D, N·K bytes: the same size as the plain codes."""
+    16, each block as K/4 cache lines, line g the 16 rows' codes of input 4g, then of 4g+1,
+    4g+2, 4g+3; then the last N mod 16 rows plain. ``codes`` is 1-D, N·K bytes: the same size
+    as the plain codes."""
 
     codes: Tensor
     rows: int
@@ -155,24 +158,30 @@ class Blocked(NamedTuple):
         return self.dense_rows(0, self.rows)
 
     def dense_rows(self, i: int, j: int) -> Tensor:
-        """Plain codes of rows i..j−1 (a copy), i a multiple of 4, j a multiple of 4 or N."""
-        n4, k = self.rows - self.rows % 4, self.cols
+        """Plain codes of rows i..j−1 (a copy), i a multiple of 16, j a multiple of 16 or N."""
+        n16, k = self.rows - self.rows % BLOCK, self.cols
         parts = []
-        if min(j, n4) > i:
-            b = min(j, n4)
-            parts.append(self.codes[i * k : b * k].view((b - i) // 4, k // 16, 4, 16).permute(0, 2, 1, 3).reshape(b - i, k))
-        if j > n4:
-            parts.append(self.codes[max(i, n4) * k : j * k].view(-1, k))
+        if min(j, n16) > i:
+            b = min(j, n16)
+            blocks = self.codes[i * k : b * k].view((b - i) // BLOCK, k // 4, 4, BLOCK)  # [block][group][input][row]
+            parts.append(blocks.permute(0, 3, 1, 2).reshape(b - i, k))
+        if j > n16:
+            parts.append(self.codes[max(i, n16) * k : j * k].view(-1, k))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+#: rows of W per block of the kernel's order
+BLOCK = 16
 
 
 def block(q: Tensor) -> Blocked:
     """q (N, K) int8, K a multiple of 16, in the kernel's order (a copy, written in place into
     one buffer: the codes and their copy are the only two held, even for an output layer)."""
-    (n, k), n4 = q.shape, q.shape[0] - q.shape[0] % 4
+    (n, k), n16 = q.shape, q.shape[0] - q.shape[0] % BLOCK
     out = torch.empty(n * k, dtype=q.dtype, device=q.device)
-    out[: n4 * k].view(n4 // 4, k // 16, 4, 16).copy_(q[:n4].view(n4 // 4, 4, k // 16, 16).permute(0, 2, 1, 3))
-    out[n4 * k :].copy_(q[n4:].reshape(-1))
+    rows = q[:n16].view(n16 // BLOCK, BLOCK, k // 4, 4).permute(0, 2, 3, 1)  # [block][group][input][row]
+    out[: n16 * k].view(n16 // BLOCK, k // 4, 4, BLOCK).copy_(rows)
+    out[n16 * k :].copy_(q[n16:].reshape(-1))
     return Blocked(out, n, k)
 
 
@@ -270,4 +279,4 @@ class Bound:
         return y if rc == 0 else None
 
 
-__all__ = ["Blocked", "Bound", "available", "block", "build", "cpu_flags", "int8_linear", "load"]
+__all__ = ["BLOCK", "Blocked", "Bound", "available", "block", "build", "cpu_flags", "int8_linear", "load"]

@@ -253,7 +253,7 @@ class _NativeCopy:
         self.scale = torch.empty(V)
         r, m = torch.empty(V, dtype=torch.float64), torch.empty(V, dtype=torch.float64)
         codes = torch.empty(V * d, dtype=torch.int8)
-        for lo, hi, q in _coded_parts(w, r, m, self.scale):  # parts of a multiple of 4 rows: blocks stay whole
+        for lo, hi, q in _coded_parts(w, r, m, self.scale):  # parts of a multiple of CHUNK rows: blocks stay whole
             codes[lo * d : hi * d] = native.block(q).codes  # (rows lo.. blocked are that stretch)
         self.blocked = native.Blocked(codes, V, d)
         self.gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)

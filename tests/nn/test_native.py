@@ -44,7 +44,7 @@ def test_the_kernel_builds_where_it_can():
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17])
-@pytest.mark.parametrize("out_features", [1, 4, 37, 300])  # four at a time, and the rest
+@pytest.mark.parametrize("out_features", [1, 4, 16, 37, 300])  # 16 at a time, and the rest
 @pytest.mark.parametrize("in_features", [16, 48, 896])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_is_the_formula(rows, out_features, in_features, bias):
@@ -137,19 +137,20 @@ def test_an_int8_layer_decodes_on_it_from_its_codes_blocked_in_their_place(monke
     assert not torch.allclose(got.double(), reference(x, q, ql.scale, ql.bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 300, 301])
+@pytest.mark.parametrize("rows", [1, 3, 15, 16, 17, 32, 300, 301])
 @pytest.mark.parametrize("cols", [16, 48])
-def test_the_blocked_order_is_four_rows_interleaved_16_codes_at_a_time(rows, cols):
+def test_the_blocked_order_is_16_rows_a_line_of_four_inputs(rows, cols):
     q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
     b = native.block(q)
     assert b.codes.shape == (rows * cols,) and (b.rows, b.cols) == (rows, cols)
     assert torch.equal(b.dense(), q)
-    for i in range(0, rows, 8):  # row ranges, across the N mod 4 plain rows at the end
-        assert torch.equal(b.dense_rows(i, min(rows, i + 8)), q[i : i + 8])
-    n4 = rows - rows % 4
+    for i in range(0, rows, 16):  # row ranges, across the N mod 16 plain rows at the end
+        assert torch.equal(b.dense_rows(i, min(rows, i + 16)), q[i : i + 16])
+        assert torch.equal(b.dense_rows(i, rows), q[i:])
+    n16 = rows - rows % 16
     for n in range(rows):  # where the kernel reads code (n, k): by hand
-        for k in (0, cols - 1, 17 % cols):
-            at = (n // 4) * 4 * cols + (k // 16) * 64 + (n % 4) * 16 + k % 16 if n < n4 else n * cols + k
+        for k in (0, 1, 3, 4, cols - 1, 17 % cols, 30 % cols):
+            at = (n // 16) * 16 * cols + (k // 4) * 64 + (k % 4) * 16 + n % 16 if n < n16 else n * cols + k
             assert b.codes[at] == q[n, k]
 
 
@@ -227,7 +228,7 @@ def test_rows_past_the_kernels_take_the_dequantized_product_and_no_copy_is_made(
     assert calls == [Q.NATIVE_MAX_ROWS_BIG] or (int8.exact_sums() and not calls)  # (or oneDNN's copy took the codes)
     # blocked first (decoding): then up to BLOCKED_MAX_ROWS_BIG rows on the kernel, more by Ŵ
     # in bf16 made from the blocked codes a chunk of rows of W at a time (no copy in their place)
-    monkeypatch.setattr(int8_blocked, "BLOCKED_CHUNK", 24)  # several chunks, the last with the N mod 4 tail
+    monkeypatch.setattr(int8_blocked, "BLOCKED_CHUNK", 32)  # several chunks, the last with the N mod 16 tail
     ql = QuantLinear.from_linear(nn.Linear(64, 301))
     q = ql.qweight.clone()
     monkeypatch.setattr(Q, "DEQUANTIZE_MAX", 64 * 301 - 1)

@@ -3,19 +3,19 @@
 //
 //     y_mn = s_n · Σ_k x_mk q_nk + b_n          (fp32 sums; K a multiple of 16)
 //
-// 16 codes at a time: vpmovsxbd (int8 → int32), vcvtdq2ps (→ fp32), one FMA per row of x.
+// The codes are stored *blocked* (lmlab.nn.native.block): rows in blocks of 16, and in a
+// block, for each group of four inputs k..k+3, the 16 rows' codes of input k, then of k+1,
+// k+2, k+3 — one 64-byte cache line per group of four inputs:
 //
-// The codes are stored *blocked* (lmlab.nn.native.block): rows in blocks of four, and in a
-// block, for k = 0, 16, ..., K − 16, the 16 codes of each of the four rows side by side — one
-// 64-byte cache line holding what one step of the loop needs:
+//     block j (rows 16j..16j+15):  [q_{16j,0} ... q_{16j+15,0} q_{16j,1} ... q_{16j+15,3}] [q_{16j,4} ...] ...
 //
-//     block b (rows 4b..4b+3):  [q_{4b,0:16} q_{4b+1,0:16} q_{4b+2,0:16} q_{4b+3,0:16}] [q_{4b,16:32} ...] ...
-//
-// the last N mod 4 rows follow, row-major. Each thread then reads one stream front to back.
-// Reading four plain rows at once is four interleaved streams per thread, short ones where
-// K is small (896 codes: 14 cache lines a row), and the hardware prefetcher did not keep up:
-// 4,864 × 896 read at 16 GB/s plain and at 33 GB/s blocked, cache-cold, on 2 threads of an
-// AMD EPYC where torch.sum reads 35 GB/s.
+// the last N mod 16 rows follow, row-major (the codes keep their N·K bytes). A line is four
+// times 16 codes, each widened (vpmovsxbd, vcvtdq2ps) and multiplied by x_mk broadcast into
+// 16 fp32 sums, one per row of q: the bf16 and fp32 kernels' plan (packed_plan.h), no
+// horizontal sums, one stream per thread. The earlier order (four rows interleaved 16 codes at
+// a time, four sums per row added across lanes at the end) read the down projection of a
+// Qwen2-0.5B (896 × 4,864) at 25 GB/s; this one at 30, on 2 threads of an AMD EPYC where
+// torch.sum reads 31–35.
 //
 // Built by lmlab.nn.native with g++ -O3 -mavx512f -mavx512bw -fopenmp; the threads are
 // PyTorch's own OpenMP pool (its libgomp is loaded first), as many as torch.get_num_threads().
@@ -28,44 +28,38 @@ inline __m512 widen(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-// one block (four rows) against one row of x: each cache line of codes read once, in order
-inline void block_one(const float* x, const int8_t* q, int64_t K, float* out) {
+// one block (16 rows) against one row of x: four chains of sums (inputs k..k+3), added at the end
+inline __m512 block_one(const float* x, const int8_t* q, int64_t K) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        const int8_t* p = q + 4 * k;
-        const __m512 xv = _mm512_loadu_ps(x + k);
-        a0 = _mm512_fmadd_ps(widen(p), xv, a0);
-        a1 = _mm512_fmadd_ps(widen(p + 16), xv, a1);
-        a2 = _mm512_fmadd_ps(widen(p + 32), xv, a2);
-        a3 = _mm512_fmadd_ps(widen(p + 48), xv, a3);
+    for (int64_t k = 0; k < K; k += 4) {
+        const int8_t* p = q + 16 * k;
+        a0 = _mm512_fmadd_ps(widen(p), _mm512_set1_ps(x[k]), a0);
+        a1 = _mm512_fmadd_ps(widen(p + 16), _mm512_set1_ps(x[k + 1]), a1);
+        a2 = _mm512_fmadd_ps(widen(p + 32), _mm512_set1_ps(x[k + 2]), a2);
+        a3 = _mm512_fmadd_ps(widen(p + 48), _mm512_set1_ps(x[k + 3]), a3);
     }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
 }
 
-// one block (four rows) against M rows of x (M ≤ 4: 16 sums in registers), each code widened
-// once and used M times
+// one block against M rows of x (2 ≤ M ≤ 8): each line's codes widened once and used M times;
+// two chains per row of x while there are registers for them (M ≤ 4)
 template <int M>
-inline void block_many(const float* x, const int8_t* q, int64_t K, float* out /* [4][M] */) {
-    __m512 a[4][M];
-    for (int r = 0; r < 4; r++) for (int m = 0; m < M; m++) a[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        const int8_t* p = q + 4 * k;
-        const __m512 w0 = widen(p), w1 = widen(p + 16), w2 = widen(p + 32), w3 = widen(p + 48);
+inline void block_many(const float* x, const int8_t* q, int64_t K, __m512* out /* [M] */) {
+    constexpr int C = M <= 4 ? 2 : 1;
+    __m512 a[M][C];
+    for (int m = 0; m < M; m++) for (int c = 0; c < C; c++) a[m][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 4) {
+        const int8_t* p = q + 16 * k;
+        const __m512 w[4] = {widen(p), widen(p + 16), widen(p + 32), widen(p + 48)};
         for (int m = 0; m < M; m++) {
-            const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-            a[0][m] = _mm512_fmadd_ps(w0, xv, a[0][m]);
-            a[1][m] = _mm512_fmadd_ps(w1, xv, a[1][m]);
-            a[2][m] = _mm512_fmadd_ps(w2, xv, a[2][m]);
-            a[3][m] = _mm512_fmadd_ps(w3, xv, a[3][m]);
+            const float* xm = x + m * K + k;
+            for (int i = 0; i < 4; i++) a[m][i % C] = _mm512_fmadd_ps(w[i], _mm512_set1_ps(xm[i]), a[m][i % C]);
         }
     }
-    for (int r = 0; r < 4; r++) for (int m = 0; m < M; m++) out[r * M + m] = _mm512_reduce_add_ps(a[r][m]);
+    for (int m = 0; m < M; m++) out[m] = C == 2 ? _mm512_add_ps(a[m][0], a[m][C - 1]) : a[m][0];
 }
 
-// one plain row of codes against M rows of x (the last N mod 4 rows)
+// one plain row of codes against M rows of x (the last N mod 16 rows)
 template <int M>
 inline void one_row(const float* x, const int8_t* q, int64_t K, float* out) {
     __m512 acc[M];
@@ -77,38 +71,34 @@ inline void one_row(const float* x, const int8_t* q, int64_t K, float* out) {
     for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
 }
 
-inline float finish(float sum, const float* s, const float* b, int64_t n) { return sum * s[n] + (b ? b[n] : 0.0f); }
+// the block's 16 sums scaled, + b, stored
+inline void finish(__m512 sums, const float* s, const float* b, float* y, int64_t n0) {
+    __m512 r = _mm512_mul_ps(sums, _mm512_loadu_ps(s + n0));
+    if (b) r = _mm512_add_ps(r, _mm512_loadu_ps(b + n0));
+    _mm512_storeu_ps(y + n0, r);
+}
 
 // M rows of x (1 ≤ M ≤ 8) against every row of q: the blocks shared among the threads, each
-// read from memory once (for M > 4, in two passes over x: the second from the L1 cache)
+// read from memory once
 template <int M>
 void rows_of(const float* x, const int8_t* q, const float* s, const float* b, float* y, int64_t N, int64_t K,
              int threads) {
-    const int64_t blocks = N / 4;
+    const int64_t blocks = N / 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= (1 << 17))
-    for (int64_t i = 0; i < blocks; i++) {
-        const int8_t* qb = q + i * 4 * K;
-        const int64_t n = 4 * i;
+    for (int64_t j = 0; j < blocks; j++) {
+        const int8_t* qb = q + j * 16 * K;
         if (M == 1) {
-            float o[4];
-            block_one(x, qb, K, o);
-            for (int r = 0; r < 4; r++) y[n + r] = finish(o[r], s, b, n + r);
+            finish(block_one(x, qb, K), s, b, y, 16 * j);
         } else {
-            constexpr int G = M <= 4 ? M : (M + 1) / 2;  // rows of x per pass: at most 4 (16 sums in registers)
-            for (int m0 = 0; m0 < M; m0 += G) {
-                float o[4 * G];
-                const int g = M - m0 < G ? M - m0 : G;
-                if (g == G) block_many<G>(x + m0 * K, qb, K, o);
-                else block_many<(G > 1 ? G - 1 : 1)>(x + m0 * K, qb, K, o);
-                for (int r = 0; r < 4; r++)
-                    for (int m = 0; m < g; m++) y[(m0 + m) * N + n + r] = finish(o[r * g + m], s, b, n + r);
-            }
+            __m512 o[M];
+            block_many<M>(x, qb, K, o);
+            for (int m = 0; m < M; m++) finish(o[m], s, b, y + m * N, 16 * j);
         }
     }
-    for (int64_t n = 4 * blocks; n < N; n++) {  // the last N mod 4 rows, plain
+    for (int64_t n = 16 * blocks; n < N; n++) {  // the last N mod 16 rows, plain
         float o[M];
         one_row<M>(x, q + n * K, K, o);
-        for (int m = 0; m < M; m++) y[m * N + n] = finish(o[m], s, b, n);
+        for (int m = 0; m < M; m++) y[m * N + n] = o[m] * s[n] + (b ? b[n] : 0.0f);
     }
 }
 
