@@ -151,10 +151,9 @@ class FastLinear(nn.Linear):
                 held = None
             if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr():
                 operand = held[0]  # replaced by another thread a moment ago
-            elif w.is_contiguous() and not self._replaces and x.numel() == x.shape[-1]:
-                # One row, and W must stay plain (tied to an embedding, or rows read by the screen):
-                # y = W x streams the plain W as fast as the packed kernel does (within ±10%, and the
-                # same fp32 sums: measured), so no copy beside W. Two rows or more: the packed copy.
+            elif w.is_contiguous() and not self._replaces and native_packed.plain_serves(x, w):
+                # W must stay plain (tied to an embedding, or rows read by the screen): a few rows
+                # multiply it where it lies, no copy beside it (more: the packed copy)
                 operand = None
                 plain = w.detach()
             else:
@@ -176,8 +175,7 @@ class FastLinear(nn.Linear):
                     w.data = stand_in
                     freed(w.numel() * w.element_size())
         if operand is None:
-            y = torch.mv(plain, x.reshape(-1)) if bias is None else torch.addmv(bias, plain, x.reshape(-1))
-            return y.view(x.shape[:-1] + (plain.shape[0],))
+            return native_packed.plain_product(x, plain, bias)
         return _product(x, operand, bias)
 
 

@@ -15,7 +15,7 @@ from helpers import tiny_model
 from torch import nn
 
 from lmlab.generate import GenerationConfig, beam_search, sample
-from lmlab.nn import fastpath
+from lmlab.nn import fastpath, native_packed
 from lmlab.nn.fastpath import FastLinear
 
 pytestmark = pytest.mark.skipif(not fastpath.works(), reason="no oneDNN linear in this build")
@@ -426,9 +426,10 @@ def test_a_weight_with_a_gradient_stays_plain():
 
 def test_tied_and_output_weights_stay_plain_and_one_row_takes_no_copy():
     """A bf16 model: every decoder layer's W is replaced by its packed copy; the output layer,
-    tied to the embedding, keeps its plain W — and multiplies one row without any copy
-    (``torch.mv``), two rows with a packed copy beside. Greedy tokens equal the plain path's,
-    and the parameters read back equal the ones before decoding."""
+    tied to the embedding, keeps its plain W — and multiplies one row without any copy (and,
+    where lmlab's bf16 kernel is built, up to PLAIN_MAX_ROWS rows), more rows with a packed copy
+    beside. Greedy tokens equal the plain path's, and the parameters read back equal the ones
+    before decoding."""
     model = tiny_model(97, max_seq_len=64, **LLAMA).to(torch.bfloat16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain = greedy(model, [[5, 6, 7]], fast=False)
@@ -437,9 +438,12 @@ def test_tied_and_output_weights_stay_plain_and_one_row_takes_no_copy():
     decoder = [m for n, m in model.named_modules() if isinstance(m, FastLinear) and n != "lm_head"]
     assert decoder and all(stands_in(m) for m in decoder)
     assert model.lm_head.weight is model.tok_emb.weight and not stands_in(model.lm_head)
-    assert model.lm_head._held is None  # one row at a time: torch.mv on the plain W
+    assert model.lm_head._held is None  # one row at a time: the plain W, where it lies
     greedy(model, [[5, 6, 7], [1, 2]], fast=True)
-    assert model.lm_head._held is not None  # two rows: a packed copy beside
+    assert (model.lm_head._held is None) == native_packed.available(torch.bfloat16)  # two rows: the same, or a copy
+    with torch.no_grad():
+        model.lm_head(torch.randn(1, native_packed.PLAIN_MAX_ROWS + 1, model.config.d_model, dtype=torch.bfloat16))
+    assert model.lm_head._held is not None  # more rows: a packed copy beside
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not any(stands_in(m) for m in decoder)  # state_dict gave them back
@@ -601,7 +605,7 @@ def test_a_forward_that_finds_its_weight_replaced_midway_uses_the_copy(monkeypat
 def test_pack_in_place_false_keeps_the_plain_weights():
     model = tiny_model(97, max_seq_len=64, **LLAMA).to(torch.bfloat16)
     model.pack_in_place = False
-    greedy(model, [[5, 6, 7]], fast=True)
+    greedy(model, [list(range(5, 25))], fast=True)  # a prompt of more than PLAIN_MAX_ROWS tokens: copies beside W
     layers = [m for n, m in model.named_modules() if isinstance(m, FastLinear) and n != "lm_head"]
     assert all(m._held is not None and not stands_in(m) for m in layers)
     assert all(torch.isfinite(p).all() for p in model.parameters())

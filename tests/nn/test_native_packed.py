@@ -56,6 +56,52 @@ def test_the_product_is_the_formula(dtype, rows, out_features, in_features, bias
     within_rounding(packed(x, b), x, w, b)
 
 
+def plain_kernel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, threads: int = 2) -> torch.Tensor:
+    """lmlab_bf16_plain itself (no fallback): x Wᵀ + b with W plain."""
+    lib = native_packed._libs[torch.bfloat16]
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+    rc = lib.lmlab_bf16_plain(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                              x.shape[0], w.shape[0], w.shape[1], threads)  # fmt: skip
+    assert rc == 0
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17])
+@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 300])
+@pytest.mark.parametrize("in_features", [1, 31, 32, 33, 64, 65, 129, 898])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_plain_product_is_the_formula(rows, out_features, in_features, bias):
+    """W plain (a tied output layer's): every split of its loops — one row of x (four chains),
+    two to four (two), more (one), past 8 rows (groups of 8), a last line of fewer than 32
+    numbers, a last group of fewer than 16 rows of W."""
+    assert native_packed.available(torch.bfloat16)
+    g = torch.Generator().manual_seed(rows * 1000 + out_features * 10 + in_features)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    within_rounding(plain_kernel(x, w, b), x, w, b)
+    within_rounding(native_packed.plain_product(x, w, b), x, w, b)
+    for t in (1, 3):
+        assert torch.equal(plain_kernel(x, w, b, threads=t), plain_kernel(x, w, b))
+
+
+def test_the_plain_product_without_the_kernel_is_pytorchs(monkeypatch):
+    """Where the kernel is not built: torch.mv for one row, F.linear for more — the same
+    numbers to bf16's rounding; an fp32 bias cast to bf16 either way."""
+    monkeypatch.setattr(native_packed, "_libs", {torch.bfloat16: None})
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 96, generator=g).bfloat16()
+    b = torch.randn(40, generator=g)
+    for rows in (1, 3):
+        x = torch.randn(2, rows, 96, generator=g).bfloat16()[:1]
+        got = native_packed.plain_product(x, w, b)
+        assert got.shape == (1, rows, 40) and got.dtype == torch.bfloat16
+        within_rounding(got[0], x[0], w, b.bfloat16())
+    assert not native_packed.plain_serves(torch.zeros(2, 96, dtype=torch.bfloat16), w)
+    assert native_packed.plain_serves(torch.zeros(1, 96, dtype=torch.bfloat16), w)
+
+
 @needs_kernel
 def test_the_packed_order_by_hand_and_back():
     """W[n, k] sits at block n//16, line k//2, lane n%16, half k%2 (the kernel's reading order);
