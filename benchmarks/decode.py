@@ -15,12 +15,16 @@ the two sides are checked to be identical. Also measured:
   the measured bandwidth says how close decoding is to its bound;
 - prefill: the time to the first new token after a 512-token prompt, both sides;
 - ``--quantize int8`` / ``int4``: lmlab's weight-only int8 (int4) model, its speed and its logits error
-  against the fp32 model.
+  against the fp32 model;
+- ``--bf16-screen``: lmlab bf16 also with ``screen_output = True`` (greedy reads the output layer
+  through an int8 copy of it; off by default for bf16 weights, the copy costing memory), and
+  the quantized model's ratio to both.
 
     .venv/bin/python benchmarks/decode.py                          # 3 rounds, ~6 min on 2 cores
     .venv/bin/python benchmarks/decode.py --rounds 1 --new-tokens 32 --quantize int8
     .venv/bin/python benchmarks/decode.py --shape qwen2-0.5b --new-tokens 64    # ~10 min, 7 GB of memory
     .venv/bin/python benchmarks/decode.py --omp-wait-policy passive   # re-runs itself with it set
+    .venv/bin/python benchmarks/decode.py --shape qwen2-0.5b --dtypes bf16 --batches 1 --quantize int8 --bf16-screen
 
 OpenMP threads spin after each parallel region; on a busy 2-core machine a spinning
 thread takes the core the other thread needs, and a decode step (~60 parallel regions)
@@ -48,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="also time lmlab int8 / int4")
+    p.add_argument("--bf16-screen", action="store_true",
+                   help="also time lmlab bf16 with screen_output = True (the output layer's int8 copy: +14%% memory on Qwen)")
     p.add_argument("--omp-wait-policy", choices=["inherit", "passive", "active"], default="inherit")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args()
@@ -212,6 +218,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model_dir(Path(tmp))
         models = {dt: (lmlab.load(str(folder), dtype=dt), load_hf(folder, DTYPES[dt])) for dt in dtypes}
+        if ARGS.bf16_screen and "bf16" in dtypes:
+            models["bf16+screen"] = (lmlab.load(str(folder), dtype="bf16"), None)
+            models["bf16+screen"][0].module.screen_output = True
         Q = ARGS.quantize
         if Q != "none":
             models[Q] = (lmlab.load(str(folder), quantize=Q), None)
@@ -286,13 +295,14 @@ def main() -> None:
                 print(f"    rounds, lmlab/HF tok/s: {rounds}")
             else:
                 print(f"    rounds, lmlab tok/s: {'  '.join(f'{x:.1f}' for x in times[(dt, b, 'lmlab')])}")
-            if dt == Q and (base := times.get(("bf16", b, "lmlab"))):
-                # the measure: the quantized model against lmlab bf16, round by round
-                # (the two ran minutes apart at most, in the same phase of the machine)
-                per = [x / y for x, y in zip(times[(dt, b, "lmlab")], base)]
-                row["vs_lmlab_bf16"] = per
-                print(f"    {dt} / lmlab bf16: median {statistics.median(per):.2f}x, rounds "
-                      f"{'  '.join(f'{x:.2f}x' for x in per)}")  # fmt: skip
+            for ref in ("bf16", "bf16+screen") if dt == Q else ():
+                if base := times.get((ref, b, "lmlab")):
+                    # the measure: the quantized model against lmlab bf16, round by round
+                    # (the two ran minutes apart at most, in the same phase of the machine)
+                    per = [x / y for x, y in zip(times[(dt, b, "lmlab")], base)]
+                    row["vs_lmlab_" + ref] = per
+                    print(f"    {dt} / lmlab {ref}: median {statistics.median(per):.2f}x, rounds "
+                          f"{'  '.join(f'{x:.2f}x' for x in per)}")  # fmt: skip
             if tag == "DIFFER":
                 print(f"    first difference: {check}")
             row["tokens"] = check

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "sampling, batch 1": {"do_sample": True, "seed": 0},
     "greedy, batch 1": {"do_sample": False},
-    "greedy, batch 1, screen_output = False": {"do_sample": False, "screen": False},
+    "greedy, batch 1, screen_output = True": {"do_sample": False, "screen": True},
     "greedy, batch 2": {"do_sample": False, "batch": 2},
     'greedy, batch 1, quantize="int8"': {"do_sample": False, "quantize": "int8"},
 }
@@ -45,7 +45,7 @@ def status(key):
         return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) * 1024
 
 opts = json.loads(sys.argv[4])
-screen, batch, quant = opts.pop("screen", True), opts.pop("batch", 1), opts.pop("quantize", None)
+screen, batch, quant = opts.pop("screen", None), opts.pop("batch", 1), opts.pop("quantize", None)
 warm = lmlab.load(sys.argv[3], quantize=quant)
 warm.module.screen_output = screen
 warm.generate(["to be"] * batch, max_new_tokens=2, **opts)

@@ -80,10 +80,11 @@ class Runner:
         # one-token steps without module calls (an int8/int4 model's layers are not FastLinear)
         self.unroll = (bool(fast) or fastpath.quantized(model)) and fastpath.unobserved(model)
         self.keep, self.bias = None, None
-        if fast and not getattr(model, "screen_output", True):
+        asked = getattr(model, "screen_output", None)
+        if fast and asked is False:
             screen.prepare(model, on=False)  # its int8/bf16 copy goes too
         elif screen_keep is not None and fast:
-            n, self.bias = screen.prepare(model)
+            n, self.bias = screen.prepare(model, bf16=bool(asked))
             if n:
                 self.keep = screen.keep_tensor(screen_keep).to(self.device)
 

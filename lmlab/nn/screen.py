@@ -29,11 +29,11 @@ asks. Two screens:
   b_v = ε‖x‖‖W_v‖ + 2u|ẑ_v|, the standard bound for a dot product of rounded inputs (Higham,
   *Accuracy and Stability of Numerical Algorithms*, §3.1).
 
-A bf16 model's head is screened by the int8 copy (a bf16 copy would save nothing) and
-returns what its plain kernel returns: the bound is widened by the kernel's roundings to
-bf16 (of z, then of z + a logits bias), so every token that can reach the largest rounded
-value is a candidate, and the candidates' fp32 sums are rounded to bf16: the same values,
-and the argmax's first-of-equals choice among them.
+A bf16 model's head, on request (``screen_output = True``: its copy is half its bytes), is
+screened by the int8 copy and returns what its plain kernel returns: the bound is widened by
+the kernel's roundings to bf16 (of z, then of z + a logits bias), so every token that can
+reach the largest rounded value is a candidate, and the candidates' fp32 sums are rounded to
+bf16: the same values, and the argmax's first-of-equals choice among them.
 
 Each copy checks its kernel once per weight on fixed inputs (the int8 one: that its integer
 sums are exact, and the bound), and a kernel that fails is not used.
@@ -294,8 +294,7 @@ class _NativeCopy:
 #: None: the int8 screen where oneDNN's int8 kernel sums exactly (VNNI or AMX), else the
 #: bf16 one; True/False force it (tests)
 INT8: bool | None = None
-#: None: a bf16 head screens on lmlab's own int8 kernel (_NativeCopy) where it is built;
-#: False: not (tests)
+#: None: a bf16 head screens on lmlab's own int8 kernel (_NativeCopy) where built; False: not
 NATIVE: bool | None = None
 
 
@@ -421,11 +420,10 @@ def release(head: nn.Module) -> None:
         head.__dict__.pop(k, None)
 
 
-def prepare(model: nn.Module, on: bool = True) -> tuple[int, Tensor | None]:
-    """Make each large fp32 ``lm_head`` of a fast-path model screenable (``on``; off: drop
-    their copies). Returns how many, and the bias its owner adds after it (one head only:
-    a model with several output layers is not screened). Only :class:`FastLinear` heads
-    (the fast path is on: CPU, ``fast_decoding``)."""
+def prepare(model: nn.Module, on: bool = True, bf16: bool = True) -> tuple[int, Tensor | None]:
+    """Make each large :class:`FastLinear` ``lm_head`` screenable — fp32, and bf16 with ``bf16`` (else
+    its copy goes) — or (``on`` False) drop every copy. Returns how many, and the bias its
+    owner adds after it (one head only: several output layers are not screened)."""
     heads = []
     for m in model.modules():
         head = getattr(m, "lm_head", None)
@@ -435,7 +433,9 @@ def prepare(model: nn.Module, on: bool = True) -> tuple[int, Tensor | None]:
             continue
         if type(head) is FastLinear and screenable(head.weight) and head.weight.numel() >= MIN_WEIGHT:
             head.__class__ = ScreenedLinear
-        if isinstance(head, ScreenedLinear):
+        if isinstance(head, ScreenedLinear) and not bf16 and head.weight.dtype == torch.bfloat16:
+            release(head)  # (a bf16 head screens only on request: model.screen_output)
+        elif isinstance(head, ScreenedLinear):
             heads.append((head, getattr(m, "logits_bias", None)))
     if len(heads) != 1:
         return 0, None

@@ -75,7 +75,7 @@ class Engine:
         # the decoding loop's fast paths (lmlab.generate.runner): oneDNN products, and for the
         # batch's one-token steps the unrolled step and the screened output layer (_fast_paths)
         self._fast = bool(fastpath.prepare(self.module)) or fastpath.quantized(self.module)
-        self._screen: tuple[int, Tensor | None] | None = None  # screen.prepare's, once it is wanted
+        self._screen: tuple[int, Tensor | None, bool] | None = None  # screen.prepare's (and its bf16), once wanted
         self._closed = False
         self._logged, self._logged_at = (0, 0), 0.0
         self.stats = {"steps": 0, "running": 0, "waiting": 0, "max_running": 0, "tokens": 0, "requests": 0,
@@ -331,7 +331,8 @@ class Engine:
 
     def _screen_keep(self) -> Tensor | None:
         """The tokens a mask may remove, over every row, if every row needs only its argmax."""
-        if not getattr(self.module, "screen_output", True):
+        asked = getattr(self.module, "screen_output", None)
+        if asked is False:
             return None
         keep: set[int] = set()
         for row in self._rows:
@@ -339,8 +340,8 @@ class Engine:
             if k is None:
                 return None
             keep.update(k)
-        if self._screen is None:
-            self._screen = screen.prepare(self.module)
+        if self._screen is None or self._screen[2] != bool(asked):
+            self._screen = (*screen.prepare(self.module, bf16=bool(asked)), bool(asked))
         return screen.keep_tensor(keep) if self._screen[0] else None
 
     def _room(self) -> int:

@@ -494,3 +494,29 @@ def test_a_bf16_head_is_screened_on_lmlabs_kernel_without_vnni(monkeypatch):
     out = run(m, xb)
     assert type(m.lm_head._screen) is screen._NativeCopy and torch.isfinite(out).sum() < out.numel() / 4
     assert int(out.float().argmax()) == int(m(xb).float().argmax())
+
+
+def test_a_bf16_head_screens_only_on_request(monkeypatch):
+    """``screen_output`` None (the default): an fp32 model's greedy steps read its head through
+    the screen's copy, a bf16 model's do not (its int8 copy would be half the head's bytes:
+    +14% of a Qwen2-0.5B's memory) — until True; None again drops the copy. The tokens are the
+    same either way."""
+    if not screen.screenable(torch.zeros(16, 16, dtype=torch.bfloat16)):
+        pytest.skip("no screen for a bf16 head on this machine")
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+    model = tiny_model(vocab_size=512, d_model=64, n_head=4, tie_embeddings=False).eval()
+    cfg = GenerationConfig(max_new_tokens=4, temperature=0.0, eos_token_id=[])
+
+    def tokens() -> list[int]:
+        return [c.token for step in sample(model, [[1, 2, 3]], cfg, [None]) for c in step]
+
+    assert model.screen_output is None
+    tokens()
+    assert "_screen" in model.lm_head.__dict__  # fp32: screened by default
+    model.to(torch.bfloat16)
+    plain = tokens()
+    assert "_screen" not in model.lm_head.__dict__  # bf16: not by default, its fp32-time copy dropped
+    model.screen_output = True
+    assert tokens() == plain and "_screen" in model.lm_head.__dict__
+    model.screen_output = None
+    assert tokens() == plain and "_screen" not in model.lm_head.__dict__

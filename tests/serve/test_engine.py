@@ -258,4 +258,4 @@ def test_greedy_steps_screen_the_output_layer_and_unroll_and_equal_generate_unsc
         assert results[10][2][0] == want[1] and not screened
     finally:
         engine.close()
-        model.module.screen_output = True
+        model.module.screen_output = None
