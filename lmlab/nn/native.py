@@ -174,11 +174,12 @@ class Blocked(NamedTuple):
 BLOCK = 16
 
 
-def block(q: Tensor) -> Blocked:
+def block(q: Tensor, out: Tensor | None = None) -> Blocked:
     """q (N, K) int8, K a multiple of 16, in the kernel's order (a copy, written in place into
-    one buffer: the codes and their copy are the only two held, even for an output layer)."""
+    one buffer — ``out``, N·K int8, if given: the codes and their copy are the only two held,
+    even for an output layer)."""
     (n, k), n16 = q.shape, q.shape[0] - q.shape[0] % BLOCK
-    out = torch.empty(n * k, dtype=q.dtype, device=q.device)
+    out = torch.empty(n * k, dtype=q.dtype, device=q.device) if out is None else out.view(n * k)
     rows = q[:n16].view(n16 // BLOCK, BLOCK, k // 4, 4).permute(0, 2, 3, 1)  # [block][group][input][row]
     out[: n16 * k].view(n16 // BLOCK, k // 4, 4, BLOCK).copy_(rows)
     out[n16 * k :].copy_(q[n16:].reshape(-1))

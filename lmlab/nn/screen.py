@@ -109,11 +109,11 @@ CHUNK = 1024  # rows of W handled at a time while building and checking a copy: 
 PART_BYTES = 32 << 20
 
 
-def _coded_parts(w: Tensor, r: Tensor, m: Tensor, scale: Tensor) -> Iterator[tuple[int, int, Tensor]]:
-    """(lo, hi, q) for W's rows in parts of about PART_BYTES codes (a multiple of CHUNK rows),
+def _coded_parts(w: Tensor, r: Tensor, m: Tensor, scale: Tensor, part: int = PART_BYTES) -> Iterator[tuple[int, int, Tensor]]:
+    """(lo, hi, q) for W's rows in parts of about ``part`` codes (a multiple of CHUNK rows),
     filling r, m and scale (:meth:`_Int8Copy._codes`) as it goes: one part's codes at a time."""
     V, d = w.shape
-    step = max(CHUNK, PART_BYTES // max(1, d) // CHUNK * CHUNK)
+    step = max(CHUNK, part // max(1, d) // CHUNK * CHUNK)
     for lo in range(0, V, step):
         hi = min(V, lo + step)
         q = torch.empty(hi - lo, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
@@ -253,8 +253,8 @@ class _NativeCopy:
         self.scale = torch.empty(V)
         r, m = torch.empty(V, dtype=torch.float64), torch.empty(V, dtype=torch.float64)
         codes = torch.empty(V * d, dtype=torch.int8)
-        for lo, hi, q in _coded_parts(w, r, m, self.scale):  # parts of a multiple of CHUNK rows: blocks stay whole
-            codes[lo * d : hi * d] = native.block(q).codes  # (rows lo.. blocked are that stretch)
+        for lo, hi, q in _coded_parts(w, r, m, self.scale, 0):  # CHUNK rows at a time: blocks stay whole
+            native.block(q, out=codes[lo * d : hi * d])  # (rows lo.. blocked are that stretch)
         self.blocked = native.Blocked(codes, V, d)
         self.gamma = 2 * d * 2.0**-24 / (1 - d * 2.0**-24)
         self.m = m

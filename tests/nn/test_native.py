@@ -144,6 +144,9 @@ def test_the_blocked_order_is_16_rows_a_line_of_four_inputs(rows, cols):
     b = native.block(q)
     assert b.codes.shape == (rows * cols,) and (b.rows, b.cols) == (rows, cols)
     assert torch.equal(b.dense(), q)
+    buf = torch.empty(rows * cols + 5, dtype=torch.int8)
+    into = native.block(q, out=buf[5:])  # written where it is told (a stretch of a larger buffer)
+    assert into.codes.data_ptr() == buf[5:].data_ptr() and torch.equal(buf[5:], b.codes)
     for i in range(0, rows, 16):  # row ranges, across the N mod 16 plain rows at the end
         assert torch.equal(b.dense_rows(i, min(rows, i + 16)), q[i : i + 16])
         assert torch.equal(b.dense_rows(i, rows), q[i:])

@@ -67,9 +67,9 @@ def plain_kernel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, threa
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17])
-@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 300])
-@pytest.mark.parametrize("in_features", [1, 31, 32, 33, 64, 65, 129, 898])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 17])
+@pytest.mark.parametrize("out_features", [1, 17, 300])
+@pytest.mark.parametrize("in_features", [1, 31, 33, 65, 129, 898])
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_plain_product_is_the_formula(rows, out_features, in_features, bias):
     """W plain (a tied output layer's): every split of its loops — one row of x (four chains),
