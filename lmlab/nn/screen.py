@@ -109,11 +109,11 @@ CHUNK = 1024  # rows of W handled at a time while building and checking a copy: 
 PART_BYTES = 32 << 20
 
 
-def _coded_parts(w: Tensor, r: Tensor, m: Tensor, scale: Tensor, part: int = PART_BYTES) -> Iterator[tuple[int, int, Tensor]]:
-    """(lo, hi, q) for W's rows in parts of about ``part`` codes (a multiple of CHUNK rows),
+def _coded_parts(w: Tensor, r: Tensor, m: Tensor, scale: Tensor, part: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """(lo, hi, q) for W's rows in parts of about ``part`` (PART_BYTES) codes, a multiple of CHUNK rows,
     filling r, m and scale (:meth:`_Int8Copy._codes`) as it goes: one part's codes at a time."""
     V, d = w.shape
-    step = max(CHUNK, part // max(1, d) // CHUNK * CHUNK)
+    step = max(CHUNK, (PART_BYTES if part is None else part) // max(1, d) // CHUNK * CHUNK)
     for lo in range(0, V, step):
         hi = min(V, lo + step)
         q = torch.empty(hi - lo, d, dtype=torch.int8)  # filled in place: no list of pieces to concatenate
