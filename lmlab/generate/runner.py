@@ -81,11 +81,11 @@ class Runner:
         self.unroll = (bool(fast) or fastpath.quantized(model)) and fastpath.unobserved(model)
         self.keep, self.bias = None, None
         asked = getattr(model, "screen_output", None)
-        if fast and asked is False:
+        if fast and asked is not None and not asked:
             screen.prepare(model, on=False)  # its int8/bf16 copy goes too
-        elif screen_keep is not None and fast:
+        elif fast:  # (every decode: a bf16 head's copy goes once it is no longer asked for)
             n, self.bias = screen.prepare(model, bf16=bool(asked))
-            if n:
+            if n and screen_keep is not None:
                 self.keep = screen.keep_tensor(screen_keep).to(self.device)
 
     def _call(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the model's own signature

@@ -344,8 +344,8 @@ def prepare(module: nn.Module) -> int:
 
 def mark_replaceable(module: nn.Module) -> None:
     """Which layers' packed copies (bf16; fp32 on lmlab's kernel) may replace their W (``FastLinear._replaces``): W held
-    by this layer alone (not tied to an embedding), not an output layer (the greedy screen
-    reads rows of its plain W), and ``module.pack_in_place`` (default True). Done at every
+    by this layer alone (not tied to an embedding), not an output layer (a greedy screen, when
+    on, reads rows of its plain W), and ``module.pack_in_place`` (default True). Done at every
     :func:`prepare`, so weights tied after loading are seen; a layer that may no longer
     replace its W gets it back."""
     allowed = bool(getattr(module, "pack_in_place", True))

@@ -248,7 +248,7 @@ class _NativeCopy:
 
     def __init__(self, w: Tensor) -> None:
         V, d = w.shape
-        if d % 16 or not native.available():
+        if d % 16 or CHUNK % native.BLOCK or not native.available():  # (parts of CHUNK rows keep blocks whole)
             raise RuntimeError("lmlab's int8 kernel is not built here, or d is not a multiple of 16")
         self.scale = torch.empty(V)
         r, m = torch.empty(V, dtype=torch.float64), torch.empty(V, dtype=torch.float64)
@@ -415,7 +415,7 @@ class ScreenedLinear(FastLinear):
 
 
 def release(head: nn.Module) -> None:
-    """Drop a screened head's copy (training, ``screen_output = False``)."""
+    """Drop a screened head's copy (training; ``screen_output`` False, or None for a bf16 head)."""
     for k in ("_screen", "_screen_key", "_screen_src"):
         head.__dict__.pop(k, None)
 
@@ -433,11 +433,11 @@ def prepare(model: nn.Module, on: bool = True, bf16: bool = True) -> tuple[int, 
             continue
         if type(head) is FastLinear and screenable(head.weight) and head.weight.numel() >= MIN_WEIGHT:
             head.__class__ = ScreenedLinear
-        if isinstance(head, ScreenedLinear) and not bf16 and head.weight.dtype == torch.bfloat16:
-            release(head)  # (a bf16 head screens only on request: model.screen_output)
-        elif isinstance(head, ScreenedLinear):
+        if isinstance(head, ScreenedLinear):
             heads.append((head, getattr(m, "logits_bias", None)))
-    if len(heads) != 1:
+            if not bf16 and head.weight.dtype == torch.bfloat16:
+                release(head)  # (a bf16 head screens only on request: model.screen_output)
+    if len(heads) != 1 or (not bf16 and heads[0][0].weight.dtype == torch.bfloat16):
         return 0, None
     bias = heads[0][1]
     return 1, (bias.detach() if isinstance(bias, Tensor) else None)

@@ -332,7 +332,10 @@ class Engine:
     def _screen_keep(self) -> Tensor | None:
         """The tokens a mask may remove, over every row, if every row needs only its argmax."""
         asked = getattr(self.module, "screen_output", None)
-        if asked is False:
+        if asked is not None and not asked:
+            if self._screen is not None:  # turned off: its copy goes
+                screen.prepare(self.module, on=False)
+                self._screen = None
             return None
         keep: set[int] = set()
         for row in self._rows:

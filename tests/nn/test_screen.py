@@ -520,3 +520,23 @@ def test_a_bf16_head_screens_only_on_request(monkeypatch):
     assert tokens() == plain and "_screen" in model.lm_head.__dict__
     model.screen_output = None
     assert tokens() == plain and "_screen" not in model.lm_head.__dict__
+    model.screen_output = True
+    tokens()
+    model.screen_output = None  # then a sampling call: the copy goes too
+    list(sample(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2, temperature=1.0), [0]))
+    assert "_screen" not in model.lm_head.__dict__
+
+
+def test_one_head_per_model_counts_a_bf16_head_left_unscreened(monkeypatch):
+    """A module with an fp32 and a bf16 output layer has two heads: not screened (nor a bf16
+    head's screen counted out of the one-head rule when bf16 heads are not asked for)."""
+    monkeypatch.setattr(screen, "MIN_WEIGHT", 0)
+
+    class Part(nn.Module):
+        def __init__(self, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.lm_head = fastpath.FastLinear(64, 256, bias=False).to(dtype)
+
+    both = nn.Module()
+    both.a, both.b = Part(torch.float32), Part(torch.bfloat16)
+    assert screen.prepare(both, bf16=False)[0] == 0 and screen.prepare(both, bf16=True)[0] == 0
