@@ -61,6 +61,8 @@ class FastLinear(nn.Linear):
     _held: tuple[Tensor | native_packed.Packed, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
     #: set by :func:`prepare`: the packed copy may stand in for W (see the class docstring)
     _replaces: bool = False
+    #: set by :func:`prepare`: W must stay plain and no copy may sit beside it (tied, or an output layer)
+    _plain_only: bool = False
 
     def __getstate__(self) -> dict:
         """Pickling and deepcopy leave out the kernel's copies of W (oneDNN's opaque layout
@@ -151,9 +153,9 @@ class FastLinear(nn.Linear):
                 held = None
             if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr():
                 operand = held[0]  # replaced by another thread a moment ago
-            elif w.is_contiguous() and not self._replaces and native_packed.plain_serves(x, w):
+            elif w.is_contiguous() and not self._replaces and native_packed.plain_serves(x, w, self._plain_only):
                 # W must stay plain (tied to an embedding, or rows read by the screen): a few rows
-                # multiply it where it lies, no copy beside it (more: the packed copy)
+                # multiply it where it lies, no copy beside it (more: a copy, unless _plain_only)
                 operand = None
                 plain = w.detach()
             else:
@@ -360,6 +362,7 @@ def mark_replaceable(module: nn.Module) -> None:
         if isinstance(m, FastLinear):
             w = m._parameters.get("weight")
             m._replaces = allowed and w is not None and users.get(id(w), 0) == 1 and id(m) not in heads
+            m._plain_only = allowed and not m._replaces
             if not m._replaces and m._held is not None and m._held[2] is not None:
                 m.unpack()
 

@@ -132,19 +132,22 @@ class Packed:
 PLAIN_MAX_ROWS = 16
 
 
-def plain_serves(x: Tensor, w: Tensor) -> bool:
+def plain_serves(x: Tensor, w: Tensor, any_rows: bool = False) -> bool:
     """A W that must stay plain is multiplied where it lies (:func:`plain_product`) for x: one
-    row (any dtype), or up to PLAIN_MAX_ROWS rows of a bf16 x and W where the kernel is built."""
+    row (any dtype), or up to PLAIN_MAX_ROWS rows of a bf16 x and W where the kernel is built —
+    any number with ``any_rows`` (a tied or output layer, for which no copy may sit beside W:
+    more rows by ``F.linear`` on the plain W)."""
     rows = x.numel() // max(1, x.shape[-1])
     return rows == 1 or (
-        rows <= PLAIN_MAX_ROWS and x.dtype == w.dtype == torch.bfloat16 and available(torch.bfloat16)
+        (rows <= PLAIN_MAX_ROWS or any_rows) and x.dtype == w.dtype == torch.bfloat16 and available(torch.bfloat16)
     )
 
 
 def plain_product(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """x Wᵀ + b with W plain (N, K) and contiguous, no copy of it: lmlab's bf16 kernel where it
-    serves (bf16 x and W on the CPU; an fp32 bias cast, as the packed kernel takes it), else
-    PyTorch's matrix-vector product for one row, ``F.linear`` for more."""
+    serves (up to PLAIN_MAX_ROWS rows of bf16 x and W on the CPU; an fp32 bias cast, as the
+    packed kernel takes it), else PyTorch's matrix-vector product for one row, ``F.linear``
+    for more."""
     lib = _libs.get(torch.bfloat16)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
@@ -156,7 +159,7 @@ def plain_product(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         and w.is_contiguous()
         and x.dim() >= 1
         and x.shape[-1] == k
-        and x.numel() > 0
+        and 0 < x.numel() <= PLAIN_MAX_ROWS * k
         and (bias is None or (bias.numel() == n and bias.device.type == "cpu"))
     ):
         x = x.contiguous()
