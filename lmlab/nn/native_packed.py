@@ -128,7 +128,8 @@ class Packed:
 #: rows of x up to which a bf16 W that must stay plain (an output layer tied to the input
 #: embedding) is multiplied where it lies, by ``lmlab_bf16_plain`` (each row of W read once;
 #: within ~1.0–1.5× of the packed kernel's time for 1–16 rows, 2–3× faster than PyTorch's)
-#: rather than by a packed copy beside it: a tied Qwen2-0.5B's output layer is 27% of its bytes
+#: rather than by a packed copy beside it (a tied Qwen2-0.5B's output layer is 27% of its
+#: bytes); more rows of a tied layer: F.linear on the plain W (:func:`plain_serves`)
 PLAIN_MAX_ROWS = 16
 
 
