@@ -109,7 +109,11 @@ def train_tokenizer(kind: str, chunks: Iterable[str], vocab_size: int = 4096) ->
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A ``tokenizer.json`` file, or a directory holding one (a checkpoint or HF model)."""
+    """A ``tokenizer.json`` file, or a directory holding one (a checkpoint or HF model).
+
+    Padding and truncation saved in the file are switched off: lmlab pads its batches itself
+    (with masks) and cuts long inputs with a warning, where the file's settings would put pad
+    ids into a training stream and cut every text silently to their length."""
     p = Path(path)
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
@@ -124,9 +128,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not p.is_file():
         raise LmlabError(f"tokenizer {path} not found (expected a tokenizer.json file or a directory)")
     try:
-        return Tokenizer.from_file(str(p))
+        tok = Tokenizer.from_file(str(p))
     except Exception as e:  # the Rust side raises plain Exceptions
         raise LmlabError(f"{p} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def _gpt2_files_tokenizer(d: Path) -> Tokenizer:
@@ -180,6 +187,27 @@ def truncating(tok: Tokenizer, max_length: int | None = None, stride: int = 0, s
     else:
         t.no_truncation()
     return t
+
+
+def template_token_ids(tok: Tokenizer) -> set[int]:
+    """The ids a post-processor puts around a text ([CLS] … [SEP], <s> … </s>): special by
+    position even when the vocabulary holds them as plain entries, not registered tokens."""
+    found: set[int] = set()
+
+    def walk(pp: object) -> None:
+        if not isinstance(pp, dict):
+            return
+        for sub in pp.get("processors") or []:  # a Sequence of processors
+            walk(sub)
+        for spec in (pp.get("special_tokens") or {}).values():  # TemplateProcessing
+            found.update(i for i in spec.get("ids", []) if isinstance(i, int))
+        for key in ("cls", "sep"):  # BertProcessing, RobertaProcessing: [token, id]
+            pair = pp.get(key)
+            if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int):
+                found.add(pair[1])
+
+    walk(json.loads(tok.to_str()).get("post_processor"))
+    return found
 
 
 def unk_token_id(tok: Tokenizer) -> int | None:

@@ -249,6 +249,22 @@ def test_load_tokenizer_file_and_folder(bpe: Tokenizer, tmp_path: Path) -> None:
             assert tok.decode(tok.encode(text).ids) == text.replace(EOT, "")
 
 
+def test_load_tokenizer_drops_padding_and_truncation_saved_in_the_file(bpe: Tokenizer, tmp_path: Path) -> None:
+    """Hub tokenizer.json files often carry padding/truncation: read as saved, every text would be
+    padded with id 0 to 16 and cut to 3 tokens silently. lmlab pads and cuts on its own terms."""
+    text = "the quick brown fox jumps over the lazy dog"
+    whole = bpe.encode(text).ids
+    assert len(whole) > 3
+    padded = Tokenizer.from_str(bpe.to_str())
+    padded.enable_padding(length=16, pad_id=0, pad_token=EOT)
+    padded.enable_truncation(3)
+    padded.save(str(tmp_path / "tokenizer.json"))
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids[3:] == [0] * 13  # as saved
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode(text).ids == whole
+    assert [e.ids for e in tok.encode_batch([text, "the"])] == [whole, bpe.encode("the").ids]
+
+
 def test_load_tokenizer_gpt2_vocab_and_merges(bpe: Tokenizer, tmp_path: Path) -> None:
     """A folder with GPT-2's two files (no tokenizer.json), as ``BPE.save`` writes them."""
     d = tmp_path / "gpt2style"
