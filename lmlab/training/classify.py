@@ -28,7 +28,14 @@ from lmlab.errors import LmlabError
 from lmlab.labeled import Labeled, read_labeled
 from lmlab.messages import say, warn
 from lmlab.pairs import bucket_batches, pad_batch
-from lmlab.tokenizer import eos_token_id, load_tokenizer, train_tokenizer, truncating, unk_token_id
+from lmlab.tokenizer import (
+    eos_token_id,
+    load_tokenizer,
+    template_token_ids,
+    train_tokenizer,
+    truncating,
+    unk_token_id,
+)
 from lmlab.training.buckets import BucketPlan
 from lmlab.training.tasks import classifier_config
 from lmlab.training.trainer import Trainer, _Progress
@@ -243,8 +250,8 @@ def blank_token(tok: Tokenizer) -> tuple[int, frozenset[int]]:
     if blank is None:
         raise LmlabError("--token-dropout replaces tokens by the tokenizer's unknown token, and this tokenizer has "
                          "none (nor a mask or end-of-text token): drop --token-dropout")  # fmt: skip
-    keep = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special and i != blank)
-    return blank, keep
+    added = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    return blank, frozenset((added | template_token_ids(tok)) - {blank})
 
 
 def load_forward_direction(body: torch.nn.Module, lm: dict[str, torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import assert_resume_is_exact
 from test_tasks import SMALL, toy_rows, write_tsv
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, processors
 
 import lmlab
 from lmlab.errors import LmlabError
@@ -61,6 +61,37 @@ def test_the_blank_is_the_unknown_token_else_the_mask_else_the_end_of_text(make,
     got, kept = blank_token(tok)
     assert tok.id_to_token(got) == blank
     assert {tok.id_to_token(i) for i in kept} == keep
+
+
+def _templated(model, processor) -> Tokenizer:
+    tok = Tokenizer(model)  # [CLS]/[SEP], <s>/</s>: plain vocabulary entries, not registered specials
+    tok.post_processor = processor
+    return tok
+
+
+@pytest.mark.parametrize("make, keep", [
+    (lambda: _templated(models.WordPiece(WP, unk_token="[UNK]"), processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])),
+     {"[CLS]", "[SEP]"}),
+    (lambda: _templated(models.WordPiece(WP, unk_token="[UNK]"), processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))),
+     {"[CLS]", "[SEP]"}),
+    (lambda: _templated(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2, "a": 3}, unk_token="<unk>"),
+                        processors.Sequence([processors.ByteLevel(),
+                                             processors.RobertaProcessing(("</s>", 1), ("<s>", 0))])),
+     {"<s>", "</s>"}),
+])  # fmt: skip
+def test_the_post_processors_tokens_are_kept_even_when_not_registered(make, keep):
+    """A text's [CLS] and [SEP] come from the post-processor's template; a tokenizer converted
+    from a vocab file may hold them as ordinary entries. Dropping one would hand the model a
+    [CLS] position holding [UNK]."""
+    tok = make()
+    blank, kept = blank_token(tok)
+    assert {tok.id_to_token(i) for i in kept} == keep
+    ids = tok.encode("good").ids
+    out = word_dropout(ids * 500, 0.9, blank, kept, np.random.default_rng(0))
+    specials = {tok.token_to_id(t) for t in keep}
+    assert all(o == i for o, i in zip(out, ids * 500) if i in specials)
+    assert sum(o == blank for o in out) > 0.8 * (len(out) - sum(i in specials for i in ids * 500))
 
 
 def test_a_tokenizer_with_no_blank_is_refused():
