@@ -369,8 +369,7 @@ class ScreenedLinear(FastLinear):
     def _screened(
         self, x: Tensor, copy: _NativeCopy | _Int8Copy | _Bf16Copy, keep: Tensor, bias: Tensor | None
     ) -> Tensor | None:
-        z, b = copy.approx(x)
-        V = z.shape[1]
+        (z, b), V = copy.approx(x), self.weight.shape[0]
         parts = [t.float() for t in (bias, self.bias) if t is not None]  # in fp32: no rounding of their sum
         c = sum(parts) if parts else None
         if self.weight.dtype == torch.bfloat16:
@@ -406,7 +405,8 @@ class ScreenedLinear(FastLinear):
         # (a write through .data moves W without a version bump; caught here on the candidates).
         seen = (hi[:, idx] - b[:, idx]) - (exact if bias is None else exact + bias[..., idx].float())
         if not bool((seen.abs() <= b[:, idx]).all()):
-            release(self)
+            if bool(torch.isfinite(seen).all()):  # (NaN: a kept token's logit overflowed; no bound to check)
+                release(self)
             return None
         # a bf16 model's logits as its plain kernel gives them: fp32 sums rounded once to bf16
         out = torch.full_like(z, float("-inf"), dtype=self.weight.dtype)

@@ -185,6 +185,26 @@ def test_a_kept_token_can_be_masked_and_the_next_best_is_still_exact(small):
     assert int(got.argmax()) == int(ref.argmax())
 
 
+def test_a_kept_token_whose_logit_overflows_takes_the_plain_product_and_keeps_the_copy(small):
+    """A kept token (one a mask removes after the head) whose fp32 logit or bound overflows: its
+    check is inf − inf, which says nothing about the copy being stale. The plain product, the
+    copy kept: releasing it rebuilt the whole head's copy at every step."""
+    m = owner()
+    with torch.no_grad():
+        m.lm_head.weight[7] = 1e37  # ‖W_7‖ and, for x > 0, x · W_7 > 64e37: past fp32's 3.4e38
+    first = None
+    for seed in (5, 6, 7):
+        x = torch.rand(1, 64, generator=torch.Generator().manual_seed(seed)) + (1.0 if seed == 5 else -0.5)
+        out = run(m, x, keep=[7])[0]
+        copy = m.lm_head.__dict__.get("_screen")
+        assert copy is not None and (first is None or copy is first)  # built once, checked, kept
+        first = copy
+        with torch.no_grad():
+            plain = m.lm_head(x)[0]  # (not screening: the layer's plain product)
+        assert torch.equal(out, plain)
+    assert out[7] != float("inf") and plain[7] != float("inf")  # (finite logits too: the bound is inf)
+
+
 def test_a_kernel_that_breaks_the_bound_is_not_used(small, monkeypatch):
     if small == "bf16":
         monkeypatch.setattr(screen, "U", 2.0**-30)  # a bound far tighter than bf16 can meet
