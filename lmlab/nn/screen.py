@@ -378,8 +378,7 @@ class ScreenedLinear(FastLinear):
             # Widened by that (doubled), every token whose plain value can reach the plain maximum
             # is a candidate, and rounding the candidates as the plain path does reproduces its
             # choice, first of equal values included.
-            cabs = sum(t.abs() for t in parts)
-            b.add_(z.abs().add_(b).add_(cabs), alpha=2.0**-6)
+            b.add_(z.abs().add_(b).add_(sum(t.abs() for t in parts)), alpha=2.0**-6)
             b.add_(2.0**-132)  # bf16 rounds |z| < 2⁻¹³⁴ to 0: a relative widening alone misses that
         if c is not None:
             z += c
@@ -404,8 +403,9 @@ class ScreenedLinear(FastLinear):
         # The copy must still be W's: the exact logits lie within the bound of the screened ones
         # (a write through .data moves W without a version bump; caught here on the candidates).
         seen = (hi[:, idx] - b[:, idx]) - (exact if bias is None else exact + bias[..., idx].float())
-        if not bool((seen.abs() <= b[:, idx]).all()):
-            if bool(torch.isfinite(seen).all()):  # (NaN: a kept token's logit overflowed; no bound to check)
+        broken = ~(seen.abs() <= b[:, idx])  # NaN included: an exact logit gone NaN is a W that moved
+        if bool(broken.any()):  # released unless the copy's own ẑ or bound overflowed there (a kept token's)
+            if bool((broken & torch.isfinite(hi[:, idx]) & torch.isfinite(b[:, idx])).any()):
                 release(self)
             return None
         # a bf16 model's logits as its plain kernel gives them: fp32 sums rounded once to bf16

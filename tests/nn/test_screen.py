@@ -205,6 +205,24 @@ def test_a_kept_token_whose_logit_overflows_takes_the_plain_product_and_keeps_th
     assert out[7] != float("inf") and plain[7] != float("inf")  # (finite logits too: the bound is inf)
 
 
+def test_a_kept_tokens_row_written_to_nan_in_place_releases_the_copy(small):
+    """The other side of the test above: there the copy's own bound overflowed; here the copy is
+    finite and W moved under it (a NaN written through .data, no version bump) — a stale copy,
+    released, and every step after gives the plain product."""
+    m = owner()
+    x = torch.rand(1, 64, generator=torch.Generator().manual_seed(5)) - 0.5
+    run(m, x, keep=[7])
+    built = m.lm_head.__dict__.get("_screen")
+    assert built is not None
+    m.lm_head.weight.data[7] = float("nan")
+    for keep in ([7], []):
+        out = run(m, x, keep=keep)[0]
+        with torch.no_grad():
+            plain = m.lm_head(x)[0]
+        assert m.lm_head.__dict__.get("_screen") is not built
+        assert torch.isnan(out[7]) and int(out.argmax()) == int(plain.argmax()) == 7
+
+
 def test_a_kernel_that_breaks_the_bound_is_not_used(small, monkeypatch):
     if small == "bf16":
         monkeypatch.setattr(screen, "U", 2.0**-30)  # a bound far tighter than bf16 can meet
