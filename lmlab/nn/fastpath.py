@@ -58,7 +58,7 @@ class FastLinear(nn.Linear):
 
     #: (packed copy, the key of the W it was made from, the stand-in W holds meanwhile or None,
     #: the Parameter whose data was replaced or None): swapped whole, so a reader sees one state
-    _held: tuple[Tensor | native_packed.Packed, tuple[int, int], Tensor | None, nn.Parameter | None] | None = None
+    _held: tuple[Tensor | native_packed.Packed, CopyKey, Tensor | None, nn.Parameter | None] | None = None
     #: set by :func:`prepare`: the packed copy may stand in for W (see the class docstring)
     _replaces: bool = False
     #: set by :func:`prepare`: W must stay plain and no copy may sit beside it (tied, or an output layer)
@@ -207,6 +207,7 @@ def _product(x: Tensor, operand: Tensor | native_packed.Packed, bias: Tensor | N
 #: in the cache (fp32, GPT-2's weights cache-cold, ms lmlab vs oneDNN: 104 vs 138 at 64 rows,
 #: 400 vs 430 at 256, 1,767 vs 872 at 512; bf16, Qwen2-0.5B's: 845 vs 879 at 512)
 PACKED_MAX_ROWS = {torch.bfloat16: 512, torch.float32: 256}
+CopyKey = tuple[int, int, tuple[int, ...]]  # (address, write counter, shape): see copy_key
 
 
 #: guards every change of a FastLinear's packed state (re-entrant: unpack inside _apply)
@@ -288,13 +289,13 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def copy_key(t: Tensor) -> tuple[int, int] | None:
-    """(address, write counter): what a copy derived from ``t`` (a packed, screened or int8
-    copy) is kept in step with — remade when either changes. None for an inference tensor,
-    which has no counter: a copy of it can't be trusted (a write through ``.data`` bumps no
-    counter either; the copies' owners say how they deal with that)."""
+def copy_key(t: Tensor) -> CopyKey | None:
+    """(address, write counter, shape; ``w.data = w.data[:n]`` keeps the first two): what a copy
+    derived from ``t`` (packed, screened, int8) is kept in step with. None for an inference
+    tensor, which has no counter: a copy of it can't be trusted (a write through ``.data`` bumps
+    no counter either; the copies' owners say how they deal with that)."""
     v = _version(t)
-    return None if v < 0 else (t.data_ptr(), v)
+    return None if v < 0 else (t.data_ptr(), v, tuple(t.shape))
 
 
 def available() -> bool:

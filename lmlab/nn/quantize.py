@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lmlab.errors import LmlabError
 from lmlab.messages import warn
 from lmlab.nn import int8, native
-from lmlab.nn.fastpath import copy_key, freed, trim
+from lmlab.nn.fastpath import CopyKey, copy_key, freed, trim
 from lmlab.nn.int4 import GROUP_SIZE, Int4Linear, finite_float
 from lmlab.nn.int8 import quantize_rows
 from lmlab.nn.int8_blocked import LOCK, BlockedCodes
@@ -236,7 +236,7 @@ class QuantLinear(BlockedCodes, nn.Module):
     #: codes, or oneDNN's packed copy) and the stand-in that holds their place
     _held: tuple[Tensor | native.Blocked, Tensor] | None = None
     #: the codes (address, write counter) oneDNN's kernel failed its check on: not tried again
-    _failed: tuple[int, int] | None = None
+    _failed: CopyKey | None = None
 
     def __getattr__(self, name: str) -> Tensor | nn.Module:
         """``layer.qweight``: the codes themselves (put back from oneDNN's copy if it replaced

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.nn import fastpath, int8, native
-from lmlab.nn.fastpath import FastLinear, copy_key
+from lmlab.nn.fastpath import CopyKey, FastLinear, copy_key
 
 #: bf16's unit roundoff (8 significant bits, round to nearest)
 U = 2.0**-8
@@ -317,7 +317,7 @@ class ScreenedLinear(FastLinear):
     and remade when W changes (dropped when the model trains)."""
 
     _screen: _NativeCopy | _Int8Copy | _Bf16Copy | None = None
-    _screen_key: tuple[int, int] | None = None
+    _screen_key: CopyKey | None = None
     _screen_src: object = None  # W's storage: held, so its address is not reused while the copy lives
     _screen_ok: bool = True
 

@@ -357,6 +357,18 @@ def test_weights_replaced_or_written_through_data_are_not_screened_with_a_stale_
         assert int(run(m, x).argmax()) == int(reference(m, x).argmax())
 
 
+def test_a_weight_cut_through_data_keeps_its_address_and_counter_but_not_its_copy(small):
+    """``w.data = w.data[:n]``: the same address and write counter as the W the copy was made
+    from; the shape tells them apart (the stale copy's 3,000 rows went into an index of 2,000)."""
+    m = owner()
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))
+    run(m, x)
+    w = m.lm_head.weight
+    w.data = w.data[:2000]
+    out = run(m, x)
+    assert out.shape == (1, 2000) and int(out.argmax()) == int(reference(m, x).argmax())
+
+
 def test_a_huge_logits_bias_cannot_round_the_best_token_away(small):
     """ẑ + c ± b rounds in fp32: with c = 2²⁰ next to logits of ~0.06, the bound must cover it."""
     m = owner(V=64, d=64, bias=True)
