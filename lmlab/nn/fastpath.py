@@ -19,9 +19,8 @@ left alone.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.nn import native_packed
+from lmlab.nn.heap import freed
 
 
 class FastLinear(nn.Linear):
@@ -111,6 +111,8 @@ class FastLinear(nn.Linear):
             # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
             # (No W in _parameters: a pruned or parametrized layer computes its own.)
             self.unpack()
+            if w is not None and not w.is_contiguous():
+                _give_back(w, self)
             return F.linear(x, self.weight, self.bias)
         held = self._held
         if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr() and x.dtype == w.dtype:
@@ -121,6 +123,8 @@ class FastLinear(nn.Linear):
 
     def _onednn_forward(self, x: Tensor) -> Tensor:
         w, bias = self._parameters["weight"], self._parameters["bias"]
+        if not w.is_contiguous() and (self._held is None or self._held[3] is not w):
+            _give_back(w, self)  # (W may be another layer's stand-in)
         if x.dtype == w.dtype and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and self._fp32_packs(w))):
             return self._packed(x, bias)  # (W packed or to be packed; one another thread just replaced included)
         if self._held is not None:
@@ -175,10 +179,30 @@ class FastLinear(nn.Linear):
                         stand_in = torch.full((), float("nan"), dtype=w.dtype).expand(w.shape)
                     self._held = (operand, key, stand_in, w)
                     w.data = stand_in
+                    _REPLACED[id(w)] = self
                     freed(w.numel() * w.element_size())
         if operand is None:
             return native_packed.plain_product(x, plain, bias)
         return _product(x, operand, bias)
+
+
+#: id(W) → the layer whose packed copy stands in for W; Parameters two models share (_give_back)
+_REPLACED: weakref.WeakValueDictionary[int, FastLinear] = weakref.WeakValueDictionary()
+_SHARED: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()  # (by id: tensors' == is elementwise)
+
+
+def _give_back(w: Tensor, taker: FastLinear) -> None:
+    """One Parameter in two separately prepared models (``b.proj.weight = a.proj.weight``), ``w``
+    holding the stand-in a layer of the other put in: that layer gives W back, and neither
+    replaces it again (both read it plain, as tied layers do) — else this forward multiplied
+    the stand-in's NaNs. Within one model, :func:`mark_replaceable` sees the sharing itself."""
+    owner = _REPLACED.get(id(w))
+    if owner is not None and owner is not taker and owner._held is not None and owner._held[3] is w:
+        with _lock:
+            owner.unpack()
+            _SHARED[id(w)] = w
+            for m in (owner, taker):
+                m._replaces, m._plain_only = False, True
 
 
 def _packed_copy(w: Tensor) -> Tensor | native_packed.Packed:
@@ -212,42 +236,6 @@ CopyKey = tuple[int, int, tuple[int, ...]]  # (address, write counter, shape): s
 
 #: guards every change of a FastLinear's packed state (re-entrant: unpack inside _apply)
 _lock = threading.RLock()
-
-
-def _malloc_trim():  # noqa: ANN202
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
-    except (OSError, AttributeError):  # pragma: no cover - another libc
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    return fn
-
-
-_MALLOC_TRIM = _malloc_trim()
-#: plain weights dropped since the heap was last trimmed, and how much to let pile up
-_freed_bytes, TRIM_EVERY = 0, 32 << 20
-
-
-def freed(nbytes: int) -> None:
-    """Hand the memory of dropped weights (a plain W a packed copy replaced, a float W an int8
-    copy replaced) back to the system every ``TRIM_EVERY`` bytes.
-    glibc keeps freed blocks of a few MB in its heap, where packing the next layers leaves
-    them as holes it does not return: measured on a Qwen2-0.5B in bf16, +180 MiB resident
-    after the first token without this, none with it."""
-    global _freed_bytes
-    _freed_bytes += nbytes
-    if _freed_bytes >= TRIM_EVERY:
-        trim()
-
-
-def trim() -> None:
-    """Return the free memory glibc holds to the system (a no-op on other C libraries)."""
-    global _freed_bytes
-    _freed_bytes = 0
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 _MKL_ROWS: bool | None = None
@@ -362,7 +350,7 @@ def mark_replaceable(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FastLinear):
             w = m._parameters.get("weight")
-            m._replaces = allowed and w is not None and users.get(id(w), 0) == 1 and id(m) not in heads
+            m._replaces = allowed and w is not None and users.get(id(w), 0) == 1 and id(m) not in heads and _SHARED.get(id(w)) is not w
             m._plain_only = allowed and not m._replaces
             if not m._replaces and m._held is not None and m._held[2] is not None:
                 m.unpack()

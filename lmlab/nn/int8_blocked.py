@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmlab.nn import native
-from lmlab.nn.fastpath import _version, freed
+from lmlab.nn.fastpath import _version
+from lmlab.nn.heap import freed
 
 #: guards the swap of a layer's codes and the copy that replaces them (one pair, never one
 #: without the other); lmlab.nn.quantize uses it for oneDNN's copy too

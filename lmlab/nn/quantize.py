@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from lmlab.errors import LmlabError
 from lmlab.messages import warn
 from lmlab.nn import int8, native
-from lmlab.nn.fastpath import CopyKey, copy_key, freed, trim
+from lmlab.nn.fastpath import CopyKey, copy_key
+from lmlab.nn.heap import freed, trim
 from lmlab.nn.int4 import GROUP_SIZE, Int4Linear, finite_float
 from lmlab.nn.int8 import quantize_rows
 from lmlab.nn.int8_blocked import LOCK, BlockedCodes

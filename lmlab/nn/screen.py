@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.nn import fastpath, int8, native
+from lmlab.nn import heap, int8, native
 from lmlab.nn.fastpath import CopyKey, FastLinear, copy_key
 
 #: bf16's unit roundoff (8 significant bits, round to nearest)
@@ -363,7 +363,7 @@ class ScreenedLinear(FastLinear):
                     continue
             self._screen, self._screen_key, self._screen_ok = copy, key, copy is not None
             self._screen_src = None if copy is None else w.untyped_storage()
-            fastpath.trim()  # the build's transients, back to the system
+            heap.trim()  # the build's transients, back to the system
             return copy
 
     def _screened(

@@ -614,3 +614,32 @@ def test_pack_in_place_false_keeps_the_plain_weights():
     model.pack_in_place = True
     greedy(model, [[5, 6, 7]], fast=True)
     assert all(stands_in(m) for m in layers)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_parameter_in_two_prepared_models_is_never_read_as_a_stand_in(dtype, grad):
+    """Model B's layer holds the very Parameter model A's layer replaced by its packed copy (A
+    decoded first; each was prepared alone, so neither saw the sharing). B must not multiply
+    the stand-in's NaNs: A gives W back and neither replaces it again, even after another
+    prepare. Reference: F.linear on a clone of W, in fp64."""
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(256, 96, bias=False)).to(dtype).eval() for _ in range(2))
+    b[0].weight = a[0].weight
+    w0 = a[0].weight.detach().clone()
+    assert fastpath.prepare(a) == 1 and fastpath.prepare(b) == 1
+    x = torch.randn(3, 256, dtype=dtype)
+    want = F.linear(x.double(), w0.double())
+    tol = dict(atol=1e-2, rtol=2**-7) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x).double(), want, **tol)
+    if dtype == torch.bfloat16:
+        assert stands_in(a[0])  # what the test is about (an fp32 W is replaced only on lmlab's fp32 kernel)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(b(x).detach().double(), want, **tol)
+    assert not stands_in(a[0]) and torch.equal(a[0]._parameters["weight"], w0)
+    for model in (a, b, a, b):
+        fastpath.prepare(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).double(), want, **tol)
+        assert not stands_in(a[0]) and not stands_in(b[0])
