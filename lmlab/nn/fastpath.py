@@ -73,21 +73,26 @@ class FastLinear(nn.Linear):
             return {k: v for k, v in state.items() if not k.startswith(("_held", "_screen"))}
 
     def __getattr__(self, name: str) -> object:
-        if name == "weight":
-            held = self.__dict__.get("_held")
+        if name == "weight" and "_parameters" in self.__dict__:
+            held, w = self.__dict__.get("_held"), self._parameters.get("weight")
             if held is not None and held[2] is not None:
                 self.unpack()  # someone reads W: give it back in its plain layout
+            elif w is not None and not w.is_contiguous():
+                _give_back(w, self)  # (another layer's stand-in)
         return super().__getattr__(name)
 
     def unpack(self) -> None:
-        """W in its plain layout again (exactly: oneDNN's reorder back), the packed copy dropped."""
-        if self._held is None:  # (every training forward comes here)
-            return
-        with _lock:
-            held, self._held = self._held, None
-            if held is not None and held[2] is not None and held[3].data_ptr() == held[2].data_ptr():
-                with torch.inference_mode(False), torch.no_grad():
-                    held[3].data = held[0].to_dense()  # into the Parameter that was replaced
+        """W in its plain layout again (exactly: oneDNN's reorder back), the packed copy dropped;
+        also where W holds another layer's stand-in (one Parameter in two models: _give_back)."""
+        if self._held is not None:
+            with _lock:
+                held, self._held = self._held, None
+                if held is not None and held[2] is not None and held[3].data_ptr() == held[2].data_ptr():
+                    with torch.inference_mode(False), torch.no_grad():
+                        held[3].data = held[0].to_dense()  # into the Parameter that was replaced
+        w = self.__dict__.get("_parameters", {}).get("weight")
+        if w is not None and not w.is_contiguous():  # (every training forward comes here: cheap)
+            _give_back(w, self)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
         with _lock:  # no decoding thread may pack W again before the conversion has read it
@@ -110,9 +115,7 @@ class FastLinear(nn.Linear):
             # A forward with autograd on is training: W is about to change, possibly in ways its
             # version counter does not see (a fused optimizer step, `.data` writes); drop the copy.
             # (No W in _parameters: a pruned or parametrized layer computes its own.)
-            self.unpack()
-            if w is not None and not w.is_contiguous():
-                _give_back(w, self)
+            self.unpack()  # (another layer's stand-in in W included)
             return F.linear(x, self.weight, self.bias)
         held = self._held
         if held is not None and held[2] is not None and w.data_ptr() == held[2].data_ptr() and x.dtype == w.dtype:
@@ -152,6 +155,8 @@ class FastLinear(nn.Linear):
         does to the layer meanwhile."""
         with _lock:
             held, w = self._held, self._parameters["weight"]
+            if not w.is_contiguous() and (held is None or held[3] is not w):  # (another layer replaced W meanwhile)
+                _give_back(w, self)
             if held is not None and held[2] is not None and held[3] is not w:
                 self.unpack()  # W was assigned anew (or swapped for a call): the original is restored
                 held = None
@@ -178,8 +183,8 @@ class FastLinear(nn.Linear):
                     with torch.inference_mode(False):
                         stand_in = torch.full((), float("nan"), dtype=w.dtype).expand(w.shape)
                     self._held = (operand, key, stand_in, w)
+                    _REPLACED[id(w)] = self  # (before W changes: another layer meeting the stand-in finds us)
                     w.data = stand_in
-                    _REPLACED[id(w)] = self
                     freed(w.numel() * w.element_size())
         if operand is None:
             return native_packed.plain_product(x, plain, bias)
@@ -196,9 +201,10 @@ def _give_back(w: Tensor, taker: FastLinear) -> None:
     holding the stand-in a layer of the other put in: that layer gives W back, and neither
     replaces it again (both read it plain, as tied layers do) — else this forward multiplied
     the stand-in's NaNs. Within one model, :func:`mark_replaceable` sees the sharing itself."""
-    owner = _REPLACED.get(id(w))
-    if owner is not None and owner is not taker and owner._held is not None and owner._held[3] is w:
-        with _lock:
+    with _lock:
+        owner = _REPLACED.get(id(w))
+        held = None if owner is None or owner is taker else owner._held
+        if held is not None and held[3] is w:
             owner.unpack()
             _SHARED[id(w)] = w
             for m in (owner, taker):

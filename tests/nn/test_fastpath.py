@@ -643,3 +643,62 @@ def test_one_parameter_in_two_prepared_models_is_never_read_as_a_stand_in(dtype,
         with torch.no_grad():
             torch.testing.assert_close(model(x).double(), want, **tol)
         assert not stands_in(a[0]) and not stands_in(b[0])
+
+
+@pytest.mark.parametrize("reader", ["weight", "state_dict", "deepcopy", "to_fp32", "load_state_dict"])
+def test_reading_a_shared_parameter_through_the_other_model_gives_w_back(reader):
+    """The same sharing, W read through B's module while A's stand-in holds it: every read
+    gives W back (reference: a clone taken before), and converting B (``.float()``) converts W,
+    not the NaNs — which A could no longer restore."""
+    import copy
+
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(256, 96, bias=False)).to(torch.bfloat16).eval() for _ in range(2))
+    b[0].weight = a[0].weight
+    w0 = a[0].weight.detach().clone()
+    fastpath.prepare(a), fastpath.prepare(b)
+    with torch.no_grad():
+        a(torch.randn(2, 256, dtype=torch.bfloat16))
+    assert stands_in(a[0])
+    if reader == "weight":
+        got = b[0].weight
+    elif reader == "state_dict":
+        got = b.state_dict()["0.weight"]
+    elif reader == "deepcopy":
+        got = copy.deepcopy(b)[0]._parameters["weight"]
+    elif reader == "to_fp32":
+        got = b.float()[0]._parameters["weight"]
+    else:
+        b.load_state_dict({"0.weight": w0 * 2})  # (×2, /2: exact in bf16)
+        got = b[0]._parameters["weight"].detach() / 2
+    assert torch.equal(got.to(w0.dtype), w0) and not stands_in(a[0])
+    assert torch.equal(a[0].weight.to(w0.dtype), w0 * (2 if reader == "load_state_dict" else 1))  # one W, A's too
+
+
+def test_a_shared_parameter_replaced_by_another_thread_just_before_the_product(monkeypatch):
+    """B's forward passes its first look at W (still plain), then A's thread decodes and
+    replaces W, then B chooses its operand (under the lock): it must see the stand-in there
+    and have it given back, not multiply the NaNs."""
+    import threading
+
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(256, 96, bias=False)).to(torch.bfloat16).eval() for _ in range(2))
+    b[0].weight = a[0].weight
+    w0 = a[0].weight.detach().clone()
+    fastpath.prepare(a), fastpath.prepare(b)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    real, seen = FastLinear._packed, []
+
+    def a_decodes_first(self, x, bias):
+        if self is b[0] and not seen:
+            t = threading.Thread(target=lambda: seen.append(torch.no_grad()(a)(x)))
+            t.start()
+            t.join()
+            seen.append(stands_in(a[0]))
+        return real(self, x, bias)
+
+    monkeypatch.setattr(FastLinear, "_packed", a_decodes_first)
+    with torch.no_grad():
+        got = b(x)
+    assert seen[1] is True  # A had replaced W when B came to choose
+    torch.testing.assert_close(got.double(), F.linear(x.double(), w0.double()), atol=1e-2, rtol=2**-7)
