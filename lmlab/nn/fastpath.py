@@ -126,10 +126,10 @@ class FastLinear(nn.Linear):
 
     def _onednn_forward(self, x: Tensor) -> Tensor:
         w, bias = self._parameters["weight"], self._parameters["bias"]
-        if not w.is_contiguous() and (self._held is None or self._held[3] is not w):
-            _give_back(w, self)  # (W may be another layer's stand-in)
         if x.dtype == w.dtype and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and self._fp32_packs(w))):
             return self._packed(x, bias)  # (W packed or to be packed; one another thread just replaced included)
+        if not w.is_contiguous() and (self._held is None or self._held[3] is not w):
+            _give_back(w, self)  # (W may be another layer's stand-in; _packed looks under the lock)
         if self._held is not None:
             with _lock:  # another input dtype (autocast), or W no longer to be packed: the plain W, never a stand-in
                 self.unpack()
