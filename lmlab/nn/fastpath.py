@@ -77,7 +77,7 @@ class FastLinear(nn.Linear):
             held, w = self.__dict__.get("_held"), self._parameters.get("weight")
             if held is not None and held[2] is not None:
                 self.unpack()  # someone reads W: give it back in its plain layout
-            elif w is not None and not w.is_contiguous():
+            elif w is not None:
                 _give_back(w, self)  # (another layer's stand-in)
         return super().__getattr__(name)
 
@@ -91,7 +91,7 @@ class FastLinear(nn.Linear):
                     with torch.inference_mode(False), torch.no_grad():
                         held[3].data = held[0].to_dense()  # into the Parameter that was replaced
         w = self.__dict__.get("_parameters", {}).get("weight")
-        if w is not None and not w.is_contiguous():  # (every training forward comes here: cheap)
+        if w is not None:  # (every training forward comes here: one is_contiguous, then out)
             _give_back(w, self)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
@@ -128,8 +128,7 @@ class FastLinear(nn.Linear):
         w, bias = self._parameters["weight"], self._parameters["bias"]
         if x.dtype == w.dtype and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and self._fp32_packs(w))):
             return self._packed(x, bias)  # (W packed or to be packed; one another thread just replaced included)
-        if not w.is_contiguous() and (self._held is None or self._held[3] is not w):
-            _give_back(w, self)  # (W may be another layer's stand-in; _packed looks under the lock)
+        _give_back(w, self)  # (W may be another layer's stand-in; _packed looks under the lock)
         if self._held is not None:
             with _lock:  # another input dtype (autocast), or W no longer to be packed: the plain W, never a stand-in
                 self.unpack()
@@ -155,8 +154,7 @@ class FastLinear(nn.Linear):
         does to the layer meanwhile."""
         with _lock:
             held, w = self._held, self._parameters["weight"]
-            if not w.is_contiguous() and (held is None or held[3] is not w):  # (another layer replaced W meanwhile)
-                _give_back(w, self)
+            _give_back(w, self)  # (another layer replaced W meanwhile)
             if held is not None and held[2] is not None and held[3] is not w:
                 self.unpack()  # W was assigned anew (or swapped for a call): the original is restored
                 held = None
@@ -201,6 +199,8 @@ def _give_back(w: Tensor, taker: FastLinear) -> None:
     holding the stand-in a layer of the other put in: that layer gives W back, and neither
     replaces it again (both read it plain, as tied layers do) — else this forward multiplied
     the stand-in's NaNs. Within one model, :func:`mark_replaceable` sees the sharing itself."""
+    if w.is_contiguous():  # (a stand-in never is: one number broadcast to W's shape)
+        return
     with _lock:
         owner = _REPLACED.get(id(w))
         held = None if owner is None or owner is taker else owner._held
